@@ -1,0 +1,1 @@
+"""The forecaster: per-model load forecasts from real arrivals."""

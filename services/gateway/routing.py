@@ -1,0 +1,74 @@
+"""The gateway's live routing table, mirrored from NATS KV (no database on the request path)."""
+
+from __future__ import annotations
+
+import time
+
+from services.gateway.errors import ApiError
+from shared.bus import KvMirror
+from shared.messages import CopyState, ModelSpec, ModelStatus, WorkerState
+from shared.policy.cluster import live_workers
+from shared.policy.routing import Route, active_routes, pick_route
+
+
+class RoutingTable:
+    def __init__(self, catalog: KvMirror[ModelSpec], workers: KvMirror[WorkerState], heartbeat_timeout_s: float):
+        self.catalog = catalog
+        self.workers = workers
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.pending: dict[str, int] = {}  # instance -> requests sent and not yet finished
+
+    @property
+    def ready(self) -> bool:
+        return self.catalog.ready.is_set() and self.workers.ready.is_set()
+
+    def live(self) -> list[WorkerState]:
+        return live_workers(self.workers.items.values(), time.time(), self.heartbeat_timeout_s)
+
+    def model(self, slug: str) -> ModelSpec:
+        spec = self.catalog.items.get(slug)
+        if spec is None or spec.status is not ModelStatus.ACTIVE:
+            raise ApiError(404, f"The model '{slug}' does not exist", code="model_not_found", param="model")
+        return spec
+
+    def route(self, slug: str) -> Route:
+        """The least-loaded active instance of ``slug``, or a 503 telling the client when to retry."""
+        workers = self.live()
+        routes = active_routes(slug, workers)
+        capacity = min((w.batch_capacity for w in workers), default=32)
+        # a worker's report already counts (most of) our pending requests: subtract them so the
+        # load is "others' requests as last reported + ours exactly"
+        others = [Route(r.worker_id, r.instance_id, max(r.in_flight - self.pending.get(r.instance_id, 0), 0))
+                  for r in routes]
+        chosen = pick_route(others, capacity, self.pending)
+        if chosen is None:
+            reason = "is at capacity" if routes else "has no active instance yet"
+            raise ApiError(503, f"Model '{slug}' {reason}; retry shortly", code="no_capacity",
+                           headers={"Retry-After": "1"})
+        return chosen
+
+    def started(self, route: Route) -> None:
+        self.pending[route.instance_id] = self.pending.get(route.instance_id, 0) + 1
+
+    def finished(self, route: Route) -> None:
+        left = self.pending.get(route.instance_id, 0) - 1
+        if left > 0:
+            self.pending[route.instance_id] = left
+        else:
+            self.pending.pop(route.instance_id, None)
+
+    def model_cards(self) -> list[dict]:
+        workers = self.live()
+        cards = []
+        for slug, spec in sorted(self.catalog.items.items()):
+            if spec.status is not ModelStatus.ACTIVE:
+                continue
+            states = [c.state for w in workers if (c := w.copy_of(slug)) is not None]
+            cards.append({
+                "id": slug, "object": "model", "created": 0, "owned_by": "warmserve",
+                "max_context_tokens": spec.max_context_tokens,
+                "active_instances": sum(s is CopyState.ACTIVE for s in states),
+                "prewarmed_copies": sum(s is CopyState.PREWARMED for s in states),
+                "loading_copies": sum(s is CopyState.LOADING for s in states),
+            })
+        return cards

@@ -1,0 +1,128 @@
+"""The ``sim`` engine: modelled timings, no compute.
+
+Used for cluster-scale tests and the simulator. It tokenizes with the model's real tokenizer (so
+prompt lengths and context limits are real) and emits random vocabulary tokens on a modelled
+schedule. Every timing parameter lives in ``SimProfile``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from services.gpu_worker.engines import Delta, EngineError
+from shared.messages import InferRequest, ModelSpec
+
+
+@dataclass(frozen=True)
+class SimProfile:
+    """Performance model. Defaults are a PCIe Gen4 host-to-device link and a small fast model.
+
+    load_s    = engine_start_s + bytes / h2d_bytes_per_s
+    prefill_s = prompt_tokens * prefill_s_per_token_per_gb * weight GB   (at least min_step_s)
+    decode_s  = per token decode_s_per_token_per_gb * weight GB          (at least min_step_s)
+    """
+
+    engine_start_s: float = 0.2
+    h2d_bytes_per_s: float = 25e9
+    prefill_s_per_token_per_gb: float = 2e-5
+    decode_s_per_token_per_gb: float = 1.5e-3
+    min_step_s: float = 0.002
+
+
+class _Loaded:
+    def __init__(self, spec: ModelSpec):
+        from tokenizers import Tokenizer
+
+        path = Path(spec.path)
+        if not (path / "tokenizer.json").exists():
+            raise EngineError("model_files_missing", f"{path} has no tokenizer.json")
+        self.spec = spec
+        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        cfg = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
+        template = cfg.get("chat_template")
+        if template is None and (path / "chat_template.jinja").exists():
+            template = (path / "chat_template.jinja").read_text()
+        self.eos = cfg.get("eos_token", "</s>")
+        self.template = ImmutableSandboxedEnvironment().from_string(template) if template else None
+        specials = {self.tokenizer.token_to_id(t) for t in (self.eos, cfg.get("bos_token"), cfg.get("pad_token"),
+                                                           cfg.get("unk_token")) if t}
+        self.sample_ids = [i for i in range(self.tokenizer.get_vocab_size()) if i not in specials]
+
+    def prompt_text(self, request: InferRequest) -> str:
+        if request.messages is None:
+            return request.prompt or ""
+        if self.template is None:
+            raise EngineError("no_chat_template", f"model {self.spec.slug} has no chat template")
+        return self.template.render(messages=[m.model_dump() for m in request.messages],
+                                    add_generation_prompt=True, eos_token=self.eos)
+
+
+class SimEngine:
+    name = "sim"
+
+    def __init__(self, profile: SimProfile = SimProfile()):
+        self.profile = profile
+        self._models: dict[str, _Loaded] = {}
+        self._active: set[str] = set()
+
+    async def load(self, spec: ModelSpec) -> int:
+        p = self.profile
+        loaded = await asyncio.to_thread(_Loaded, spec)
+        await asyncio.sleep(p.engine_start_s + spec.parameter_bytes / p.h2d_bytes_per_s)
+        self._models[spec.slug] = loaded
+        return spec.parameter_bytes
+
+    async def unload(self, model: str) -> None:
+        self._models.pop(model, None)
+        self._active.discard(model)
+
+    async def activate(self, model: str, kv_bytes: int) -> None:
+        if model not in self._models:
+            raise EngineError("not_loaded", f"{model} is not loaded")
+        self._active.add(model)
+
+    async def deactivate(self, model: str) -> None:
+        self._active.discard(model)
+
+    async def close(self) -> None:
+        self._models.clear()
+        self._active.clear()
+
+    def _step_s(self, per_gb: float, spec: ModelSpec, tokens: int = 1) -> float:
+        return max(tokens * per_gb * spec.parameter_bytes / 1e9, self.profile.min_step_s)
+
+    async def generate(self, request: InferRequest) -> AsyncIterator[Delta]:
+        loaded = self._models.get(request.model)
+        if loaded is None or request.model not in self._active:
+            raise EngineError("not_active", f"{request.model} is not active on this worker")
+        prompt_ids = loaded.tokenizer.encode(loaded.prompt_text(request)).ids
+        s = request.sampling
+        limit = loaded.spec.max_context_tokens
+        if len(prompt_ids) + s.max_tokens > limit:
+            raise EngineError(
+                "context_length_exceeded",
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({s.max_tokens}) exceeds "
+                f"the model's context of {limit} tokens",
+            )
+        await asyncio.sleep(self._step_s(self.profile.prefill_s_per_token_per_gb, loaded.spec, len(prompt_ids)))
+        rng = random.Random(s.seed)
+        text, produced = "", 0
+        while produced < s.max_tokens:
+            if produced:
+                await asyncio.sleep(self._step_s(self.profile.decode_s_per_token_per_gb, loaded.spec))
+            produced += 1
+            emitted = len(text)
+            text += loaded.tokenizer.decode([rng.choice(loaded.sample_ids)])
+            cut = min((text.find(st) for st in s.stop if st and st in text), default=-1)
+            if cut >= 0:
+                yield Delta(text[emitted:cut] if cut > emitted else "", "stop", len(prompt_ids), produced)
+                return
+            yield Delta(text[emitted:], "length" if produced == s.max_tokens else None,
+                        len(prompt_ids), produced)

@@ -1,0 +1,163 @@
+"""Worker process: wires settings, NATS, the engine and the state machine together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
+from services.gpu_worker.engines import EngineError, make_engine
+from services.gpu_worker.gpu import Gpu
+from services.gpu_worker.memory import MemoryPool
+from services.gpu_worker.worker import Worker
+from shared import bus
+from shared.messages import (
+    CommandResult, ErrorInfo, InferChunk, InferRequest, Usage, WorkerCommand, WorkerEvent, WorkerState,
+)
+from shared.settings import WorkerSettings, load_settings
+from shared.subjects import INFER, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET
+from shared.service import run_service
+from shared.telemetry import extract_context, tracer
+
+log = logging.getLogger("warmserve.gpu_worker")
+
+
+class WorkerService:
+    def __init__(self, settings: WorkerSettings):
+        self.settings = settings
+        self.gpu = Gpu(settings.device)
+        budget = settings.memory_budget_bytes
+        if self.gpu.present:
+            budget = min(budget, int(self.gpu.total_bytes() * 0.92))
+        self.events: asyncio.Queue[WorkerEvent] = asyncio.Queue()
+        self.worker = Worker(settings.worker_id, make_engine(settings.engine), MemoryPool(budget),
+                             batch_capacity=settings.batch_capacity, emit=self.events.put_nowait)
+        self.started_at = time.time()
+        self.tracer = tracer("warmserve.gpu_worker")
+        self._tasks: set[asyncio.Task] = set()
+
+    def state(self) -> WorkerState:
+        w, mem = self.worker, self.worker.memory
+        return WorkerState(
+            worker_id=w.worker_id, node=self.settings.node, device=self.settings.device,
+            engine=self.settings.engine, memory_budget_bytes=mem.budget_bytes,
+            weight_bytes=mem.bytes_of(mem.weights), kv_bytes=mem.bytes_of(mem.kv),
+            batch_capacity=w.batch_capacity, copies=w.snapshot(), gpu=self.gpu.stats(),
+            heartbeat_at_s=time.time(), started_at_s=self.started_at,
+        )
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ handlers
+
+    async def on_command(self, msg: Msg) -> None:
+        try:
+            cmd = WorkerCommand.decode(msg.data)
+        except ValidationError as exc:
+            await bus.reply(self.nc, msg, CommandResult(command_id="", ok=False, error=ErrorInfo(
+                code="bad_request", message=f"malformed command: {exc.errors()[0]['msg']}")))
+            return
+        with self.tracer.start_as_current_span(f"worker.{cmd.kind.value}", context=extract_context(msg.headers),
+                                               attributes={"warmserve.model": cmd.model}):
+            result = await self.worker.handle(cmd)
+        await bus.reply(self.nc, msg, result)
+        await self.publish_state()
+
+    async def on_infer(self, msg: Msg) -> None:
+        try:
+            req = InferRequest.decode(msg.data)
+        except ValidationError as exc:
+            await bus.reply(self.nc, msg, InferChunk(request_id="", seq=0, error=ErrorInfo(
+                code="bad_request", message=f"malformed request: {exc.errors()[0]['msg']}")))
+            return
+        seq = 0
+        with self.tracer.start_as_current_span("worker.generate", context=extract_context(msg.headers),
+                                               attributes={"warmserve.model": req.model,
+                                                           "warmserve.request_id": req.request_id}) as span:
+            try:
+                final = None
+                async for delta in self.worker.generate(req):
+                    if delta.finish_reason:
+                        final = InferChunk(request_id=req.request_id, seq=seq, text=delta.text,
+                                           finish_reason=delta.finish_reason,
+                                           usage=Usage(prompt_tokens=delta.prompt_tokens,
+                                                       completion_tokens=delta.completion_tokens))
+                        break
+                    if delta.text:
+                        await bus.reply(self.nc, msg, InferChunk(request_id=req.request_id, seq=seq, text=delta.text))
+                        seq += 1
+                if final is None:  # the engine ended without saying why
+                    final = InferChunk(request_id=req.request_id, seq=seq, finish_reason="length",
+                                       usage=Usage(prompt_tokens=0, completion_tokens=0))
+                span.set_attribute("warmserve.completion_tokens", final.usage.completion_tokens)
+                await bus.reply(self.nc, msg, final)
+            except EngineError as exc:
+                span.set_attribute("error.type", exc.code)
+                await bus.reply(self.nc, msg, InferChunk(request_id=req.request_id, seq=seq,
+                                                         error=ErrorInfo(code=exc.code, message=str(exc))))
+
+    # ------------------------------------------------------------------ loops
+
+    async def publish_state(self) -> None:
+        try:
+            await self.kv.put(self.settings.worker_id, self.state().encode())
+        except Exception as exc:
+            log.warning("heartbeat failed: %s", exc)
+
+    async def heartbeat(self) -> None:
+        while True:
+            await self.publish_state()
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    async def forward_events(self) -> None:
+        subject = WORKER_EVENT.format(worker=self.settings.worker_id)
+        while True:
+            event = await self.events.get()
+            while True:
+                try:
+                    await bus.js_publish(self.js, subject, event, msg_id=event.event_id)
+                    break
+                except Exception as exc:  # NATS restarting: keep the event and retry
+                    log.warning("event publish failed (%s); retrying", exc)
+                    await asyncio.sleep(1.0)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        self.nc = await bus.connect(s.nats_url, f"gpu-worker-{s.worker_id}")
+        self.js = self.nc.jetstream()
+        buckets = await bus.ensure_all(self.js)
+        self.kv = buckets[WORKERS_BUCKET.name]
+        loops = [asyncio.create_task(self.heartbeat()), asyncio.create_task(self.forward_events())]
+        subs = [
+            await self.nc.subscribe(WORKER_CMD.format(worker=s.worker_id), cb=lambda m: self._spawn(self.on_command(m))),
+            await self.nc.subscribe(INFER.format(worker=s.worker_id), cb=lambda m: self._spawn(self.on_infer(m))),
+        ]
+        log.info("worker %s up: engine=%s device=%s budget=%d bytes", s.worker_id, s.engine, s.device,
+                 self.worker.memory.budget_bytes)
+        await stop.wait()
+        log.info("worker %s stopping: draining %d in-flight requests", s.worker_id, self.worker.in_flight)
+        for sub in subs:
+            await sub.unsubscribe()
+        deadline = time.monotonic() + 10
+        while self._tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        try:
+            await self.kv.delete(s.worker_id)
+        except Exception:
+            pass
+        await self.worker.engine.close()
+        await self.nc.drain()
+
+
+def main() -> None:
+    settings = load_settings(WorkerSettings)
+    run_service(WorkerService(settings).run, "gpu-worker", settings)

@@ -1,0 +1,239 @@
+"""The worker's state machine: absent -> loading -> prewarmed -> active -> draining -> absent.
+
+Transport-free: the NATS wiring in ``main`` calls these methods and forwards the events they
+emit. Every transition is reported with the bytes it moved and the seconds it took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from services.gpu_worker.engines import Delta, Engine, EngineError
+from services.gpu_worker.memory import MemoryPool
+from shared.messages import (
+    CommandKind, CommandResult, CopyState, ErrorInfo, InferRequest, ModelCopy, ModelSpec, WorkerCommand,
+    WorkerEvent,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Copy:
+    spec: ModelSpec
+    state: CopyState
+    since_s: float
+    instance_id: str | None = None
+    in_flight: int = 0
+    loaded: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Worker:
+    def __init__(self, worker_id: str, engine: Engine, memory: MemoryPool, *,
+                 batch_capacity: int = 32, kv_bytes_per_instance: int | None = None,
+                 emit: Callable[[WorkerEvent], None] = lambda e: None, clock: Callable[[], float] = time.time):
+        self.worker_id = worker_id
+        self.engine = engine
+        self.memory = memory
+        self.batch_capacity = batch_capacity
+        self.kv_bytes_per_instance = kv_bytes_per_instance
+        self.copies: dict[str, Copy] = {}
+        self._emit = emit
+        self._clock = clock
+        self._results: OrderedDict[str, asyncio.Future[CommandResult]] = OrderedDict()
+        self._lock = asyncio.Lock()  # one memory-changing command at a time
+        self._instances = 0
+
+    # ------------------------------------------------------------------ state
+
+    def snapshot(self) -> list[ModelCopy]:
+        return [ModelCopy(model=c.spec.slug, state=c.state, weight_bytes=c.spec.parameter_bytes,
+                          instance_id=c.instance_id, in_flight=c.in_flight, since_s=c.since_s)
+                for c in self.copies.values()]
+
+    def active(self) -> Copy | None:
+        return next((c for c in self.copies.values() if c.state is CopyState.ACTIVE), None)
+
+    def _move(self, copy: Copy, to: CopyState, *, n_bytes: int = 0, seconds: float = 0.0, reason: str = "") -> None:
+        now = self._clock()
+        event = WorkerEvent(worker_id=self.worker_id, model=copy.spec.slug, from_state=copy.state, to_state=to,
+                            bytes=n_bytes, seconds=round(seconds, 6), reason=reason, at_s=now)
+        log.info("%s: %s %s -> %s (%d bytes, %.3f s) %s", self.worker_id, copy.spec.slug, copy.state.value,
+                 to.value, n_bytes, seconds, reason)
+        copy.state, copy.since_s = to, now
+        if to is CopyState.ABSENT:
+            self.copies.pop(copy.spec.slug, None)
+        self._emit(event)
+
+    # ------------------------------------------------------------------ commands
+
+    async def handle(self, cmd: WorkerCommand) -> CommandResult:
+        """Run a command once per command_id; a repeat gets the first result."""
+        fut = self._results.get(cmd.command_id)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._results[cmd.command_id] = fut
+            while len(self._results) > 1024:
+                self._results.popitem(last=False)
+            started = time.monotonic()
+            try:
+                instance_id = await self._dispatch(cmd)
+                fut.set_result(CommandResult(command_id=cmd.command_id, ok=True, instance_id=instance_id,
+                                             seconds=time.monotonic() - started))
+            except EngineError as exc:
+                fut.set_result(CommandResult(command_id=cmd.command_id, ok=False,
+                                             error=ErrorInfo(code=exc.code, message=str(exc)),
+                                             seconds=time.monotonic() - started))
+            except Exception as exc:  # report, never crash the worker on one bad command
+                log.exception("command %s failed", cmd.kind.value)
+                fut.set_result(CommandResult(command_id=cmd.command_id, ok=False,
+                                             error=ErrorInfo(code="internal", message=repr(exc)),
+                                             seconds=time.monotonic() - started))
+        return await asyncio.shield(fut)
+
+    async def _dispatch(self, cmd: WorkerCommand) -> str | None:
+        if cmd.kind in (CommandKind.PREWARM, CommandKind.ACTIVATE) and cmd.spec is None:
+            raise EngineError("bad_command", f"{cmd.kind.value} needs the model spec")
+        if cmd.spec is not None and cmd.spec.slug != cmd.model:
+            raise EngineError("bad_command", f"spec is for {cmd.spec.slug}, command for {cmd.model}")
+        if cmd.kind is CommandKind.PREWARM:
+            await self.prewarm(cmd.spec, reason=cmd.reason or "prewarm")
+            return None
+        if cmd.kind is CommandKind.EVICT:
+            await self.evict(cmd.model, reason=cmd.reason or "evict")
+            return None
+        if cmd.kind is CommandKind.ACTIVATE:
+            return await self.activate(cmd.spec, reason=cmd.reason or "activate")
+        if cmd.kind is CommandKind.DEACTIVATE:
+            await self.deactivate(cmd.model, reason=cmd.reason or "deactivate")
+            return None
+        raise EngineError("bad_command", f"unknown command {cmd.kind}")
+
+    async def prewarm(self, spec: ModelSpec, reason: str = "prewarm") -> Copy:
+        """Load the weights; idempotent (an existing or loading copy is returned as it is)."""
+        existing = self.copies.get(spec.slug)
+        if existing is not None:
+            await existing.loaded.wait()
+            if spec.slug not in self.copies:
+                raise EngineError("load_failed", f"loading {spec.slug} failed")
+            return existing
+        if spec.tensor_parallel_size != 1:
+            raise EngineError("unsupported", f"{spec.slug} needs {spec.tensor_parallel_size} devices; "
+                                             "this worker drives one")
+        async with self._lock:
+            if not self.memory.fits(spec.parameter_bytes):
+                raise EngineError("insufficient_memory",
+                                  f"{spec.slug} needs {spec.parameter_bytes} bytes, "
+                                  f"{self.memory.free_bytes()} free on {self.worker_id}")
+            self.memory.take(self.memory.weights, spec.slug, spec.parameter_bytes)
+            copy = Copy(spec=spec, state=CopyState.ABSENT, since_s=self._clock())
+            self.copies[spec.slug] = copy
+            self._move(copy, CopyState.LOADING, reason=reason)
+        started = time.monotonic()
+        try:
+            loaded_bytes = await self.engine.load(spec)
+        except BaseException as exc:
+            self.memory.give_back(self.memory.weights, spec.slug)
+            self._move(copy, CopyState.ABSENT, seconds=time.monotonic() - started, reason=f"load failed: {exc}")
+            copy.loaded.set()
+            if isinstance(exc, EngineError):
+                raise
+            if isinstance(exc, Exception):
+                raise EngineError("load_failed", f"loading {spec.slug} failed: {exc}") from exc
+            raise
+        self._move(copy, CopyState.PREWARMED, n_bytes=loaded_bytes, seconds=time.monotonic() - started,
+                   reason=reason)
+        copy.loaded.set()
+        return copy
+
+    async def evict(self, model: str, reason: str = "evict") -> None:
+        copy = self.copies.get(model)
+        if copy is None:
+            return
+        if copy.state is not CopyState.PREWARMED:
+            raise EngineError("wrong_state", f"{model} is {copy.state.value}; only prewarmed copies are evicted")
+        async with self._lock:
+            started = time.monotonic()
+            await self.engine.unload(model)
+            freed = self.memory.give_back(self.memory.weights, model)
+            self._move(copy, CopyState.ABSENT, n_bytes=freed, seconds=time.monotonic() - started, reason=reason)
+
+    def _kv_bytes(self) -> int:
+        cap = self.kv_bytes_per_instance
+        return self.memory.free_bytes() if cap is None else cap
+
+    async def activate(self, spec: ModelSpec, reason: str = "activate") -> str:
+        """Turn the model into this worker's serving instance (loading it first on a cold start)."""
+        current = self.active()
+        if current is not None:
+            if current.spec.slug == spec.slug:
+                return current.instance_id
+            raise EngineError("worker_busy", f"{self.worker_id} is serving {current.spec.slug}")
+        copy = self.copies.get(spec.slug)
+        if copy is None or copy.state is CopyState.LOADING:
+            copy = await self.prewarm(spec, reason="cold start" if copy is None else reason)
+        async with self._lock:
+            if copy.state is not CopyState.PREWARMED:
+                raise EngineError("wrong_state", f"{spec.slug} is {copy.state.value}")
+            started = time.monotonic()
+            want = self.kv_bytes_per_instance or 0
+            for other in [c for c in self.copies.values() if c is not copy and c.state is CopyState.PREWARMED]:
+                if want and self.memory.fits(want):
+                    break
+                await self.engine.unload(other.spec.slug)
+                freed = self.memory.give_back(self.memory.weights, other.spec.slug)
+                self._move(other, CopyState.ABSENT, n_bytes=freed, reason=f"evicted to activate {spec.slug}")
+            kv = self._kv_bytes()
+            if kv <= 0 or not self.memory.fits(kv):
+                raise EngineError("insufficient_memory", f"no memory left for {spec.slug}'s KV cache")
+            self.memory.take(self.memory.kv, spec.slug, kv)
+            try:
+                await self.engine.activate(spec.slug, kv)
+            except BaseException:
+                self.memory.give_back(self.memory.kv, spec.slug)
+                raise
+            self._instances += 1
+            copy.instance_id = f"{self.worker_id}-{spec.slug}-{self._instances}"
+            self._move(copy, CopyState.ACTIVE, n_bytes=kv, seconds=time.monotonic() - started, reason=reason)
+            return copy.instance_id
+
+    async def deactivate(self, model: str, reason: str = "deactivate", drain_timeout_s: float = 60.0) -> None:
+        """Drain in-flight requests, release the KV cache, keep the weights prewarmed."""
+        copy = self.copies.get(model)
+        if copy is None or copy.state in (CopyState.PREWARMED, CopyState.LOADING):
+            return
+        if copy.state is CopyState.ACTIVE:
+            self._move(copy, CopyState.DRAINING, reason=reason)
+        started = time.monotonic()
+        while copy.in_flight and time.monotonic() - started < drain_timeout_s:
+            await asyncio.sleep(0.05)
+        async with self._lock:
+            await self.engine.deactivate(model)
+            freed = self.memory.give_back(self.memory.kv, model)
+            copy.instance_id = None
+            self._move(copy, CopyState.PREWARMED, n_bytes=freed, seconds=time.monotonic() - started, reason=reason)
+
+    # ------------------------------------------------------------------ inference
+
+    async def generate(self, request: InferRequest) -> AsyncIterator[Delta]:
+        copy = self.copies.get(request.model)
+        if copy is None or copy.state is not CopyState.ACTIVE:
+            state = copy.state.value if copy else "absent"
+            raise EngineError("not_active", f"{request.model} is {state} on {self.worker_id}, not active")
+        if request.instance_id and request.instance_id != copy.instance_id:
+            raise EngineError("not_active", f"instance {request.instance_id} is gone from {self.worker_id}")
+        copy.in_flight += 1
+        try:
+            async for delta in self.engine.generate(request):
+                yield delta
+        finally:
+            copy.in_flight -= 1
+
+    @property
+    def in_flight(self) -> int:
+        return sum(c.in_flight for c in self.copies.values())

@@ -1,0 +1,120 @@
+"""Operator verbs on ``warmserve.admin.<verb>``: validate, act on the catalog, answer clearly."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shared.db import repo
+from shared.messages import AdminReply, AdminRequest, ErrorInfo, ModelSpec, ModelStatus
+from shared.modelgen import max_context, weight_bytes
+from shared.policy.cluster import live_workers
+from shared.subjects import check_token
+
+
+class RegisterArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    slug: str
+    path: str
+    parameter_bytes: int | None = Field(None, gt=0)
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    max_context_tokens: int | None = Field(None, ge=16)
+    status: ModelStatus = ModelStatus.ACTIVE
+
+    @field_validator("slug")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        return check_token(v, "model slug")
+
+
+class SlugArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    slug: str
+
+
+class AdminError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Admin:
+    """Handlers by verb; ``service`` supplies sessions, the worker mirror and catalog sync."""
+
+    def __init__(self, service):
+        self.svc = service
+        self.verbs = {
+            "model-register": self.model_register, "model-list": self.model_list,
+            "model-remove": self.model_remove, "worker-list": self.worker_list,
+            "placement-history": self.placement_history,
+        }
+
+    async def handle(self, verb: str, data: bytes) -> AdminReply:
+        handler = self.verbs.get(verb)
+        if handler is None:
+            return _error("unknown_verb", f"unknown admin verb {verb!r}; known: {', '.join(sorted(self.verbs))}")
+        try:
+            req = AdminRequest.decode(data) if data else AdminRequest()
+            return AdminReply(ok=True, result=await handler(req.args))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            return _error("bad_request", f"{verb}: {where + ': ' if where else ''}{err['msg']}")
+        except ValueError as exc:
+            return _error("bad_request", f"{verb}: {exc}")
+        except AdminError as exc:
+            return _error(exc.code, str(exc))
+
+    async def model_register(self, args: dict[str, Any]) -> dict:
+        a = RegisterArgs.model_validate(args)
+        path = Path(a.path)
+        size, context = a.parameter_bytes, a.max_context_tokens
+        if size is None or context is None:
+            if not (path / "config.json").exists():
+                raise AdminError("bad_request", f"{a.path} is not a model folder here; pass parameter_bytes "
+                                                "and max_context_tokens if it only exists on the workers")
+            size = size or weight_bytes(path)
+            context = context or max_context(path)
+        if not size:
+            raise AdminError("bad_request", f"{a.path} holds no *.safetensors weights")
+        spec = ModelSpec(slug=a.slug, path=str(path), parameter_bytes=size, tensor_parallel_size=a.tensor_parallel_size,
+                         max_context_tokens=context, status=a.status)
+        async with self.svc.sessions() as session:
+            await repo.upsert_model(session, spec)
+            await session.commit()
+        await self.svc.sync_catalog()
+        return spec.model_dump(mode="json")
+
+    async def model_list(self, args: dict[str, Any]) -> list[dict]:
+        async with self.svc.sessions() as session:
+            specs = await repo.list_models(session)
+        return [s.model_dump(mode="json") for s in specs]
+
+    async def model_remove(self, args: dict[str, Any]) -> dict:
+        a = SlugArgs.model_validate(args)
+        async with self.svc.sessions() as session:
+            removed = await repo.remove_model(session, a.slug)
+            await session.commit()
+        if not removed:
+            raise AdminError("not_found", f"no model {a.slug!r} in the catalog")
+        await self.svc.sync_catalog()
+        return {"removed": a.slug}
+
+    async def worker_list(self, args: dict[str, Any]) -> list[dict]:
+        live = live_workers(self.svc.workers.items.values(), time.time(), self.svc.settings.heartbeat_timeout_s)
+        return [w.model_dump(mode="json") for w in live]
+
+    async def placement_history(self, args: dict[str, Any]) -> list[dict]:
+        limit = int(args.get("limit", 10))
+        async with self.svc.sessions() as session:
+            rows = await repo.recent_plans(session, max(1, min(limit, 100)))
+        return [{"plan_id": r.plan_id, "created_at": r.created_at.isoformat(), "inputs": r.inputs,
+                 "prewarm_set": r.prewarm_set} for r in rows]
+
+
+def _error(code: str, message: str) -> AdminReply:
+    return AdminReply(ok=False, error=ErrorInfo(code=code, message=message))

@@ -1,0 +1,139 @@
+"""Placement process: keeps the catalog in KV, turns forecasts and cluster state into a plan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+
+from services.placement.admin import Admin
+from shared import bus
+from shared.db import repo
+from shared.db.engine import create_engine, sessionmaker
+from shared.messages import Forecast, ModelSpec, PlacementPlan, WorkerState
+from shared.policy.cluster import live_workers
+from shared.policy.placement import plan_prewarm
+from shared.service import run_service
+from shared.settings import PlacementSettings, load_settings
+from shared.subjects import (
+    ADMIN, CATALOG_BUCKET, FORECAST, PLACEMENT_BUCKET, PLACEMENT_KEY, PLACEMENT_PLAN, WORKERS_BUCKET,
+)
+
+log = logging.getLogger("warmserve.placement")
+
+
+class Placement:
+    def __init__(self, settings: PlacementSettings):
+        self.settings = settings
+        self.forecasts: dict[str, Forecast] = {}
+        self.current: PlacementPlan | None = None
+        self.changed = asyncio.Event()
+        self.admin = Admin(self)
+
+    async def sync_catalog(self) -> None:
+        """Postgres -> catalog KV (Postgres is the system of record)."""
+        async with self.sessions() as session:
+            specs = {s.slug: s for s in await repo.list_models(session)}
+        for slug, spec in specs.items():
+            if self.catalog.items.get(slug) != spec:
+                await self.catalog_kv.put(slug, spec.encode())
+        for slug in set(self.catalog.items) - set(specs):
+            await self.catalog_kv.delete(slug)
+        self.changed.set()
+
+    async def replan(self) -> None:
+        live = live_workers(self.workers.items.values(), time.time(), self.settings.heartbeat_timeout_s)
+        peaks = {m: f.predicted_peak_upper for m, f in self.forecasts.items()}
+        result = plan_prewarm(list(self.catalog.items.values()), live, peaks)
+        plan = PlacementPlan(created_at_s=time.time(), copies=result.copies, inputs={
+            "workers": {w.worker_id: {"budget_bytes": w.memory_budget_bytes, "kv_bytes": w.kv_bytes} for w in live},
+            "models": {m: s.parameter_bytes for m, s in self.catalog.items.items()},
+            "predicted_peak_upper": peaks, "skipped": result.skipped,
+        })
+        if plan.same_copies(self.current):
+            return
+        await self.plan_kv.put(PLACEMENT_KEY, plan.encode())
+        await bus.js_publish(self.js, PLACEMENT_PLAN.pattern, plan, msg_id=plan.plan_id)
+        self.current = plan
+        log.info("new plan %s: %s%s", plan.plan_id[:8],
+                 ", ".join(f"{c.model}@{c.worker_id}" for c in plan.copies) or "nothing",
+                 f" (skipped: {result.skipped})" if result.skipped else "")
+        try:
+            async with self.sessions() as session:
+                await repo.record_plan(session, plan)
+                await session.commit()
+        except Exception as exc:
+            log.warning("could not store plan history: %s", exc)
+
+    async def on_forecast(self, msg: Msg) -> None:
+        try:
+            fc = Forecast.decode(msg.data)
+        except ValueError as exc:
+            log.warning("dropping malformed forecast: %s", exc)
+            return
+        old = self.forecasts.get(fc.model)
+        self.forecasts[fc.model] = fc
+        if old is None or old.predicted_peak_upper != fc.predicted_peak_upper:
+            self.changed.set()
+
+    async def on_admin(self, msg: Msg) -> None:
+        verb = msg.subject.rsplit(".", 1)[-1]
+        await bus.reply(self.nc, msg, await self.admin.handle(verb, msg.data))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        self.nc = await bus.connect(s.nats_url, "placement")
+        self.js = self.nc.jetstream()
+        buckets = await bus.ensure_all(self.js)
+        self.catalog_kv = buckets[CATALOG_BUCKET.name]
+        self.plan_kv = buckets[PLACEMENT_BUCKET.name]
+        self.catalog = bus.KvMirror(self.catalog_kv, ModelSpec, on_change=self.changed.set).start()
+        self.workers = bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState, on_change=self.changed.set).start()
+        await self.catalog.ready.wait()
+        await self.workers.ready.wait()
+        engine = create_engine(s.database_url)
+        self.sessions = sessionmaker(engine)
+        await self.sync_catalog()
+        subs = [
+            await self.js.subscribe(FORECAST.wildcard, ordered_consumer=True,
+                                    deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, cb=self.on_forecast),
+            await self.nc.subscribe(ADMIN.wildcard, queue="placement", cb=self.on_admin),
+        ]
+        log.info("placement up")
+        last_sync = time.monotonic()
+        while not stop.is_set():
+            try:
+                if time.monotonic() - last_sync >= s.catalog_sync_interval_s:
+                    await self.sync_catalog()
+                    last_sync = time.monotonic()
+                await self.replan()
+            except Exception as exc:
+                log.warning("placement round failed: %s", exc)
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self._wake(stop), s.replan_interval_s)
+            except asyncio.TimeoutError:
+                pass
+        for sub in subs:
+            await sub.unsubscribe()
+        await self.workers.stop()
+        await self.catalog.stop()
+        await engine.dispose()
+        await self.nc.drain()
+
+    async def _wake(self, stop: asyncio.Event) -> None:
+        waits = [asyncio.create_task(stop.wait()), asyncio.create_task(self.changed.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.sleep(0.1)  # coalesce bursts of changes (every heartbeat is one)
+        finally:
+            for t in waits:
+                t.cancel()
+
+
+def main() -> None:
+    settings = load_settings(PlacementSettings)
+    run_service(Placement(settings).run, "placement", settings)

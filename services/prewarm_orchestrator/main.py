@@ -1,0 +1,143 @@
+"""Orchestrator process: reconciles workers with the placement plan and persists their history."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import nats.errors
+from sqlalchemy.exc import IntegrityError
+
+from shared import bus
+from shared.db import repo
+from shared.db.engine import create_engine, sessionmaker
+from shared.messages import CommandResult, ModelSpec, PlacementPlan, WorkerCommand, WorkerEvent, WorkerState
+from shared.policy.cluster import live_workers
+from shared.policy.reconcile import Action, reconcile
+from shared.service import run_service
+from shared.settings import OrchestratorSettings, load_settings
+from shared.subjects import CATALOG_BUCKET, PLACEMENT_BUCKET, PLACEMENT_KEY, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET
+
+log = logging.getLogger("warmserve.orchestrator")
+
+
+class Orchestrator:
+    def __init__(self, settings: OrchestratorSettings):
+        self.settings = settings
+        self.busy: set[tuple[str, str]] = set()
+        self.retry_at: dict[tuple[str, str], tuple[float, float]] = {}  # key -> (not before, last delay)
+        self._tasks: set[asyncio.Task] = set()
+
+    def live(self) -> list[WorkerState]:
+        return live_workers(self.workers.items.values(), time.time(), self.settings.heartbeat_timeout_s)
+
+    async def reconcile_once(self) -> None:
+        plan = self.plan.items.get(PLACEMENT_KEY)
+        actions = reconcile(plan.copies if plan else [], self.live(),
+                            min_active=self.settings.min_active_per_model, busy=self.busy)
+        now = time.monotonic()
+        for action in actions:
+            key = (action.worker_id, action.model)
+            if self.retry_at.get(key, (0.0, 0.0))[0] > now:
+                continue
+            spec = self.catalog.items.get(action.model)
+            self.busy.add(key)
+            task = asyncio.create_task(self.execute(action, spec))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def execute(self, action: Action, spec: ModelSpec | None) -> None:
+        key = (action.worker_id, action.model)
+        cmd = WorkerCommand(kind=action.kind, model=action.model, spec=spec, reason="placement plan")
+        try:
+            result = await bus.request(self.nc, WORKER_CMD.format(worker=action.worker_id), cmd, CommandResult,
+                                       timeout=self.settings.command_timeout_s)
+            ok, why = result.ok, (result.error.message if result.error else "")
+        except bus.BusError as exc:
+            ok, why = False, str(exc)
+        if ok:
+            self.retry_at.pop(key, None)
+            log.info("%s %s on %s: done", action.kind.value, action.model, action.worker_id)
+        else:
+            delay = min(self.retry_at.get(key, (0.0, 0.5))[1] * 2, 30.0)
+            self.retry_at[key] = (time.monotonic() + delay, delay)
+            log.warning("%s %s on %s failed: %s (retry in %.0f s)", action.kind.value, action.model,
+                        action.worker_id, why, delay)
+        self.busy.discard(key)
+
+    async def record_events(self) -> None:
+        """Worker events -> Postgres, acknowledged only once stored."""
+        sub = await self.js.pull_subscribe(WORKER_EVENT.wildcard, durable="orchestrator-events")
+        while True:
+            try:
+                msgs = await sub.fetch(64, timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            except Exception as exc:
+                log.warning("event fetch failed (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for msg in msgs:
+                try:
+                    event = WorkerEvent.decode(msg.data)
+                except ValueError as exc:
+                    log.warning("dropping malformed event: %s", exc)
+                    await msg.term()
+                    continue
+                try:
+                    async with self.sessions() as session:
+                        await repo.record_event(session, event)
+                        await session.commit()
+                    await msg.ack()
+                except IntegrityError:  # the model left the catalog since
+                    await msg.term()
+                except Exception as exc:  # Postgres away: leave it unacked, JetStream redelivers
+                    log.warning("could not store event (%s); will retry", exc)
+                    await msg.nak(delay=2.0)
+
+    async def touch_workers(self) -> None:
+        while True:
+            try:
+                async with self.sessions() as session:
+                    for w in self.live():
+                        await repo.touch_worker(session, w)
+                    await session.commit()
+            except Exception as exc:
+                log.warning("could not record worker liveness: %s", exc)
+            await asyncio.sleep(10.0)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        self.nc = await bus.connect(s.nats_url, "prewarm-orchestrator")
+        self.js = self.nc.jetstream()
+        buckets = await bus.ensure_all(self.js)
+        self.workers = bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState).start()
+        self.plan = bus.KvMirror(buckets[PLACEMENT_BUCKET.name], PlacementPlan).start()
+        self.catalog = bus.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
+        engine = create_engine(s.database_url)
+        self.sessions = sessionmaker(engine)
+        loops = [asyncio.create_task(self.record_events()), asyncio.create_task(self.touch_workers())]
+        log.info("orchestrator up: reconciling every %.1f s", s.reconcile_interval_s)
+        while not stop.is_set():
+            if self.workers.ready.is_set() and self.plan.ready.is_set() and self.catalog.ready.is_set():
+                try:
+                    await self.reconcile_once()
+                except Exception as exc:
+                    log.warning("reconcile round failed: %s", exc)
+            try:
+                await asyncio.wait_for(stop.wait(), s.reconcile_interval_s)
+            except asyncio.TimeoutError:
+                pass
+        for t in loops + list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*loops, *self._tasks, return_exceptions=True)
+        for mirror in (self.workers, self.plan, self.catalog):
+            await mirror.stop()
+        await engine.dispose()
+        await self.nc.drain()
+
+
+def main() -> None:
+    settings = load_settings(OrchestratorSettings)
+    run_service(Orchestrator(settings).run, "prewarm-orchestrator", settings)

@@ -1,0 +1,218 @@
+"""NATS helpers: connect with reconnect, typed request-reply, streamed replies, JetStream, KV.
+
+Every helper injects the current trace context into the message headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Generic, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import StreamConfig
+from nats.js.kv import KeyValue
+
+from shared.messages import BusMessage
+from shared.subjects import BUCKETS, STREAMS, BucketSpec
+from shared.telemetry import inject_headers
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BusMessage)
+STATUS_HEADER = "Status"
+
+
+class BusError(RuntimeError):
+    """A bus operation failed in a way the caller should report (code names the kind)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+async def connect(url: str, name: str, *, deadline_s: float = 30.0) -> NATS:
+    """Connect, retrying until ``deadline_s`` (services may start before NATS); reconnect forever after."""
+
+    async def _disconnected():
+        log.warning("%s: disconnected from NATS", name)
+
+    async def _reconnected():
+        log.info("%s: reconnected to NATS", name)
+
+    async def _error(exc: Exception):
+        log.debug("%s: NATS error: %s", name, exc)
+
+    servers = [s.strip() for s in url.split(",") if s.strip()]
+    give_up = time.monotonic() + deadline_s
+    delay = 0.1
+    while True:
+        try:
+            return await nats.connect(
+                servers=servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                connect_timeout=2, disconnected_cb=_disconnected, reconnected_cb=_reconnected,
+                error_cb=_error,
+            )
+        except (nats.errors.NoServersError, OSError, asyncio.TimeoutError) as exc:
+            if time.monotonic() >= give_up:
+                raise BusError("nats_unreachable", f"cannot reach NATS at {url}: {exc}") from exc
+            log.info("%s: waiting for NATS at %s", name, url)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+async def request(nc: NATS, subject: str, msg: BusMessage, reply_type: type[M], timeout: float) -> M:
+    """Typed request-reply. Raises BusError('no_responders' | 'timeout')."""
+    try:
+        resp = await nc.request(subject, msg.encode(), timeout=timeout, headers=inject_headers())
+    except nats.errors.NoRespondersError:
+        raise BusError("no_responders", f"nobody is listening on {subject}") from None
+    except nats.errors.TimeoutError:
+        raise BusError("timeout", f"no reply on {subject} within {timeout:.1f} s") from None
+    return reply_type.decode(resp.data)
+
+
+async def request_stream(
+    nc: NATS, subject: str, msg: BusMessage, chunk_type: type[M], *,
+    first_timeout: float, idle_timeout: float, is_last: Callable[[M], bool],
+) -> AsyncIterator[M]:
+    """Send ``msg`` with a private inbox and yield the replies until ``is_last`` says so.
+
+    The inbox is subscribed before publishing, so no chunk can be missed. Raises
+    BusError('no_responders') if nobody serves ``subject`` and BusError('timeout') when the
+    responder goes silent for longer than the current timeout.
+    """
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    try:
+        await nc.publish(subject, msg.encode(), reply=inbox, headers=inject_headers())
+        timeout = first_timeout
+        while True:
+            try:
+                reply = await sub.next_msg(timeout=timeout)
+            except nats.errors.TimeoutError:
+                raise BusError("timeout", f"{subject} went silent for {timeout:.1f} s") from None
+            if reply.headers and reply.headers.get(STATUS_HEADER) == "503":
+                raise BusError("no_responders", f"nobody is listening on {subject}")
+            chunk = chunk_type.decode(reply.data)
+            yield chunk
+            if is_last(chunk):
+                return
+            timeout = idle_timeout
+    finally:
+        try:
+            await sub.unsubscribe()
+        except nats.errors.ConnectionClosedError:
+            pass
+
+
+async def reply(nc: NATS, msg: Msg, answer: BusMessage) -> None:
+    """Answer a request (no-op for fire-and-forget messages without a reply subject)."""
+    if msg.reply:
+        await nc.publish(msg.reply, answer.encode(), headers=inject_headers())
+
+
+async def ensure_streams(js: JetStreamContext) -> None:
+    """Create or update every stream in the subject table (idempotent, safe to race)."""
+    for spec in STREAMS:
+        config = StreamConfig(name=spec.name, subjects=list(spec.subjects), max_age=spec.max_age_s,
+                              description=spec.doc)
+        try:
+            await js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            await js.update_stream(config)
+
+
+async def js_publish(js: JetStreamContext, subject: str, msg: BusMessage, msg_id: str) -> None:
+    """Publish to JetStream with a message id, so a retried publish is stored once."""
+    headers = inject_headers({"Nats-Msg-Id": msg_id})
+    await js.publish(subject, msg.encode(), headers=headers)
+
+
+async def ensure_bucket(js: JetStreamContext, spec: BucketSpec) -> KeyValue:
+    try:
+        return await js.key_value(spec.name)
+    except nats.js.errors.BucketNotFoundError:
+        return await js.create_key_value(bucket=spec.name, history=1, ttl=spec.ttl_s,
+                                         description=spec.doc)
+
+
+async def ensure_all(js: JetStreamContext) -> dict[str, KeyValue]:
+    """Streams and buckets every service expects; returns the buckets by name."""
+    await ensure_streams(js)
+    return {spec.name: await ensure_bucket(js, spec) for spec in BUCKETS}
+
+
+class KvMirror(Generic[M]):
+    """A live local copy of a KV bucket, decoded into messages.
+
+    Keeps watching across NATS reconnects; ``ready`` is set once the bucket's current content
+    has been read. Undecodable values are logged and skipped, never fatal.
+    """
+
+    def __init__(self, kv: KeyValue, value_type: type[M],
+                 on_change: Callable[[], Awaitable[None] | None] | None = None):
+        self._kv = kv
+        self._type = value_type
+        self._on_change = on_change
+        self.items: dict[str, M] = {}
+        self.ready = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> KvMirror[M]:
+        self._task = asyncio.create_task(self._run(), name=f"kv-mirror-{self._type.__name__}")
+        return self
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            watcher = None
+            try:
+                watcher = await self._kv.watchall()
+                fresh: dict[str, M] = {}
+                initial = True
+                async for entry in watcher:
+                    if entry is None:  # end of the initial snapshot
+                        initial = False
+                        self.items = fresh
+                        self.ready.set()
+                        await self._changed()
+                        continue
+                    target = fresh if initial else self.items
+                    if entry.operation in ("DEL", "PURGE") or not entry.value:
+                        target.pop(entry.key, None)
+                    else:
+                        try:
+                            target[entry.key] = self._type.decode(entry.value)
+                        except ValueError as exc:
+                            log.warning("skipping bad %s value for %s: %s", self._type.__name__, entry.key, exc)
+                            continue
+                    if not initial:
+                        await self._changed()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # reconnects, consumer loss: start a fresh watch
+                log.warning("KV watch on %s interrupted (%s); rewatching", self._type.__name__, exc)
+                await asyncio.sleep(0.5)
+            finally:
+                if watcher is not None:
+                    try:
+                        await watcher.stop()
+                    except Exception:
+                        pass
+
+    async def _changed(self) -> None:
+        if self._on_change is not None:
+            result = self._on_change()
+            if asyncio.iscoroutine(result):
+                await result

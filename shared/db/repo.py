@@ -1,0 +1,111 @@
+"""Queries the services share. Each function takes a session and commits nothing itself
+unless its name says so, so callers control transactions."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import delete, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.db.models import ForecastRecord, Model, ModelEvent, PlacementDecision, Worker
+from shared.messages import Forecast, ModelSpec, ModelStatus, PlacementPlan, WorkerEvent, WorkerState
+
+
+def _ts(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc)
+
+
+def to_spec(row: Model) -> ModelSpec:
+    return ModelSpec(
+        slug=row.slug, path=row.path, parameter_bytes=row.parameter_bytes,
+        tensor_parallel_size=row.tensor_parallel_size, max_context_tokens=row.max_context_tokens,
+        status=ModelStatus(row.status),
+    )
+
+
+async def upsert_model(session: AsyncSession, spec: ModelSpec) -> None:
+    values = dict(
+        slug=spec.slug, path=spec.path, parameter_bytes=spec.parameter_bytes,
+        tensor_parallel_size=spec.tensor_parallel_size, max_context_tokens=spec.max_context_tokens,
+        status=spec.status.value,
+    )
+    stmt = insert(Model).values(**values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[Model.slug],
+        set_={k: stmt.excluded[k] for k in values if k != "slug"} | {"updated_at": datetime.now(timezone.utc)},
+    )
+    await session.execute(stmt)
+
+
+async def list_models(session: AsyncSession) -> list[ModelSpec]:
+    rows = (await session.execute(select(Model).order_by(Model.slug))).scalars().all()
+    return [to_spec(r) for r in rows]
+
+
+async def remove_model(session: AsyncSession, slug: str) -> bool:
+    result = await session.execute(delete(Model).where(Model.slug == slug))
+    return result.rowcount > 0
+
+
+async def touch_worker(session: AsyncSession, state: WorkerState) -> None:
+    stmt = insert(Worker).values(
+        id=state.worker_id, node=state.node, device=state.device,
+        memory_budget_bytes=state.memory_budget_bytes, last_seen=_ts(state.heartbeat_at_s),
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[Worker.id],
+        set_={"node": stmt.excluded.node, "device": stmt.excluded.device,
+              "memory_budget_bytes": stmt.excluded.memory_budget_bytes, "last_seen": stmt.excluded.last_seen},
+    )
+    await session.execute(stmt)
+
+
+async def record_event(session: AsyncSession, event: WorkerEvent) -> None:
+    """Store a worker event once (replays of the same event_id are ignored)."""
+    stmt = insert(ModelEvent).values(
+        event_id=event.event_id, at=_ts(event.at_s), worker_id=event.worker_id, model=event.model,
+        from_state=event.from_state.value, to_state=event.to_state.value, bytes=event.bytes,
+        seconds=event.seconds, reason=event.reason[:255],
+    ).on_conflict_do_nothing(index_elements=[ModelEvent.event_id])
+    await session.execute(stmt)
+
+
+async def record_plan(session: AsyncSession, plan: PlacementPlan) -> None:
+    stmt = insert(PlacementDecision).values(
+        plan_id=plan.plan_id, created_at=_ts(plan.created_at_s), inputs=plan.inputs,
+        prewarm_set=[c.model_dump() for c in plan.copies],
+    ).on_conflict_do_nothing(index_elements=[PlacementDecision.plan_id])
+    await session.execute(stmt)
+
+
+async def record_forecast(session: AsyncSession, fc: Forecast) -> None:
+    """Store (or refresh) the forecast for a model's window."""
+    values = dict(
+        model=fc.model, window_start=_ts(fc.window_start_s), window_s=fc.window_s, method=fc.method,
+        predicted_avg=fc.predicted_avg, predicted_peak=fc.predicted_peak,
+        predicted_peak_upper=fc.predicted_peak_upper, made_at=_ts(fc.made_at_s),
+    )
+    stmt = insert(ForecastRecord).values(**values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[ForecastRecord.model, ForecastRecord.window_start],
+        set_={k: stmt.excluded[k] for k in ("method", "predicted_avg", "predicted_peak",
+                                            "predicted_peak_upper", "made_at")},
+    )
+    await session.execute(stmt)
+
+
+async def record_observed(session: AsyncSession, model: str, window_start_s: float,
+                          observed_avg: float, observed_peak: float) -> None:
+    """Fill in what actually happened in a forecast window once it has ended."""
+    row = (await session.execute(select(ForecastRecord).where(
+        ForecastRecord.model == model, ForecastRecord.window_start == _ts(window_start_s)))).scalar_one_or_none()
+    if row is not None:
+        row.observed_avg = observed_avg
+        row.observed_peak = observed_peak
+
+
+async def recent_plans(session: AsyncSession, limit: int = 10) -> list[PlacementDecision]:
+    q = select(PlacementDecision).order_by(PlacementDecision.id.desc()).limit(limit)
+    return list((await session.execute(q)).scalars().all())

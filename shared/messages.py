@@ -1,0 +1,263 @@
+"""Every message that crosses the bus, in one module.
+
+Rules: messages change only by adding fields with defaults (readers ignore fields they do not
+know), units are in field names (``_s``, ``_ms``, ``_bytes``), and nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T", bound="BusMessage")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class BusMessage(BaseModel):
+    """Base for bus messages: JSON on the wire, unknown fields ignored for forward compatibility."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def decode(cls: type[T], data: bytes | str) -> T:
+        return cls.model_validate_json(data)
+
+
+class ErrorInfo(BusMessage):
+    """A failure with a machine-readable code and a sentence for humans."""
+
+    code: str
+    message: str
+
+
+# ---------------------------------------------------------------- catalog
+
+
+class ModelStatus(str, enum.Enum):
+    ACTIVE = "active"  # servable and placeable
+    DISABLED = "disabled"  # kept in the catalog, not placed or served
+
+
+class ModelSpec(BusMessage):
+    """What the data plane needs to know about a catalog model."""
+
+    slug: str
+    path: str
+    parameter_bytes: int
+    tensor_parallel_size: int = 1
+    max_context_tokens: int = 2048
+    status: ModelStatus = ModelStatus.ACTIVE
+
+
+# ---------------------------------------------------------------- inference
+
+
+class ChatMessage(BusMessage):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class SamplingParams(BusMessage):
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+
+class InferRequest(BusMessage):
+    """One generation request routed to a worker; the reply inbox receives InferChunk messages."""
+
+    request_id: str = Field(default_factory=new_id)
+    model: str
+    instance_id: str | None = None
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+
+
+class Usage(BusMessage):
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class InferChunk(BusMessage):
+    """A piece of a streamed answer. The last chunk has ``finish_reason`` (or ``error``) set."""
+
+    request_id: str
+    seq: int
+    text: str = ""
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+    usage: Usage | None = None
+    error: ErrorInfo | None = None
+
+    @property
+    def last(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+# ---------------------------------------------------------------- workers
+
+
+class CopyState(str, enum.Enum):
+    """Lifecycle of one model copy on a worker (DESIGN 2.1)."""
+
+    LOADING = "loading"
+    PREWARMED = "prewarmed"
+    ACTIVE = "active"
+    DRAINING = "draining"
+    ABSENT = "absent"
+
+
+class ModelCopy(BusMessage):
+    model: str
+    state: CopyState
+    weight_bytes: int
+    instance_id: str | None = None
+    in_flight: int = 0
+    since_s: float = 0.0
+
+
+class GpuStats(BusMessage):
+    index: int
+    name: str
+    memory_total_bytes: int
+    memory_used_bytes: int
+    utilization_pct: int
+
+
+class WorkerState(BusMessage):
+    """A worker's current state, rewritten in the workers KV bucket every heartbeat."""
+
+    worker_id: str
+    node: str
+    device: str
+    engine: str
+    memory_budget_bytes: int
+    weight_bytes: int = 0
+    kv_bytes: int = 0
+    batch_capacity: int = 32
+    copies: list[ModelCopy] = Field(default_factory=list)
+    gpu: GpuStats | None = None
+    heartbeat_at_s: float = 0.0
+    started_at_s: float = 0.0
+
+    @property
+    def free_bytes(self) -> int:
+        return max(self.memory_budget_bytes - self.weight_bytes - self.kv_bytes, 0)
+
+    def copy_of(self, model: str) -> ModelCopy | None:
+        return next((c for c in self.copies if c.model == model), None)
+
+
+class CommandKind(str, enum.Enum):
+    PREWARM = "prewarm"
+    EVICT = "evict"
+    ACTIVATE = "activate"
+    DEACTIVATE = "deactivate"
+
+
+class WorkerCommand(BusMessage):
+    """A lifecycle command; repeating a command_id returns the first result (idempotent)."""
+
+    command_id: str = Field(default_factory=new_id)
+    kind: CommandKind
+    model: str
+    spec: ModelSpec | None = None  # required by prewarm/activate, so the worker needs no database
+    reason: str = ""
+
+
+class CommandResult(BusMessage):
+    command_id: str
+    ok: bool
+    instance_id: str | None = None
+    error: ErrorInfo | None = None
+    seconds: float = 0.0
+
+
+class WorkerEvent(BusMessage):
+    """A copy's transition, with what it cost (DESIGN 2.1: measured, never assumed)."""
+
+    event_id: str = Field(default_factory=new_id)
+    worker_id: str
+    model: str
+    from_state: CopyState
+    to_state: CopyState
+    bytes: int = 0
+    seconds: float = 0.0
+    reason: str = ""
+    at_s: float
+
+
+# ---------------------------------------------------------------- demand, forecasts, placement
+
+
+class DemandSample(BusMessage):
+    """One gateway's view of one model over one interval (published about once a second)."""
+
+    gateway_id: str
+    model: str
+    start_s: float
+    interval_s: float
+    arrivals: int
+    completions: int
+    concurrency_avg: float
+    concurrency_peak: int
+
+
+class Forecast(BusMessage):
+    model: str
+    window_start_s: float
+    window_s: float
+    predicted_avg: float
+    predicted_peak: float
+    predicted_peak_upper: float
+    method: str
+    made_at_s: float
+
+
+class PlannedCopy(BusMessage):
+    model: str
+    worker_id: str
+
+
+class PlacementPlan(BusMessage):
+    plan_id: str = Field(default_factory=new_id)
+    created_at_s: float
+    copies: list[PlannedCopy] = Field(default_factory=list)
+    inputs: dict[str, Any] = Field(default_factory=dict)
+
+    def same_copies(self, other: PlacementPlan | None) -> bool:
+        return other is not None and sorted(self.copies, key=_copy_key) == sorted(other.copies, key=_copy_key)
+
+
+def _copy_key(c: PlannedCopy) -> tuple[str, str]:
+    return (c.model, c.worker_id)
+
+
+# ---------------------------------------------------------------- admin
+
+
+class AdminRequest(BusMessage):
+    """An operator command; ``args`` depend on the verb (see ``docs/architecture.md``)."""
+
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class AdminReply(BusMessage):
+    ok: bool
+    result: Any = None
+    error: ErrorInfo | None = None

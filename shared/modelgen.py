@@ -1,0 +1,137 @@
+"""Create a small Llama-architecture model folder offline: random weights, a BPE tokenizer trained
+on local text, and the usual Hugging Face files (config.json, tokenizer files, safetensors).
+
+Nothing is downloaded. The model speaks nonsense but exercises the real loading and inference
+code paths of vLLM; its size is read from the weights it writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pydoc
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+@dataclass(frozen=True)
+class TinyLlamaShape:
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 2048
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+def _corpus(limit_chars: int = 3_000_000):
+    """Training text that every Python install has: the standard library's documentation."""
+    seen = 0
+    names = sorted(n for n in sys.stdlib_module_names if not n.startswith("_"))
+    for name in names:
+        try:
+            module = __import__(name)
+            text = pydoc.render_doc(module, renderer=pydoc.plaintext)
+        except Exception:  # some modules do not import on every platform
+            continue
+        yield text
+        seen += len(text)
+        if seen >= limit_chars:
+            return
+
+
+def train_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok
+
+
+def _weights(shape: TinyLlamaShape, vocab: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    h, i, d = shape.hidden_size, shape.intermediate_size, shape.head_dim
+    kv = shape.num_key_value_heads * d
+
+    def rand(*dims):
+        return (rng.standard_normal(dims, dtype=np.float32) * 0.02).astype(np.float32)
+
+    w = {"model.embed_tokens.weight": rand(vocab, h), "model.norm.weight": np.ones(h, np.float32),
+         "lm_head.weight": rand(vocab, h)}
+    for layer in range(shape.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        w |= {
+            p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
+            p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
+            p + "mlp.gate_proj.weight": rand(i, h), p + "mlp.up_proj.weight": rand(i, h),
+            p + "mlp.down_proj.weight": rand(h, i),
+            p + "input_layernorm.weight": np.ones(h, np.float32),
+            p + "post_attention_layernorm.weight": np.ones(h, np.float32),
+        }
+    return w
+
+
+def create_tiny_llama(path: str | os.PathLike, shape: TinyLlamaShape = TinyLlamaShape(), seed: int = 0) -> Path:
+    """Write a complete model folder at ``path`` (replacing nothing that is already complete)."""
+    from safetensors.numpy import save_file
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    out = Path(path)
+    if is_model_folder(out):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("training a %d-token BPE tokenizer on local text", shape.vocab_size)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=train_tokenizer(shape.vocab_size), bos_token="<s>", eos_token="</s>",
+        unk_token="<unk>", pad_token="<pad>", model_max_length=shape.max_position_embeddings,
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(out)
+    vocab = len(tok)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads, max_position_embeddings=shape.max_position_embeddings,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False, dtype="float32", architectures=["LlamaForCausalLM"],
+    )
+    config.save_pretrained(out)
+    log.info("writing random weights (seed %d)", seed)
+    save_file(_weights(shape, vocab, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "warmserve.json").write_text(json.dumps({"shape": asdict(shape), "seed": seed}, indent=2))
+    return out
+
+
+def is_model_folder(path: Path) -> bool:
+    return all((path / f).exists() for f in ("config.json", "tokenizer.json", "model.safetensors"))
+
+
+def weight_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the model's weights on disk (what a prewarmed copy occupies in device memory)."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def max_context(path: str | os.PathLike) -> int:
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    return int(cfg.get("max_position_embeddings", 2048))

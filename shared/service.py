@@ -1,0 +1,34 @@
+"""The process shell every service shares: logging, tracing, and a clean stop on SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+from shared.bus import BusError
+from shared.settings import CommonSettings
+from shared.telemetry import configure_logging, setup_tracing
+
+log = logging.getLogger(__name__)
+
+
+def run_service(run: Callable[[asyncio.Event], Awaitable[None]], service: str, settings: CommonSettings) -> None:
+    """Run ``run(stop)`` until it returns; ``stop`` is set by SIGINT or SIGTERM."""
+    configure_logging(settings.log_level)
+    setup_tracing(service, settings.otlp_endpoint)
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run(stop)
+
+    try:
+        asyncio.run(_main())
+    except BusError as exc:
+        log.error("%s: %s", service, exc)
+        raise SystemExit(1) from None
+    log.info("%s stopped", service)

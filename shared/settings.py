@@ -1,0 +1,110 @@
+"""Settings from the environment: one ``WARMSERVE_`` prefix, validated at start, failing fast.
+
+Each service reads its own class; every field has a default that works for the local cluster.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.subjects import check_token
+
+S = TypeVar("S", bound="CommonSettings")
+
+
+class CommonSettings(BaseSettings):
+    """Settings every process shares."""
+
+    model_config = SettingsConfigDict(env_prefix="WARMSERVE_", extra="ignore")
+
+    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated")
+    database_url: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/warmserve",
+        description="Postgres URL (postgresql://...); psycopg 3 is used whatever the scheme says",
+    )
+    otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint, e.g. http://jaeger:4318")
+    log_level: str = "INFO"
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    heartbeat_timeout_s: float = Field(5.0, gt=0, description="a worker silent this long is gone")
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        v = v.upper()
+        if v not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return v
+
+
+class GatewaySettings(CommonSettings):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    gateway_id: str = Field(default_factory=lambda: f"gw-{socket.gethostname()}".lower()[:60])
+    first_token_timeout_s: float = Field(60.0, gt=0, description="wait for a worker's first chunk")
+    inter_token_timeout_s: float = Field(30.0, gt=0, description="longest silence between chunks")
+    demand_interval_s: float = Field(1.0, gt=0, description="how often arrivals are published")
+
+
+class WorkerSettings(CommonSettings):
+    worker_id: str = "worker-0"
+    node: str = Field(default_factory=lambda: socket.gethostname().lower())
+    device: str = Field("cpu:0", description="cuda:<index> on a GPU node, cpu:<n> on a CPU machine")
+    engine: str = Field("sim", pattern="^(sim|vllm)$")
+    memory_budget_bytes: int = Field(
+        4 * 1024**3, gt=0, description="device memory the worker may use (a GPU's is read by pynvml)"
+    )
+    batch_capacity: int = Field(32, gt=0, description="requests one instance serves at once (B)")
+
+    @field_validator("worker_id")
+    @classmethod
+    def _worker_id(cls, v: str) -> str:
+        return check_token(v, "worker_id")
+
+
+class ForecasterSettings(CommonSettings):
+    window_s: float = Field(300.0, gt=0, description="forecast window (DESIGN 2.2: 300 s)")
+    publish_interval_s: float = Field(10.0, gt=0, description="how often forecasts are refreshed")
+
+
+class PlacementSettings(CommonSettings):
+    replan_interval_s: float = Field(5.0, gt=0)
+    batch_capacity: int = Field(32, gt=0)
+    catalog_sync_interval_s: float = Field(10.0, gt=0)
+
+
+class OrchestratorSettings(CommonSettings):
+    reconcile_interval_s: float = Field(0.5, gt=0, description="DESIGN 2.4: about every 0.5 s")
+    command_timeout_s: float = Field(120.0, gt=0, description="longest a prewarm/activate may take")
+    min_active_per_model: int = Field(1, ge=0, description="instances kept active per placed model")
+
+
+class LocalClusterSettings(CommonSettings):
+    """Settings of ``warmserve up``: what it starts itself and where it keeps state."""
+
+    state_dir: Path = Field(Path(".warmserve"), description="project-local folder for NATS, Postgres, models")
+    external_nats: bool = Field(False, description="use nats_url as is instead of starting nats-server")
+    external_database: bool = Field(False, description="use database_url as is instead of embedded Postgres")
+    nats_port: int = Field(4322, ge=0, le=65535, description="port of the embedded nats-server (0: any free)")
+    gateway_port: int = Field(8080, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=8)
+    engine: str = Field("sim", pattern="^(sim|vllm)$")
+    worker_memory_budget_bytes: int = Field(4 * 1024**3, gt=0)
+
+
+def load_settings(cls: type[S], **overrides) -> S:
+    """Build settings or exit with a message that names each bad variable."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        lines = [f"invalid configuration for {cls.__name__}:"]
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "?"
+            lines.append(f"  WARMSERVE_{field.upper()}: {err['msg']} (got {err.get('input')!r})")
+        print("\n".join(lines), file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,142 @@
+"""The one table of NATS subjects, streams and KV buckets.
+
+Every subject a service publishes or subscribes to is declared here with its message type and
+durability, so the contract between services is readable in one place. Identifiers come last
+in a subject and are catalog slugs or worker ids (``[a-z0-9-]``): a ``.`` would split a token.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import string
+from dataclasses import dataclass
+
+from shared import messages as m
+
+SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
+
+
+class Durability(str, enum.Enum):
+    """How a subject's messages travel."""
+
+    CORE = "core"  # core NATS: request-reply or fire-and-forget, lost if nobody listens
+    STREAM = "jetstream"  # persisted in a JetStream stream, survives restarts
+
+
+def check_token(value: str, what: str = "identifier") -> str:
+    """Reject identifiers that would break subject tokenisation (``.``, ``*``, ``>``, spaces)."""
+    if not SLUG_RE.match(value):
+        raise ValueError(
+            f"invalid {what} {value!r}: use 1-64 characters of a-z, 0-9 and '-', "
+            "starting and ending with a letter or digit"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A subject pattern such as ``warmserve.infer.{worker}`` and the message it carries."""
+
+    pattern: str
+    message: type
+    durability: Durability
+    doc: str
+    reply: type | None = None
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        return tuple(f for _, f, _, _ in string.Formatter().parse(self.pattern) if f)
+
+    def format(self, **tokens: str) -> str:
+        """The concrete subject, with every identifier validated."""
+        missing = set(self.tokens) - set(tokens)
+        if missing:
+            raise ValueError(f"{self.pattern}: missing {sorted(missing)}")
+        return self.pattern.format(**{k: check_token(v, k) for k, v in tokens.items()})
+
+    @property
+    def wildcard(self) -> str:
+        """The pattern with each identifier replaced by ``*`` (for subscriptions and streams)."""
+        return self.pattern.format(**{t: "*" for t in self.tokens})
+
+
+INFER = Subject(
+    "warmserve.infer.{worker}", m.InferRequest, Durability.CORE,
+    "Inference on a worker; replies are a stream of InferChunk on the request's reply inbox.",
+    reply=m.InferChunk,
+)
+WORKER_CMD = Subject(
+    "warmserve.worker.{worker}.cmd", m.WorkerCommand, Durability.CORE,
+    "Lifecycle command to one worker (prewarm, evict, activate, deactivate); idempotent by command_id.",
+    reply=m.CommandResult,
+)
+WORKER_EVENT = Subject(
+    "warmserve.event.worker.{worker}", m.WorkerEvent, Durability.STREAM,
+    "A model copy changed state on a worker (bytes, seconds, reason); persisted as history.",
+)
+DEMAND = Subject(
+    "warmserve.demand.{model}", m.DemandSample, Durability.STREAM,
+    "Per-model arrivals and concurrency, aggregated per second by each gateway.",
+)
+FORECAST = Subject(
+    "warmserve.forecast.{model}", m.Forecast, Durability.STREAM,
+    "Predicted average and peak concurrency of a model for the next window.",
+)
+PLACEMENT_PLAN = Subject(
+    "warmserve.placement.plan", m.PlacementPlan, Durability.STREAM,
+    "A new desired set of prewarmed copies (also kept current in the placement KV bucket).",
+)
+ADMIN = Subject(
+    "warmserve.admin.{verb}", m.AdminRequest, Durability.CORE,
+    "Operator commands (model-register, model-list, model-remove, worker-list); request-reply.",
+    reply=m.AdminReply,
+)
+
+SUBJECTS: tuple[Subject, ...] = (
+    INFER, WORKER_CMD, WORKER_EVENT, DEMAND, FORECAST, PLACEMENT_PLAN, ADMIN,
+)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """A JetStream stream holding the durable subjects."""
+
+    name: str
+    subjects: tuple[str, ...]
+    max_age_s: float
+    doc: str
+
+
+STREAMS: tuple[StreamSpec, ...] = (
+    StreamSpec("WARMSERVE_DEMAND", (DEMAND.wildcard,), 8 * 24 * 3600, "arrivals for the forecaster"),
+    StreamSpec("WARMSERVE_FORECAST", (FORECAST.wildcard, PLACEMENT_PLAN.pattern), 24 * 3600,
+               "forecasts and placement plans"),
+    StreamSpec("WARMSERVE_EVENTS", (WORKER_EVENT.wildcard,), 7 * 24 * 3600, "worker lifecycle events"),
+)
+
+
+@dataclass(frozen=True)
+class BucketSpec:
+    """A KV bucket holding current state (latest value per key)."""
+
+    name: str
+    value: type
+    ttl_s: float | None
+    doc: str
+
+
+WORKERS_BUCKET = BucketSpec(
+    "warmserve-workers", m.WorkerState, 60.0,
+    "key = worker id; the worker's state, rewritten every heartbeat. Stale after heartbeat_timeout_s.",
+)
+CATALOG_BUCKET = BucketSpec(
+    "warmserve-catalog", m.ModelSpec, None,
+    "key = model slug; the catalog as the data plane sees it (Postgres is the system of record).",
+)
+PLACEMENT_BUCKET = BucketSpec(
+    "warmserve-placement", m.PlacementPlan, None,
+    "key = 'current'; the desired prewarmed copies.",
+)
+BUCKETS: tuple[BucketSpec, ...] = (WORKERS_BUCKET, CATALOG_BUCKET, PLACEMENT_BUCKET)
+PLACEMENT_KEY = "current"
