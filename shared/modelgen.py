@@ -95,6 +95,8 @@ def _weights(shape: TinyLlamaShape, vocab: int, seed: int) -> dict[str, np.ndarr
 def create_tiny_llama(path: str | os.PathLike, shape: TinyLlamaShape = TinyLlamaShape(), seed: int = 0) -> Path:
     """Write a complete model folder at ``path`` (replacing nothing that is already complete)."""
     from safetensors.numpy import save_file
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" notice
     from transformers import LlamaConfig, PreTrainedTokenizerFast
 
     out = Path(path)

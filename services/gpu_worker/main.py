@@ -34,7 +34,8 @@ class WorkerService:
             budget = min(budget, int(self.gpu.total_bytes() * 0.92))
         self.events: asyncio.Queue[WorkerEvent] = asyncio.Queue()
         self.worker = Worker(settings.worker_id, make_engine(settings.engine), MemoryPool(budget),
-                             batch_capacity=settings.batch_capacity, emit=self.events.put_nowait)
+                             batch_capacity=settings.batch_capacity,
+                             kv_bytes_per_instance=settings.kv_cache_bytes, emit=self.events.put_nowait)
         self.started_at = time.time()
         self.tracer = tracer("warmserve.gpu_worker")
         self._tasks: set[asyncio.Task] = set()
@@ -134,10 +135,15 @@ class WorkerService:
         buckets = await bus.ensure_all(self.js)
         self.kv = buckets[WORKERS_BUCKET.name]
         loops = [asyncio.create_task(self.heartbeat()), asyncio.create_task(self.forward_events())]
-        subs = [
-            await self.nc.subscribe(WORKER_CMD.format(worker=s.worker_id), cb=lambda m: self._spawn(self.on_command(m))),
-            await self.nc.subscribe(INFER.format(worker=s.worker_id), cb=lambda m: self._spawn(self.on_infer(m))),
-        ]
+
+        async def on_command(msg: Msg) -> None:
+            self._spawn(self.on_command(msg))
+
+        async def on_infer(msg: Msg) -> None:
+            self._spawn(self.on_infer(msg))
+
+        subs = [await self.nc.subscribe(WORKER_CMD.format(worker=s.worker_id), cb=on_command),
+                await self.nc.subscribe(INFER.format(worker=s.worker_id), cb=on_infer)]
         log.info("worker %s up: engine=%s device=%s budget=%d bytes", s.worker_id, s.engine, s.device,
                  self.worker.memory.budget_bytes)
         await stop.wait()

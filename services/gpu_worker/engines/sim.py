@@ -113,16 +113,19 @@ class SimEngine:
             )
         await asyncio.sleep(self._step_s(self.profile.prefill_s_per_token_per_gb, loaded.spec, len(prompt_ids)))
         rng = random.Random(s.seed)
-        text, produced = "", 0
-        while produced < s.max_tokens:
-            if produced:
+        ids: list[int] = []
+        text, emitted = "", 0
+        while len(ids) < s.max_tokens:
+            if ids:
                 await asyncio.sleep(self._step_s(self.profile.decode_s_per_token_per_gb, loaded.spec))
-            produced += 1
-            emitted = len(text)
-            text += loaded.tokenizer.decode([rng.choice(loaded.sample_ids)])
+            ids.append(rng.choice(loaded.sample_ids))
+            text = loaded.tokenizer.decode(ids)  # whole-sequence decode keeps multi-byte characters intact
+            last = len(ids) == s.max_tokens
             cut = min((text.find(st) for st in s.stop if st and st in text), default=-1)
             if cut >= 0:
-                yield Delta(text[emitted:cut] if cut > emitted else "", "stop", len(prompt_ids), produced)
+                yield Delta(text[emitted:cut] if cut > emitted else "", "stop", len(prompt_ids), len(ids))
                 return
-            yield Delta(text[emitted:], "length" if produced == s.max_tokens else None,
-                        len(prompt_ids), produced)
+            if text.endswith("\ufffd") and not last:
+                continue  # half a character: wait for the rest of its bytes
+            yield Delta(text[emitted:], "length" if last else None, len(prompt_ids), len(ids))
+            emitted = len(text)

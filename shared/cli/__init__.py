@@ -1,0 +1,1 @@
+"""The ``warmserve`` command line."""

@@ -1,0 +1,206 @@
+"""``warmserve``: run the local cluster, run one service, and manage a cluster over NATS admin."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+SERVICE_MODULES = {
+    "gateway": "services.gateway.main", "forecaster": "services.forecaster.main",
+    "placement": "services.placement.main", "prewarm-orchestrator": "services.prewarm_orchestrator.main",
+    "gpu-worker": "services.gpu_worker.main",
+}
+
+
+def _cluster_file() -> dict:
+    """What a running ``warmserve up`` wrote about itself (URLs), if anything."""
+    state = Path(os.environ.get("WARMSERVE_STATE_DIR", ".warmserve"))
+    try:
+        return json.loads((state / "cluster.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _nats_url() -> str:
+    return os.environ.get("WARMSERVE_NATS_URL") or _cluster_file().get("nats_url") or "nats://127.0.0.1:4222"
+
+
+def _gateway_url() -> str:
+    return os.environ.get("WARMSERVE_GATEWAY_URL") or _cluster_file().get("gateway_url") or "http://127.0.0.1:8080"
+
+
+async def _admin(verb: str, args: dict) -> object:
+    from shared import bus
+    from shared.messages import AdminReply, AdminRequest
+    from shared.subjects import ADMIN
+
+    nc = await bus.connect(_nats_url(), "warmserve-cli", deadline_s=5)
+    try:
+        reply = await bus.request(nc, ADMIN.format(verb=verb), AdminRequest(args=args), AdminReply, timeout=15)
+    finally:
+        await nc.close()
+    if not reply.ok:
+        raise SystemExit(f"error ({reply.error.code}): {reply.error.message}")
+    return reply.result
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_up(a) -> int:
+    from shared.localcluster.up import up
+    from shared.settings import LocalClusterSettings, load_settings
+
+    overrides = {k: v for k, v in {"state_dir": a.state_dir, "workers": a.workers, "engine": a.engine,
+                                   "gateway_port": a.gateway_port}.items() if v is not None}
+    settings = load_settings(LocalClusterSettings, **overrides)
+    return up(settings, smoke=not a.no_smoke, exit_after_smoke=a.exit_after_smoke)
+
+
+def cmd_service(a) -> int:
+    import importlib
+
+    importlib.import_module(SERVICE_MODULES[a.name]).main()
+    return 0
+
+
+def cmd_migrate(a) -> int:
+    from shared.db.migrate import upgrade
+    from shared.settings import CommonSettings, load_settings
+
+    upgrade(load_settings(CommonSettings).database_url)
+    print("database at the latest schema")
+    return 0
+
+
+def cmd_make_model(a) -> int:
+    from shared.modelgen import create_tiny_llama, weight_bytes
+
+    path = create_tiny_llama(a.path, seed=a.seed)
+    print(f"model folder {path} ({weight_bytes(path)} bytes of weights)")
+    return 0
+
+
+def cmd_model(a) -> int:
+    if a.action == "register":
+        args = {"slug": a.slug, "path": str(Path(a.path).resolve()), "tensor_parallel_size": a.tp}
+        if a.max_context:
+            args["max_context_tokens"] = a.max_context
+        if a.parameter_bytes:
+            args["parameter_bytes"] = a.parameter_bytes
+        _print(asyncio.run(_admin("model-register", args)))
+    elif a.action == "list":
+        _print(asyncio.run(_admin("model-list", {})))
+    else:
+        _print(asyncio.run(_admin("model-remove", {"slug": a.slug})))
+    return 0
+
+
+def cmd_workers(a) -> int:
+    workers = asyncio.run(_admin("worker-list", {}))
+    if a.json:
+        _print(workers)
+        return 0
+    if not workers:
+        print("no live workers")
+    for w in workers:
+        used = w["weight_bytes"] + w["kv_bytes"]
+        print(f"{w['worker_id']}  {w['node']}  {w['device']}  engine={w['engine']}  "
+              f"memory {used / 2**20:.0f}/{w['memory_budget_bytes'] / 2**20:.0f} MiB "
+              f"(weights {w['weight_bytes'] / 2**20:.0f}, kv {w['kv_bytes'] / 2**20:.0f})")
+        for c in w["copies"]:
+            inst = f" instance={c['instance_id']} in_flight={c['in_flight']}" if c.get("instance_id") else ""
+            print(f"    {c['model']:<24} {c['state']:<10} {c['weight_bytes'] / 2**20:.0f} MiB{inst}")
+    return 0
+
+
+def cmd_placement(a) -> int:
+    _print(asyncio.run(_admin("placement-history", {"limit": a.limit})))
+    return 0
+
+
+def cmd_chat(a) -> int:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{a.base_url or _gateway_url()}/v1", api_key=os.environ.get("OPENAI_API_KEY", "local"))
+    messages = [{"role": "user", "content": a.message}]
+    if a.stream:
+        for chunk in client.chat.completions.create(model=a.model, messages=messages, max_tokens=a.max_tokens,
+                                                    stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                print(chunk.choices[0].delta.content, end="", flush=True)
+        print()
+    else:
+        resp = client.chat.completions.create(model=a.model, messages=messages, max_tokens=a.max_tokens)
+        print(resp.choices[0].message.content)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="warmserve", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the local cluster (embedded NATS and Postgres, all services)")
+    up.add_argument("--state-dir", type=Path, help="where NATS, Postgres, models and logs live (.warmserve)")
+    up.add_argument("--workers", type=int, help="number of workers (default 1)")
+    up.add_argument("--engine", choices=["sim", "vllm"], help="worker engine (default sim)")
+    up.add_argument("--gateway-port", type=int, help="HTTP port of the gateway (default 8080)")
+    up.add_argument("--no-smoke", action="store_true", help="skip the smoke request once ready")
+    up.add_argument("--exit-after-smoke", action="store_true", help="stop once the smoke request is answered")
+    up.set_defaults(func=cmd_up)
+
+    svc = sub.add_parser("service", help="run one service in the foreground (as in docker-compose)")
+    svc.add_argument("name", choices=sorted(SERVICE_MODULES))
+    svc.set_defaults(func=cmd_service)
+
+    sub.add_parser("migrate", help="bring the database (WARMSERVE_DATABASE_URL) to the latest schema") \
+        .set_defaults(func=cmd_migrate)
+
+    mk = sub.add_parser("make-model", help="create a small random-weight Llama model folder offline")
+    mk.add_argument("path", type=Path)
+    mk.add_argument("--seed", type=int, default=0)
+    mk.set_defaults(func=cmd_make_model)
+
+    model = sub.add_parser("model", help="manage the model catalog")
+    msub = model.add_subparsers(dest="action", required=True)
+    reg = msub.add_parser("register", help="add or update a model")
+    reg.add_argument("slug", help="catalog id: a-z, 0-9 and '-'")
+    reg.add_argument("path", help="model folder, as the workers see it")
+    reg.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    reg.add_argument("--max-context", type=int, help="context length (read from config.json if omitted)")
+    reg.add_argument("--parameter-bytes", type=int, help="weight bytes (read from the folder if omitted)")
+    msub.add_parser("list", help="list the catalog")
+    rm = msub.add_parser("remove", help="remove a model")
+    rm.add_argument("slug")
+    model.set_defaults(func=cmd_model)
+
+    wk = sub.add_parser("workers", help="list live workers and what each device holds")
+    wk.add_argument("--json", action="store_true")
+    wk.set_defaults(func=cmd_workers)
+
+    pl = sub.add_parser("placement-history", help="recent placement plans")
+    pl.add_argument("--limit", type=int, default=5)
+    pl.set_defaults(func=cmd_placement)
+
+    chat = sub.add_parser("chat", help="send one chat request through the gateway")
+    chat.add_argument("message")
+    chat.add_argument("--model", default="tiny-llama")
+    chat.add_argument("--max-tokens", type=int, default=32)
+    chat.add_argument("--stream", action="store_true")
+    chat.add_argument("--base-url", help="gateway URL (default: the running local cluster)")
+    chat.set_defaults(func=cmd_chat)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

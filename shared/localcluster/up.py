@@ -1,0 +1,238 @@
+"""``warmserve up``: bring up the whole local cluster, show progress, stop it cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from shared.localcluster.infra import EmbeddedPostgres, StartError, start_nats
+from shared.localcluster.processes import env_with, port_free, spawn, stop_all, tail
+from shared.settings import LocalClusterSettings
+
+DEMO_MODEL = "tiny-llama"
+SERVICES = ("forecaster", "placement", "prewarm_orchestrator", "gateway")  # plus one gpu_worker per worker
+CLUSTER_FILE = "cluster.json"
+
+
+class Progress:
+    """One line per step with its duration, so a slow step is obvious."""
+
+    def __init__(self, total: int):
+        self.total, self.n, self.t0 = total, 0, time.monotonic()
+
+    def step(self, what: str):
+        self.n += 1
+        print(f"[{self.n}/{self.total}] {what} ...", end="", flush=True)
+        return _Step()
+
+
+class _Step:
+    def __enter__(self):
+        self.t = time.monotonic()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            print(f" ok ({time.monotonic() - self.t:.1f} s)", flush=True)
+        else:
+            print(" failed", flush=True)
+        return False
+
+
+@dataclass
+class Cluster:
+    settings: LocalClusterSettings
+    state_dir: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    nats: subprocess.Popen | None = None
+    postgres: EmbeddedPostgres | None = None
+    nats_url: str = ""
+    database_url: str = ""
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.gateway_port}"
+
+    def log(self, name: str) -> Path:
+        return self.state_dir / "logs" / f"{name}.log"
+
+    def service_env(self) -> dict[str, str]:
+        s = self.settings
+        return env_with({
+            "WARMSERVE_NATS_URL": self.nats_url, "WARMSERVE_DATABASE_URL": self.database_url,
+            "WARMSERVE_PORT": str(s.gateway_port), "WARMSERVE_HOST": "127.0.0.1",
+            "WARMSERVE_LOG_LEVEL": s.log_level, "WARMSERVE_ENGINE": s.engine,
+            "WARMSERVE_MEMORY_BUDGET_BYTES": str(s.worker_memory_budget_bytes),
+            # a short forecast window so the local demo shows forecasts within minutes
+            "WARMSERVE_WINDOW_S": os.environ.get("WARMSERVE_WINDOW_S", "60"),
+            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+        })
+
+    def start_services(self) -> None:
+        env = self.service_env()
+        for i in range(self.settings.workers):
+            name = f"gpu_worker-{i}"
+            wenv = dict(env, WARMSERVE_WORKER_ID=f"worker-{i}", WARMSERVE_DEVICE=f"cpu:{i}")
+            self.procs[name] = spawn([sys.executable, "-m", "services.gpu_worker"], self.log(name), wenv)
+        for svc in SERVICES:
+            self.procs[svc] = spawn([sys.executable, "-m", f"services.{svc}"], self.log(svc), env)
+
+    def dead(self) -> list[str]:
+        return [name for name, p in self.procs.items() if p.poll() is not None]
+
+    def stop(self) -> None:
+        order = ["gateway", "prewarm_orchestrator", "placement", "forecaster"]
+        first = [self.procs[n] for n in order if n in self.procs]
+        stop_all(first)
+        stop_all([p for n, p in self.procs.items() if n not in order])
+        if self.nats is not None:
+            stop_all([self.nats])
+        if self.postgres is not None:
+            self.postgres.stop()
+        (self.state_dir / CLUSTER_FILE).unlink(missing_ok=True)
+
+
+def _prepare_database(url: str) -> None:
+    from shared.db.migrate import upgrade
+
+    upgrade(url)
+
+
+def _ensure_model(cluster: Cluster) -> Path:
+    from shared.modelgen import create_tiny_llama
+
+    return create_tiny_llama(cluster.state_dir / "models" / DEMO_MODEL)
+
+
+async def _register(database_url: str, path: Path) -> None:
+    from shared.db import repo
+    from shared.db.engine import create_engine, sessionmaker
+    from shared.messages import ModelSpec
+    from shared.modelgen import max_context, weight_bytes
+
+    engine = create_engine(database_url)
+    try:
+        async with sessionmaker(engine)() as session:
+            await repo.upsert_model(session, ModelSpec(slug=DEMO_MODEL, path=str(path.resolve()),
+                                                       parameter_bytes=weight_bytes(path),
+                                                       max_context_tokens=max_context(path)))
+            await session.commit()
+    finally:
+        await engine.dispose()
+
+
+def _wait_ready(cluster: Cluster, timeout_s: float) -> None:
+    """Until the gateway is ready and the demo model has an active instance."""
+    deadline = time.monotonic() + timeout_s
+    last = "gateway not answering"
+    while time.monotonic() < deadline:
+        dead = cluster.dead()
+        if dead:
+            name = dead[0]
+            raise StartError(f"{name} exited during start-up; its log ({cluster.log(name)}) ends with:\n"
+                             f"{tail(cluster.log(name))}")
+        try:
+            r = httpx.get(f"{cluster.gateway_url}/readyz", timeout=1.0)
+            if r.status_code == 200:
+                models = httpx.get(f"{cluster.gateway_url}/v1/models", timeout=1.0).json()["data"]
+                card = next((m for m in models if m["id"] == DEMO_MODEL), None)
+                if card and card["active_instances"] > 0:
+                    return
+                last = f"waiting for {DEMO_MODEL} to become active ({card})"
+            else:
+                last = f"gateway not ready: {r.text}"
+        except httpx.HTTPError as exc:
+            last = f"gateway not answering ({exc.__class__.__name__})"
+        time.sleep(0.25)
+    raise StartError(f"cluster not ready after {timeout_s:.0f} s: {last}")
+
+
+def smoke_request(gateway_url: str, model: str = DEMO_MODEL) -> str:
+    """One real chat completion through the official OpenAI client."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{gateway_url}/v1", api_key="local", max_retries=2)
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": "Say hello to WarmServe."}], max_tokens=16)
+    resp = raw.parse()
+    outcome = raw.headers.get("x-warmserve-outcome")
+    return (f"{resp.choices[0].message.content!r} ({resp.usage.completion_tokens} tokens, "
+            f"outcome {outcome}, finish {resp.choices[0].finish_reason})")
+
+
+def up(settings: LocalClusterSettings, smoke: bool = True, ready_timeout_s: float = 180.0,
+       exit_after_smoke: bool = False) -> int:
+    state_dir = settings.state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    cluster = Cluster(settings, state_dir)
+
+    def _on_signal(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    progress = Progress(7 if smoke else 6)
+    try:
+        if not port_free(settings.gateway_port):
+            raise StartError(f"port {settings.gateway_port} is taken: set WARMSERVE_GATEWAY_PORT to a free port")
+        with progress.step("NATS with JetStream"):
+            if settings.external_nats:
+                cluster.nats_url = settings.nats_url
+            else:
+                cluster.nats, cluster.nats_url = start_nats(state_dir, settings.nats_port)
+        with progress.step("PostgreSQL"):
+            if settings.external_database:
+                cluster.database_url = settings.database_url
+            else:
+                cluster.postgres = EmbeddedPostgres(state_dir)
+                cluster.database_url = cluster.postgres.start()
+        with progress.step("database migrations"):
+            _prepare_database(cluster.database_url)
+        with progress.step(f"model '{DEMO_MODEL}' (created offline if missing)"):
+            path = _ensure_model(cluster)
+            asyncio.run(_register(cluster.database_url, path))
+        with progress.step(f"services: gateway, forecaster, placement, orchestrator, {settings.workers} worker(s)"):
+            cluster.start_services()
+        with progress.step(f"waiting for readiness ({DEMO_MODEL} active behind the gateway)"):
+            _wait_ready(cluster, ready_timeout_s)
+        (state_dir / CLUSTER_FILE).write_text(json.dumps(
+            {"gateway_url": cluster.gateway_url, "nats_url": cluster.nats_url, "pid": os.getpid()}, indent=2))
+        if smoke:
+            with progress.step("smoke request through the gateway (official openai client)"):
+                answer = smoke_request(cluster.gateway_url)
+            print(f"      answer: {answer}")
+        print(f"\nWarmServe is up in {time.monotonic() - progress.t0:.1f} s.\n"
+              f"  OpenAI API:  {cluster.gateway_url}/v1   (model '{DEMO_MODEL}')\n"
+              f"  metrics:     {cluster.gateway_url}/metrics\n"
+              f"  NATS:        {cluster.nats_url}\n"
+              f"  logs:        {state_dir / 'logs'}\n"
+              f"Try: warmserve chat 'hello'   |   warmserve workers   |   Ctrl-C stops everything.", flush=True)
+        if exit_after_smoke:
+            return 0
+        while True:
+            dead = cluster.dead()
+            if dead:
+                name = dead[0]
+                print(f"\n{name} exited unexpectedly; its log ends with:\n{tail(cluster.log(name))}", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    except StartError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping WarmServe ...", flush=True)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave orphans
+        cluster.stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("stopped.", flush=True)
