@@ -53,7 +53,9 @@ class _Loaded:
         self.template = ImmutableSandboxedEnvironment().from_string(template) if template else None
         specials = {self.tokenizer.token_to_id(t) for t in (self.eos, cfg.get("bos_token"), cfg.get("pad_token"),
                                                            cfg.get("unk_token")) if t}
-        self.sample_ids = [i for i in range(self.tokenizer.get_vocab_size()) if i not in specials]
+        # tokens that are whole characters on their own, so any sequence of them is valid text
+        self.sample_ids = [i for i in range(self.tokenizer.get_vocab_size())
+                           if i not in specials and "\ufffd" not in self.tokenizer.decode([i])]
 
     def prompt_text(self, request: InferRequest) -> str:
         if request.messages is None:
@@ -113,19 +115,15 @@ class SimEngine:
             )
         await asyncio.sleep(self._step_s(self.profile.prefill_s_per_token_per_gb, loaded.spec, len(prompt_ids)))
         rng = random.Random(s.seed)
-        ids: list[int] = []
-        text, emitted = "", 0
-        while len(ids) < s.max_tokens:
-            if ids:
+        text, produced = "", 0
+        while produced < s.max_tokens:
+            if produced:
                 await asyncio.sleep(self._step_s(self.profile.decode_s_per_token_per_gb, loaded.spec))
-            ids.append(rng.choice(loaded.sample_ids))
-            text = loaded.tokenizer.decode(ids)  # whole-sequence decode keeps multi-byte characters intact
-            last = len(ids) == s.max_tokens
+            produced += 1
+            emitted = len(text)
+            text += loaded.tokenizer.decode([rng.choice(loaded.sample_ids)])
             cut = min((text.find(st) for st in s.stop if st and st in text), default=-1)
             if cut >= 0:
-                yield Delta(text[emitted:cut] if cut > emitted else "", "stop", len(prompt_ids), len(ids))
+                yield Delta(text[emitted:cut] if cut > emitted else "", "stop", len(prompt_ids), produced)
                 return
-            if text.endswith("\ufffd") and not last:
-                continue  # half a character: wait for the rest of its bytes
-            yield Delta(text[emitted:], "length" if last else None, len(prompt_ids), len(ids))
-            emitted = len(text)
+            yield Delta(text[emitted:], "length" if produced == s.max_tokens else None, len(prompt_ids), produced)

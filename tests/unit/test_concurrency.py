@@ -1,0 +1,43 @@
+import pytest
+
+from services.forecaster.windows import WindowBook
+from shared.messages import DemandSample
+from shared.policy.concurrency import ConcurrencyTracker
+
+
+def test_time_weighted_concurrency():
+    t = ConcurrencyTracker(start_s=0.0)
+    t.arrive(0.0)
+    t.arrive(0.5)  # two in flight from 0.5
+    t.complete(1.0)
+    stats = t.roll(2.0)  # one in flight for 0-0.5, two for 0.5-1, one for 1-2
+    assert stats.concurrency_avg == pytest.approx((0.5 + 1.0 + 1.0) / 2.0)
+    assert (stats.arrivals, stats.completions, stats.concurrency_peak) == (2, 1, 2)
+    nxt = t.roll(3.0)
+    assert nxt.concurrency_avg == pytest.approx(1.0) and nxt.arrivals == 0 and nxt.concurrency_peak == 1
+    assert not t.idle
+    t.complete(3.5)
+    t.roll(4.0)
+    assert t.idle
+
+
+def sample(model, start, avg, peak, gw="g1", n=1):
+    return DemandSample(gateway_id=gw, model=model, start_s=start, interval_s=1.0, arrivals=n, completions=n,
+                        concurrency_avg=avg, concurrency_peak=peak)
+
+
+def test_window_book_aggregates_gateways_and_fills_gaps():
+    book = WindowBook(window_s=10.0)
+    book.add(sample("m", 1.0, 2.0, 3))
+    book.add(sample("m", 1.0, 1.0, 2, gw="g2"))  # same second, another gateway
+    book.add(sample("m", 5.0, 1.0, 1))
+    assert book.close(now_s=11.0) == []  # grace period
+    [(model, obs)] = book.close(now_s=12.5)
+    assert model == "m" and obs.start_s == 0.0
+    assert obs.avg == pytest.approx((2.0 + 1.0 + 1.0) / 10.0)
+    assert obs.peak == 5  # peaks of one second add up across gateways
+    book.add(sample("m", 31.0, 1.0, 1))
+    book.close(now_s=100.0)
+    starts = [o.start_s for o in book.history["m"]]
+    assert starts == [0.0, 10.0, 20.0, 30.0]  # empty windows are zero observations
+    assert book.history["m"][1].avg == 0.0

@@ -1,0 +1,20 @@
+import pytest
+
+from services.gpu_worker.memory import PAGE_BYTES, MemoryPool, pages
+
+
+def test_pages_round_up():
+    assert pages(1) == 1 and pages(PAGE_BYTES) == 1 and pages(PAGE_BYTES + 1) == 2 and pages(0) == 0
+
+
+def test_pool_accounts_roles_and_refuses_overcommit():
+    pool = MemoryPool(budget_bytes=10 * PAGE_BYTES)
+    pool.take(pool.weights, "a", 3 * PAGE_BYTES)
+    pool.take(pool.kv, "a", 5 * PAGE_BYTES - 1)
+    assert pool.free_pages == 2 and pool.bytes_of(pool.kv) == 5 * PAGE_BYTES
+    assert not pool.fits(3 * PAGE_BYTES)
+    with pytest.raises(MemoryError):
+        pool.take(pool.weights, "b", 3 * PAGE_BYTES)
+    assert pool.give_back(pool.weights, "a") == 3 * PAGE_BYTES
+    assert pool.free_pages == 5
+    assert pool.give_back(pool.weights, "missing") == 0

@@ -1,0 +1,114 @@
+"""Routing, placement, reconcile and forecast policies on hand-built snapshots."""
+
+from shared.messages import CommandKind, CopyState, ModelCopy, ModelSpec, ModelStatus, PlannedCopy, WorkerState
+from shared.policy.cluster import live_workers
+from shared.policy.forecast import WindowObservation, naive_forecast
+from shared.policy.placement import plan_prewarm
+from shared.policy.reconcile import Action, reconcile
+from shared.policy.routing import Route, active_routes, pick_route
+
+GB = 1024**3
+
+
+def worker(wid, *copies, budget=10 * GB, kv=0, hb=100.0):
+    return WorkerState(worker_id=wid, node="n", device="cpu:0", engine="sim", memory_budget_bytes=budget,
+                       kv_bytes=kv, heartbeat_at_s=hb,
+                       copies=[ModelCopy(model=m, state=s, weight_bytes=GB, instance_id=f"{wid}-{m}" if s is CopyState.ACTIVE else None,
+                                         in_flight=f) for m, s, f in copies])
+
+
+def spec(slug, size=GB, tp=1, status=ModelStatus.ACTIVE):
+    return ModelSpec(slug=slug, path=f"/m/{slug}", parameter_bytes=size, tensor_parallel_size=tp, status=status)
+
+
+# ---------------------------------------------------------------- cluster
+
+
+def test_live_workers_drops_silent_ones():
+    ws = [worker("b", hb=99.0), worker("a", hb=100.0), worker("c", hb=80.0)]
+    assert [w.worker_id for w in live_workers(ws, now_s=101.0, timeout_s=5.0)] == ["a", "b"]
+
+
+# ---------------------------------------------------------------- routing
+
+
+def test_route_picks_least_loaded_below_capacity():
+    ws = [worker("w1", ("m", CopyState.ACTIVE, 5)), worker("w2", ("m", CopyState.ACTIVE, 2)),
+          worker("w3", ("m", CopyState.PREWARMED, 0))]
+    routes = active_routes("m", ws)
+    assert {r.worker_id for r in routes} == {"w1", "w2"}
+    assert pick_route(routes, capacity=32).worker_id == "w2"
+    assert pick_route(routes, capacity=32, pending={"w2-m": 4}).worker_id == "w1"
+
+
+def test_route_none_when_all_full_or_none_active():
+    routes = [Route("w1", "i1", 32)]
+    assert pick_route(routes, capacity=32) is None
+    assert pick_route([], capacity=32) is None
+    assert pick_route([Route("w2", "i2", 1), Route("w1", "i1", 1)], 32).worker_id == "w1"  # ties: lowest id
+
+
+# ---------------------------------------------------------------- placement
+
+
+def test_placement_keeps_resident_copies_and_fills_free_room():
+    ws = [worker("w1", ("a", CopyState.ACTIVE, 0), budget=3 * GB), worker("w2", budget=2 * GB)]
+    result = plan_prewarm([spec("a"), spec("b"), spec("c")], ws, {"b": 5.0, "c": 1.0})
+    placed = {(c.model, c.worker_id) for c in result.copies}
+    assert ("a", "w1") in placed  # no churn
+    assert ("b", "w1") in placed or ("b", "w2") in placed
+    assert len(placed) == 3 and not result.skipped
+
+
+def test_placement_skips_what_does_not_fit_busiest_first():
+    ws = [worker("w1", budget=GB + 1)]
+    result = plan_prewarm([spec("quiet"), spec("busy")], ws, {"busy": 10.0, "quiet": 0.0})
+    assert [c.model for c in result.copies] == ["busy"]
+    assert "room" in result.skipped["quiet"]
+
+
+def test_placement_ignores_disabled_and_reports_multi_device_models():
+    result = plan_prewarm([spec("off", status=ModelStatus.DISABLED), spec("big", tp=2)], [worker("w1")], {})
+    assert result.copies == []
+    assert "off" not in result.skipped and "tensor parallel" in result.skipped["big"]
+
+
+def test_placement_counts_kv_memory_as_taken():
+    ws = [worker("w1", budget=2 * GB, kv=int(1.5 * GB))]
+    assert plan_prewarm([spec("a")], ws, {}).copies == []
+
+
+# ---------------------------------------------------------------- reconcile
+
+
+def test_reconcile_prewarms_then_activates_then_evicts():
+    plan = [PlannedCopy(model="a", worker_id="w1")]
+    assert reconcile(plan, [worker("w1")], min_active=1) == [Action(CommandKind.PREWARM, "w1", "a")]
+    assert reconcile(plan, [worker("w1", ("a", CopyState.PREWARMED, 0))], min_active=1) == [
+        Action(CommandKind.ACTIVATE, "w1", "a")]
+    assert reconcile(plan, [worker("w1", ("a", CopyState.ACTIVE, 0))], min_active=1) == []
+    stale = [worker("w1", ("a", CopyState.ACTIVE, 0), ("old", CopyState.PREWARMED, 0))]
+    assert reconcile(plan, stale, min_active=1) == [Action(CommandKind.EVICT, "w1", "old")]
+
+
+def test_reconcile_one_instance_per_worker_and_respects_busy():
+    plan = [PlannedCopy(model="a", worker_id="w1"), PlannedCopy(model="b", worker_id="w1")]
+    ws = [worker("w1", ("a", CopyState.PREWARMED, 0), ("b", CopyState.PREWARMED, 0))]
+    actions = reconcile(plan, ws, min_active=1)
+    assert [a.kind for a in actions] == [CommandKind.ACTIVATE]
+    assert reconcile(plan, ws, min_active=1, busy={("w1", "a")}) == []
+    assert reconcile(plan, ws, min_active=0) == []
+
+
+def test_reconcile_ignores_plan_entries_for_unknown_workers():
+    assert reconcile([PlannedCopy(model="a", worker_id="gone")], [worker("w1")], min_active=1) == []
+
+
+# ---------------------------------------------------------------- forecast
+
+
+def test_naive_forecast():
+    assert naive_forecast([]).method == "naive-empty"
+    hist = [WindowObservation(0, 1.0, 4.0), WindowObservation(300, 2.0, 9.0), WindowObservation(600, 3.0, 5.0)]
+    p = naive_forecast(hist)
+    assert (p.avg, p.peak, p.peak_upper) == (3.0, 5.0, 9.0)

@@ -1,0 +1,125 @@
+"""The worker's lifecycle with the sim engine and a real (tiny) model folder."""
+
+import pytest
+
+from services.gpu_worker.engines import EngineError
+from services.gpu_worker.engines.sim import SimEngine, SimProfile
+from services.gpu_worker.memory import PAGE_BYTES, MemoryPool
+from services.gpu_worker.worker import Worker
+from shared.messages import ChatMessage, CommandKind, CopyState, InferRequest, ModelSpec, SamplingParams, WorkerCommand
+from shared.modelgen import max_context, weight_bytes
+
+FAST = SimProfile(engine_start_s=0.0, decode_s_per_token_per_gb=0.0, prefill_s_per_token_per_gb=0.0,
+                  min_step_s=0.0)
+
+
+@pytest.fixture
+def spec(tiny_model):
+    return ModelSpec(slug="tiny", path=str(tiny_model), parameter_bytes=weight_bytes(tiny_model),
+                     max_context_tokens=max_context(tiny_model))
+
+
+def make_worker(budget_pages=64, kv_pages=8):
+    events = []
+    w = Worker("w0", SimEngine(FAST), MemoryPool(budget_pages * PAGE_BYTES), kv_bytes_per_instance=kv_pages * PAGE_BYTES,
+               emit=events.append)
+    return w, events
+
+
+async def test_prewarm_activate_serve_deactivate_evict(spec):
+    w, events = make_worker()
+    await w.prewarm(spec)
+    assert w.copies["tiny"].state is CopyState.PREWARMED
+    instance = await w.activate(spec)
+    assert instance and w.active().instance_id == instance
+    assert w.memory.bytes_of(w.memory.kv) == 8 * PAGE_BYTES
+    req = InferRequest(model="tiny", messages=[ChatMessage(role="user", content="hi")],
+                       sampling=SamplingParams(max_tokens=5, seed=1))
+    deltas = [d async for d in w.generate(req)]
+    assert deltas[-1].finish_reason == "length" and deltas[-1].completion_tokens == 5
+    assert deltas[-1].prompt_tokens > 0
+    assert w.in_flight == 0
+    await w.deactivate("tiny")
+    assert w.copies["tiny"].state is CopyState.PREWARMED and w.memory.bytes_of(w.memory.kv) == 0
+    await w.evict("tiny")
+    assert "tiny" not in w.copies and w.memory.free_pages == 64
+    path = [(e.from_state.value, e.to_state.value) for e in events]
+    assert path == [("absent", "loading"), ("loading", "prewarmed"), ("prewarmed", "active"),
+                    ("active", "draining"), ("draining", "prewarmed"), ("prewarmed", "absent")]
+    assert events[1].bytes == spec.parameter_bytes and events[-1].bytes >= spec.parameter_bytes
+
+
+async def test_commands_are_idempotent_by_id(spec):
+    w, events = make_worker()
+    cmd = WorkerCommand(kind=CommandKind.PREWARM, model="tiny", spec=spec)
+    first = await w.handle(cmd)
+    again = await w.handle(cmd)
+    assert first.ok and again == first
+    assert len(events) == 2  # loaded once
+
+
+async def test_errors_name_the_reason_and_leave_nothing_half_loaded(spec, tmp_path):
+    w, _ = make_worker(budget_pages=2)
+    big = spec.model_copy(update={"parameter_bytes": 3 * PAGE_BYTES})
+    r = await w.handle(WorkerCommand(kind=CommandKind.PREWARM, model="tiny", spec=big))
+    assert not r.ok and r.error.code == "insufficient_memory"
+    assert w.copies == {} and w.memory.free_pages == 2
+
+    w, events = make_worker()
+    broken = spec.model_copy(update={"slug": "broken", "path": str(tmp_path)})
+    r = await w.handle(WorkerCommand(kind=CommandKind.PREWARM, model="broken", spec=broken))
+    assert not r.ok and r.error.code == "model_files_missing"
+    assert w.copies == {} and w.memory.free_pages == 64
+    assert events[-1].to_state is CopyState.ABSENT
+
+    r = await w.handle(WorkerCommand(kind=CommandKind.ACTIVATE, model="tiny"))
+    assert not r.ok and r.error.code == "bad_command"
+    r = await w.handle(WorkerCommand(kind=CommandKind.PREWARM, model="other", spec=spec))
+    assert not r.ok and "spec is for tiny" in r.error.message
+
+
+async def test_activation_cold_starts_and_evicts_other_copies_only_when_needed(spec):
+    w, events = make_worker(budget_pages=40, kv_pages=8)
+    other = spec.model_copy(update={"slug": "other"})
+    await w.prewarm(other)
+    instance = await w.activate(spec)  # cold: loads first, then activates
+    assert instance and w.copies["other"].state is CopyState.PREWARMED  # room was enough
+    assert [e.reason for e in events if e.model == "tiny"][0] == "cold start"
+    r = await w.handle(WorkerCommand(kind=CommandKind.ACTIVATE, model="other", spec=other))
+    assert not r.ok and r.error.code == "worker_busy"
+    r = await w.handle(WorkerCommand(kind=CommandKind.EVICT, model="tiny"))
+    assert not r.ok and r.error.code == "wrong_state"
+
+    w2, ev2 = make_worker(budget_pages=2 * 10 + 8, kv_pages=10)
+    ten_pages = {"parameter_bytes": 10 * PAGE_BYTES}
+    await w2.prewarm(other.model_copy(update=ten_pages))
+    await w2.activate(spec.model_copy(update=ten_pages))
+    assert "other" not in w2.copies  # evicted so the KV cache fits
+    assert any(e.model == "other" and e.to_state is CopyState.ABSENT and "evicted" in e.reason for e in ev2)
+
+
+async def test_generation_errors(spec):
+    w, _ = make_worker()
+    req = InferRequest(model="tiny", prompt="hello")
+    with pytest.raises(EngineError) as exc:
+        [d async for d in w.generate(req)]
+    assert exc.value.code == "not_active"
+    await w.activate(spec)
+    too_long = InferRequest(model="tiny", prompt="word " * 400, sampling=SamplingParams(max_tokens=10))
+    with pytest.raises(EngineError) as exc:
+        [d async for d in w.generate(too_long)]
+    assert exc.value.code == "context_length_exceeded"
+    assert w.in_flight == 0
+
+
+async def test_sim_engine_stop_sequences_and_seed(spec):
+    w, _ = make_worker()
+    await w.activate(spec)
+    req = InferRequest(model="tiny", prompt="x", sampling=SamplingParams(max_tokens=40, seed=7))
+    text = "".join([d.text async for d in w.generate(req)])
+    again = "".join([d.text async for d in w.generate(req)])
+    assert text == again and "\ufffd" not in text
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    stopped = [d async for d in w.generate(req.model_copy(update={"sampling": SamplingParams(max_tokens=40, seed=7, stop=[stop])}))]
+    assert stopped[-1].finish_reason == "stop"
+    assert stop not in "".join(d.text for d in stopped)
