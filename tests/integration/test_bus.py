@@ -1,0 +1,95 @@
+"""NATS helpers against a real nats-server."""
+
+import asyncio
+
+import pytest
+
+from shared import bus
+from shared.messages import AdminReply, AdminRequest, InferChunk, InferRequest, ModelSpec
+from shared.subjects import CATALOG_BUCKET, DEMAND, STREAMS
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def nc(nats_url):
+    conn = await bus.connect(nats_url, "test")
+    yield conn
+    await conn.close()
+
+
+async def test_request_reply_and_errors(nc):
+    async def handler(msg):
+        await bus.reply(nc, msg, AdminReply(ok=True, result=AdminRequest.decode(msg.data).args["x"] * 2))
+
+    sub = await nc.subscribe("warmserve.test.double", cb=handler)
+    reply = await bus.request(nc, "warmserve.test.double", AdminRequest(args={"x": 21}), AdminReply, timeout=2)
+    assert reply.result == 42
+    await sub.unsubscribe()
+    with pytest.raises(bus.BusError) as exc:
+        await bus.request(nc, "warmserve.test.nobody", AdminRequest(), AdminReply, timeout=2)
+    assert exc.value.code == "no_responders"
+
+
+async def test_streamed_replies_arrive_in_order_and_silence_times_out(nc):
+    async def streamer(msg):
+        req = InferRequest.decode(msg.data)
+        for i in range(5):
+            await bus.reply(nc, msg, InferChunk(request_id=req.request_id, seq=i, text=str(i)))
+        if req.prompt != "hang":
+            await bus.reply(nc, msg, InferChunk(request_id=req.request_id, seq=5, finish_reason="stop"))
+
+    sub = await nc.subscribe("warmserve.test.stream", cb=streamer)
+    chunks = [c async for c in bus.request_stream(nc, "warmserve.test.stream", InferRequest(model="m", prompt="go"),
+                                                  InferChunk, first_timeout=2, idle_timeout=2, is_last=lambda c: c.last)]
+    assert [c.seq for c in chunks] == list(range(6)) and chunks[-1].finish_reason == "stop"
+    got = []
+    with pytest.raises(bus.BusError) as exc:
+        async for c in bus.request_stream(nc, "warmserve.test.stream", InferRequest(model="m", prompt="hang"),
+                                          InferChunk, first_timeout=2, idle_timeout=0.3, is_last=lambda c: c.last):
+            got.append(c)
+    assert exc.value.code == "timeout" and len(got) == 5
+    await sub.unsubscribe()
+    with pytest.raises(bus.BusError) as exc:
+        async for _ in bus.request_stream(nc, "warmserve.test.nobody", InferRequest(model="m"), InferChunk,
+                                          first_timeout=2, idle_timeout=2, is_last=lambda c: c.last):
+            pass
+    assert exc.value.code == "no_responders"
+
+
+async def test_streams_are_created_idempotently_and_publish_dedupes(nc):
+    js = nc.jetstream()
+    await bus.ensure_all(js)
+    await bus.ensure_all(js)  # twice is fine
+    for spec in STREAMS:
+        info = await js.stream_info(spec.name)
+        assert set(info.config.subjects) == set(spec.subjects)
+    subject = DEMAND.format(model="dedupe-test")
+    before = (await js.stream_info("WARMSERVE_DEMAND")).state.messages
+    msg = AdminRequest(args={"n": 1})
+    await bus.js_publish(js, subject, msg, msg_id="same-id")
+    await bus.js_publish(js, subject, msg, msg_id="same-id")
+    assert (await js.stream_info("WARMSERVE_DEMAND")).state.messages == before + 1
+
+
+async def test_kv_mirror_follows_puts_and_deletes_and_skips_garbage(nc):
+    js = nc.jetstream()
+    buckets = await bus.ensure_all(js)
+    kv = buckets[CATALOG_BUCKET.name]
+    spec = ModelSpec(slug="mirror-a", path="/x", parameter_bytes=1)
+    await kv.put("mirror-a", spec.encode())
+    changes = []
+    mirror = bus.KvMirror(kv, ModelSpec, on_change=lambda: changes.append(1)).start()
+    await asyncio.wait_for(mirror.ready.wait(), 5)
+    assert mirror.items["mirror-a"] == spec
+    await kv.put("mirror-b", b"{not json")
+    await kv.put("mirror-c", spec.model_copy(update={"slug": "mirror-c"}).encode())
+    await kv.delete("mirror-a")
+    for _ in range(100):
+        if "mirror-a" not in mirror.items and "mirror-c" in mirror.items:
+            break
+        await asyncio.sleep(0.02)
+    assert "mirror-a" not in mirror.items and "mirror-b" not in mirror.items and "mirror-c" in mirror.items
+    assert changes
+    await mirror.stop()
+    await kv.delete("mirror-c")
