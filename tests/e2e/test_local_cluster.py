@@ -1,0 +1,142 @@
+"""The whole local cluster as a user runs it: ``warmserve up``, then the official openai client."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from openai import OpenAI
+
+from shared.localcluster.processes import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("cluster")
+    port = free_port()
+    env = dict(os.environ, WARMSERVE_STATE_DIR=str(state), WARMSERVE_GATEWAY_PORT=str(port),
+               WARMSERVE_NATS_PORT="0")
+    env.pop("WARMSERVE_NATS_URL", None)
+    env.pop("WARMSERVE_DATABASE_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "shared.cli.main", "up"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parents[2])
+    out = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        out.append(line)
+        if line.startswith("Try:"):
+            break
+    text = "".join(out)
+    if "WarmServe is up" not in text:
+        proc.kill()
+        pytest.fail(f"warmserve up did not come up:\n{text}")
+    children = psutil.Process(proc.pid).children(recursive=True)
+    yield {"url": f"http://127.0.0.1:{port}", "proc": proc, "output": text, "children": children,
+           "state": state, "env": env}
+    if proc.poll() is None:
+        proc.kill()
+
+
+def test_up_reports_progress_and_answers_the_smoke_request(cluster):
+    text = cluster["output"]
+    assert re.search(r"\[7/7\] smoke request .* ok", text), text
+    assert re.search(r"answer: '.+' \(16 tokens, outcome warm, finish length\)", text), text
+    assert f"{cluster['url']}/v1" in text
+
+
+def test_chat_completion_with_the_official_client(cluster):
+    client = OpenAI(base_url=f"{cluster['url']}/v1", api_key="test")
+    models = client.models.list()
+    assert "tiny-llama" in [m.id for m in models.data]
+
+    resp = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "Hello!"}],
+                                          max_tokens=12, seed=5)
+    assert resp.object == "chat.completion" and resp.model == "tiny-llama"
+    assert resp.choices[0].message.role == "assistant" and resp.choices[0].message.content
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.usage.completion_tokens == 12 and resp.usage.prompt_tokens > 0
+
+    stream = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "Hello!"}],
+                                            max_tokens=12, seed=5, stream=True,
+                                            stream_options={"include_usage": True})
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(pieces) == resp.choices[0].message.content  # same seed, same tokens
+    assert finish == "length" and usage.completion_tokens == 12
+
+    completion = client.completions.create(model="tiny-llama", prompt="Once upon a time", max_tokens=4)
+    assert completion.choices[0].text and completion.usage.completion_tokens == 4
+
+
+def test_errors_reach_the_client_as_openai_errors(cluster):
+    import openai
+
+    client = OpenAI(base_url=f"{cluster['url']}/v1", api_key="test", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    assert "no-such-model" in str(exc.value)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "x " * 3000}],
+                                       max_tokens=8)
+
+
+def test_cli_admin_commands_talk_to_the_cluster(cluster):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "shared.cli.main", *a], env=cluster["env"],
+                                    capture_output=True, text=True, timeout=60)
+    workers = run("workers")
+    assert workers.returncode == 0, workers.stderr
+    assert "worker-0" in workers.stdout and re.search(r"tiny-llama\s+active", workers.stdout)
+    models = run("model", "list")
+    assert '"slug": "tiny-llama"' in models.stdout
+    bad = run("model", "register", "Bad.Slug", "/nowhere")
+    assert bad.returncode != 0 and "bad_request" in bad.stderr
+    history = run("placement-history", "--limit", "1")
+    assert history.returncode == 0 and "tiny-llama" in history.stdout
+    chat = run("chat", "hi", "--stream", "--max-tokens", "3")
+    assert chat.returncode == 0 and chat.stdout.strip()
+
+
+def test_history_reaches_postgres(cluster):
+    import psycopg
+
+    pgdata = cluster["state"] / "postgres" / "data"
+    with psycopg.connect(f"postgresql://postgres@/warmserve?host={pgdata}") as conn:
+        events = conn.execute("select to_state from model_events where model = 'tiny-llama' order by at").fetchall()
+        plans = conn.execute("select count(*) from placement_decisions").fetchone()[0]
+        workers = conn.execute("select id from workers").fetchall()
+        deadline = time.monotonic() + 15
+        while not workers and time.monotonic() < deadline:  # liveness is written every 10 s
+            time.sleep(0.5)
+            workers = conn.execute("select id from workers").fetchall()
+    assert [e[0] for e in events][:3] == ["loading", "prewarmed", "active"]
+    assert plans >= 1 and ("worker-0",) in workers
+
+
+def test_ctrl_c_stops_everything(cluster):
+    proc, children = cluster["proc"], cluster["children"]
+    assert len(children) >= 6  # nats-server + five services (postgres is daemonised by pg_ctl)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, rest
+    assert "stopped." in rest
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"orphans: {[p.pid for p in alive]}"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{cluster['url']}/healthz", timeout=2)
+    assert not (cluster["state"] / "postgres" / "data" / "postmaster.pid").exists()
