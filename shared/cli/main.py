@@ -86,6 +86,15 @@ def cmd_make_model(a) -> int:
     return 0
 
 
+def cmd_demo_model(a) -> int:
+    from shared.localcluster.up import DEMO_MODEL, ensure_demo_model
+    from shared.settings import CommonSettings, load_settings
+
+    path = asyncio.run(ensure_demo_model(load_settings(CommonSettings).database_url, a.path))
+    print(f"model '{DEMO_MODEL}' at {path} is in the catalog")
+    return 0
+
+
 def cmd_model(a) -> int:
     if a.action == "register":
         args = {"slug": a.slug, "path": str(Path(a.path).resolve()), "tensor_parallel_size": a.tp}
@@ -165,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("path", type=Path)
     mk.add_argument("--seed", type=int, default=0)
     mk.set_defaults(func=cmd_make_model)
+
+    demo = sub.add_parser("demo-model", help="create the demo model if missing and register it in the database")
+    demo.add_argument("path", type=Path)
+    demo.set_defaults(func=cmd_demo_model)
 
     model = sub.add_parser("model", help="manage the model catalog")
     msub = model.add_subparsers(dest="action", required=True)

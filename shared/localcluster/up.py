@@ -107,18 +107,14 @@ def _prepare_database(url: str) -> None:
     upgrade(url)
 
 
-def _ensure_model(cluster: Cluster) -> Path:
-    from shared.modelgen import create_tiny_llama
-
-    return create_tiny_llama(cluster.state_dir / "models" / DEMO_MODEL)
-
-
-async def _register(database_url: str, path: Path) -> None:
+async def ensure_demo_model(database_url: str, path: Path) -> Path:
+    """Create the demo model folder if missing and register it in the catalog (idempotent)."""
     from shared.db import repo
     from shared.db.engine import create_engine, sessionmaker
     from shared.messages import ModelSpec
-    from shared.modelgen import max_context, weight_bytes
+    from shared.modelgen import create_tiny_llama, max_context, weight_bytes
 
+    path = create_tiny_llama(path)
     engine = create_engine(database_url)
     try:
         async with sessionmaker(engine)() as session:
@@ -128,6 +124,7 @@ async def _register(database_url: str, path: Path) -> None:
             await session.commit()
     finally:
         await engine.dispose()
+    return path
 
 
 def _wait_ready(cluster: Cluster, timeout_s: float) -> None:
@@ -197,8 +194,7 @@ def up(settings: LocalClusterSettings, smoke: bool = True, ready_timeout_s: floa
         with progress.step("database migrations"):
             _prepare_database(cluster.database_url)
         with progress.step(f"model '{DEMO_MODEL}' (created offline if missing)"):
-            path = _ensure_model(cluster)
-            asyncio.run(_register(cluster.database_url, path))
+            asyncio.run(ensure_demo_model(cluster.database_url, state_dir / "models" / DEMO_MODEL))
         with progress.step(f"services: gateway, forecaster, placement, orchestrator, {settings.workers} worker(s)"):
             cluster.start_services()
         with progress.step(f"waiting for readiness ({DEMO_MODEL} active behind the gateway)"):
