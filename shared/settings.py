@@ -29,8 +29,8 @@ class CommonSettings(BaseSettings):
         description="Postgres URL (postgresql://...); psycopg 3 is used whatever the scheme says",
     )
     otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint, e.g. http://jaeger:4318")
-    log_level: str = "INFO"
-    heartbeat_interval_s: float = Field(1.0, gt=0)
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    heartbeat_interval_s: float = Field(1.0, gt=0, description="how often workers publish their state")
     heartbeat_timeout_s: float = Field(5.0, gt=0, description="a worker silent this long is gone")
 
     @field_validator("log_level")
@@ -43,19 +43,20 @@ class CommonSettings(BaseSettings):
 
 
 class GatewaySettings(CommonSettings):
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=1, le=65535)
-    gateway_id: str = Field(default_factory=lambda: f"gw-{socket.gethostname()}".lower()[:60])
+    host: str = Field("127.0.0.1", description="listen address (0.0.0.0 in containers)")
+    port: int = Field(8080, ge=1, le=65535, description="listen port")
+    gateway_id: str = Field(default_factory=lambda: f"gw-{socket.gethostname()}".lower()[:60],
+                            description="names this gateway in demand samples (default: gw-<hostname>)")
     first_token_timeout_s: float = Field(60.0, gt=0, description="wait for a worker's first chunk")
     inter_token_timeout_s: float = Field(30.0, gt=0, description="longest silence between chunks")
     demand_interval_s: float = Field(1.0, gt=0, description="how often arrivals are published")
 
 
 class WorkerSettings(CommonSettings):
-    worker_id: str = "worker-0"
-    node: str = Field(default_factory=lambda: socket.gethostname().lower())
+    worker_id: str = Field("worker-0", description="unique per worker; used in subjects")
+    node: str = Field(default_factory=lambda: socket.gethostname().lower(), description="node name (default: hostname)")
     device: str = Field("cpu:0", description="cuda:<index> on a GPU node, cpu:<n> on a CPU machine")
-    engine: str = Field("sim", pattern="^(sim|vllm)$")
+    engine: str = Field("sim", pattern="^sim$", description="engine adapter (sim: modelled timings)")
     memory_budget_bytes: int = Field(
         4 * 1024**3, gt=0, description="device memory the worker may use (a GPU's is read by pynvml)"
     )
@@ -75,9 +76,8 @@ class ForecasterSettings(CommonSettings):
 
 
 class PlacementSettings(CommonSettings):
-    replan_interval_s: float = Field(5.0, gt=0)
-    batch_capacity: int = Field(32, gt=0)
-    catalog_sync_interval_s: float = Field(10.0, gt=0)
+    replan_interval_s: float = Field(5.0, gt=0, description="replan at least this often (and on every change)")
+    catalog_sync_interval_s: float = Field(10.0, gt=0, description="Postgres catalog -> KV resync period")
 
 
 class OrchestratorSettings(CommonSettings):
@@ -93,10 +93,10 @@ class LocalClusterSettings(CommonSettings):
     external_nats: bool = Field(False, description="use nats_url as is instead of starting nats-server")
     external_database: bool = Field(False, description="use database_url as is instead of embedded Postgres")
     nats_port: int = Field(4322, ge=0, le=65535, description="port of the embedded nats-server (0: any free)")
-    gateway_port: int = Field(8080, ge=1, le=65535)
-    workers: int = Field(1, ge=1, le=8)
-    engine: str = Field("sim", pattern="^(sim|vllm)$")
-    worker_memory_budget_bytes: int = Field(4 * 1024**3, gt=0)
+    gateway_port: int = Field(8080, ge=1, le=65535, description="HTTP port of the local gateway")
+    workers: int = Field(1, ge=1, le=8, description="local workers (one emulated device each)")
+    engine: str = Field("sim", pattern="^sim$", description="engine of the local workers")
+    worker_memory_budget_bytes: int = Field(4 * 1024**3, gt=0, description="memory budget of each local worker")
 
 
 def load_settings(cls: type[S], **overrides) -> S:
