@@ -40,8 +40,12 @@ class BusError(RuntimeError):
 async def connect(url: str, name: str, *, deadline_s: float = 30.0) -> NATS:
     """Connect, retrying until ``deadline_s`` (services may start before NATS); reconnect forever after."""
 
+    holder: dict[str, NATS] = {}
+
     async def _disconnected():
-        log.warning("%s: disconnected from NATS", name)
+        nc = holder.get("nc")
+        if nc is not None and not (nc.is_closed or nc.is_draining):  # not our own shutdown
+            log.warning("%s: disconnected from NATS", name)
 
     async def _reconnected():
         log.info("%s: reconnected to NATS", name)
@@ -54,17 +58,30 @@ async def connect(url: str, name: str, *, deadline_s: float = 30.0) -> NATS:
     delay = 0.1
     while True:
         try:
-            return await nats.connect(
+            holder["nc"] = await nats.connect(
                 servers=servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                 connect_timeout=2, disconnected_cb=_disconnected, reconnected_cb=_reconnected,
                 error_cb=_error,
             )
+            return holder["nc"]
         except (nats.errors.NoServersError, OSError, asyncio.TimeoutError) as exc:
             if time.monotonic() >= give_up:
                 raise BusError("nats_unreachable", f"cannot reach NATS at {url}: {exc}") from exc
             log.info("%s: waiting for NATS at %s", name, url)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+async def close(nc: NATS, timeout_s: float = 2.0) -> None:
+    """Flush what is pending and close. (``drain`` can wait its full 30 s timeout on a pull
+    subscription whose fetch was cancelled, which stalls every shutdown.)"""
+    if nc.is_closed:
+        return
+    try:
+        await nc.flush(timeout=timeout_s)
+    except Exception:  # disconnected or slow: close anyway
+        pass
+    await nc.close()
 
 
 async def request(nc: NATS, subject: str, msg: BusMessage, reply_type: type[M], timeout: float) -> M:

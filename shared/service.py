@@ -32,3 +32,9 @@ def run_service(run: Callable[[asyncio.Event], Awaitable[None]], service: str, s
         log.error("%s: %s", service, exc)
         raise SystemExit(1) from None
     log.info("%s stopped", service)
+
+
+def brief(exc: BaseException) -> str:
+    """The first line of an exception (SQLAlchemy errors append the whole statement)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__

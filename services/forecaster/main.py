@@ -15,7 +15,7 @@ from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
 from shared.messages import DemandSample, Forecast, ModelSpec
 from shared.policy.forecast import naive_forecast
-from shared.service import run_service
+from shared.service import brief, run_service
 from shared.settings import ForecasterSettings, load_settings
 from shared.subjects import CATALOG_BUCKET, DEMAND, FORECAST
 
@@ -36,14 +36,14 @@ class Forecaster:
             except nats.errors.TimeoutError:
                 continue
             except Exception as exc:
-                log.warning("demand fetch failed (%s); retrying", exc)
+                log.warning("demand fetch failed (%s); retrying", brief(exc))
                 await asyncio.sleep(1.0)
                 continue
             for msg in msgs:
                 try:
                     self.book.add(DemandSample.decode(msg.data))
                 except ValueError as exc:
-                    log.warning("dropping malformed demand sample: %s", exc)
+                    log.warning("dropping malformed demand sample: %s", brief(exc))
                 await msg.ack()
 
     async def publish(self) -> None:
@@ -69,7 +69,7 @@ class Forecaster:
                     await repo.record_observed(session, model, obs.start_s, obs.avg, obs.peak)
                 await session.commit()
         except Exception as exc:  # history is best effort; forecasts already went out on the bus
-            log.warning("could not store forecasts: %s", exc)
+            log.warning("could not store forecasts: %s", brief(exc))
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
@@ -85,7 +85,7 @@ class Forecaster:
             try:
                 await self.publish()
             except Exception as exc:
-                log.warning("forecast round failed: %s", exc)
+                log.warning("forecast round failed: %s", brief(exc))
             try:
                 await asyncio.wait_for(stop.wait(), s.publish_interval_s)
             except asyncio.TimeoutError:
@@ -94,7 +94,7 @@ class Forecaster:
         await asyncio.gather(consumer, return_exceptions=True)
         await self.catalog.stop()
         await engine.dispose()
-        await self.nc.drain()
+        await bus.close(self.nc)
 
 
 def main() -> None:

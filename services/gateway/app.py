@@ -58,7 +58,7 @@ class Gateway:
         await asyncio.gather(self._demand_task, return_exceptions=True)
         await self.catalog.stop()
         await self.workers.stop()
-        await self.nc.drain()
+        await bus.close(self.nc)
 
     def chunks(self, route: Route, infer: InferRequest) -> AsyncIterator[InferChunk]:
         return bus.request_stream(

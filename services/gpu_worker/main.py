@@ -19,7 +19,7 @@ from shared.messages import (
 )
 from shared.settings import WorkerSettings, load_settings
 from shared.subjects import INFER, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET
-from shared.service import run_service
+from shared.service import brief, run_service
 from shared.telemetry import extract_context, tracer
 
 log = logging.getLogger("warmserve.gpu_worker")
@@ -109,7 +109,7 @@ class WorkerService:
         try:
             await self.kv.put(self.settings.worker_id, self.state().encode())
         except Exception as exc:
-            log.warning("heartbeat failed: %s", exc)
+            log.warning("heartbeat failed: %s", brief(exc))
 
     async def heartbeat(self) -> None:
         while True:
@@ -125,7 +125,7 @@ class WorkerService:
                     await bus.js_publish(self.js, subject, event, msg_id=event.event_id)
                     break
                 except Exception as exc:  # NATS restarting: keep the event and retry
-                    log.warning("event publish failed (%s); retrying", exc)
+                    log.warning("event publish failed (%s); retrying", brief(exc))
                     await asyncio.sleep(1.0)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -161,7 +161,7 @@ class WorkerService:
         except Exception:
             pass
         await self.worker.engine.close()
-        await self.nc.drain()
+        await bus.close(self.nc)
 
 
 def main() -> None:

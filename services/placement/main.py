@@ -16,7 +16,7 @@ from shared.db.engine import create_engine, sessionmaker
 from shared.messages import Forecast, ModelSpec, PlacementPlan, WorkerState
 from shared.policy.cluster import live_workers
 from shared.policy.placement import plan_prewarm
-from shared.service import run_service
+from shared.service import brief, run_service
 from shared.settings import PlacementSettings, load_settings
 from shared.subjects import (
     ADMIN, CATALOG_BUCKET, FORECAST, PLACEMENT_BUCKET, PLACEMENT_KEY, PLACEMENT_PLAN, WORKERS_BUCKET,
@@ -66,13 +66,13 @@ class Placement:
                 await repo.record_plan(session, plan)
                 await session.commit()
         except Exception as exc:
-            log.warning("could not store plan history: %s", exc)
+            log.warning("could not store plan history: %s", brief(exc))
 
     async def on_forecast(self, msg: Msg) -> None:
         try:
             fc = Forecast.decode(msg.data)
         except ValueError as exc:
-            log.warning("dropping malformed forecast: %s", exc)
+            log.warning("dropping malformed forecast: %s", brief(exc))
             return
         old = self.forecasts.get(fc.model)
         self.forecasts[fc.model] = fc
@@ -96,22 +96,25 @@ class Placement:
         await self.workers.ready.wait()
         engine = create_engine(s.database_url)
         self.sessions = sessionmaker(engine)
-        await self.sync_catalog()
         subs = [
             await self.js.subscribe(FORECAST.wildcard, ordered_consumer=True,
                                     deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, cb=self.on_forecast),
             await self.nc.subscribe(ADMIN.wildcard, queue="placement", cb=self.on_admin),
         ]
         log.info("placement up")
-        last_sync = time.monotonic()
+        last_sync = float("-inf")
         while not stop.is_set():
-            try:
-                if time.monotonic() - last_sync >= s.catalog_sync_interval_s:
+            if time.monotonic() - last_sync >= s.catalog_sync_interval_s:
+                try:
                     await self.sync_catalog()
                     last_sync = time.monotonic()
+                except Exception as exc:  # Postgres away or not migrated: keep serving the KV catalog
+                    log.warning("catalog sync from Postgres failed (%s); is it up and migrated "
+                                "(warmserve migrate)?", brief(exc))
+            try:
                 await self.replan()
             except Exception as exc:
-                log.warning("placement round failed: %s", exc)
+                log.warning("placement round failed: %s", brief(exc))
             self.changed.clear()
             try:
                 await asyncio.wait_for(self._wake(stop), s.replan_interval_s)
@@ -122,7 +125,7 @@ class Placement:
         await self.workers.stop()
         await self.catalog.stop()
         await engine.dispose()
-        await self.nc.drain()
+        await bus.close(self.nc)
 
     async def _wake(self, stop: asyncio.Event) -> None:
         waits = [asyncio.create_task(stop.wait()), asyncio.create_task(self.changed.wait())]

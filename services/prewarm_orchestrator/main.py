@@ -15,7 +15,7 @@ from shared.db.engine import create_engine, sessionmaker
 from shared.messages import CommandResult, ModelSpec, PlacementPlan, WorkerCommand, WorkerEvent, WorkerState
 from shared.policy.cluster import live_workers
 from shared.policy.reconcile import Action, reconcile
-from shared.service import run_service
+from shared.service import brief, run_service
 from shared.settings import OrchestratorSettings, load_settings
 from shared.subjects import CATALOG_BUCKET, PLACEMENT_BUCKET, PLACEMENT_KEY, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET
 
@@ -75,14 +75,14 @@ class Orchestrator:
             except nats.errors.TimeoutError:
                 continue
             except Exception as exc:
-                log.warning("event fetch failed (%s); retrying", exc)
+                log.warning("event fetch failed (%s); retrying", brief(exc))
                 await asyncio.sleep(1.0)
                 continue
             for msg in msgs:
                 try:
                     event = WorkerEvent.decode(msg.data)
                 except ValueError as exc:
-                    log.warning("dropping malformed event: %s", exc)
+                    log.warning("dropping malformed event: %s", brief(exc))
                     await msg.term()
                     continue
                 try:
@@ -93,7 +93,7 @@ class Orchestrator:
                 except IntegrityError:  # the model left the catalog since
                     await msg.term()
                 except Exception as exc:  # Postgres away: leave it unacked, JetStream redelivers
-                    log.warning("could not store event (%s); will retry", exc)
+                    log.warning("could not store event (%s); will retry", brief(exc))
                     await msg.nak(delay=2.0)
 
     async def touch_workers(self) -> None:
@@ -104,7 +104,7 @@ class Orchestrator:
                         await repo.touch_worker(session, w)
                     await session.commit()
             except Exception as exc:
-                log.warning("could not record worker liveness: %s", exc)
+                log.warning("could not record worker liveness: %s", brief(exc))
             await asyncio.sleep(10.0)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -124,7 +124,7 @@ class Orchestrator:
                 try:
                     await self.reconcile_once()
                 except Exception as exc:
-                    log.warning("reconcile round failed: %s", exc)
+                    log.warning("reconcile round failed: %s", brief(exc))
             try:
                 await asyncio.wait_for(stop.wait(), s.reconcile_interval_s)
             except asyncio.TimeoutError:
@@ -135,7 +135,7 @@ class Orchestrator:
         for mirror in (self.workers, self.plan, self.catalog):
             await mirror.stop()
         await engine.dispose()
-        await self.nc.drain()
+        await bus.close(self.nc)
 
 
 def main() -> None:

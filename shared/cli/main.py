@@ -210,8 +210,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run a command; failures to reach the cluster become one clear line, not a traceback."""
+    from shared.bus import BusError
+
     args = build_parser().parse_args(argv)
-    sys.exit(args.func(args))
+    try:
+        sys.exit(args.func(args))
+    except BusError as exc:
+        hint = {"no_responders": "no placement service answers there; is the cluster running (warmserve up)?",
+                "nats_unreachable": "is the cluster running (warmserve up), or is WARMSERVE_NATS_URL right?"}
+        sys.exit(f"error: {exc} (NATS {_nats_url()}): {hint.get(exc.code, exc.code)}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:
+        import openai
+
+        if isinstance(exc, openai.APIConnectionError):
+            sys.exit(f"error: cannot reach the gateway at {_gateway_url()}; is the cluster running (warmserve up)?")
+        if isinstance(exc, openai.APIStatusError):
+            sys.exit(f"error: the gateway answered {exc.status_code}: {exc.message}")
+        raise
 
 
 if __name__ == "__main__":

@@ -176,6 +176,7 @@ def up(settings: LocalClusterSettings, smoke: bool = True, ready_timeout_s: floa
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)  # also when started in the background with SIGINT ignored
     progress = Progress(7 if smoke else 6)
     try:
         if not port_free(settings.gateway_port):

@@ -22,6 +22,23 @@ from shared.subjects import CATALOG_BUCKET, INFER, WORKER_CMD, WORKER_EVENT, WOR
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(scope="module")
+def spans():
+    """Finished spans of this process (the global provider can be set once; later sets are ignored)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
 @pytest.fixture
 async def nc(nats_url):
     conn = await bus.connect(nats_url, "test")
@@ -115,7 +132,7 @@ async def gateway(nats_url, nc, worker, spec):
     await kv.delete("cold")
 
 
-async def test_gateway_errors_are_openai_shaped(gateway, nc, worker, spec):
+async def test_gateway_errors_are_openai_shaped(spans, gateway, nc, worker, spec):
     r = await command(nc, worker.settings.worker_id, CommandKind.ACTIVATE, "tiny", spec)
     assert r.ok
     async with httpx.AsyncClient(base_url=gateway, timeout=20) as http:
@@ -134,6 +151,13 @@ async def test_gateway_errors_are_openai_shaped(gateway, nc, worker, spec):
         ok = await chat()
         assert ok.status_code == 200 and ok.headers["x-warmserve-outcome"] == "warm"
         assert ok.json()["usage"]["completion_tokens"] == 4
+        # one request is one trace: the worker's span continues the gateway's
+        by_name = {}
+        for span in spans.get_finished_spans():
+            if span.attributes.get("warmserve.request_id") == ok.json()["id"]:
+                by_name[span.name] = span
+        assert by_name["worker.generate"].context.trace_id == by_name["gateway.request"].context.trace_id
+        assert by_name["gateway.request"].attributes["warmserve.outcome"] == "warm"
 
         cases = {
             "malformed json": (await http.post("/v1/chat/completions", content=b"{nope",

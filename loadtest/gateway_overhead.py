@@ -1,0 +1,104 @@
+"""Gateway overhead: time to first token through the HTTP gateway vs. straight to the worker over NATS.
+
+Runs against a live cluster (default: the one `warmserve up` is running). Both paths hit the same
+worker and instance with the same request, one at a time, alternating, so the difference is what the
+gateway adds (HTTP parsing, validation, routing, SSE framing, one extra NATS hop per chunk).
+
+    .venv/bin/python loadtest/gateway_overhead.py --requests 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from shared import bus
+from shared.cli.main import _admin, _gateway_url, _nats_url
+from shared.messages import ChatMessage, InferChunk, InferRequest, SamplingParams
+from shared.subjects import INFER
+
+
+def percentiles(xs: list[float]) -> dict[str, float]:
+    qs = statistics.quantiles(xs, n=100, method="inclusive")
+    return {"p50_ms": qs[49] * 1e3, "p90_ms": qs[89] * 1e3, "p99_ms": qs[98] * 1e3, "mean_ms": statistics.fmean(xs) * 1e3}
+
+
+async def direct(nc, worker: str, model: str, max_tokens: int) -> tuple[float, float]:
+    req = InferRequest(model=model, messages=[ChatMessage(role="user", content="Hello there!")],
+                       sampling=SamplingParams(max_tokens=max_tokens, seed=1))
+    t0 = time.perf_counter()
+    first = None
+    async for chunk in bus.request_stream(nc, INFER.format(worker=worker), req, InferChunk, first_timeout=30,
+                                          idle_timeout=30, is_last=lambda c: c.last):
+        first = first or time.perf_counter()
+        if chunk.error:
+            raise RuntimeError(chunk.error.message)
+    return first - t0, time.perf_counter() - t0
+
+
+async def via_gateway(http: httpx.AsyncClient, model: str, max_tokens: int) -> tuple[float, float]:
+    body = {"model": model, "messages": [{"role": "user", "content": "Hello there!"}], "max_tokens": max_tokens,
+            "seed": 1, "stream": True}
+    t0 = time.perf_counter()
+    first = None
+    async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if line.startswith("data: ") and first is None:
+                first = time.perf_counter()
+    return first - t0, time.perf_counter() - t0
+
+
+async def main(a) -> dict:
+    workers = await _admin("worker-list", {})
+    target = next(((w["worker_id"], c["model"]) for w in workers for c in w["copies"]
+                   if c["state"] == "active" and c["model"] == a.model), None)
+    if target is None:
+        sys.exit(f"no active instance of {a.model}; is the cluster up?")
+    worker, model = target
+    nc = await bus.connect(_nats_url(), "bench")
+    results = {"direct": ([], []), "gateway": ([], [])}
+    async with httpx.AsyncClient(base_url=_gateway_url(), timeout=30) as http:
+        for i in range(a.warmup + a.requests):
+            for name in ("direct", "gateway") if i % 2 == 0 else ("gateway", "direct"):
+                ttft, total = await (direct(nc, worker, model, a.max_tokens) if name == "direct"
+                                     else via_gateway(http, model, a.max_tokens))
+                if i >= a.warmup:
+                    results[name][0].append(ttft)
+                    results[name][1].append(total)
+    await nc.close()
+    rows = {name: {"ttft": percentiles(t), "total": percentiles(tot), "n": len(t)} for name, (t, tot) in results.items()}
+    overhead = {k: rows["gateway"]["ttft"][k] - rows["direct"]["ttft"][k] for k in ("p50_ms", "p90_ms", "p99_ms")}
+    print(f"\nGateway overhead, {a.requests} sequential requests per path, max_tokens={a.max_tokens}, worker {worker}")
+    print(f"{'path':<10}{'TTFT p50':>10}{'p90':>9}{'p99':>9}{'total p50':>11}{'p99':>9}  (ms)")
+    for name, r in rows.items():
+        print(f"{name:<10}{r['ttft']['p50_ms']:>10.2f}{r['ttft']['p90_ms']:>9.2f}{r['ttft']['p99_ms']:>9.2f}"
+              f"{r['total']['p50_ms']:>11.2f}{r['total']['p99_ms']:>9.2f}")
+    print(f"{'overhead':<10}{overhead['p50_ms']:>10.2f}{overhead['p90_ms']:>9.2f}{overhead['p99_ms']:>9.2f}")
+    return {"benchmark": "gateway_overhead", "command": " ".join(sys.argv), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": {"platform": platform.platform(), "python": platform.python_version()},
+            "params": {"requests": a.requests, "warmup": a.warmup, "max_tokens": a.max_tokens, "model": model,
+                       "engine": next(w["engine"] for w in workers if w["worker_id"] == worker)},
+            "results": rows, "ttft_overhead_ms": overhead}
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--model", default="tiny-llama")
+    p.add_argument("--out", type=Path, default=Path("docs/benchmarks/gateway_overhead.json"))
+    args = p.parse_args()
+    report = asyncio.run(main(args))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"saved {args.out}")
