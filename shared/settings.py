@@ -87,16 +87,27 @@ class OrchestratorSettings(CommonSettings):
 
 
 class LocalClusterSettings(CommonSettings):
-    """Settings of ``warmserve up``: what it starts itself and where it keeps state."""
+    """Settings of ``warmserve up``: what it starts itself and where it keeps state.
+
+    An explicitly set ``WARMSERVE_NATS_URL`` or ``WARMSERVE_DATABASE_URL`` means "use that server";
+    otherwise an embedded nats-server and Postgres are started.
+    """
 
     state_dir: Path = Field(Path(".warmserve"), description="project-local folder for NATS, Postgres, models")
-    external_nats: bool = Field(False, description="use nats_url as is instead of starting nats-server")
-    external_database: bool = Field(False, description="use database_url as is instead of embedded Postgres")
     nats_port: int = Field(4322, ge=0, le=65535, description="port of the embedded nats-server (0: any free)")
     gateway_port: int = Field(8080, ge=1, le=65535, description="HTTP port of the local gateway")
     workers: int = Field(1, ge=1, le=8, description="local workers (one emulated device each)")
     engine: str = Field("sim", pattern="^sim$", description="engine of the local workers")
     worker_memory_budget_bytes: int = Field(4 * 1024**3, gt=0, description="memory budget of each local worker")
+
+
+    @property
+    def external_nats(self) -> bool:
+        return "nats_url" in self.model_fields_set
+
+    @property
+    def external_database(self) -> bool:
+        return "database_url" in self.model_fields_set
 
 
 def load_settings(cls: type[S], **overrides) -> S:

@@ -32,3 +32,15 @@ def test_worker_id_must_be_a_subject_token(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         load_settings(WorkerSettings)
     assert "WARMSERVE_WORKER_ID" in capsys.readouterr().err
+
+
+def test_local_cluster_uses_servers_only_when_their_urls_are_set(monkeypatch):
+    from shared.settings import LocalClusterSettings
+
+    monkeypatch.delenv("WARMSERVE_NATS_URL", raising=False)
+    monkeypatch.delenv("WARMSERVE_DATABASE_URL", raising=False)
+    s = load_settings(LocalClusterSettings)
+    assert not s.external_nats and not s.external_database
+    monkeypatch.setenv("WARMSERVE_DATABASE_URL", "postgresql://me@db.internal/ws")
+    s = load_settings(LocalClusterSettings)
+    assert s.external_database and not s.external_nats
