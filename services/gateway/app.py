@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -40,8 +41,6 @@ class Gateway:
         self.tracer = trace.get_tracer("warmserve.gateway")
 
     async def start(self) -> None:
-        import asyncio
-
         s = self.settings
         self.nc = await bus.connect(s.nats_url, f"gateway-{s.gateway_id}")
         self.js = self.nc.jetstream()
@@ -52,8 +51,6 @@ class Gateway:
         self._demand_task = asyncio.create_task(self.demand.run(self.js))
 
     async def stop(self) -> None:
-        import asyncio
-
         self._demand_task.cancel()
         await asyncio.gather(self._demand_task, return_exceptions=True)
         await self.catalog.stop()
@@ -115,90 +112,66 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         gw.table.model(body.model)  # 404 before anything else
         span = gw.tracer.start_span("gateway.request", attributes={
             "warmserve.model": body.model, "warmserve.request_id": infer.request_id, "warmserve.stream": body.stream})
-        ctx = trace.set_span_in_context(span)
-        outcome = "warm"
-        started = time.perf_counter()
         try:
             route = gw.table.route(body.model)
         except ApiError as exc:
-            _finish(span, body.model, "none", exc.status, gw)
+            _end_span(span, exc.status)
+            gw.metrics.requests.labels(body.model, "none", str(exc.status)).inc()
             raise
-        span.set_attribute("warmserve.outcome", outcome)
-        span.set_attribute("warmserve.worker", route.worker_id)
-        gw.table.started(route)
-        gw.demand.arrive(body.model)
-        gw.metrics.in_flight.labels(body.model).inc()
+        served = Served(gw, body.model, route, span, outcome="warm")
         infer = infer.model_copy(update={"instance_id": route.instance_id})
-        token = _attach(ctx)
         try:
-            stream = gw.chunks(route, infer)
-            first = await _first(stream)
+            with trace.use_span(span, end_on_exit=False):  # the worker's spans join this trace
+                stream = gw.chunks(route, infer)
+                first = await _first(stream)
         except ApiError as exc:
-            _release(gw, route, body.model)
-            _finish(span, body.model, outcome, exc.status, gw)
+            served.done(exc.status)
             raise
-        finally:
-            _detach(token)
-        ttft = time.perf_counter() - started
-        gw.metrics.ttft.labels(body.model, outcome).observe(ttft)
-        span.add_event("first_token", {"ttft_s": ttft})
-        headers = {OUTCOME_HEADER: outcome}
+        served.first_token()
+        headers = {OUTCOME_HEADER: served.outcome}
         created = int(time.time())
+
         if not body.stream:
             try:
-                text, last = first.text, first
-                async for chunk in stream:
-                    if chunk.error:
-                        raise errors.from_worker(chunk.error.code, chunk.error.message)
-                    text += chunk.text
-                    last = chunk
-            except bus.BusError as exc:
-                _release(gw, route, body.model)
-                _finish(span, body.model, outcome, 504, gw)
-                raise ApiError(504, str(exc), code=exc.code) from None
+                text, last = await _collect(first, stream)
             except ApiError as exc:
-                _release(gw, route, body.model)
-                _finish(span, body.model, outcome, exc.status, gw)
+                served.done(exc.status)
                 raise
-            _release(gw, route, body.model)
-            _observe_tpot(gw, body.model, started, ttft, last)
-            _finish(span, body.model, outcome, 200, gw)
+            served.done(200, last)
             return JSONResponse(_full_response(infer, body.model, chat, created, text, last), headers=headers)
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def sse() -> AsyncIterator[str]:
-            status = 200
-            last = first
+            status, last, chunk = 200, first, first
             try:
                 if chat:
                     yield _sse(_chunk(infer, body.model, chat, created, role=True))
-                chunk = first
                 while True:
+                    if chunk.error:
+                        err = errors.from_worker(chunk.error.code, chunk.error.message)
+                        status = err.status
+                        yield _sse(err.body())
+                        break
                     if chunk.text or chunk.finish_reason:
                         yield _sse(_chunk(infer, body.model, chat, created, text=chunk.text,
                                           finish_reason=chunk.finish_reason))
                     last = chunk
                     if chunk.last:
+                        if include_usage and chunk.usage:
+                            yield _sse(_chunk(infer, body.model, chat, created, usage=chunk.usage, empty=True))
                         break
                     chunk = await anext(stream)
-                    if chunk.error:
-                        status = errors.from_worker(chunk.error.code, chunk.error.message).status
-                        yield _sse(errors.from_worker(chunk.error.code, chunk.error.message).body())
-                        break
-                if include_usage and last.usage:
-                    yield _sse(_chunk(infer, body.model, chat, created, usage=last.usage, empty=True))
-                yield "data: [DONE]\n\n"
             except bus.BusError as exc:
                 status = 504
-                yield _sse(ApiError(504, str(exc), code=exc.code).body())
-                yield "data: [DONE]\n\n"
+                yield _sse(ApiError(504, f"worker stopped answering: {exc}", code=exc.code).body())
+            except (GeneratorExit, asyncio.CancelledError):
+                status = 499  # the client went away (nginx's "client closed request")
+                raise
             finally:
-                _release(gw, route, body.model)
-                if status == 200:
-                    _observe_tpot(gw, body.model, started, ttft, last)
-                _finish(span, body.model, outcome, status, gw)
+                served.done(status, last if status == 200 else None)
                 await stream.aclose()
+            yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
 
@@ -208,19 +181,49 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 # ---------------------------------------------------------------------- helpers
 
 
-def _attach(ctx):
-    from opentelemetry import context
+class Served:
+    """Bookkeeping of one routed request, closed exactly once whatever way it ends."""
 
-    return context.attach(ctx)
+    def __init__(self, gw: Gateway, model: str, route: Route, span, outcome: str):
+        self.gw, self.model, self.route, self.span, self.outcome = gw, model, route, span, outcome
+        self.started = time.perf_counter()
+        self.ttft: float | None = None
+        self._done = False
+        span.set_attribute("warmserve.outcome", outcome)
+        span.set_attribute("warmserve.worker", route.worker_id)
+        gw.table.started(route)
+        gw.demand.arrive(model)
+        gw.metrics.in_flight.labels(model).inc()
+
+    def first_token(self) -> None:
+        self.ttft = time.perf_counter() - self.started
+        self.gw.metrics.ttft.labels(self.model, self.outcome).observe(self.ttft)
+        self.span.add_event("first_token", {"ttft_s": self.ttft})
+
+    def done(self, status: int, last: InferChunk | None = None) -> None:
+        if self._done:
+            return
+        self._done = True
+        gw = self.gw
+        gw.table.finished(self.route)
+        gw.demand.complete(self.model)
+        gw.metrics.in_flight.labels(self.model).dec()
+        gw.metrics.requests.labels(self.model, self.outcome, str(status)).inc()
+        if last is not None and last.usage and last.usage.completion_tokens > 1 and self.ttft is not None:
+            decode_s = time.perf_counter() - self.started - self.ttft
+            gw.metrics.tpot.labels(self.model).observe(decode_s / (last.usage.completion_tokens - 1))
+        _end_span(self.span, status)
 
 
-def _detach(token) -> None:
-    from opentelemetry import context
-
-    context.detach(token)
+def _end_span(span, status: int) -> None:
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        span.set_status(trace.StatusCode.ERROR)
+    span.end()
 
 
 async def _first(stream: AsyncIterator[InferChunk]) -> InferChunk:
+    """The first chunk; errors before it become HTTP errors."""
     try:
         first = await anext(stream)
     except bus.BusError as exc:
@@ -232,24 +235,19 @@ async def _first(stream: AsyncIterator[InferChunk]) -> InferChunk:
     return first
 
 
-def _release(gw: Gateway, route: Route, model: str) -> None:
-    gw.table.finished(route)
-    gw.demand.complete(model)
-    gw.metrics.in_flight.labels(model).dec()
-
-
-def _finish(span, model: str, outcome: str, status: int, gw: Gateway) -> None:
-    gw.metrics.requests.labels(model, outcome, str(status)).inc()
-    span.set_attribute("http.response.status_code", status)
-    if status >= 500:
-        span.set_status(trace.StatusCode.ERROR)
-    span.end()
-
-
-def _observe_tpot(gw: Gateway, model: str, started: float, ttft: float, last: InferChunk) -> None:
-    if last.usage and last.usage.completion_tokens > 1:
-        total = time.perf_counter() - started
-        gw.metrics.tpot.labels(model).observe((total - ttft) / (last.usage.completion_tokens - 1))
+async def _collect(first: InferChunk, stream: AsyncIterator[InferChunk]) -> tuple[str, InferChunk]:
+    """The whole answer of a non-streaming request."""
+    text, last = first.text, first
+    try:
+        while not last.last:
+            chunk = await anext(stream)
+            if chunk.error:
+                raise errors.from_worker(chunk.error.code, chunk.error.message)
+            text += chunk.text
+            last = chunk
+    except bus.BusError as exc:
+        raise ApiError(504, f"worker stopped answering: {exc}", code=exc.code) from None
+    return text, last
 
 
 def _usage(u) -> dict:
