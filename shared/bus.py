@@ -152,6 +152,32 @@ async def js_publish(js: JetStreamContext, subject: str, msg: BusMessage, msg_id
     await js.publish(subject, msg.encode(), headers=headers)
 
 
+async def consume(js: JetStreamContext, subject: str, durable: str, message_type: type[M],
+                  handle: Callable[[M, Msg], Awaitable[None]], *, batch: int = 64, max_ack_pending: int = 10_000) -> None:
+    """Process a durable pull consumer forever. ``handle`` acknowledges (or naks) each message it is
+    given; a message that does not decode is logged and terminated so it is never redelivered."""
+    from nats.js.api import ConsumerConfig
+
+    sub = await js.pull_subscribe(subject, durable=durable, config=ConsumerConfig(max_ack_pending=max_ack_pending))
+    while True:
+        try:
+            msgs = await sub.fetch(batch, timeout=1.0)
+        except nats.errors.TimeoutError:
+            continue
+        except Exception as exc:  # NATS restarting: keep trying
+            log.warning("%s: fetch failed (%s); retrying", durable, str(exc).splitlines()[0] if str(exc) else exc)
+            await asyncio.sleep(1.0)
+            continue
+        for msg in msgs:
+            try:
+                decoded = message_type.decode(msg.data)
+            except ValueError as exc:
+                log.warning("%s: dropping malformed %s: %s", durable, message_type.__name__, exc)
+                await msg.term()
+                continue
+            await handle(decoded, msg)
+
+
 async def ensure_bucket(js: JetStreamContext, spec: BucketSpec) -> KeyValue:
     try:
         return await js.key_value(spec.name)

@@ -6,9 +6,6 @@ import asyncio
 import logging
 import time
 
-import nats.errors
-from nats.js.api import ConsumerConfig
-
 from services.forecaster.windows import WindowBook
 from shared import bus
 from shared.db import repo
@@ -27,24 +24,9 @@ class Forecaster:
         self.settings = settings
         self.book = WindowBook(settings.window_s)
 
-    async def consume(self) -> None:
-        sub = await self.js.pull_subscribe(DEMAND.wildcard, durable="forecaster",
-                                           config=ConsumerConfig(max_ack_pending=10_000))
-        while True:
-            try:
-                msgs = await sub.fetch(256, timeout=1.0)
-            except nats.errors.TimeoutError:
-                continue
-            except Exception as exc:
-                log.warning("demand fetch failed (%s); retrying", brief(exc))
-                await asyncio.sleep(1.0)
-                continue
-            for msg in msgs:
-                try:
-                    self.book.add(DemandSample.decode(msg.data))
-                except ValueError as exc:
-                    log.warning("dropping malformed demand sample: %s", brief(exc))
-                await msg.ack()
+    async def on_demand(self, sample: DemandSample, msg) -> None:
+        self.book.add(sample)
+        await msg.ack()
 
     async def publish(self) -> None:
         now = time.time()
@@ -79,7 +61,8 @@ class Forecaster:
         self.catalog = bus.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
         engine = create_engine(s.database_url)
         self.sessions = sessionmaker(engine)
-        consumer = asyncio.create_task(self.consume())
+        consumer = asyncio.create_task(
+            bus.consume(self.js, DEMAND.wildcard, "forecaster", DemandSample, self.on_demand, batch=256))
         log.info("forecaster up: window %.0f s, refresh every %.0f s", s.window_s, s.publish_interval_s)
         while not stop.is_set():
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import asdict
 
 from nats.js import JetStreamContext
 
@@ -47,10 +48,7 @@ class DemandPublisher:
             if t.idle:
                 del self._trackers[model]
                 continue
-            s = t.roll(now)
-            out.append(DemandSample(gateway_id=self.gateway_id, model=model, start_s=s.start_s,
-                                    interval_s=s.interval_s, arrivals=s.arrivals, completions=s.completions,
-                                    concurrency_avg=s.concurrency_avg, concurrency_peak=s.concurrency_peak))
+            out.append(DemandSample(gateway_id=self.gateway_id, model=model, **asdict(t.roll(now))))
         return out
 
     async def run(self, js: JetStreamContext) -> None:

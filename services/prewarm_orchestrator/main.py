@@ -6,7 +6,6 @@ import asyncio
 import logging
 import time
 
-import nats.errors
 from sqlalchemy.exc import IntegrityError
 
 from shared import bus
@@ -66,35 +65,18 @@ class Orchestrator:
                         action.worker_id, why, delay)
         self.busy.discard(key)
 
-    async def record_events(self) -> None:
+    async def on_event(self, event: WorkerEvent, msg) -> None:
         """Worker events -> Postgres, acknowledged only once stored."""
-        sub = await self.js.pull_subscribe(WORKER_EVENT.wildcard, durable="orchestrator-events")
-        while True:
-            try:
-                msgs = await sub.fetch(64, timeout=1.0)
-            except nats.errors.TimeoutError:
-                continue
-            except Exception as exc:
-                log.warning("event fetch failed (%s); retrying", brief(exc))
-                await asyncio.sleep(1.0)
-                continue
-            for msg in msgs:
-                try:
-                    event = WorkerEvent.decode(msg.data)
-                except ValueError as exc:
-                    log.warning("dropping malformed event: %s", brief(exc))
-                    await msg.term()
-                    continue
-                try:
-                    async with self.sessions() as session:
-                        await repo.record_event(session, event)
-                        await session.commit()
-                    await msg.ack()
-                except IntegrityError:  # the model left the catalog since
-                    await msg.term()
-                except Exception as exc:  # Postgres away: leave it unacked, JetStream redelivers
-                    log.warning("could not store event (%s); will retry", brief(exc))
-                    await msg.nak(delay=2.0)
+        try:
+            async with self.sessions() as session:
+                await repo.record_event(session, event)
+                await session.commit()
+            await msg.ack()
+        except IntegrityError:  # the model left the catalog since
+            await msg.term()
+        except Exception as exc:  # Postgres away: leave it unacked, JetStream redelivers
+            log.warning("could not store event (%s); will retry", brief(exc))
+            await msg.nak(delay=2.0)
 
     async def touch_workers(self) -> None:
         while True:
@@ -117,7 +99,9 @@ class Orchestrator:
         self.catalog = bus.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
         engine = create_engine(s.database_url)
         self.sessions = sessionmaker(engine)
-        loops = [asyncio.create_task(self.record_events()), asyncio.create_task(self.touch_workers())]
+        loops = [asyncio.create_task(bus.consume(self.js, WORKER_EVENT.wildcard, "orchestrator-events", WorkerEvent,
+                                             self.on_event)),
+                 asyncio.create_task(self.touch_workers())]
         log.info("orchestrator up: reconciling every %.1f s", s.reconcile_interval_s)
         while not stop.is_set():
             if self.workers.ready.is_set() and self.plan.ready.is_set() and self.catalog.ready.is_set():
