@@ -100,8 +100,18 @@ class WorkerService:
                 await bus.reply(self.nc, msg, final)
             except EngineError as exc:
                 span.set_attribute("error.type", exc.code)
-                await bus.reply(self.nc, msg, InferChunk(request_id=req.request_id, seq=seq,
-                                                         error=ErrorInfo(code=exc.code, message=str(exc))))
+                await self._reply_error(msg, req.request_id, seq, exc.code, str(exc))
+            except Exception as exc:  # the client must hear the request ended, not wait for a timeout
+                log.exception("request %s failed", req.request_id)
+                span.set_attribute("error.type", "internal")
+                await self._reply_error(msg, req.request_id, seq, "internal", f"generation failed: {exc!r}")
+
+    async def _reply_error(self, msg: Msg, request_id: str, seq: int, code: str, message: str) -> None:
+        try:
+            await bus.reply(self.nc, msg, InferChunk(request_id=request_id, seq=seq,
+                                                     error=ErrorInfo(code=code, message=message)))
+        except Exception as exc:  # NATS down: the gateway's timeout ends the request
+            log.warning("could not report the failure of %s: %s", request_id, brief(exc))
 
     # ------------------------------------------------------------------ loops
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from services.gpu_worker.engines import Delta, Engine, EngineError
-from services.gpu_worker.memory import MemoryPool
+from services.gpu_worker.memory import PAGE_BYTES, MemoryPool
 from shared.messages import (
     CommandKind, CommandResult, CopyState, ErrorInfo, InferRequest, ModelCopy, ModelSpec, WorkerCommand,
     WorkerEvent,
@@ -81,19 +81,22 @@ class Worker:
             while len(self._results) > 1024:
                 self._results.popitem(last=False)
             started = time.monotonic()
+
+            def result(instance_id: str | None = None, code: str | None = None, message: str = "") -> CommandResult:
+                return CommandResult(command_id=cmd.command_id, ok=code is None, instance_id=instance_id,
+                                     error=ErrorInfo(code=code, message=message) if code else None,
+                                     seconds=time.monotonic() - started)
             try:
-                instance_id = await self._dispatch(cmd)
-                fut.set_result(CommandResult(command_id=cmd.command_id, ok=True, instance_id=instance_id,
-                                             seconds=time.monotonic() - started))
+                fut.set_result(result(instance_id=await self._dispatch(cmd)))
             except EngineError as exc:
-                fut.set_result(CommandResult(command_id=cmd.command_id, ok=False,
-                                             error=ErrorInfo(code=exc.code, message=str(exc)),
-                                             seconds=time.monotonic() - started))
+                fut.set_result(result(code=exc.code, message=str(exc)))
             except Exception as exc:  # report, never crash the worker on one bad command
                 log.exception("command %s failed", cmd.kind.value)
-                fut.set_result(CommandResult(command_id=cmd.command_id, ok=False,
-                                             error=ErrorInfo(code="internal", message=repr(exc)),
-                                             seconds=time.monotonic() - started))
+                fut.set_result(result(code="internal", message=repr(exc)))
+            finally:
+                if not fut.done():  # cancelled: forget it so a retry runs it again
+                    self._results.pop(cmd.command_id, None)
+                    fut.set_result(result(code="cancelled", message="the worker stopped before finishing"))
         return await asyncio.shield(fut)
 
     async def _dispatch(self, cmd: WorkerCommand) -> str | None:
@@ -116,24 +119,26 @@ class Worker:
 
     async def prewarm(self, spec: ModelSpec, reason: str = "prewarm") -> Copy:
         """Load the weights; idempotent (an existing or loading copy is returned as it is)."""
-        existing = self.copies.get(spec.slug)
-        if existing is not None:
-            await existing.loaded.wait()
-            if spec.slug not in self.copies:
-                raise EngineError("load_failed", f"loading {spec.slug} failed")
-            return existing
         if spec.tensor_parallel_size != 1:
             raise EngineError("unsupported", f"{spec.slug} needs {spec.tensor_parallel_size} devices; "
                                              "this worker drives one")
         async with self._lock:
-            if not self.memory.fits(spec.parameter_bytes):
-                raise EngineError("insufficient_memory",
-                                  f"{spec.slug} needs {spec.parameter_bytes} bytes, "
-                                  f"{self.memory.free_bytes()} free on {self.worker_id}")
-            self.memory.take(self.memory.weights, spec.slug, spec.parameter_bytes)
-            copy = Copy(spec=spec, state=CopyState.ABSENT, since_s=self._clock())
-            self.copies[spec.slug] = copy
-            self._move(copy, CopyState.LOADING, reason=reason)
+            copy = self.copies.get(spec.slug)
+            fresh = copy is None
+            if fresh:
+                if not self.memory.fits(spec.parameter_bytes):
+                    raise EngineError("insufficient_memory",
+                                      f"{spec.slug} needs {spec.parameter_bytes} bytes, "
+                                      f"{self.memory.free_bytes()} free on {self.worker_id}")
+                self.memory.take(self.memory.weights, spec.slug, spec.parameter_bytes)
+                copy = Copy(spec=spec, state=CopyState.ABSENT, since_s=self._clock())
+                self.copies[spec.slug] = copy
+                self._move(copy, CopyState.LOADING, reason=reason)
+        if not fresh:  # someone else is loading (or loaded) it
+            await copy.loaded.wait()
+            if self.copies.get(spec.slug) is not copy:
+                raise EngineError("load_failed", f"loading {spec.slug} failed")
+            return copy
         started = time.monotonic()
         try:
             loaded_bytes = await self.engine.load(spec)
@@ -152,43 +157,45 @@ class Worker:
         return copy
 
     async def evict(self, model: str, reason: str = "evict") -> None:
-        copy = self.copies.get(model)
-        if copy is None:
-            return
-        if copy.state is not CopyState.PREWARMED:
-            raise EngineError("wrong_state", f"{model} is {copy.state.value}; only prewarmed copies are evicted")
         async with self._lock:
+            copy = self.copies.get(model)
+            if copy is None:
+                return
+            if copy.state is not CopyState.PREWARMED:
+                raise EngineError("wrong_state", f"{model} is {copy.state.value}; only prewarmed copies are evicted")
             started = time.monotonic()
             await self.engine.unload(model)
             freed = self.memory.give_back(self.memory.weights, model)
             self._move(copy, CopyState.ABSENT, n_bytes=freed, seconds=time.monotonic() - started, reason=reason)
 
-    def _kv_bytes(self) -> int:
-        cap = self.kv_bytes_per_instance
-        return self.memory.free_bytes() if cap is None else cap
-
     async def activate(self, spec: ModelSpec, reason: str = "activate") -> str:
         """Turn the model into this worker's serving instance (loading it first on a cold start)."""
-        current = self.active()
-        if current is not None:
-            if current.spec.slug == spec.slug:
-                return current.instance_id
-            raise EngineError("worker_busy", f"{self.worker_id} is serving {current.spec.slug}")
+        self._check_idle_for(spec.slug)
         copy = self.copies.get(spec.slug)
         if copy is None or copy.state is CopyState.LOADING:
             copy = await self.prewarm(spec, reason="cold start" if copy is None else reason)
         async with self._lock:
-            if copy.state is not CopyState.PREWARMED:
+            current = self.active()
+            if current is copy:
+                return copy.instance_id
+            self._check_idle_for(spec.slug)
+            if copy.state is not CopyState.PREWARMED or self.copies.get(spec.slug) is not copy:
                 raise EngineError("wrong_state", f"{spec.slug} is {copy.state.value}")
             started = time.monotonic()
-            want = self.kv_bytes_per_instance or 0
-            for other in [c for c in self.copies.values() if c is not copy and c.state is CopyState.PREWARMED]:
-                if want and self.memory.fits(want):
+            others = [c for c in self.copies.values() if c is not copy and c.state is CopyState.PREWARMED]
+            want = self.kv_bytes_per_instance
+            if want is not None:
+                reclaimable = sum(self.memory.weights.get(c.spec.slug, 0) for c in others) * PAGE_BYTES
+                if not self.memory.fits(want) and self.memory.free_bytes() + reclaimable < want:
+                    raise EngineError("insufficient_memory", f"{spec.slug}'s KV cache needs {want} bytes; "
+                                                             "evicting every prewarmed copy would not free enough")
+            for other in others:  # the memory of other prewarmed copies becomes KV cache
+                if want is not None and self.memory.fits(want):
                     break
                 await self.engine.unload(other.spec.slug)
                 freed = self.memory.give_back(self.memory.weights, other.spec.slug)
                 self._move(other, CopyState.ABSENT, n_bytes=freed, reason=f"evicted to activate {spec.slug}")
-            kv = self._kv_bytes()
+            kv = self.memory.free_bytes() if want is None else want
             if kv <= 0 or not self.memory.fits(kv):
                 raise EngineError("insufficient_memory", f"no memory left for {spec.slug}'s KV cache")
             self.memory.take(self.memory.kv, spec.slug, kv)
@@ -202,12 +209,17 @@ class Worker:
             self._move(copy, CopyState.ACTIVE, n_bytes=kv, seconds=time.monotonic() - started, reason=reason)
             return copy.instance_id
 
+    def _check_idle_for(self, model: str) -> None:
+        current = self.active()
+        if current is not None and current.spec.slug != model:
+            raise EngineError("worker_busy", f"{self.worker_id} is serving {current.spec.slug}")
+
     async def deactivate(self, model: str, reason: str = "deactivate", drain_timeout_s: float = 60.0) -> None:
         """Drain in-flight requests, release the KV cache, keep the weights prewarmed."""
-        copy = self.copies.get(model)
-        if copy is None or copy.state in (CopyState.PREWARMED, CopyState.LOADING):
-            return
-        if copy.state is CopyState.ACTIVE:
+        async with self._lock:
+            copy = self.copies.get(model)
+            if copy is None or copy.state is not CopyState.ACTIVE:
+                return  # already prewarmed, loading, or being drained by another command
             self._move(copy, CopyState.DRAINING, reason=reason)
         started = time.monotonic()
         while copy.in_flight and time.monotonic() - started < drain_timeout_s:

@@ -1,5 +1,7 @@
 """The worker's lifecycle with the sim engine and a real (tiny) model folder."""
 
+import asyncio
+
 import pytest
 
 from services.gpu_worker.engines import EngineError
@@ -123,3 +125,93 @@ async def test_sim_engine_stop_sequences_and_seed(spec):
     stopped = [d async for d in w.generate(req.model_copy(update={"sampling": SamplingParams(max_tokens=40, seed=7, stop=[stop])}))]
     assert stopped[-1].finish_reason == "stop"
     assert stop not in "".join(d.text for d in stopped)
+
+
+class GatedEngine(SimEngine):
+    """A sim engine whose load waits for the test to open a gate, to interleave commands."""
+
+    def __init__(self):
+        super().__init__(FAST)
+        self.gate = asyncio.Event()
+        self.loads = 0
+
+    async def load(self, spec):
+        self.loads += 1
+        await self.gate.wait()
+        return await super().load(spec)
+
+
+def gated_worker(budget_pages=64, kv_pages=8):
+    engine = GatedEngine()
+    return Worker("w0", engine, MemoryPool(budget_pages * PAGE_BYTES), kv_bytes_per_instance=kv_pages * PAGE_BYTES), engine
+
+
+async def test_concurrent_prewarms_load_once_and_account_once(spec):
+    w, engine = gated_worker()
+    a = asyncio.create_task(w.prewarm(spec))
+    b = asyncio.create_task(w.prewarm(spec))
+    await asyncio.sleep(0.05)
+    engine.gate.set()
+    first, second = await asyncio.gather(a, b)
+    assert first is second and engine.loads == 1
+    assert w.memory.weights == {"tiny": 1}
+
+
+async def test_concurrent_activations_of_two_models_leave_one_instance(spec):
+    w, engine = gated_worker()
+    engine.gate.set()
+    other = spec.model_copy(update={"slug": "other"})
+    await w.prewarm(spec)
+    await w.prewarm(other)
+    results = await asyncio.gather(w.handle(WorkerCommand(kind=CommandKind.ACTIVATE, model="tiny", spec=spec)),
+                                   w.handle(WorkerCommand(kind=CommandKind.ACTIVATE, model="other", spec=other)))
+    assert sorted(r.ok for r in results) == [False, True]
+    assert [r.error.code for r in results if not r.ok] == ["worker_busy"]
+    assert sum(c.state is CopyState.ACTIVE for c in w.copies.values()) == 1
+    assert len(w.memory.kv) == 1
+
+
+async def test_evict_racing_an_activation_never_drops_an_active_copy(spec):
+    w, engine = gated_worker()
+    engine.gate.set()
+    await w.prewarm(spec)
+    act = asyncio.create_task(w.handle(WorkerCommand(kind=CommandKind.ACTIVATE, model="tiny", spec=spec)))
+    ev = asyncio.create_task(w.handle(WorkerCommand(kind=CommandKind.EVICT, model="tiny")))
+    r_act, r_ev = await asyncio.gather(act, ev)
+    assert r_act.ok and w.copies["tiny"].state is CopyState.ACTIVE
+    assert not r_ev.ok and r_ev.error.code == "wrong_state"
+    assert w.memory.kv == {"tiny": 8}
+
+
+async def test_activation_that_cannot_fit_evicts_nothing(spec):
+    w, engine = gated_worker(budget_pages=12, kv_pages=20)
+    engine.gate.set()
+    other = spec.model_copy(update={"slug": "other"})
+    await w.prewarm(other)
+    r = await w.handle(WorkerCommand(kind=CommandKind.ACTIVATE, model="tiny", spec=spec))
+    assert not r.ok and r.error.code == "insufficient_memory"
+    assert w.copies["other"].state is CopyState.PREWARMED  # nothing was destroyed for nothing
+    assert w.copies["tiny"].state is CopyState.PREWARMED and w.memory.kv == {}
+
+
+async def test_failed_engine_activation_returns_the_kv_pages(spec):
+    class Broken(SimEngine):
+        async def activate(self, model, kv_bytes):
+            raise RuntimeError("device lost")
+
+    w = Worker("w0", Broken(FAST), MemoryPool(64 * PAGE_BYTES), kv_bytes_per_instance=8 * PAGE_BYTES)
+    r = await w.handle(WorkerCommand(kind=CommandKind.ACTIVATE, model="tiny", spec=spec))
+    assert not r.ok and r.error.code == "internal" and "device lost" in r.error.message
+    assert w.memory.kv == {} and w.copies["tiny"].state is CopyState.PREWARMED
+
+
+async def test_a_cancelled_command_can_be_retried(spec):
+    w, engine = gated_worker()
+    cmd = WorkerCommand(kind=CommandKind.PREWARM, model="tiny", spec=spec)
+    task = asyncio.create_task(w.handle(cmd))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    engine.gate.set()
+    retry = await asyncio.wait_for(w.handle(cmd), 5)
+    assert retry.ok and w.copies["tiny"].state is CopyState.PREWARMED

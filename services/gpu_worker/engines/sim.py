@@ -49,10 +49,11 @@ class _Loaded:
         template = cfg.get("chat_template")
         if template is None and (path / "chat_template.jinja").exists():
             template = (path / "chat_template.jinja").read_text()
-        self.eos = cfg.get("eos_token", "</s>")
+        self.eos = _token_text(cfg.get("eos_token")) or "</s>"
         self.template = ImmutableSandboxedEnvironment().from_string(template) if template else None
-        specials = {self.tokenizer.token_to_id(t) for t in (self.eos, cfg.get("bos_token"), cfg.get("pad_token"),
-                                                           cfg.get("unk_token")) if t}
+        specials = {self.tokenizer.token_to_id(t) for t in (self.eos, _token_text(cfg.get("bos_token")),
+                                                           _token_text(cfg.get("pad_token")),
+                                                           _token_text(cfg.get("unk_token"))) if t}
         # tokens that are whole characters on their own, so any sequence of them is valid text
         self.sample_ids = [i for i in range(self.tokenizer.get_vocab_size())
                            if i not in specials and "\ufffd" not in self.tokenizer.decode([i])]
@@ -64,6 +65,11 @@ class _Loaded:
             raise EngineError("no_chat_template", f"model {self.spec.slug} has no chat template")
         return self.template.render(messages=[m.model_dump() for m in request.messages],
                                     add_generation_prompt=True, eos_token=self.eos)
+
+
+def _token_text(value) -> str | None:
+    """Special tokens in tokenizer_config.json are strings or AddedToken dicts ({"content": ...})."""
+    return value.get("content") if isinstance(value, dict) else value
 
 
 class SimEngine:
