@@ -170,12 +170,17 @@ async def consume(js: JetStreamContext, subject: str, durable: str, message_type
             continue
         for msg in msgs:
             try:
-                decoded = message_type.decode(msg.data)
-            except ValueError as exc:
-                log.warning("%s: dropping malformed %s: %s", durable, message_type.__name__, exc)
-                await msg.term()
-                continue
-            await handle(decoded, msg)
+                try:
+                    decoded = message_type.decode(msg.data)
+                except ValueError as exc:
+                    log.warning("%s: dropping malformed %s: %s", durable, message_type.__name__, exc)
+                    await msg.term()
+                    continue
+                await handle(decoded, msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # unacked messages are redelivered; the loop must survive
+                log.warning("%s: message not processed (%s); it will be redelivered", durable, exc)
 
 
 async def ensure_bucket(js: JetStreamContext, spec: BucketSpec) -> KeyValue:

@@ -60,7 +60,8 @@ class WorkerSettings(CommonSettings):
     memory_budget_bytes: int = Field(
         4 * 1024**3, gt=0, description="device memory the worker may use (a GPU's is read by pynvml)"
     )
-    batch_capacity: int = Field(32, gt=0, description="requests one instance serves at once (B)")
+    batch_capacity: int = Field(32, gt=0, description="requests one instance serves at once (B); "
+                                                   "gateways send an instance no more than this")
     kv_cache_bytes: int = Field(1024**3, gt=0, description="KV cache an active instance reserves; "
                                                           "the rest of the budget stays prewarm capacity")
 

@@ -17,39 +17,51 @@ class _Open:
 
 
 class WindowBook:
-    """Accumulates samples into aligned windows and closes them into observations."""
+    """Accumulates samples into aligned windows and closes them into observations.
+
+    Every window of a model that has been seen is closed in order, idle ones as zero, so a model
+    that goes quiet is forecast down instead of keeping its last busy value. Samples that arrive
+    for an already closed window are counted in ``late`` and dropped.
+    """
 
     def __init__(self, window_s: float, keep: int = 7 * 288):
         self.window_s = window_s
+        self.keep = keep
         self.open: dict[tuple[str, float], _Open] = {}
         self.history: dict[str, deque[WindowObservation]] = defaultdict(lambda: deque(maxlen=keep))
+        self.next_start: dict[str, float] = {}  # model -> first window not closed yet
+        self.late = 0
 
     def window_of(self, t_s: float) -> float:
         return (t_s // self.window_s) * self.window_s
 
     def add(self, s: DemandSample) -> None:
-        w = self.open.setdefault((s.model, self.window_of(s.start_s)), _Open())
+        start = self.window_of(s.start_s)
+        if start < self.next_start.get(s.model, float("-inf")):
+            self.late += 1
+            return
+        w = self.open.setdefault((s.model, start), _Open())
         w.area += s.concurrency_avg * s.interval_s
         w.arrivals += s.arrivals
         w.peak_by_second[int(s.start_s)] += s.concurrency_peak  # gateways' peaks add up within a second
 
     def close(self, now_s: float, grace_s: float = 2.0) -> list[tuple[str, WindowObservation]]:
         """Close every window that ended more than ``grace_s`` ago (late samples get that long)."""
+        complete_before = self.window_of(now_s - grace_s)  # windows starting before this have ended
         closed = []
-        for (model, start), w in sorted(self.open.items()):
-            if start + self.window_s + grace_s <= now_s:
-                obs = WindowObservation(start_s=start, avg=w.area / self.window_s,
-                                        peak=max(w.peak_by_second.values(), default=0.0))
-                self._append(model, obs)
+        for model in sorted(set(self.next_start) | {m for m, _ in self.open}):
+            t = self.next_start.get(model)
+            if t is None:
+                t = min(start for m, start in self.open if m == model)
+            t = max(t, complete_before - self.keep * self.window_s)  # older gaps would fall out anyway
+            while t < complete_before:
+                w = self.open.pop((model, t), None)
+                obs = WindowObservation(start_s=t, avg=w.area / self.window_s if w else 0.0,
+                                        peak=max(w.peak_by_second.values(), default=0.0) if w else 0.0)
+                self.history[model].append(obs)
                 closed.append((model, obs))
-                del self.open[(model, start)]
-        return closed
-
-    def _append(self, model: str, obs: WindowObservation) -> None:
-        hist = self.history[model]
-        if hist:  # windows without traffic are observations of zero
-            t = hist[-1].start_s + self.window_s
-            while t < obs.start_s and len(hist) < (hist.maxlen or 0):
-                hist.append(WindowObservation(t, 0.0, 0.0))
                 t += self.window_s
-        hist.append(obs)
+            self.next_start[model] = t
+        for key in [k for k in self.open if k[1] < self.next_start.get(k[0], float("-inf"))]:
+            del self.open[key]  # left behind by the bound on gaps
+        return closed

@@ -120,12 +120,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             raise
         served = Served(gw, body.model, route, span, outcome="warm")
         infer = infer.model_copy(update={"instance_id": route.instance_id})
+        stream = gw.chunks(route, infer)
         try:
             with trace.use_span(span, end_on_exit=False):  # the worker's spans join this trace
-                stream = gw.chunks(route, infer)
                 first = await _first(stream)
-        except ApiError as exc:
-            served.done(exc.status)
+        except BaseException as exc:
+            served.done(exc.status if isinstance(exc, ApiError) else 500)
+            await stream.aclose()
             raise
         served.first_token()
         headers = {OUTCOME_HEADER: served.outcome}
@@ -134,9 +135,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         if not body.stream:
             try:
                 text, last = await _collect(first, stream)
-            except ApiError as exc:
-                served.done(exc.status)
+            except BaseException as exc:
+                served.done(exc.status if isinstance(exc, ApiError) else 500)
                 raise
+            finally:
+                await stream.aclose()
             served.done(200, last)
             return JSONResponse(_full_response(infer, body.model, chat, created, text, last), headers=headers)
 
@@ -168,17 +171,39 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             except (GeneratorExit, asyncio.CancelledError):
                 status = 499  # the client went away (nginx's "client closed request")
                 raise
+            except Exception as exc:
+                status = 500
+                log.exception("stream %s failed", infer.request_id)
+                yield _sse(ApiError(500, f"internal error: {exc!r}", code="internal").body())
             finally:
                 served.done(status, last if status == 200 else None)
                 await stream.aclose()
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
+        async def closed() -> None:  # also when the client left before the first byte was sent
+            served.done(499)
+            await stream.aclose()
+
+        return _ClosingStream(sse(), on_close=closed, media_type="text/event-stream", headers=headers)
 
     return app
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+class _ClosingStream(StreamingResponse):
+    """A streaming response that runs ``on_close`` however the response ends."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
 
 
 class Served:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from services.gateway.errors import ApiError
 from shared.bus import KvMirror
@@ -35,12 +36,10 @@ class RoutingTable:
         """The least-loaded active instance of ``slug``, or a 503 telling the client when to retry."""
         workers = self.live()
         routes = active_routes(slug, workers)
-        capacity = min((w.batch_capacity for w in workers), default=32)
         # a worker's report already counts (most of) our pending requests: subtract them so the
         # load is "others' requests as last reported + ours exactly"
-        others = [Route(r.worker_id, r.instance_id, max(r.in_flight - self.pending.get(r.instance_id, 0), 0))
-                  for r in routes]
-        chosen = pick_route(others, capacity, self.pending)
+        others = [replace(r, in_flight=max(r.in_flight - self.pending.get(r.instance_id, 0), 0)) for r in routes]
+        chosen = pick_route(others, self.pending)
         if chosen is None:
             reason = "is at capacity" if routes else "has no active instance yet"
             raise ApiError(503, f"Model '{slug}' {reason}; retry shortly", code="no_capacity",

@@ -68,6 +68,8 @@ class Admin:
             return _error("bad_request", f"{verb}: {exc}")
         except AdminError as exc:
             return _error(exc.code, str(exc))
+        except Exception as exc:  # Postgres away, unreadable folder...: answer, never leave the caller waiting
+            return _error("internal", f"{verb} failed: {str(exc).splitlines()[0] if str(exc) else repr(exc)}")
 
     async def model_register(self, args: dict[str, Any]) -> dict:
         a = RegisterArgs.model_validate(args)

@@ -111,11 +111,11 @@ class Placement:
                 except Exception as exc:  # Postgres away or not migrated: keep serving the KV catalog
                     log.warning("catalog sync from Postgres failed (%s); is it up and migrated "
                                 "(warmserve migrate)?", brief(exc))
+            self.changed.clear()  # before replanning: a change during the round triggers the next one
             try:
                 await self.replan()
             except Exception as exc:
                 log.warning("placement round failed: %s", brief(exc))
-            self.changed.clear()
             try:
                 await asyncio.wait_for(self._wake(stop), s.replan_interval_s)
             except asyncio.TimeoutError:

@@ -53,8 +53,10 @@ class Orchestrator:
             result = await bus.request(self.nc, WORKER_CMD.format(worker=action.worker_id), cmd, CommandResult,
                                        timeout=self.settings.command_timeout_s)
             ok, why = result.ok, (result.error.message if result.error else "")
-        except bus.BusError as exc:
-            ok, why = False, str(exc)
+        except Exception as exc:  # bus errors, a reply that does not decode: retry later
+            ok, why = False, brief(exc)
+        finally:
+            self.busy.discard(key)
         if ok:
             self.retry_at.pop(key, None)
             log.info("%s %s on %s: done", action.kind.value, action.model, action.worker_id)
@@ -63,7 +65,6 @@ class Orchestrator:
             self.retry_at[key] = (time.monotonic() + delay, delay)
             log.warning("%s %s on %s failed: %s (retry in %.0f s)", action.kind.value, action.model,
                         action.worker_id, why, delay)
-        self.busy.discard(key)
 
     async def on_event(self, event: WorkerEvent, msg) -> None:
         """Worker events -> Postgres, acknowledged only once stored."""

@@ -13,6 +13,7 @@ class Route:
     worker_id: str
     instance_id: str
     in_flight: int
+    capacity: int = 32  # the worker's batch capacity B
 
 
 def active_routes(model: str, workers: Iterable[WorkerState]) -> list[Route]:
@@ -21,12 +22,12 @@ def active_routes(model: str, workers: Iterable[WorkerState]) -> list[Route]:
     for w in workers:
         c = w.copy_of(model)
         if c is not None and c.state is CopyState.ACTIVE and c.instance_id:
-            routes.append(Route(w.worker_id, c.instance_id, c.in_flight))
+            routes.append(Route(w.worker_id, c.instance_id, c.in_flight, w.batch_capacity))
     return routes
 
 
-def pick_route(routes: Iterable[Route], capacity: int, pending: dict[str, int] | None = None) -> Route | None:
-    """The route with the fewest in-flight requests below ``capacity``.
+def pick_route(routes: Iterable[Route], pending: dict[str, int] | None = None) -> Route | None:
+    """The route with the fewest in-flight requests below its instance's capacity.
 
     ``pending`` counts requests this router has sent since the worker last reported, so a burst
     between two heartbeats spreads out instead of piling onto one instance. Ties go to the
@@ -37,7 +38,7 @@ def pick_route(routes: Iterable[Route], capacity: int, pending: dict[str, int] |
     chosen = None
     for r in routes:
         load = r.in_flight + pending.get(r.instance_id, 0)
-        if load >= capacity:
+        if load >= r.capacity:
             continue
         key = (load, r.worker_id)
         if best is None or key < best:

@@ -116,14 +116,18 @@ def test_history_reaches_postgres(cluster):
     import psycopg
 
     pgdata = cluster["state"] / "postgres" / "data"
-    with psycopg.connect(f"postgresql://postgres@/warmserve?host={pgdata}") as conn:
-        events = conn.execute("select to_state from model_events where model = 'tiny-llama' order by at").fetchall()
-        plans = conn.execute("select count(*) from placement_decisions").fetchone()[0]
-        workers = conn.execute("select id from workers").fetchall()
-        deadline = time.monotonic() + 15
-        while not workers and time.monotonic() < deadline:  # liveness is written every 10 s
-            time.sleep(0.5)
-            workers = conn.execute("select id from workers").fetchall()
+    def query(sql):
+        with psycopg.connect(f"postgresql://postgres@/warmserve?host={pgdata}") as conn:
+            return conn.execute(sql).fetchall()
+
+    deadline = time.monotonic() + 15  # events are stored asynchronously; liveness every 10 s
+    while True:
+        events = query("select to_state from model_events where model = 'tiny-llama' order by at, id")
+        plans = query("select count(*) from placement_decisions")[0][0]
+        workers = query("select id from workers")
+        if (len(events) >= 3 and workers) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert [e[0] for e in events][:3] == ["loading", "prewarmed", "active"]
     assert plans >= 1 and ("worker-0",) in workers
 

@@ -37,7 +37,20 @@ def test_window_book_aggregates_gateways_and_fills_gaps():
     assert obs.avg == pytest.approx((2.0 + 1.0 + 1.0) / 10.0)
     assert obs.peak == 5  # peaks of one second add up across gateways
     book.add(sample("m", 31.0, 1.0, 1))
-    book.close(now_s=100.0)
+    closed = book.close(now_s=100.0)
     starts = [o.start_s for o in book.history["m"]]
-    assert starts == [0.0, 10.0, 20.0, 30.0]  # empty windows are zero observations
-    assert book.history["m"][1].avg == 0.0
+    assert starts == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0]  # idle windows are zeros
+    assert [o.start_s for _, o in closed] == starts[1:]
+    assert book.history["m"][1].avg == 0.0 and book.history["m"][3].avg == pytest.approx(0.1)
+    assert book.close(now_s=100.0) == []  # nothing closes twice
+
+
+def test_window_book_drops_late_samples_and_bounds_gaps():
+    book = WindowBook(window_s=10.0, keep=5)
+    book.add(sample("m", 1.0, 1.0, 1))
+    book.close(now_s=15.0)
+    book.add(sample("m", 5.0, 9.0, 9))  # for a window that is already closed
+    assert book.late == 1 and not book.open
+    book.close(now_s=10_000.0)  # a long outage: only the last `keep` windows are materialised
+    hist = list(book.history["m"])
+    assert len(hist) == 5 and hist[-1].start_s == 9980.0 and all(o.avg == 0 for o in hist)

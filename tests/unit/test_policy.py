@@ -37,15 +37,17 @@ def test_route_picks_least_loaded_below_capacity():
           worker("w3", ("m", CopyState.PREWARMED, 0))]
     routes = active_routes("m", ws)
     assert {r.worker_id for r in routes} == {"w1", "w2"}
-    assert pick_route(routes, capacity=32).worker_id == "w2"
-    assert pick_route(routes, capacity=32, pending={"w2-m": 4}).worker_id == "w1"
+    assert pick_route(routes).worker_id == "w2"
+    assert pick_route(routes, pending={"w2-m": 4}).worker_id == "w1"
 
 
 def test_route_none_when_all_full_or_none_active():
-    routes = [Route("w1", "i1", 32)]
-    assert pick_route(routes, capacity=32) is None
-    assert pick_route([], capacity=32) is None
-    assert pick_route([Route("w2", "i2", 1), Route("w1", "i1", 1)], 32).worker_id == "w1"  # ties: lowest id
+    assert pick_route([Route("w1", "i1", 32, capacity=32)]) is None
+    assert pick_route([]) is None
+    assert pick_route([Route("w2", "i2", 1), Route("w1", "i1", 1)]).worker_id == "w1"  # ties: lowest id
+    # each instance is judged by its own worker's capacity
+    small, big = Route("w1", "i1", 4, capacity=4), Route("w2", "i2", 10, capacity=64)
+    assert pick_route([small, big]) == big
 
 
 # ---------------------------------------------------------------- placement
