@@ -34,6 +34,14 @@ def run_service(run: Callable[[asyncio.Event], Awaitable[None]], service: str, s
     log.info("%s stopped", service)
 
 
+async def pause(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep ``seconds`` or until ``stop`` is set, whichever comes first."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except asyncio.TimeoutError:
+        return
+
+
 def brief(exc: BaseException) -> str:
     """The first line of an exception (SQLAlchemy errors append the whole statement)."""
     text = str(exc).strip()

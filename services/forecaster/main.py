@@ -12,7 +12,7 @@ from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
 from shared.messages import DemandSample, Forecast, ModelSpec
 from shared.policy.forecast import naive_forecast
-from shared.service import brief, run_service
+from shared.service import brief, pause, run_service
 from shared.settings import ForecasterSettings, load_settings
 from shared.subjects import CATALOG_BUCKET, DEMAND, FORECAST
 
@@ -69,10 +69,7 @@ class Forecaster:
                 await self.publish()
             except Exception as exc:
                 log.warning("forecast round failed: %s", brief(exc))
-            try:
-                await asyncio.wait_for(stop.wait(), s.publish_interval_s)
-            except asyncio.TimeoutError:
-                pass
+            await pause(stop, s.publish_interval_s)
         consumer.cancel()
         await asyncio.gather(consumer, return_exceptions=True)
         await self.catalog.stop()

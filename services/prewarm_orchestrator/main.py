@@ -14,7 +14,7 @@ from shared.db.engine import create_engine, sessionmaker
 from shared.messages import CommandResult, ModelSpec, PlacementPlan, WorkerCommand, WorkerEvent, WorkerState
 from shared.policy.cluster import live_workers
 from shared.policy.reconcile import Action, reconcile
-from shared.service import brief, run_service
+from shared.service import brief, pause, run_service
 from shared.settings import OrchestratorSettings, load_settings
 from shared.subjects import CATALOG_BUCKET, PLACEMENT_BUCKET, PLACEMENT_KEY, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET
 
@@ -110,10 +110,7 @@ class Orchestrator:
                     await self.reconcile_once()
                 except Exception as exc:
                     log.warning("reconcile round failed: %s", brief(exc))
-            try:
-                await asyncio.wait_for(stop.wait(), s.reconcile_interval_s)
-            except asyncio.TimeoutError:
-                pass
+            await pause(stop, s.reconcile_interval_s)
         for t in loops + list(self._tasks):
             t.cancel()
         await asyncio.gather(*loops, *self._tasks, return_exceptions=True)
