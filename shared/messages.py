@@ -125,10 +125,15 @@ class CopyState(str, enum.Enum):
 class ModelCopy(BusMessage):
     model: str
     state: CopyState
-    weight_bytes: int
+    weight_bytes: int  # pages accounted to this copy's weights (at least its measured resident bytes)
     instance_id: str | None = None
     in_flight: int = 0
     since_s: float = 0.0
+    resident_bytes: int = 0  # measured by the engine (process RSS on CPU, device memory on a GPU)
+    kv_bytes: int = 0
+    kv_total_blocks: int = 0
+    kv_used_blocks: int = 0
+    kv_target_free_blocks: int | None = None
 
 
 class GpuStats(BusMessage):
@@ -154,6 +159,8 @@ class WorkerState(BusMessage):
     gpu: GpuStats | None = None
     heartbeat_at_s: float = 0.0
     started_at_s: float = 0.0
+    reclaimable_bytes: int = 0  # KV held beyond the active instance's target: prewarm capacity to be had
+    in_flight: int = 0
 
     @property
     def free_bytes(self) -> int:
@@ -168,6 +175,7 @@ class CommandKind(str, enum.Enum):
     EVICT = "evict"
     ACTIVATE = "activate"
     DEACTIVATE = "deactivate"
+    SET_KV_TARGET = "set_kv_target"
 
 
 class WorkerCommand(BusMessage):
@@ -178,12 +186,16 @@ class WorkerCommand(BusMessage):
     model: str
     spec: ModelSpec | None = None  # required by prewarm/activate, so the worker needs no database
     reason: str = ""
+    instance_id: str | None = None  # deactivate: the instance meant (a stale id is refused)
+    drain: bool = True  # deactivate: let in-flight requests finish (False aborts them)
+    kv_free_blocks: int | None = Field(None, ge=0)  # set_kv_target: free KV blocks to keep
 
 
 class CommandResult(BusMessage):
     command_id: str
     ok: bool
     instance_id: str | None = None
+    kv_bytes: int | None = None
     error: ErrorInfo | None = None
     seconds: float = 0.0
 

@@ -56,12 +56,15 @@ class WorkerSettings(CommonSettings):
     worker_id: str = Field("worker-0", description="unique per worker; used in subjects")
     node: str = Field(default_factory=lambda: socket.gethostname().lower(), description="node name (default: hostname)")
     device: str = Field("cpu:0", description="cuda:<index> on a GPU node, cpu:<n> on a CPU machine")
-    engine: str = Field("sim", pattern="^sim$", description="engine adapter (sim: modelled timings)")
+    engine: str = Field("sim", pattern="^(sim|vllm)$",
+                        description="engine adapter: vllm (real inference) or sim (modelled timings, no compute)")
     memory_budget_bytes: int = Field(
         4 * 1024**3, gt=0, description="device memory the worker may use (a GPU's is read by pynvml)"
     )
     batch_capacity: int = Field(32, gt=0, description="requests one instance serves at once (B); "
                                                    "gateways send an instance no more than this")
+    chunk_interval_s: float = Field(0.01, ge=0, description="text produced faster than this is sent "
+                                                            "as one chunk (the first token never waits)")
     kv_cache_bytes: int = Field(1024**3, gt=0, description="KV cache an active instance reserves; "
                                                           "the rest of the budget stays prewarm capacity")
 
@@ -98,7 +101,7 @@ class LocalClusterSettings(CommonSettings):
     nats_port: int = Field(4322, ge=0, le=65535, description="port of the embedded nats-server (0: any free)")
     gateway_port: int = Field(8080, ge=1, le=65535, description="HTTP port of the local gateway")
     workers: int = Field(1, ge=1, le=8, description="local workers (one emulated device each)")
-    engine: str = Field("sim", pattern="^sim$", description="engine of the local workers")
+    engine: str = Field("sim", pattern="^(sim|vllm)$", description="engine of the local workers (vllm or sim)")
     worker_memory_budget_bytes: int = Field(4 * 1024**3, gt=0, description="memory budget of each local worker")
 
 

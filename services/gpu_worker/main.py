@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from services.gpu_worker.engines import EngineError, make_engine
 from services.gpu_worker.gpu import Gpu
 from services.gpu_worker.memory import MemoryPool
+from services.gpu_worker.streaming import ChunkCoalescer
 from services.gpu_worker.worker import Worker
 from shared import bus
 from shared.messages import (
@@ -33,7 +34,9 @@ class WorkerService:
         if self.gpu.present:
             budget = min(budget, int(self.gpu.total_bytes() * 0.92))
         self.events: asyncio.Queue[WorkerEvent] = asyncio.Queue()
-        self.worker = Worker(settings.worker_id, make_engine(settings.engine), MemoryPool(budget),
+        engine = make_engine(settings.engine, device=settings.device, kv_cache_bytes=settings.kv_cache_bytes,
+                             gpu=self.gpu)
+        self.worker = Worker(settings.worker_id, engine, MemoryPool(budget),
                              batch_capacity=settings.batch_capacity,
                              kv_bytes_per_instance=settings.kv_cache_bytes, emit=self.events.put_nowait)
         self.started_at = time.time()
@@ -48,6 +51,7 @@ class WorkerService:
             weight_bytes=mem.bytes_of(mem.weights), kv_bytes=mem.bytes_of(mem.kv),
             batch_capacity=w.batch_capacity, copies=w.snapshot(), gpu=self.gpu.stats(),
             heartbeat_at_s=time.time(), started_at_s=self.started_at,
+            reclaimable_bytes=w.reclaimable_bytes(), in_flight=w.in_flight,
         )
 
     def _spawn(self, coro) -> None:
@@ -83,19 +87,21 @@ class WorkerService:
                                                            "warmserve.request_id": req.request_id}) as span:
             try:
                 final = None
+                coalescer = ChunkCoalescer(self.settings.chunk_interval_s)
                 async for delta in self.worker.generate(req):
                     if delta.finish_reason:
-                        final = InferChunk(request_id=req.request_id, seq=seq, text=delta.text,
+                        final = InferChunk(request_id=req.request_id, seq=seq, text=coalescer.flush() + delta.text,
                                            finish_reason=delta.finish_reason,
                                            usage=Usage(prompt_tokens=delta.prompt_tokens,
                                                        completion_tokens=delta.completion_tokens))
                         break
-                    if delta.text:
-                        await bus.reply(self.nc, msg, InferChunk(request_id=req.request_id, seq=seq, text=delta.text))
+                    text = coalescer.add(delta.text)
+                    if text:
+                        await bus.reply(self.nc, msg, InferChunk(request_id=req.request_id, seq=seq, text=text))
                         seq += 1
                 if final is None:  # the engine ended without saying why
-                    final = InferChunk(request_id=req.request_id, seq=seq, finish_reason="length",
-                                       usage=Usage(prompt_tokens=0, completion_tokens=0))
+                    final = InferChunk(request_id=req.request_id, seq=seq, text=coalescer.flush(),
+                                       finish_reason="length", usage=Usage(prompt_tokens=0, completion_tokens=0))
                 span.set_attribute("warmserve.completion_tokens", final.usage.completion_tokens)
                 await bus.reply(self.nc, msg, final)
             except EngineError as exc:

@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from services.gpu_worker.engines import Delta, Engine, EngineError
-from services.gpu_worker.memory import PAGE_BYTES, MemoryPool
+from services.gpu_worker.memory import PAGE_BYTES, MemoryPool, pages
+from shared.policy.kv import kv_bytes_to_keep, reclaimable_bytes
 from shared.messages import (
     CommandKind, CommandResult, CopyState, ErrorInfo, InferRequest, ModelCopy, ModelSpec, WorkerCommand,
     WorkerEvent,
@@ -30,7 +31,10 @@ class Copy:
     since_s: float
     instance_id: str | None = None
     in_flight: int = 0
+    resident_bytes: int = 0  # measured by the engine
+    kv_target_free_blocks: int | None = None
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
+    requests: set[asyncio.Task] = field(default_factory=set)
 
 
 class Worker:
@@ -52,9 +56,27 @@ class Worker:
     # ------------------------------------------------------------------ state
 
     def snapshot(self) -> list[ModelCopy]:
-        return [ModelCopy(model=c.spec.slug, state=c.state, weight_bytes=c.spec.parameter_bytes,
-                          instance_id=c.instance_id, in_flight=c.in_flight, since_s=c.since_s)
-                for c in self.copies.values()]
+        out = []
+        for c in self.copies.values():
+            usage = self.engine.kv_usage(c.spec.slug) if c.state is CopyState.ACTIVE else None
+            out.append(ModelCopy(
+                model=c.spec.slug, state=c.state, weight_bytes=self.memory.weights.get(c.spec.slug, 0) * PAGE_BYTES,
+                instance_id=c.instance_id, in_flight=c.in_flight, since_s=c.since_s, resident_bytes=c.resident_bytes,
+                kv_bytes=self.memory.kv.get(c.spec.slug, 0) * PAGE_BYTES,
+                kv_total_blocks=usage.total_blocks if usage else 0, kv_used_blocks=usage.used_blocks if usage else 0,
+                kv_target_free_blocks=c.kv_target_free_blocks))
+        return out
+
+    def reclaimable_bytes(self) -> int:
+        """KV cache the active instance holds beyond its free-block target (0 without a target)."""
+        copy = self.active()
+        if copy is None or copy.kv_target_free_blocks is None:
+            return 0
+        usage = self.engine.kv_usage(copy.spec.slug)
+        if usage is None:
+            return 0
+        return reclaimable_bytes(self.memory.kv.get(copy.spec.slug, 0) * PAGE_BYTES, usage.used_blocks,
+                                 copy.kv_target_free_blocks, usage.block_bytes)
 
     def active(self) -> Copy | None:
         return next((c for c in self.copies.values() if c.state is CopyState.ACTIVE), None)
@@ -82,12 +104,12 @@ class Worker:
                 self._results.popitem(last=False)
             started = time.monotonic()
 
-            def result(instance_id: str | None = None, code: str | None = None, message: str = "") -> CommandResult:
-                return CommandResult(command_id=cmd.command_id, ok=code is None, instance_id=instance_id,
+            def result(code: str | None = None, message: str = "", **fields) -> CommandResult:
+                return CommandResult(command_id=cmd.command_id, ok=code is None,
                                      error=ErrorInfo(code=code, message=message) if code else None,
-                                     seconds=time.monotonic() - started)
+                                     seconds=time.monotonic() - started, **fields)
             try:
-                fut.set_result(result(instance_id=await self._dispatch(cmd)))
+                fut.set_result(result(**await self._dispatch(cmd)))
             except EngineError as exc:
                 fut.set_result(result(code=exc.code, message=str(exc)))
             except Exception as exc:  # report, never crash the worker on one bad command
@@ -99,22 +121,28 @@ class Worker:
                     fut.set_result(result(code="cancelled", message="the worker stopped before finishing"))
         return await asyncio.shield(fut)
 
-    async def _dispatch(self, cmd: WorkerCommand) -> str | None:
+    async def _dispatch(self, cmd: WorkerCommand) -> dict:
+        """Run one command; returns the result fields beyond ok/error."""
         if cmd.kind in (CommandKind.PREWARM, CommandKind.ACTIVATE) and cmd.spec is None:
             raise EngineError("bad_command", f"{cmd.kind.value} needs the model spec")
         if cmd.spec is not None and cmd.spec.slug != cmd.model:
             raise EngineError("bad_command", f"spec is for {cmd.spec.slug}, command for {cmd.model}")
         if cmd.kind is CommandKind.PREWARM:
             await self.prewarm(cmd.spec, reason=cmd.reason or "prewarm")
-            return None
+            return {}
         if cmd.kind is CommandKind.EVICT:
             await self.evict(cmd.model, reason=cmd.reason or "evict")
-            return None
+            return {}
         if cmd.kind is CommandKind.ACTIVATE:
-            return await self.activate(cmd.spec, reason=cmd.reason or "activate")
+            return {"instance_id": await self.activate(cmd.spec, reason=cmd.reason or "activate")}
         if cmd.kind is CommandKind.DEACTIVATE:
-            await self.deactivate(cmd.model, reason=cmd.reason or "deactivate")
-            return None
+            await self.deactivate(cmd.model, instance_id=cmd.instance_id, drain=cmd.drain,
+                                  reason=cmd.reason or "deactivate")
+            return {}
+        if cmd.kind is CommandKind.SET_KV_TARGET:
+            if cmd.kv_free_blocks is None:
+                raise EngineError("bad_command", "set_kv_target needs kv_free_blocks")
+            return {"kv_bytes": await self.set_kv_target(cmd.model, cmd.kv_free_blocks)}
         raise EngineError("bad_command", f"unknown command {cmd.kind}")
 
     async def prewarm(self, spec: ModelSpec, reason: str = "prewarm") -> Copy:
@@ -141,7 +169,8 @@ class Worker:
             return copy
         started = time.monotonic()
         try:
-            loaded_bytes = await self.engine.load(spec)
+            copy.resident_bytes = await self.engine.load(spec)
+            await self._true_up(copy)
         except BaseException as exc:
             self.memory.give_back(self.memory.weights, spec.slug)
             self._move(copy, CopyState.ABSENT, seconds=time.monotonic() - started, reason=f"load failed: {exc}")
@@ -151,10 +180,27 @@ class Worker:
             if isinstance(exc, Exception):
                 raise EngineError("load_failed", f"loading {spec.slug} failed: {exc}") from exc
             raise
-        self._move(copy, CopyState.PREWARMED, n_bytes=loaded_bytes, seconds=time.monotonic() - started,
+        self._move(copy, CopyState.PREWARMED, n_bytes=copy.resident_bytes, seconds=time.monotonic() - started,
                    reason=reason)
         copy.loaded.set()
         return copy
+
+    async def _true_up(self, copy: Copy) -> None:
+        """Account what the engine measurably occupies, not what the catalog said; a copy that
+        turns out not to fit is unloaded again (nothing is left half-loaded)."""
+        slug = copy.spec.slug
+        extra = pages(copy.resident_bytes) - self.memory.weights.get(slug, 0)
+        if extra <= 0:
+            return
+        async with self._lock:
+            if extra <= self.memory.free_pages:
+                self.memory.weights[slug] += extra
+                return
+        await self.engine.unload(slug)
+        raise EngineError("insufficient_memory",
+                          f"{slug} occupies {copy.resident_bytes} bytes once loaded; only "
+                          f"{self.memory.free_bytes() + self.memory.weights.get(slug, 0) * PAGE_BYTES} "
+                          f"were available on {self.worker_id}")
 
     async def evict(self, model: str, reason: str = "evict") -> None:
         async with self._lock:
@@ -164,8 +210,8 @@ class Worker:
             if copy.state is not CopyState.PREWARMED:
                 raise EngineError("wrong_state", f"{model} is {copy.state.value}; only prewarmed copies are evicted")
             started = time.monotonic()
-            await self.engine.unload(model)
-            freed = self.memory.give_back(self.memory.weights, model)
+            freed = await self.engine.unload(model)  # measured
+            self.memory.give_back(self.memory.weights, model)
             self._move(copy, CopyState.ABSENT, n_bytes=freed, seconds=time.monotonic() - started, reason=reason)
 
     async def activate(self, spec: ModelSpec, reason: str = "activate") -> str:
@@ -192,8 +238,8 @@ class Worker:
             for other in others:  # the memory of other prewarmed copies becomes KV cache
                 if want is not None and self.memory.fits(want):
                     break
-                await self.engine.unload(other.spec.slug)
-                freed = self.memory.give_back(self.memory.weights, other.spec.slug)
+                freed = await self.engine.unload(other.spec.slug)  # measured
+                self.memory.give_back(self.memory.weights, other.spec.slug)
                 self._move(other, CopyState.ABSENT, n_bytes=freed, reason=f"evicted to activate {spec.slug}")
             kv = self.memory.free_bytes() if want is None else want
             if kv <= 0 or not self.memory.fits(kv):
@@ -214,13 +260,19 @@ class Worker:
         if current is not None and current.spec.slug != model:
             raise EngineError("worker_busy", f"{self.worker_id} is serving {current.spec.slug}")
 
-    async def deactivate(self, model: str, reason: str = "deactivate", drain_timeout_s: float = 60.0) -> None:
-        """Drain in-flight requests, release the KV cache, keep the weights prewarmed."""
+    async def deactivate(self, model: str, *, instance_id: str | None = None, drain: bool = True,
+                         reason: str = "deactivate", drain_timeout_s: float = 60.0) -> None:
+        """Drain (or abort) in-flight requests, release the KV cache, keep the weights prewarmed."""
         async with self._lock:
             copy = self.copies.get(model)
+            if instance_id is not None and (copy is None or copy.instance_id != instance_id):
+                raise EngineError("wrong_instance", f"instance {instance_id} is not live on {self.worker_id}")
             if copy is None or copy.state is not CopyState.ACTIVE:
                 return  # already prewarmed, loading, or being drained by another command
             self._move(copy, CopyState.DRAINING, reason=reason)
+        if not drain:
+            for task in list(copy.requests):
+                task.cancel()
         started = time.monotonic()
         while copy.in_flight and time.monotonic() - started < drain_timeout_s:
             await asyncio.sleep(0.05)
@@ -228,7 +280,32 @@ class Worker:
             await self.engine.deactivate(model)
             freed = self.memory.give_back(self.memory.kv, model)
             copy.instance_id = None
+            copy.kv_target_free_blocks = None
             self._move(copy, CopyState.PREWARMED, n_bytes=freed, seconds=time.monotonic() - started, reason=reason)
+
+    async def set_kv_target(self, model: str, free_blocks: int) -> int:
+        """Keep ``free_blocks`` free KV blocks beyond those in use; give the rest back to the pool (or
+        take memory back from it when the target rises). Returns the KV bytes now held."""
+        async with self._lock:
+            copy = self.copies.get(model)
+            if copy is None or copy.state is not CopyState.ACTIVE:
+                raise EngineError("wrong_state", f"{model} has no active instance on {self.worker_id}")
+            usage = self.engine.kv_usage(model)
+            if usage is None:
+                raise EngineError("unsupported", f"the {self.engine.name} engine does not report KV usage")
+            held = self.memory.kv.get(model, 0) * PAGE_BYTES
+            ceiling = self.kv_bytes_per_instance or held
+            keep = kv_bytes_to_keep(usage.used_blocks, free_blocks, usage.block_bytes, ceiling)
+            if pages(keep) - pages(held) > self.memory.free_pages:
+                raise EngineError("insufficient_memory", f"{model} would need {keep} bytes of KV cache; "
+                                                         f"{self.memory.free_bytes()} free on {self.worker_id}")
+            now_held = await self.engine.resize_kv(model, keep)
+            self.memory.give_back(self.memory.kv, model)
+            self.memory.take(self.memory.kv, model, now_held)
+            copy.kv_target_free_blocks = free_blocks
+            log.info("%s: %s KV cache %d -> %d bytes (target %d free blocks)", self.worker_id, model, held,
+                     now_held, free_blocks)
+            return now_held
 
     # ------------------------------------------------------------------ inference
 
@@ -239,12 +316,16 @@ class Worker:
             raise EngineError("not_active", f"{request.model} is {state} on {self.worker_id}, not active")
         if request.instance_id and request.instance_id != copy.instance_id:
             raise EngineError("not_active", f"instance {request.instance_id} is gone from {self.worker_id}")
+        task = asyncio.current_task()
         copy.in_flight += 1
+        if task is not None:
+            copy.requests.add(task)
         try:
             async for delta in self.engine.generate(request):
                 yield delta
         finally:
             copy.in_flight -= 1
+            copy.requests.discard(task)
 
     @property
     def in_flight(self) -> int:

@@ -95,6 +95,13 @@ def cmd_demo_model(a) -> int:
     return 0
 
 
+def cmd_settings_doc(a) -> int:
+    from shared.settings_doc import render
+
+    print(render(), end="")
+    return 0
+
+
 def cmd_model(a) -> int:
     if a.action == "register":
         args = {"slug": a.slug, "path": str(Path(a.path).resolve()), "tensor_parallel_size": a.tp}
@@ -173,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("path", type=Path)
     mk.add_argument("--seed", type=int, default=0)
     mk.set_defaults(func=cmd_make_model)
+
+    sub.add_parser("settings-doc", help="print every setting as markdown (docs/configuration.md)") \
+        .set_defaults(func=cmd_settings_doc)
 
     demo = sub.add_parser("demo-model", help="create the demo model if missing and register it in the database")
     demo.add_argument("path", type=Path)

@@ -9,8 +9,11 @@ from shared.subjects import BUCKETS, STREAMS, SUBJECTS
 DOCS = Path(__file__).parents[2] / "docs"
 
 
-def test_configuration_page_lists_every_setting():
+def test_configuration_page_is_generated_from_the_settings():
+    from shared.settings_doc import render
+
     page = (DOCS / "configuration.md").read_text()
+    assert page == render(), "regenerate with: warmserve settings-doc > docs/configuration.md"
     for cls in (S.GatewaySettings, S.WorkerSettings, S.ForecasterSettings, S.PlacementSettings,
                 S.OrchestratorSettings, S.LocalClusterSettings):
         for name in cls.model_fields:

@@ -18,3 +18,23 @@ def test_pool_accounts_roles_and_refuses_overcommit():
     assert pool.give_back(pool.weights, "a") == 3 * PAGE_BYTES
     assert pool.free_pages == 5
     assert pool.give_back(pool.weights, "missing") == 0
+
+
+def test_coalescer_sends_first_and_slow_text_at_once_and_merges_bursts():
+    from services.gpu_worker.streaming import ChunkCoalescer
+
+    now = [0.0]
+    c = ChunkCoalescer(min_interval_s=0.01, clock=lambda: now[0])
+    assert c.add("a") == "a"  # the first token never waits
+    now[0] = 0.002
+    assert c.add("b") is None  # a burst: held
+    now[0] = 0.004
+    assert c.add("c") is None
+    now[0] = 0.015
+    assert c.add("d") == "bcd"  # merged into one chunk
+    now[0] = 0.1
+    assert c.add("e") == "e"  # slow stream: immediately
+    assert c.add("") is None and c.flush() == ""
+    now[0] = 0.101
+    c.add("f")
+    assert c.flush() == "f"

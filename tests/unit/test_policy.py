@@ -114,3 +114,19 @@ def test_naive_forecast():
     hist = [WindowObservation(0, 1.0, 4.0), WindowObservation(300, 2.0, 9.0), WindowObservation(600, 3.0, 5.0)]
     p = naive_forecast(hist)
     assert (p.avg, p.peak, p.peak_upper) == (3.0, 5.0, 9.0)
+
+
+# ---------------------------------------------------------------- KV reservation
+
+from shared.policy.kv import free_blocks_target, kv_bytes_to_keep, reclaimable_bytes  # noqa: E402
+
+
+def test_kv_reservation_follows_load():
+    assert free_blocks_target(1000, in_flight=8, batch_capacity=32) == 250
+    assert free_blocks_target(1000, in_flight=0, batch_capacity=32) == 32  # room for one more request
+    assert free_blocks_target(1000, in_flight=64, batch_capacity=32) == 1000
+    assert free_blocks_target(0, 5, 32) == 0
+    assert kv_bytes_to_keep(used_blocks=10, target_free_blocks=20, block_bytes=100, max_bytes=10_000) == 3000
+    assert kv_bytes_to_keep(used_blocks=10, target_free_blocks=500, block_bytes=100, max_bytes=10_000) == 10_000
+    assert reclaimable_bytes(10_000, used_blocks=10, target_free_blocks=20, block_bytes=100) == 7000
+    assert reclaimable_bytes(1000, used_blocks=10, target_free_blocks=20, block_bytes=100) == 0

