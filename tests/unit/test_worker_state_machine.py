@@ -215,3 +215,60 @@ async def test_a_cancelled_command_can_be_retried(spec):
     engine.gate.set()
     retry = await asyncio.wait_for(w.handle(cmd), 5)
     assert retry.ok and w.copies["tiny"].state is CopyState.PREWARMED
+
+
+async def test_kv_target_returns_memory_and_takes_it_back(spec):
+    w, events = make_worker(budget_pages=64, kv_pages=16)
+    await w.activate(spec)
+    assert w.memory.kv == {"tiny": 16} and w.reclaimable_bytes() == 0  # no target yet
+    usage = w.engine.kv_usage("tiny")
+    assert usage.used_blocks == 0 and usage.total_blocks == 16 * PAGE_BYTES // usage.block_bytes
+    free_before = w.memory.free_pages
+
+    held = await w.set_kv_target("tiny", free_blocks=2)
+    assert held == 2 * usage.block_bytes
+    assert w.memory.kv["tiny"] == 1 and w.memory.free_pages == free_before + 15  # back to prewarm capacity
+    assert w.snapshot()[0].kv_target_free_blocks == 2
+
+    # load rises: capacity comes back, up to the instance's maximum
+    big = usage.total_blocks * 10
+    held = await w.set_kv_target("tiny", free_blocks=big)
+    assert held == 16 * PAGE_BYTES and w.memory.kv["tiny"] == 16
+
+    # a request in flight uses blocks; the target is on top of them
+    req = InferRequest(model="tiny", prompt="hello " * 50, sampling=SamplingParams(max_tokens=3))
+    gen = w.generate(req)
+    await anext(gen)
+    assert w.engine.kv_usage("tiny").used_blocks >= 1
+    assert w.reclaimable_bytes() == 0  # the target is the whole cache right now
+    await w.set_kv_target("tiny", free_blocks=0)
+    assert w.memory.kv["tiny"] >= 1
+    await gen.aclose()
+
+    r = await w.handle(WorkerCommand(kind=CommandKind.SET_KV_TARGET, model="tiny"))
+    assert not r.ok and r.error.code == "bad_command"
+    r = await w.handle(WorkerCommand(kind=CommandKind.SET_KV_TARGET, model="nope", kv_free_blocks=1))
+    assert not r.ok and r.error.code == "wrong_state"
+    assert not any(e.to_state is CopyState.ABSENT for e in events)
+
+
+async def test_deactivate_by_instance_and_without_draining(spec):
+    w, _ = make_worker()
+    instance = await w.activate(spec)
+    r = await w.handle(WorkerCommand(kind=CommandKind.DEACTIVATE, model="tiny", instance_id="stale-1"))
+    assert not r.ok and r.error.code == "wrong_instance"
+
+    slow = InferRequest(model="tiny", prompt="x", sampling=SamplingParams(max_tokens=200))
+    w.engine.profile = SimProfile(engine_start_s=0, decode_s_per_token_per_gb=0, prefill_s_per_token_per_gb=0,
+                                  min_step_s=0.01)
+
+    async def consume():
+        return [d async for d in w.generate(slow)]
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.05)
+    assert w.in_flight == 1
+    r = await asyncio.wait_for(w.handle(WorkerCommand(kind=CommandKind.DEACTIVATE, model="tiny",
+                                                      instance_id=instance, drain=False)), 5)
+    assert r.ok and w.copies["tiny"].state is CopyState.PREWARMED and w.in_flight == 0
+    assert (await asyncio.gather(task, return_exceptions=True))[0].__class__ is asyncio.CancelledError
