@@ -188,6 +188,7 @@ class WorkerCommand(BusMessage):
     reason: str = ""
     instance_id: str | None = None  # deactivate: the instance meant (a stale id is refused)
     drain: bool = True  # deactivate: let in-flight requests finish (False aborts them)
+    replace_active: bool = False  # activate: drain the worker's current instance first instead of refusing
     kv_free_blocks: int | None = Field(None, ge=0)  # set_kv_target: free KV blocks to keep
 
 

@@ -40,6 +40,21 @@ class TinyLlamaShape:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def parameters(self) -> int:
+        h, i, kv = self.hidden_size, self.intermediate_size, self.num_key_value_heads * self.head_dim
+        per_layer = 2 * h * h + 2 * kv * h + 3 * i * h + 2 * h
+        return 2 * self.vocab_size * h + self.num_hidden_layers * per_layer + h
+
+
+# Named sizes for `warmserve models make-tiny --size ...`: a fast one for tests, one like the
+# ~300M model whose CPU timings DESIGN.md section 4.1 reports.
+SIZES: dict[str, TinyLlamaShape] = {
+    "5m": TinyLlamaShape(),
+    "300m": TinyLlamaShape(hidden_size=1024, intermediate_size=2816, num_hidden_layers=26,
+                           num_attention_heads=16, num_key_value_heads=8),
+}
+
 
 def _corpus(limit_chars: int = 3_000_000):
     """Training text every Python install has: the docstrings of the standard library's sources
@@ -73,16 +88,26 @@ def train_tokenizer(vocab_size: int):
     return tok
 
 
-def _weights(shape: TinyLlamaShape, vocab: int, seed: int) -> dict[str, np.ndarray]:
+def _weights(shape: TinyLlamaShape, vocab: int, seed: int):
+    """Random weights, tensor by tensor (bfloat16 through torch when it is installed, else float32)."""
     rng = np.random.default_rng(seed)
     h, i, d = shape.hidden_size, shape.intermediate_size, shape.head_dim
     kv = shape.num_key_value_heads * d
+    try:
+        import torch
+    except ImportError:
+        torch = None
+
+    def cast(a: np.ndarray):
+        return torch.from_numpy(a).to(torch.bfloat16) if torch is not None else a
 
     def rand(*dims):
-        return (rng.standard_normal(dims, dtype=np.float32) * 0.02).astype(np.float32)
+        return cast(rng.standard_normal(dims, dtype=np.float32) * np.float32(0.02))
 
-    w = {"model.embed_tokens.weight": rand(vocab, h), "model.norm.weight": np.ones(h, np.float32),
-         "lm_head.weight": rand(vocab, h)}
+    def ones(n):
+        return cast(np.ones(n, np.float32))
+
+    w = {"model.embed_tokens.weight": rand(vocab, h), "model.norm.weight": ones(h), "lm_head.weight": rand(vocab, h)}
     for layer in range(shape.num_hidden_layers):
         p = f"model.layers.{layer}."
         w |= {
@@ -90,16 +115,13 @@ def _weights(shape: TinyLlamaShape, vocab: int, seed: int) -> dict[str, np.ndarr
             p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
             p + "mlp.gate_proj.weight": rand(i, h), p + "mlp.up_proj.weight": rand(i, h),
             p + "mlp.down_proj.weight": rand(h, i),
-            p + "input_layernorm.weight": np.ones(h, np.float32),
-            p + "post_attention_layernorm.weight": np.ones(h, np.float32),
+            p + "input_layernorm.weight": ones(h), p + "post_attention_layernorm.weight": ones(h),
         }
-    return w
+    return w, ("bfloat16" if torch is not None else "float32")
 
 
 def create_tiny_llama(path: str | os.PathLike, shape: TinyLlamaShape = TinyLlamaShape(), seed: int = 0) -> Path:
     """Write a complete model folder at ``path`` (replacing nothing that is already complete)."""
-    from safetensors.numpy import save_file
-
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" notice
     from transformers import LlamaConfig, PreTrainedTokenizerFast
 
@@ -115,16 +137,21 @@ def create_tiny_llama(path: str | os.PathLike, shape: TinyLlamaShape = TinyLlama
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(out)
     vocab = len(tok)
+    weights, dtype = _weights(shape, vocab, seed)
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
         num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
         num_key_value_heads=shape.num_key_value_heads, max_position_embeddings=shape.max_position_embeddings,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False, dtype="float32", architectures=["LlamaForCausalLM"],
+        tie_word_embeddings=False, dtype=dtype, architectures=["LlamaForCausalLM"],
     )
     config.save_pretrained(out)
-    log.info("writing random weights (seed %d)", seed)
-    save_file(_weights(shape, vocab, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
+    log.info("writing %.0fM random %s weights (seed %d)", shape.parameters / 1e6, dtype, seed)
+    if dtype == "bfloat16":
+        from safetensors.torch import save_file
+    else:
+        from safetensors.numpy import save_file
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "warmserve.json").write_text(json.dumps({"shape": asdict(shape), "seed": seed}, indent=2))
     return out
 

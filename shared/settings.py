@@ -101,9 +101,18 @@ class LocalClusterSettings(CommonSettings):
     nats_port: int = Field(4322, ge=0, le=65535, description="port of the embedded nats-server (0: any free)")
     gateway_port: int = Field(8080, ge=1, le=65535, description="HTTP port of the local gateway")
     workers: int = Field(1, ge=1, le=8, description="local workers (one emulated device each)")
-    engine: str = Field("sim", pattern="^(sim|vllm)$", description="engine of the local workers (vllm or sim)")
-    worker_memory_budget_bytes: int = Field(4 * 1024**3, gt=0, description="memory budget of each local worker")
+    engine: str = Field("auto", pattern="^(auto|sim|vllm)$",
+                        description="engine of the local workers; auto: vllm when installed, else sim")
+    worker_memory_budget_bytes: int = Field(6 * 1024**3, gt=0, description="memory budget of each local worker")
 
+
+    @property
+    def resolved_engine(self) -> str:
+        if self.engine != "auto":
+            return self.engine
+        import importlib.util
+
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "sim"
 
     @property
     def external_nats(self) -> bool:

@@ -134,7 +134,8 @@ class Worker:
             await self.evict(cmd.model, reason=cmd.reason or "evict")
             return {}
         if cmd.kind is CommandKind.ACTIVATE:
-            return {"instance_id": await self.activate(cmd.spec, reason=cmd.reason or "activate")}
+            return {"instance_id": await self.activate(cmd.spec, reason=cmd.reason or "activate",
+                                                       replace_active=cmd.replace_active)}
         if cmd.kind is CommandKind.DEACTIVATE:
             await self.deactivate(cmd.model, instance_id=cmd.instance_id, drain=cmd.drain,
                                   reason=cmd.reason or "deactivate")
@@ -214,8 +215,14 @@ class Worker:
             self.memory.give_back(self.memory.weights, model)
             self._move(copy, CopyState.ABSENT, n_bytes=freed, seconds=time.monotonic() - started, reason=reason)
 
-    async def activate(self, spec: ModelSpec, reason: str = "activate") -> str:
-        """Turn the model into this worker's serving instance (loading it first on a cold start)."""
+    async def activate(self, spec: ModelSpec, reason: str = "activate", replace_active: bool = False) -> str:
+        """Turn the model into this worker's serving instance (loading it first on a cold start).
+
+        With ``replace_active`` the current instance of another model is drained first (its copy
+        stays prewarmed if memory allows); without it, a busy worker refuses."""
+        current = self.active()
+        if replace_active and current is not None and current.spec.slug != spec.slug:
+            await self.deactivate(current.spec.slug, reason=f"replaced by {spec.slug}")
         self._check_idle_for(spec.slug)
         copy = self.copies.get(spec.slug)
         if copy is None or copy.state is CopyState.LOADING:

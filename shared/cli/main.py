@@ -56,7 +56,7 @@ def cmd_up(a) -> int:
     from shared.localcluster.up import up
     from shared.settings import LocalClusterSettings, load_settings
 
-    overrides = {k: v for k, v in {"state_dir": a.state_dir, "workers": a.workers,
+    overrides = {k: v for k, v in {"state_dir": a.state_dir, "workers": a.workers, "engine": a.engine,
                                    "gateway_port": a.gateway_port}.items() if v is not None}
     settings = load_settings(LocalClusterSettings, **overrides)
     return up(settings, smoke=not a.no_smoke, exit_after_smoke=a.exit_after_smoke)
@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the local cluster (embedded NATS and Postgres, all services)")
     up.add_argument("--state-dir", type=Path, help="where NATS, Postgres, models and logs live (.warmserve)")
     up.add_argument("--workers", type=int, help="number of workers (default 1)")
+    up.add_argument("--engine", choices=["auto", "sim", "vllm"], help="worker engine (default auto: vllm if installed)")
     up.add_argument("--gateway-port", type=int, help="HTTP port of the gateway (default 8080)")
     up.add_argument("--no-smoke", action="store_true", help="skip the smoke request once ready")
     up.add_argument("--exit-after-smoke", action="store_true", help="stop once the smoke request is answered")

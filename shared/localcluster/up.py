@@ -70,7 +70,7 @@ class Cluster:
         return env_with({
             "WARMSERVE_NATS_URL": self.nats_url, "WARMSERVE_DATABASE_URL": self.database_url,
             "WARMSERVE_PORT": str(s.gateway_port), "WARMSERVE_HOST": "127.0.0.1",
-            "WARMSERVE_LOG_LEVEL": s.log_level, "WARMSERVE_ENGINE": s.engine,
+            "WARMSERVE_LOG_LEVEL": s.log_level, "WARMSERVE_ENGINE": s.resolved_engine,
             "WARMSERVE_MEMORY_BUDGET_BYTES": str(s.worker_memory_budget_bytes),
             # a short forecast window so the local demo shows forecasts within minutes
             "WARMSERVE_WINDOW_S": os.environ.get("WARMSERVE_WINDOW_S", "60"),
@@ -196,7 +196,8 @@ def up(settings: LocalClusterSettings, smoke: bool = True, ready_timeout_s: floa
             _prepare_database(cluster.database_url)
         with progress.step(f"model '{DEMO_MODEL}' (created offline if missing)"):
             asyncio.run(ensure_demo_model(cluster.database_url, state_dir / "models" / DEMO_MODEL))
-        with progress.step(f"services: gateway, forecaster, placement, orchestrator, {settings.workers} worker(s)"):
+        with progress.step(f"services: gateway, forecaster, placement, orchestrator, "
+                           f"{settings.workers} worker(s) with the {settings.resolved_engine} engine"):
             cluster.start_services()
         with progress.step(f"waiting for readiness ({DEMO_MODEL} active behind the gateway)"):
             _wait_ready(cluster, ready_timeout_s)

@@ -272,3 +272,15 @@ async def test_deactivate_by_instance_and_without_draining(spec):
                                                       instance_id=instance, drain=False)), 5)
     assert r.ok and w.copies["tiny"].state is CopyState.PREWARMED and w.in_flight == 0
     assert (await asyncio.gather(task, return_exceptions=True))[0].__class__ is asyncio.CancelledError
+
+
+async def test_replace_active_drains_the_current_instance_first(spec):
+    w, events = make_worker()
+    other = spec.model_copy(update={"slug": "other"})
+    await w.activate(spec)
+    r = await w.handle(WorkerCommand(kind=CommandKind.ACTIVATE, model="other", spec=other, replace_active=True))
+    assert r.ok and w.active().spec.slug == "other"
+    assert w.copies["tiny"].state is CopyState.PREWARMED and list(w.memory.kv) == ["other"]
+    assert [(e.model, e.to_state.value) for e in events][3:] == [
+        ("tiny", "draining"), ("tiny", "prewarmed"), ("other", "loading"), ("other", "prewarmed"),
+        ("other", "active")]
