@@ -78,14 +78,6 @@ def cmd_migrate(a) -> int:
     return 0
 
 
-def cmd_make_model(a) -> int:
-    from shared.modelgen import create_tiny_llama, weight_bytes
-
-    path = create_tiny_llama(a.path, seed=a.seed)
-    print(f"model folder {path} ({weight_bytes(path)} bytes of weights)")
-    return 0
-
-
 def cmd_demo_model(a) -> int:
     from shared.localcluster.up import DEMO_MODEL, ensure_demo_model
     from shared.settings import CommonSettings, load_settings
@@ -103,6 +95,16 @@ def cmd_settings_doc(a) -> int:
 
 
 def cmd_model(a) -> int:
+    if a.action == "make-tiny":
+        from shared.modelgen import SIZES, create_tiny_llama, weight_bytes
+
+        state = Path(os.environ.get("WARMSERVE_STATE_DIR", ".warmserve"))
+        path = create_tiny_llama((a.dir or state / "models") / a.slug, SIZES[a.size], seed=a.seed)
+        print(f"created {path} ({SIZES[a.size].parameters / 1e6:.0f}M parameters, "
+              f"{weight_bytes(path) / 2**20:.0f} MiB)", flush=True)
+        if not a.no_register:
+            _print(asyncio.run(_admin("model-register", {"slug": a.slug, "path": str(path.resolve())})))
+        return 0
     if a.action == "register":
         args = {"slug": a.slug, "path": str(Path(a.path).resolve()), "tensor_parallel_size": a.tp}
         if a.max_context:
@@ -177,11 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="bring the database (WARMSERVE_DATABASE_URL) to the latest schema") \
         .set_defaults(func=cmd_migrate)
 
-    mk = sub.add_parser("make-model", help="create a small random-weight Llama model folder offline")
-    mk.add_argument("path", type=Path)
-    mk.add_argument("--seed", type=int, default=0)
-    mk.set_defaults(func=cmd_make_model)
-
     sub.add_parser("settings-doc", help="print every setting as markdown (docs/configuration.md)") \
         .set_defaults(func=cmd_settings_doc)
 
@@ -197,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     reg.add_argument("--max-context", type=int, help="context length (read from config.json if omitted)")
     reg.add_argument("--parameter-bytes", type=int, help="weight bytes (read from the folder if omitted)")
+    tiny = msub.add_parser("make-tiny", help="create a random-weight Llama model offline and register it")
+    tiny.add_argument("slug", help="catalog id: a-z, 0-9 and '-'")
+    tiny.add_argument("--size", default="5m", choices=["5m", "300m"], help="5m for tests, 300m for demos")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--dir", type=Path, help="parent folder (default: the state folder's models/)")
+    tiny.add_argument("--no-register", action="store_true", help="only create the folder")
     msub.add_parser("list", help="list the catalog")
     rm = msub.add_parser("remove", help="remove a model")
     rm.add_argument("slug")

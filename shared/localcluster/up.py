@@ -159,7 +159,7 @@ def smoke_request(gateway_url: str, model: str = DEMO_MODEL) -> str:
 
     client = OpenAI(base_url=f"{gateway_url}/v1", api_key="local", max_retries=2)
     raw = client.chat.completions.with_raw_response.create(
-        model=model, messages=[{"role": "user", "content": "Say hello to WarmServe."}], max_tokens=16)
+        model=model, messages=[{"role": "user", "content": "Say hello to WarmServe."}], max_tokens=16, seed=0)
     resp = raw.parse()
     outcome = raw.headers.get("x-warmserve-outcome")
     return (f"{resp.choices[0].message.content!r} ({resp.usage.completion_tokens} tokens, "

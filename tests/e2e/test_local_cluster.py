@@ -51,7 +51,8 @@ def cluster(tmp_path_factory):
 def test_up_reports_progress_and_answers_the_smoke_request(cluster):
     text = cluster["output"]
     assert re.search(r"\[7/7\] smoke request .* ok", text), text
-    assert re.search(r"answer: '.+' \(16 tokens, outcome warm, finish length\)", text), text
+    assert re.search(r"answer: '.+' \(\d+ tokens, outcome warm, finish (length|stop)\)", text), text
+    assert re.search(r"worker\(s\) with the (vllm|sim) engine", text), text
     assert f"{cluster['url']}/v1" in text
 
 
@@ -102,6 +103,10 @@ def test_cli_admin_commands_talk_to_the_cluster(cluster):
     workers = run("workers")
     assert workers.returncode == 0, workers.stderr
     assert "worker-0" in workers.stdout and re.search(r"tiny-llama\s+active", workers.stdout)
+    import importlib.util
+
+    expected = "vllm" if importlib.util.find_spec("vllm") else "sim"  # auto: real inference when installed
+    assert f"engine={expected}" in workers.stdout
     models = run("model", "list")
     assert '"slug": "tiny-llama"' in models.stdout
     bad = run("model", "register", "Bad.Slug", "/nowhere")

@@ -121,12 +121,24 @@ class VllmEngine:
         else:
             resident = _rss(procs)
         cache = engine.vllm_config.cache_config
-        self._engines[spec.slug] = _Running(
+        run = _Running(
             spec=spec, engine=engine, tokenizer=engine.get_tokenizer(), processes=procs, tmpdir=tmpdir, core=core,
             resident_bytes=resident, kv_blocks=int(cache.num_gpu_blocks or 0), block_tokens=int(cache.block_size or 0))
+        if not self.cuda:
+            await self._warm_up(run)  # on a GPU the KV cache is not mapped until activation
+        self._engines[spec.slug] = run
         log.info("vLLM engine for %s up: %d processes, %.0f MiB resident, %d KV blocks of %d tokens",
                  spec.slug, len(procs), resident / 2**20, cache.num_gpu_blocks or 0, cache.block_size or 0)
         return resident
+
+    async def _warm_up(self, run: _Running) -> None:
+        """One throw-away token, so the first real request does not pay the engine's first forward pass."""
+        from vllm import SamplingParams
+
+        ids = list(run.tokenizer.encode("warm up")) or [0]
+        async for _ in run.engine.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1),
+                                           request_id=f"warmup-{time.monotonic_ns()}"):
+            pass
 
     async def unload(self, model: str) -> int:
         """Stop the engine; returns the bytes that were measurably freed."""
@@ -135,6 +147,10 @@ class VllmEngine:
             return 0
         device_before = self._device_used()
         rss = {p.pid: _rss([p]) for p in run.processes}
+        handler = getattr(run.engine, "output_handler", None)
+        if handler is not None:  # stop it first, or it reports the engine it was reading from as dead
+            handler.cancel()
+            await asyncio.gather(handler, return_exceptions=True)
         await asyncio.to_thread(run.engine.shutdown)
         gone, alive = await asyncio.to_thread(psutil.wait_procs, run.processes, 10)
         for p in alive:
