@@ -17,7 +17,7 @@ TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_fo
 
 # worker error codes -> HTTP status
 WORKER_CODES = {"context_length_exceeded": 400, "bad_request": 400, "not_active": 503, "timeout": 504,
-                "no_responders": 503}
+                "no_responders": 503, "aborted": 503}
 
 
 class ApiError(Exception):

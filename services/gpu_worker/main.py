@@ -104,6 +104,10 @@ class WorkerService:
                                        finish_reason="length", usage=Usage(prompt_tokens=0, completion_tokens=0))
                 span.set_attribute("warmserve.completion_tokens", final.usage.completion_tokens)
                 await bus.reply(self.nc, msg, final)
+            except asyncio.CancelledError:  # deactivated without draining, or the worker is stopping
+                span.set_attribute("error.type", "aborted")
+                await self._reply_error(msg, req.request_id, seq, "aborted", "the instance stopped serving")
+                raise
             except EngineError as exc:
                 span.set_attribute("error.type", exc.code)
                 await self._reply_error(msg, req.request_id, seq, exc.code, str(exc))

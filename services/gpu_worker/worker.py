@@ -32,6 +32,7 @@ class Copy:
     instance_id: str | None = None
     in_flight: int = 0
     resident_bytes: int = 0  # measured by the engine
+    kv_granted_bytes: int = 0  # KV cache granted at activation: the most a KV target can take back
     kv_target_free_blocks: int | None = None
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     requests: set[asyncio.Task] = field(default_factory=set)
@@ -235,32 +236,41 @@ class Worker:
             if copy.state is not CopyState.PREWARMED or self.copies.get(spec.slug) is not copy:
                 raise EngineError("wrong_state", f"{spec.slug} is {copy.state.value}")
             started = time.monotonic()
-            others = [c for c in self.copies.values() if c is not copy and c.state is CopyState.PREWARMED]
-            want = self.kv_bytes_per_instance
-            if want is not None:
-                reclaimable = sum(self.memory.weights.get(c.spec.slug, 0) for c in others) * PAGE_BYTES
-                if not self.memory.fits(want) and self.memory.free_bytes() + reclaimable < want:
-                    raise EngineError("insufficient_memory", f"{spec.slug}'s KV cache needs {want} bytes; "
-                                                             "evicting every prewarmed copy would not free enough")
-            for other in others:  # the memory of other prewarmed copies becomes KV cache
-                if want is not None and self.memory.fits(want):
-                    break
-                freed = await self.engine.unload(other.spec.slug)  # measured
-                self.memory.give_back(self.memory.weights, other.spec.slug)
-                self._move(other, CopyState.ABSENT, n_bytes=freed, reason=f"evicted to activate {spec.slug}")
-            kv = self.memory.free_bytes() if want is None else want
-            if kv <= 0 or not self.memory.fits(kv):
-                raise EngineError("insufficient_memory", f"no memory left for {spec.slug}'s KV cache")
-            self.memory.take(self.memory.kv, spec.slug, kv)
+            kv = 0 if getattr(self.engine, "kv_allocated_at_load", False) else await self._make_room_for_kv(copy)
+            if kv:
+                self.memory.take(self.memory.kv, spec.slug, kv)
             try:
                 await self.engine.activate(spec.slug, kv)
             except BaseException:
                 self.memory.give_back(self.memory.kv, spec.slug)
                 raise
+            copy.kv_granted_bytes = kv
             self._instances += 1
             copy.instance_id = f"{self.worker_id}-{spec.slug}-{self._instances}"
             self._move(copy, CopyState.ACTIVE, n_bytes=kv, seconds=time.monotonic() - started, reason=reason)
             return copy.instance_id
+
+    async def _make_room_for_kv(self, copy: Copy) -> int:
+        """The KV bytes to grant ``copy``, evicting other prewarmed copies as far as that needs
+        (and none at all if evicting them all would not be enough). Called with the lock held."""
+        slug = copy.spec.slug
+        others = [c for c in self.copies.values() if c is not copy and c.state is CopyState.PREWARMED]
+        want = self.kv_bytes_per_instance
+        if want is not None:
+            reclaimable = sum(self.memory.weights.get(c.spec.slug, 0) for c in others) * PAGE_BYTES
+            if not self.memory.fits(want) and self.memory.free_bytes() + reclaimable < want:
+                raise EngineError("insufficient_memory", f"{slug}'s KV cache needs {want} bytes; "
+                                                         "evicting every prewarmed copy would not free enough")
+        for other in others:  # the memory of other prewarmed copies becomes KV cache
+            if want is not None and self.memory.fits(want):
+                break
+            freed = await self.engine.unload(other.spec.slug)  # measured
+            self.memory.give_back(self.memory.weights, other.spec.slug)
+            self._move(other, CopyState.ABSENT, n_bytes=freed, reason=f"evicted to activate {slug}")
+        kv = self.memory.free_bytes() if want is None else want
+        if kv <= 0 or not self.memory.fits(kv):
+            raise EngineError("insufficient_memory", f"no memory left for {slug}'s KV cache")
+        return kv
 
     def _check_idle_for(self, model: str) -> None:
         current = self.active()
@@ -278,17 +288,40 @@ class Worker:
                 return  # already prewarmed, loading, or being drained by another command
             self._move(copy, CopyState.DRAINING, reason=reason)
         if not drain:
-            for task in list(copy.requests):
-                task.cancel()
+            await self._cancel_requests(copy)
         started = time.monotonic()
         while copy.in_flight and time.monotonic() - started < drain_timeout_s:
             await asyncio.sleep(0.05)
+        await self._cancel_requests(copy)  # whatever outlived the drain timeout
         async with self._lock:
-            await self.engine.deactivate(model)
+            try:
+                await self.engine.deactivate(model)
+            except Exception as exc:  # unknown engine state: drop the copy rather than keep a broken one
+                freed = await self._drop_broken(copy, f"deactivation failed: {exc}")
+                raise EngineError("deactivate_failed", f"{model} could not release its KV cache ({exc}); "
+                                                       f"the copy was unloaded ({freed} bytes freed)") from exc
             freed = self.memory.give_back(self.memory.kv, model)
             copy.instance_id = None
             copy.kv_target_free_blocks = None
+            copy.kv_granted_bytes = 0
             self._move(copy, CopyState.PREWARMED, n_bytes=freed, seconds=time.monotonic() - started, reason=reason)
+
+    async def _cancel_requests(self, copy: Copy) -> None:
+        tasks = list(copy.requests)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _drop_broken(self, copy: Copy, reason: str) -> int:
+        slug = copy.spec.slug
+        try:
+            freed = await self.engine.unload(slug)
+        except Exception:
+            freed = 0
+        self.memory.give_back(self.memory.kv, slug)
+        self.memory.give_back(self.memory.weights, slug)
+        self._move(copy, CopyState.ABSENT, n_bytes=freed, reason=reason)
+        return freed
 
     async def set_kv_target(self, model: str, free_blocks: int) -> int:
         """Keep ``free_blocks`` free KV blocks beyond those in use; give the rest back to the pool (or
@@ -301,12 +334,15 @@ class Worker:
             if usage is None:
                 raise EngineError("unsupported", f"the {self.engine.name} engine does not report KV usage")
             held = self.memory.kv.get(model, 0) * PAGE_BYTES
-            ceiling = self.kv_bytes_per_instance or held
-            keep = kv_bytes_to_keep(usage.used_blocks, free_blocks, usage.block_bytes, ceiling)
+            keep = kv_bytes_to_keep(usage.used_blocks, free_blocks, usage.block_bytes, copy.kv_granted_bytes)
             if pages(keep) - pages(held) > self.memory.free_pages:
                 raise EngineError("insufficient_memory", f"{model} would need {keep} bytes of KV cache; "
                                                          f"{self.memory.free_bytes()} free on {self.worker_id}")
             now_held = await self.engine.resize_kv(model, keep)
+            if pages(now_held) - pages(held) > self.memory.free_pages:  # the engine took more than asked
+                await self.engine.resize_kv(model, held)
+                raise EngineError("insufficient_memory", f"{model}'s engine kept {now_held} bytes of KV cache, "
+                                                         f"more than the {keep} asked for")
             self.memory.give_back(self.memory.kv, model)
             self.memory.take(self.memory.kv, model, now_held)
             copy.kv_target_free_blocks = free_blocks

