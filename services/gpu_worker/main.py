@@ -173,6 +173,9 @@ class WorkerService:
         deadline = time.monotonic() + 10
         while self._tasks and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        for task in list(self._tasks):  # requests that outlived the grace period end with 'aborted'
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)

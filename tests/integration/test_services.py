@@ -67,7 +67,7 @@ async def worker(nats_url, request):
     await asyncio.sleep(0.3)
     yield service
     stop.set()
-    await asyncio.wait_for(task, 20)
+    await asyncio.wait_for(task, 40)
 
 
 async def command(nc, wid, kind, model, spec=None, command_id=None):
@@ -121,13 +121,14 @@ async def gateway(nats_url, nc, worker, spec):
     port = free_port()
     app = create_app(GatewaySettings(nats_url=nats_url, port=port, demand_interval_s=0.2,
                                      gateway_id="gw-test"))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.05)
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
-    await asyncio.wait_for(task, 15)
+    await asyncio.wait_for(task, 30)
     await kv.delete("tiny")
     await kv.delete("cold")
 

@@ -58,7 +58,8 @@ async def test_prewarm_activate_serve_switch_serve(nats_url, specs):
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(GatewaySettings(nats_url=nats_url, port=port, gateway_id="gw-vllm")),
-                                           host="127.0.0.1", port=port, log_level="warning"))
+                                           host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
     server_task = asyncio.create_task(server.serve())
     http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60)
 
