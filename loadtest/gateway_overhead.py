@@ -4,15 +4,13 @@ Runs against a live cluster (default: the one `warmserve up` is running). Both p
 worker and instance with the same request, one at a time, alternating, so the difference is what the
 gateway adds (HTTP parsing, validation, routing, SSE framing, one extra NATS hop per chunk).
 
-    .venv/bin/python loadtest/gateway_overhead.py --requests 300
+    .venv/bin/python -m loadtest.gateway_overhead --requests 300
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import platform
 import statistics
 import sys
 import time
@@ -20,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from loadtest.report import header, save
 from shared import bus
 from shared.cli.main import _admin, _gateway_url, _nats_url
 from shared.messages import ChatMessage, InferChunk, InferRequest, SamplingParams
@@ -83,11 +82,9 @@ async def main(a) -> dict:
         print(f"{name:<10}{r['ttft']['p50_ms']:>10.2f}{r['ttft']['p90_ms']:>9.2f}{r['ttft']['p99_ms']:>9.2f}"
               f"{r['total']['p50_ms']:>11.2f}{r['total']['p99_ms']:>9.2f}")
     print(f"{'overhead':<10}{overhead['p50_ms']:>10.2f}{overhead['p90_ms']:>9.2f}{overhead['p99_ms']:>9.2f}")
-    return {"benchmark": "gateway_overhead", "command": " ".join(sys.argv), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": {"platform": platform.platform(), "python": platform.python_version()},
-            "params": {"requests": a.requests, "warmup": a.warmup, "max_tokens": a.max_tokens, "model": model,
-                       "engine": next(w["engine"] for w in workers if w["worker_id"] == worker)},
-            "results": rows, "ttft_overhead_ms": overhead}
+    engine = next(w["engine"] for w in workers if w["worker_id"] == worker)
+    return header("gateway_overhead", vars(a) | {"engine": engine, "worker": worker}) | {
+        "results": rows, "ttft_overhead_ms": overhead}
 
 
 if __name__ == "__main__":
@@ -98,7 +95,4 @@ if __name__ == "__main__":
     p.add_argument("--model", default="tiny-llama")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks/gateway_overhead.json"))
     args = p.parse_args()
-    report = asyncio.run(main(args))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"saved {args.out}")
+    save(asyncio.run(main(args)), args.out)

