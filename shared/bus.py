@@ -98,12 +98,14 @@ async def request(nc: NATS, subject: str, msg: BusMessage, reply_type: type[M], 
 async def request_stream(
     nc: NATS, subject: str, msg: BusMessage, chunk_type: type[M], *,
     first_timeout: float, idle_timeout: float, is_last: Callable[[M], bool],
+    alive: Callable[[], bool] | None = None, check_every_s: float = 0.5,
 ) -> AsyncIterator[M]:
     """Send ``msg`` with a private inbox and yield the replies until ``is_last`` says so.
 
     The inbox is subscribed before publishing, so no chunk can be missed. Raises
-    BusError('no_responders') if nobody serves ``subject`` and BusError('timeout') when the
-    responder goes silent for longer than the current timeout.
+    BusError('no_responders') if nobody serves ``subject``, BusError('responder_lost') as soon as
+    ``alive()`` turns false (checked every ``check_every_s`` while waiting), and BusError('timeout')
+    when the responder goes silent for longer than the current timeout.
     """
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
@@ -111,10 +113,18 @@ async def request_stream(
         await nc.publish(subject, msg.encode(), reply=inbox, headers=inject_headers())
         timeout = first_timeout
         while True:
-            try:
-                reply = await sub.next_msg(timeout=timeout)
-            except nats.errors.TimeoutError:
-                raise BusError("timeout", f"{subject} went silent for {timeout:.1f} s") from None
+            waited = 0.0
+            while True:
+                step = min(check_every_s, timeout - waited) if alive is not None else timeout
+                try:
+                    reply = await sub.next_msg(timeout=max(step, 0.001))
+                    break
+                except nats.errors.TimeoutError:
+                    waited += step
+                    if alive is not None and not alive():
+                        raise BusError("responder_lost", f"the worker behind {subject} is gone") from None
+                    if waited >= timeout:
+                        raise BusError("timeout", f"{subject} went silent for {timeout:.1f} s") from None
             if reply.headers and reply.headers.get(STATUS_HEADER) == "503":
                 raise BusError("no_responders", f"nobody is listening on {subject}")
             chunk = chunk_type.decode(reply.data)

@@ -215,6 +215,37 @@ class WorkerEvent(BusMessage):
     at_s: float
 
 
+class Outcome(str, enum.Enum):
+    """How a request found its instance (DESIGN 3)."""
+
+    WARM = "warm"  # an instance was active
+    PREWARM_HIT = "prewarm_hit"  # an instance was made from a prewarmed copy
+    COLD = "cold"  # the weights had to be loaded
+
+
+class ScaleRequest(BusMessage):
+    """A gateway asks for another instance of a model (none exists, or all are at capacity)."""
+
+    model: str
+    reason: Literal["no_instance", "at_capacity"] = "no_instance"
+    waiting: int = 1
+
+
+class ScaleReply(BusMessage):
+    ok: bool
+    outcome: Outcome | None = None
+    worker_id: str | None = None
+    instance_id: str | None = None
+    seconds: float = 0.0
+    error: ErrorInfo | None = None
+
+
+class CancelRequest(BusMessage):
+    """The client of ``request_id`` went away: stop generating for it."""
+
+    request_id: str
+
+
 # ---------------------------------------------------------------- demand, forecasts, placement
 
 

@@ -50,6 +50,9 @@ class GatewaySettings(CommonSettings):
     first_token_timeout_s: float = Field(60.0, gt=0, description="wait for a worker's first chunk")
     inter_token_timeout_s: float = Field(30.0, gt=0, description="longest silence between chunks")
     demand_interval_s: float = Field(1.0, gt=0, description="how often arrivals are published")
+    queue_wait_s: float = Field(60.0, gt=0, description="longest a request waits for an instance "
+                                                        "(a cold start included) before a 503")
+    queue_size: int = Field(256, ge=0, description="requests that may wait per model; more get a 503")
 
 
 class WorkerSettings(CommonSettings):

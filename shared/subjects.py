@@ -71,6 +71,15 @@ WORKER_CMD = Subject(
     "Lifecycle command to one worker (prewarm, evict, activate, deactivate); idempotent by command_id.",
     reply=m.CommandResult,
 )
+CANCEL = Subject(
+    "warmserve.cancel.{worker}", m.CancelRequest, Durability.CORE,
+    "The client of a request went away; the worker aborts its generation.",
+)
+SCALE = Subject(
+    "warmserve.scale.{model}", m.ScaleRequest, Durability.CORE,
+    "A gateway needs an instance of a model; the orchestrator activates one and replies how.",
+    reply=m.ScaleReply,
+)
 WORKER_EVENT = Subject(
     "warmserve.event.worker.{worker}", m.WorkerEvent, Durability.STREAM,
     "A model copy changed state on a worker (bytes, seconds, reason); persisted as history.",
@@ -94,7 +103,7 @@ ADMIN = Subject(
 )
 
 SUBJECTS: tuple[Subject, ...] = (
-    INFER, WORKER_CMD, WORKER_EVENT, DEMAND, FORECAST, PLACEMENT_PLAN, ADMIN,
+    INFER, CANCEL, SCALE, WORKER_CMD, WORKER_EVENT, DEMAND, FORECAST, PLACEMENT_PLAN, ADMIN,
 )
 
 

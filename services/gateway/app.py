@@ -15,20 +15,25 @@ from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.gateway import errors
+from services.gateway.admission import Admission
 from services.gateway.api_types import ChatCompletionRequest, CompletionRequest
 from services.gateway.demand import DemandPublisher
 from services.gateway.errors import ApiError
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.routing import RoutingTable
 from shared import bus
-from shared.messages import InferChunk, InferRequest, ModelSpec, WorkerState, new_id
+from shared.messages import (
+    CancelRequest, InferChunk, InferRequest, ModelSpec, Outcome, ScaleReply, ScaleRequest, WorkerState, new_id,
+)
 from shared.policy.routing import Route
 from shared.settings import GatewaySettings
-from shared.subjects import CATALOG_BUCKET, INFER, WORKERS_BUCKET
+from shared.subjects import CANCEL, CATALOG_BUCKET, INFER, SCALE, WORKERS_BUCKET
 
 log = logging.getLogger("warmserve.gateway")
 OUTCOME_HEADER = "x-warmserve-outcome"
 DEFAULT_MAX_TOKENS = 256
+MAX_ROUTES = 3  # a request that no worker started is routed again, at most this often
+CLIENT_CLOSED = 499  # nginx's "client closed request"
 
 
 class Gateway:
@@ -46,8 +51,10 @@ class Gateway:
         self.js = self.nc.jetstream()
         buckets = await bus.ensure_all(self.js)
         self.catalog = bus.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
-        self.workers = bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState).start()
+        self.workers = bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState, on_change=self._workers_changed).start()
         self.table = RoutingTable(self.catalog, self.workers, s.heartbeat_timeout_s)
+        self.admission = Admission(self.table, self._scale, wait_s=s.queue_wait_s, queue_size=s.queue_size,
+                                   on_queue_change=lambda m, n: self.metrics.queue_depth.labels(m).set(n))
         self._demand_task = asyncio.create_task(self.demand.run(self.js))
 
     async def stop(self) -> None:
@@ -57,11 +64,28 @@ class Gateway:
         await self.workers.stop()
         await bus.close(self.nc)
 
+    def _workers_changed(self) -> None:
+        if hasattr(self, "admission"):
+            self.admission.notify()
+
+    async def _scale(self, req: ScaleRequest) -> ScaleReply:
+        return await bus.request(self.nc, SCALE.format(model=req.model), req, ScaleReply,
+                                 timeout=self.settings.queue_wait_s)
+
+    def cancel(self, worker_id: str, request_id: str) -> None:
+        async def send() -> None:
+            try:
+                await self.nc.publish(CANCEL.format(worker=worker_id), CancelRequest(request_id=request_id).encode())
+            except Exception as exc:  # the worker's own checks end it eventually
+                log.warning("could not cancel %s: %s", request_id, exc)
+
+        asyncio.ensure_future(send())
+
     def chunks(self, route: Route, infer: InferRequest) -> AsyncIterator[InferChunk]:
         return bus.request_stream(
             self.nc, INFER.format(worker=route.worker_id), infer, InferChunk,
             first_timeout=self.settings.first_token_timeout_s, idle_timeout=self.settings.inter_token_timeout_s,
-            is_last=lambda c: c.last,
+            is_last=lambda c: c.last, alive=lambda: self.table.alive(route.worker_id),
         )
 
 
@@ -112,22 +136,33 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         gw.table.model(body.model)  # 404 before anything else
         span = gw.tracer.start_span("gateway.request", attributes={
             "warmserve.model": body.model, "warmserve.request_id": infer.request_id, "warmserve.stream": body.stream})
+        served = Served(gw, body.model, infer.request_id, span)
+        tried: set[str] = set()
         try:
-            route = gw.table.route(body.model)
-        except ApiError as exc:
-            _end_span(span, exc.status)
-            gw.metrics.requests.labels(body.model, "none", str(exc.status)).inc()
-            raise
-        served = Served(gw, body.model, route, span, outcome="warm")
-        infer = infer.model_copy(update={"instance_id": route.instance_id})
-        stream = gw.chunks(route, infer)
-        try:
-            with trace.use_span(span, end_on_exit=False):  # the worker's spans join this trace
-                first = await _first(stream)
+            for _attempt in range(MAX_ROUTES):
+                with trace.use_span(span, end_on_exit=False):  # queueing, scale-up and worker spans join
+                    route, outcome, waited = await gw.admission.admit(body.model, exclude=tried)
+                served.route(route, outcome, waited)
+                routed = infer.model_copy(update={"instance_id": route.instance_id})
+                stream = gw.chunks(route, routed)
+                try:
+                    with trace.use_span(span, end_on_exit=False):
+                        first = await _first(stream)
+                    break
+                except _NotStarted as exc:  # nothing was generated yet: another instance may serve it
+                    await stream.aclose()
+                    served.unroute()
+                    tried.add(route.instance_id)
+                    span.add_event("reroute", {"instance": route.instance_id, "reason": str(exc)})
+                    log.warning("request %s not started on %s (%s); routing it again", infer.request_id,
+                                route.instance_id, exc)
+            else:
+                raise ApiError(503, f"No instance of '{body.model}' could start the request", code="no_capacity",
+                               headers={"Retry-After": "2"})
         except BaseException as exc:
             served.done(exc.status if isinstance(exc, ApiError) else 500)
-            await stream.aclose()
             raise
+        infer = routed
         served.first_token()
         headers = {OUTCOME_HEADER: served.outcome}
         created = int(time.time())
@@ -169,7 +204,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 status = 504
                 yield _sse(ApiError(504, f"worker stopped answering: {exc}", code=exc.code).body())
             except (GeneratorExit, asyncio.CancelledError):
-                status = 499  # the client went away (nginx's "client closed request")
+                status = CLIENT_CLOSED
                 raise
             except Exception as exc:
                 status = 500
@@ -181,7 +216,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             yield "data: [DONE]\n\n"
 
         async def closed() -> None:  # also when the client left before the first byte was sent
-            served.done(499)
+            served.done(CLIENT_CLOSED)
             await stream.aclose()
 
         return _ClosingStream(sse(), on_close=closed, media_type="text/event-stream", headers=headers)
@@ -207,18 +242,30 @@ class _ClosingStream(StreamingResponse):
 
 
 class Served:
-    """Bookkeeping of one routed request, closed exactly once whatever way it ends."""
+    """Bookkeeping of one request, closed exactly once whatever way it ends."""
 
-    def __init__(self, gw: Gateway, model: str, route: Route, span, outcome: str):
-        self.gw, self.model, self.route, self.span, self.outcome = gw, model, route, span, outcome
+    def __init__(self, gw: Gateway, model: str, request_id: str, span):
+        self.gw, self.model, self.request_id, self.span = gw, model, request_id, span
+        self.route_: Route | None = None
+        self.outcome = "none"
         self.started = time.perf_counter()
         self.ttft: float | None = None
         self._done = False
-        span.set_attribute("warmserve.outcome", outcome)
-        span.set_attribute("warmserve.worker", route.worker_id)
-        gw.table.started(route)
         gw.demand.arrive(model)
         gw.metrics.in_flight.labels(model).inc()
+
+    def route(self, route: Route, outcome: Outcome, waited_s: float) -> None:
+        self.route_, self.outcome = route, outcome.value
+        self.span.set_attribute("warmserve.outcome", outcome.value)
+        self.span.set_attribute("warmserve.worker", route.worker_id)
+        self.span.set_attribute("warmserve.queue_wait_s", waited_s)
+        self.gw.table.started(route)
+
+    def unroute(self) -> None:
+        if self.route_ is not None:
+            self.gw.table.finished(self.route_)
+            self.route_ = None
+            self.gw.admission.notify()
 
     def first_token(self) -> None:
         self.ttft = time.perf_counter() - self.started
@@ -230,7 +277,9 @@ class Served:
             return
         self._done = True
         gw = self.gw
-        gw.table.finished(self.route)
+        if status == CLIENT_CLOSED and self.route_ is not None:  # stop the worker generating for nobody
+            gw.cancel(self.route_.worker_id, self.request_id)
+        self.unroute()
         gw.demand.complete(self.model)
         gw.metrics.in_flight.labels(self.model).dec()
         gw.metrics.requests.labels(self.model, self.outcome, str(status)).inc()
@@ -238,6 +287,10 @@ class Served:
             decode_s = time.perf_counter() - self.started - self.ttft
             gw.metrics.tpot.labels(self.model).observe(decode_s / (last.usage.completion_tokens - 1))
         _end_span(self.span, status)
+
+
+class _NotStarted(Exception):
+    """The worker could not start the request (gone, or the instance is no longer active)."""
 
 
 def _end_span(span, status: int) -> None:
@@ -248,14 +301,17 @@ def _end_span(span, status: int) -> None:
 
 
 async def _first(stream: AsyncIterator[InferChunk]) -> InferChunk:
-    """The first chunk; errors before it become HTTP errors."""
+    """The first chunk. Errors before it become HTTP errors, or _NotStarted when another instance
+    could still serve the request."""
     try:
         first = await anext(stream)
     except bus.BusError as exc:
-        status = 503 if exc.code == "no_responders" else 504
-        raise ApiError(status, f"worker unavailable: {exc}", code=exc.code,
-                       headers={"Retry-After": "1"} if status == 503 else None) from None
+        if exc.code in ("no_responders", "responder_lost"):
+            raise _NotStarted(str(exc)) from None
+        raise ApiError(504, f"worker did not answer: {exc}", code=exc.code) from None
     if first.error:
+        if first.error.code in ("not_active", "aborted"):
+            raise _NotStarted(first.error.message)
         raise errors.from_worker(first.error.code, first.error.message)
     return first
 

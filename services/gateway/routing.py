@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import replace
 
 from services.gateway.errors import ApiError
@@ -32,19 +33,22 @@ class RoutingTable:
             raise ApiError(404, f"The model '{slug}' does not exist", code="model_not_found", param="model")
         return spec
 
-    def route(self, slug: str) -> Route:
-        """The least-loaded active instance of ``slug``, or a 503 telling the client when to retry."""
-        workers = self.live()
-        routes = active_routes(slug, workers)
+    def routes(self, slug: str) -> list[Route]:
+        return active_routes(slug, self.live())
+
+    def has_instance(self, slug: str) -> bool:
+        return bool(self.routes(slug))
+
+    def try_route(self, slug: str, exclude: Collection[str] = ()) -> Route | None:
+        """The least-loaded active instance of ``slug`` with room, or None."""
+        routes = [r for r in self.routes(slug) if r.instance_id not in exclude]
         # a worker's report already counts (most of) our pending requests: subtract them so the
         # load is "others' requests as last reported + ours exactly"
         others = [replace(r, in_flight=max(r.in_flight - self.pending.get(r.instance_id, 0), 0)) for r in routes]
-        chosen = pick_route(others, self.pending)
-        if chosen is None:
-            reason = "is at capacity" if routes else "has no active instance yet"
-            raise ApiError(503, f"Model '{slug}' {reason}; retry shortly", code="no_capacity",
-                           headers={"Retry-After": "1"})
-        return chosen
+        return pick_route(others, self.pending)
+
+    def alive(self, worker_id: str) -> bool:
+        return any(w.worker_id == worker_id for w in self.live())
 
     def started(self, route: Route) -> None:
         self.pending[route.instance_id] = self.pending.get(route.instance_id, 0) + 1

@@ -16,10 +16,10 @@ from services.gpu_worker.streaming import ChunkCoalescer
 from services.gpu_worker.worker import Worker
 from shared import bus
 from shared.messages import (
-    CommandResult, ErrorInfo, InferChunk, InferRequest, Usage, WorkerCommand, WorkerEvent, WorkerState,
+    CancelRequest, CommandResult, ErrorInfo, InferChunk, InferRequest, Usage, WorkerCommand, WorkerEvent, WorkerState,
 )
 from shared.settings import WorkerSettings, load_settings
-from shared.subjects import INFER, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET
+from shared.subjects import CANCEL, INFER, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET
 from shared.service import brief, run_service
 from shared.telemetry import extract_context, tracer
 
@@ -42,6 +42,7 @@ class WorkerService:
         self.started_at = time.time()
         self.tracer = tracer("warmserve.gpu_worker")
         self._tasks: set[asyncio.Task] = set()
+        self._requests: dict[str, asyncio.Task] = {}  # request id -> the task generating it
 
     def state(self) -> WorkerState:
         w, mem = self.worker, self.worker.memory
@@ -82,6 +83,25 @@ class WorkerService:
                 code="bad_request", message=f"malformed request: {exc.errors()[0]['msg']}")))
             return
         seq = 0
+        task = asyncio.current_task()
+        self._requests[req.request_id] = task
+        try:
+            await self._generate(msg, req, seq)
+        finally:
+            if self._requests.get(req.request_id) is task:
+                del self._requests[req.request_id]
+
+    async def on_cancel(self, msg: Msg) -> None:
+        try:
+            req = CancelRequest.decode(msg.data)
+        except ValidationError:
+            return
+        task = self._requests.get(req.request_id)
+        if task is not None:
+            log.info("cancelling %s: its client went away", req.request_id)
+            task.cancel()
+
+    async def _generate(self, msg: Msg, req: InferRequest, seq: int) -> None:
         with self.tracer.start_as_current_span("worker.generate", context=extract_context(msg.headers),
                                                attributes={"warmserve.model": req.model,
                                                            "warmserve.request_id": req.request_id}) as span:
@@ -163,7 +183,8 @@ class WorkerService:
             self._spawn(self.on_infer(msg))
 
         subs = [await self.nc.subscribe(WORKER_CMD.format(worker=s.worker_id), cb=on_command),
-                await self.nc.subscribe(INFER.format(worker=s.worker_id), cb=on_infer)]
+                await self.nc.subscribe(INFER.format(worker=s.worker_id), cb=on_infer),
+                await self.nc.subscribe(CANCEL.format(worker=s.worker_id), cb=self.on_cancel)]
         log.info("worker %s up: engine=%s device=%s budget=%d bytes", s.worker_id, s.engine, s.device,
                  self.worker.memory.budget_bytes)
         await stop.wait()

@@ -11,12 +11,19 @@ from sqlalchemy.exc import IntegrityError
 from shared import bus
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
-from shared.messages import CommandResult, ModelSpec, PlacementPlan, WorkerCommand, WorkerEvent, WorkerState
+from shared.messages import (
+    CommandKind, CommandResult, CopyState, ErrorInfo, ModelSpec, Outcome, PlacementPlan, ScaleReply, ScaleRequest,
+    WorkerCommand, WorkerEvent, WorkerState,
+)
 from shared.policy.cluster import live_workers
 from shared.policy.reconcile import Action, reconcile
+from shared.policy.scaleup import choose_worker
 from shared.service import brief, pause, run_service
 from shared.settings import OrchestratorSettings, load_settings
-from shared.subjects import CATALOG_BUCKET, PLACEMENT_BUCKET, PLACEMENT_KEY, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET
+from shared.subjects import (
+    CATALOG_BUCKET, PLACEMENT_BUCKET, PLACEMENT_KEY, SCALE, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET,
+)
+from shared.telemetry import extract_context, tracer
 
 log = logging.getLogger("warmserve.orchestrator")
 
@@ -27,6 +34,13 @@ class Orchestrator:
         self.busy: set[tuple[str, str]] = set()
         self.retry_at: dict[tuple[str, str], tuple[float, float]] = {}  # key -> (not before, last delay)
         self._tasks: set[asyncio.Task] = set()
+        self._scaling: dict[str, asyncio.Task] = {}
+        self.tracer = tracer("warmserve.orchestrator")
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def live(self) -> list[WorkerState]:
         return live_workers(self.workers.items.values(), time.time(), self.settings.heartbeat_timeout_s)
@@ -42,9 +56,7 @@ class Orchestrator:
                 continue
             spec = self.catalog.items.get(action.model)
             self.busy.add(key)
-            task = asyncio.create_task(self.execute(action, spec))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self.execute(action, spec))
 
     async def execute(self, action: Action, spec: ModelSpec | None) -> None:
         key = (action.worker_id, action.model)
@@ -65,6 +77,58 @@ class Orchestrator:
             self.retry_at[key] = (time.monotonic() + delay, delay)
             log.warning("%s %s on %s failed: %s (retry in %.0f s)", action.kind.value, action.model,
                         action.worker_id, why, delay)
+
+    async def on_scale(self, msg) -> None:
+        """A gateway needs an instance: one scale-up per model at a time, shared by every asker."""
+        try:
+            req = ScaleRequest.decode(msg.data)
+        except ValueError as exc:
+            await bus.reply(self.nc, msg, ScaleReply(ok=False, error=ErrorInfo(code="bad_request", message=brief(exc))))
+            return
+        with self.tracer.start_as_current_span("orchestrator.scale_up", context=extract_context(msg.headers),
+                                               attributes={"warmserve.model": req.model,
+                                                           "warmserve.reason": req.reason}) as span:
+            task = self._scaling.get(req.model)
+            if task is None:
+                task = asyncio.create_task(self.scale_up(req))
+                self._scaling[req.model] = task
+                task.add_done_callback(lambda _t, m=req.model: self._scaling.pop(m, None))
+            reply = await asyncio.shield(task)
+            span.set_attribute("warmserve.outcome", reply.outcome.value if reply.outcome else "none")
+        await bus.reply(self.nc, msg, reply)
+
+    async def scale_up(self, req: ScaleRequest) -> ScaleReply:
+        started = time.monotonic()
+        spec = self.catalog.items.get(req.model)
+        if spec is None:
+            return ScaleReply(ok=False, error=ErrorInfo(code="not_found", message=f"no model {req.model!r}"))
+        live = self.live()
+        if req.reason == "no_instance":  # someone else's scale-up may have landed meanwhile
+            for w in live:
+                c = w.copy_of(req.model)
+                if c is not None and c.state is CopyState.ACTIVE:
+                    return ScaleReply(ok=True, outcome=Outcome.WARM, worker_id=w.worker_id, instance_id=c.instance_id)
+        choice = choose_worker(spec, live, busy={wid for wid, _ in self.busy})
+        if choice is None:
+            return ScaleReply(ok=False, error=ErrorInfo(
+                code="no_capacity", message=f"no worker can take another instance of {req.model} now"))
+        key = (choice.worker_id, req.model)
+        self.busy.add(key)
+        try:
+            cmd = WorkerCommand(kind=CommandKind.ACTIVATE, model=req.model, spec=spec,
+                                reason=f"scale-up ({req.reason}, {req.waiting} waiting)")
+            result = await bus.request(self.nc, WORKER_CMD.format(worker=choice.worker_id), cmd, CommandResult,
+                                       timeout=self.settings.command_timeout_s)
+        except bus.BusError as exc:
+            return ScaleReply(ok=False, error=ErrorInfo(code=exc.code, message=str(exc)))
+        finally:
+            self.busy.discard(key)
+        log.info("scale-up %s on %s: %s (%s, %.2f s)", req.model, choice.worker_id,
+                 "ok" if result.ok else result.error.message, choice.outcome.value, time.monotonic() - started)
+        if not result.ok:
+            return ScaleReply(ok=False, error=result.error)
+        return ScaleReply(ok=True, outcome=choice.outcome, worker_id=choice.worker_id,
+                          instance_id=result.instance_id, seconds=time.monotonic() - started)
 
     async def on_event(self, event: WorkerEvent, msg) -> None:
         """Worker events -> Postgres, acknowledged only once stored."""
@@ -103,6 +167,10 @@ class Orchestrator:
         loops = [asyncio.create_task(bus.consume(self.js, WORKER_EVENT.wildcard, "orchestrator-events", WorkerEvent,
                                              self.on_event)),
                  asyncio.create_task(self.touch_workers())]
+        async def on_scale(msg) -> None:  # handle each in its own task: a scale-up takes seconds
+            self._spawn(self.on_scale(msg))
+
+        scale_sub = await self.nc.subscribe(SCALE.wildcard, queue="orchestrator", cb=on_scale)
         log.info("orchestrator up: reconciling every %.1f s", s.reconcile_interval_s)
         while not stop.is_set():
             if self.workers.ready.is_set() and self.plan.ready.is_set() and self.catalog.ready.is_set():
@@ -111,6 +179,7 @@ class Orchestrator:
                 except Exception as exc:
                     log.warning("reconcile round failed: %s", brief(exc))
             await pause(stop, s.reconcile_interval_s)
+        await scale_sub.unsubscribe()
         for t in loops + list(self._tasks):
             t.cancel()
         await asyncio.gather(*loops, *self._tasks, return_exceptions=True)

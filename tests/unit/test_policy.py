@@ -130,3 +130,33 @@ def test_kv_reservation_follows_load():
     assert kv_bytes_to_keep(used_blocks=10, target_free_blocks=500, block_bytes=100, max_bytes=10_000) == 10_000
     assert reclaimable_bytes(10_000, used_blocks=10, target_free_blocks=20, block_bytes=100) == 7000
     assert reclaimable_bytes(1000, used_blocks=10, target_free_blocks=20, block_bytes=100) == 0
+
+
+# ---------------------------------------------------------------- scale-up placement
+
+from shared.messages import Outcome  # noqa: E402
+from shared.policy.scaleup import choose_worker  # noqa: E402
+
+
+def test_scale_up_prefers_prewarm_hits_then_loading_then_cold():
+    m = spec("m")
+    hit = worker("w2", ("m", CopyState.PREWARMED, 0))
+    busy_hit = worker("w1", ("m", CopyState.PREWARMED, 0), ("x", CopyState.ACTIVE, 3))
+    loading = worker("w3", ("m", CopyState.LOADING, 0))
+    empty = worker("w4")
+    crowded = worker("w5", ("y", CopyState.PREWARMED, 0), ("z", CopyState.PREWARMED, 0))
+    assert choose_worker(m, [busy_hit, hit, loading, empty]) == choose_worker(m, [hit])
+    assert choose_worker(m, [hit, empty]).outcome is Outcome.PREWARM_HIT
+    assert choose_worker(m, [busy_hit, loading, empty]).worker_id == "w3"
+    cold = choose_worker(m, [busy_hit, crowded, empty])
+    assert cold.worker_id == "w4" and cold.outcome is Outcome.COLD  # fewest prewarmed copies destroyed
+    assert choose_worker(m, [hit, empty], busy={"w2"}).worker_id == "w4"
+
+
+def test_scale_up_counts_evictable_copies_as_room_and_gives_up_when_nothing_fits():
+    m = spec("m", size=5 * GB)
+    full = worker("w1", ("y", CopyState.PREWARMED, 0), budget=6 * GB)  # 5 GB free + 1 GB evictable
+    assert choose_worker(m, [full]).worker_id == "w1"
+    tiny = worker("w2", budget=2 * GB)
+    assert choose_worker(m, [tiny]) is None
+    assert choose_worker(m, [worker("w3", ("x", CopyState.ACTIVE, 0))]) is None  # one instance per worker
