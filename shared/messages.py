@@ -58,6 +58,15 @@ class ModelSpec(BusMessage):
     status: ModelStatus = ModelStatus.ACTIVE
 
 
+class ApiKeyRecord(BusMessage):
+    """What a gateway needs to check a key (the KV bucket is keyed by the key's SHA-256)."""
+
+    id: str
+    name: str
+    disabled: bool = False
+    rate_limit_rps: float | None = None
+
+
 # ---------------------------------------------------------------- inference
 
 

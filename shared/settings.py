@@ -53,6 +53,9 @@ class GatewaySettings(CommonSettings):
     queue_wait_s: float = Field(60.0, gt=0, description="longest a request waits for an instance "
                                                         "(a cold start included) before a 503")
     queue_size: int = Field(256, ge=0, description="requests that may wait per model; more get a 503")
+    require_api_key: bool = Field(True, description="check 'Authorization: Bearer <key>' against the API keys")
+    rate_limit_rps: float = Field(50.0, gt=0, description="requests per second per API key, unless the key "
+                                                         "has its own limit; bursts of twice that pass")
 
 
 class WorkerSettings(CommonSettings):

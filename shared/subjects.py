@@ -98,7 +98,7 @@ PLACEMENT_PLAN = Subject(
 )
 ADMIN = Subject(
     "warmserve.admin.{verb}", m.AdminRequest, Durability.CORE,
-    "Operator commands (model-register, model-list, model-remove, worker-list); request-reply.",
+    "Operator commands (models, workers, placement history, API keys); request-reply.",
     reply=m.AdminReply,
 )
 
@@ -147,5 +147,9 @@ PLACEMENT_BUCKET = BucketSpec(
     "warmserve-placement", m.PlacementPlan, None,
     "key = 'current'; the desired prewarmed copies.",
 )
-BUCKETS: tuple[BucketSpec, ...] = (WORKERS_BUCKET, CATALOG_BUCKET, PLACEMENT_BUCKET)
+APIKEYS_BUCKET = BucketSpec(
+    "warmserve-apikeys", m.ApiKeyRecord, None,
+    "key = SHA-256 of an API key; its name, whether it is disabled, its rate limit (Postgres is the record).",
+)
+BUCKETS: tuple[BucketSpec, ...] = (WORKERS_BUCKET, CATALOG_BUCKET, PLACEMENT_BUCKET, APIKEYS_BUCKET)
 PLACEMENT_KEY = "current"

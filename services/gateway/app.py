@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,12 +23,14 @@ from services.gateway.errors import ApiError
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.routing import RoutingTable
 from shared import bus
+from shared.apikeys import hash_key
 from shared.messages import (
-    CancelRequest, InferChunk, InferRequest, ModelSpec, Outcome, ScaleReply, ScaleRequest, WorkerState, new_id,
+    ApiKeyRecord, CancelRequest, InferChunk, InferRequest, ModelSpec, Outcome, ScaleReply, ScaleRequest, WorkerState, new_id,
 )
+from shared.policy.ratelimit import TokenBucket
 from shared.policy.routing import Route
 from shared.settings import GatewaySettings
-from shared.subjects import CANCEL, CATALOG_BUCKET, INFER, SCALE, WORKERS_BUCKET
+from shared.subjects import APIKEYS_BUCKET, CANCEL, CATALOG_BUCKET, INFER, SCALE, WORKERS_BUCKET
 
 log = logging.getLogger("warmserve.gateway")
 OUTCOME_HEADER = "x-warmserve-outcome"
@@ -44,6 +47,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.demand = DemandPublisher(settings.gateway_id, settings.demand_interval_s)
         self.tracer = trace.get_tracer("warmserve.gateway")
+        self.buckets: dict[str, TokenBucket] = {}
 
     async def start(self) -> None:
         s = self.settings
@@ -52,6 +56,7 @@ class Gateway:
         buckets = await bus.ensure_all(self.js)
         self.catalog = bus.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
         self.workers = bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState, on_change=self._workers_changed).start()
+        self.keys = bus.KvMirror(buckets[APIKEYS_BUCKET.name], ApiKeyRecord).start()
         self.table = RoutingTable(self.catalog, self.workers, s.heartbeat_timeout_s)
         self.admission = Admission(self.table, self._scale, wait_s=s.queue_wait_s, queue_size=s.queue_size,
                                    on_queue_change=lambda m, n: self.metrics.queue_depth.labels(m).set(n))
@@ -62,7 +67,30 @@ class Gateway:
         await asyncio.gather(self._demand_task, return_exceptions=True)
         await self.catalog.stop()
         await self.workers.stop()
+        await self.keys.stop()
         await bus.close(self.nc)
+
+    def authorize(self, authorization: str | None) -> ApiKeyRecord | None:
+        """401 for a missing, unknown or disabled key; 429 when the key is over its rate."""
+        if not self.settings.require_api_key:
+            return None
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise ApiError(401, "Missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
+        record = self.keys.items.get(hash_key(key.strip()))
+        if record is None:
+            raise ApiError(401, "Incorrect API key", code="invalid_api_key")
+        if record.disabled:
+            raise ApiError(401, f"API key '{record.name}' is disabled", code="api_key_disabled")
+        rate = record.rate_limit_rps or self.settings.rate_limit_rps
+        bucket = self.buckets.get(record.id)
+        if bucket is None or bucket.rate != rate:
+            bucket = self.buckets[record.id] = TokenBucket(rate=rate, burst=max(1.0, 2 * rate))
+        wait = bucket.take(time.monotonic())
+        if wait > 0:
+            raise ApiError(429, f"Rate limit of {rate:g} requests/s reached for key '{record.name}'",
+                           code="rate_limit_exceeded", headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        return record
 
     def _workers_changed(self) -> None:
         if hasattr(self, "admission"):
@@ -108,13 +136,23 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz():
-        checks = {"nats": gw.nc.is_connected, "routing_table": gw.table.ready}
+        checks = {"nats": gw.nc.is_connected, "routing_table": gw.table.ready, "api_keys": gw.keys.ready.is_set()}
         return JSONResponse({"ready": all(checks.values()), "checks": checks},
                             status_code=200 if all(checks.values()) else 503)
 
     @app.get("/metrics")
     async def metrics():
         return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next):
+        """Every /v1 call needs a valid key within its rate, checked before the body is read."""
+        if request.url.path.startswith("/v1/"):
+            try:
+                gw.authorize(request.headers.get("authorization"))
+            except ApiError as exc:
+                return exc.response()
+        return await call_next(request)
 
     @app.get("/v1/models")
     async def list_models():

@@ -36,6 +36,12 @@ class SlugArgs(BaseModel):
     slug: str
 
 
+class KeyArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    rate_limit_rps: float | None = Field(None, gt=0)
+
+
 class AdminError(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -51,6 +57,8 @@ class Admin:
             "model-register": self.model_register, "model-list": self.model_list,
             "model-remove": self.model_remove, "worker-list": self.worker_list,
             "placement-history": self.placement_history,
+            "key-create": self.key_create, "key-list": self.key_list,
+            "key-disable": self.key_disable, "key-enable": self.key_enable,
         }
 
     async def handle(self, verb: str, data: bytes) -> AdminReply:
@@ -116,6 +124,43 @@ class Admin:
             rows = await repo.recent_plans(session, max(1, min(limit, 100)))
         return [{"plan_id": r.plan_id, "created_at": r.created_at.isoformat(), "inputs": r.inputs,
                  "prewarm_set": r.prewarm_set} for r in rows]
+
+
+    async def key_create(self, args: dict[str, Any]) -> dict:
+        a = KeyArgs.model_validate(args)
+        from sqlalchemy.exc import IntegrityError
+
+        try:
+            async with self.svc.sessions() as session:
+                row, plaintext = await repo.create_key(session, a.name, a.rate_limit_rps)
+                await session.commit()
+        except IntegrityError:
+            raise AdminError("conflict", f"an API key named {a.name!r} exists already") from None
+        await self.svc.sync_keys()
+        return {"name": row.name, "id": row.id, "key": plaintext,
+                "note": "store this key now: only its hash is kept"}
+
+    async def key_list(self, args: dict[str, Any]) -> list[dict]:
+        async with self.svc.sessions() as session:
+            rows = await repo.list_keys(session)
+        return [{"name": r.name, "id": r.id, "prefix": r.prefix, "disabled": r.disabled,
+                 "rate_limit_rps": r.rate_limit_rps, "created_at": r.created_at.isoformat()} for r in rows]
+
+    async def _set_disabled(self, args: dict[str, Any], disabled: bool) -> dict:
+        name = KeyArgs.model_validate({"name": args.get("name", "")}).name
+        async with self.svc.sessions() as session:
+            found = await repo.set_key_disabled(session, name, disabled)
+            await session.commit()
+        if not found:
+            raise AdminError("not_found", f"no API key named {name!r}")
+        await self.svc.sync_keys()
+        return {"name": name, "disabled": disabled}
+
+    async def key_disable(self, args: dict[str, Any]) -> dict:
+        return await self._set_disabled(args, True)
+
+    async def key_enable(self, args: dict[str, Any]) -> dict:
+        return await self._set_disabled(args, False)
 
 
 def _error(code: str, message: str) -> AdminReply:

@@ -13,13 +13,13 @@ from services.placement.admin import Admin
 from shared import bus
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
-from shared.messages import Forecast, ModelSpec, PlacementPlan, WorkerState
+from shared.messages import ApiKeyRecord, Forecast, ModelSpec, PlacementPlan, WorkerState
 from shared.policy.cluster import live_workers
 from shared.policy.placement import plan_prewarm
 from shared.service import brief, run_service
 from shared.settings import PlacementSettings, load_settings
 from shared.subjects import (
-    ADMIN, CATALOG_BUCKET, FORECAST, PLACEMENT_BUCKET, PLACEMENT_KEY, PLACEMENT_PLAN, WORKERS_BUCKET,
+    ADMIN, APIKEYS_BUCKET, CATALOG_BUCKET, FORECAST, PLACEMENT_BUCKET, PLACEMENT_KEY, PLACEMENT_PLAN, WORKERS_BUCKET,
 )
 
 log = logging.getLogger("warmserve.placement")
@@ -43,6 +43,16 @@ class Placement:
         for slug in set(self.catalog.items) - set(specs):
             await self.catalog_kv.delete(slug)
         self.changed.set()
+
+    async def sync_keys(self) -> None:
+        """API keys Postgres -> KV, keyed by hash: the gateway checks keys without the database."""
+        async with self.sessions() as session:
+            rows = {r.key_hash: repo.key_record(r) for r in await repo.list_keys(session)}
+        for key_hash, record in rows.items():
+            if self.keys.items.get(key_hash) != record:
+                await self.keys_kv.put(key_hash, record.encode())
+        for key_hash in set(self.keys.items) - set(rows):
+            await self.keys_kv.delete(key_hash)
 
     async def replan(self) -> None:
         live = live_workers(self.workers.items.values(), time.time(), self.settings.heartbeat_timeout_s)
@@ -92,8 +102,11 @@ class Placement:
         self.plan_kv = buckets[PLACEMENT_BUCKET.name]
         self.catalog = bus.KvMirror(self.catalog_kv, ModelSpec, on_change=self.changed.set).start()
         self.workers = bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState, on_change=self.changed.set).start()
+        self.keys_kv = buckets[APIKEYS_BUCKET.name]
+        self.keys = bus.KvMirror(self.keys_kv, ApiKeyRecord).start()
         await self.catalog.ready.wait()
         await self.workers.ready.wait()
+        await self.keys.ready.wait()
         engine = create_engine(s.database_url)
         self.sessions = sessionmaker(engine)
         subs = [
@@ -107,6 +120,7 @@ class Placement:
             if time.monotonic() - last_sync >= s.catalog_sync_interval_s:
                 try:
                     await self.sync_catalog()
+                    await self.sync_keys()
                     last_sync = time.monotonic()
                 except Exception as exc:  # Postgres away or not migrated: keep serving the KV catalog
                     log.warning("catalog sync from Postgres failed (%s); is it up and migrated "
@@ -124,6 +138,7 @@ class Placement:
             await sub.unsubscribe()
         await self.workers.stop()
         await self.catalog.stop()
+        await self.keys.stop()
         await engine.dispose()
         await bus.close(self.nc)
 

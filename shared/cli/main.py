@@ -119,6 +119,21 @@ def cmd_model(a) -> int:
     return 0
 
 
+def cmd_key(a) -> int:
+    if a.action == "create":
+        args = {"name": a.name} | ({"rate_limit_rps": a.rps} if a.rps else {})
+        _print(asyncio.run(_admin("key-create", args)))
+    elif a.action == "list":
+        _print(asyncio.run(_admin("key-list", {})))
+    else:
+        _print(asyncio.run(_admin(f"key-{a.action}", {"name": a.name})))
+    return 0
+
+
+def _api_key() -> str:
+    return os.environ.get("OPENAI_API_KEY") or _cluster_file().get("api_key") or "none"
+
+
 def cmd_workers(a) -> int:
     workers = asyncio.run(_admin("worker-list", {}))
     if a.json:
@@ -145,7 +160,7 @@ def cmd_placement(a) -> int:
 def cmd_chat(a) -> int:
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"{a.base_url or _gateway_url()}/v1", api_key=os.environ.get("OPENAI_API_KEY", "local"))
+    client = OpenAI(base_url=f"{a.base_url or _gateway_url()}/v1", api_key=_api_key())
     messages = [{"role": "user", "content": a.message}]
     if a.stream:
         for chunk in client.chat.completions.create(model=a.model, messages=messages, max_tokens=a.max_tokens,
@@ -204,6 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     rm = msub.add_parser("remove", help="remove a model")
     rm.add_argument("slug")
     model.set_defaults(func=cmd_model)
+
+    key = sub.add_parser("key", help="manage client API keys (only their hashes are stored)")
+    ksub = key.add_subparsers(dest="action", required=True)
+    kc = ksub.add_parser("create", help="create a key and print it (shown once)")
+    kc.add_argument("name")
+    kc.add_argument("--rps", type=float, help="its own rate limit in requests per second")
+    ksub.add_parser("list", help="list keys (names, prefixes, state)")
+    for verb in ("disable", "enable"):
+        ksub.add_parser(verb, help=f"{verb} a key").add_argument("name")
+    key.set_defaults(func=cmd_key)
 
     wk = sub.add_parser("workers", help="list live workers and what each device holds")
     wk.add_argument("--json", action="store_true")

@@ -9,8 +9,11 @@ from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.db.models import ForecastRecord, Model, ModelEvent, PlacementDecision, Worker
-from shared.messages import Forecast, ModelSpec, ModelStatus, PlacementPlan, WorkerEvent, WorkerState
+from shared.apikeys import hash_key, new_key
+from shared.db.models import ApiKey, ForecastRecord, Model, ModelEvent, PlacementDecision, Worker
+from shared.messages import (
+    ApiKeyRecord, Forecast, ModelSpec, ModelStatus, PlacementPlan, WorkerEvent, WorkerState, new_id,
+)
 
 
 def _ts(seconds: float) -> datetime:
@@ -109,3 +112,29 @@ async def record_observed(session: AsyncSession, model: str, window_start_s: flo
 async def recent_plans(session: AsyncSession, limit: int = 10) -> list[PlacementDecision]:
     q = select(PlacementDecision).order_by(PlacementDecision.id.desc()).limit(limit)
     return list((await session.execute(q)).scalars().all())
+
+
+async def create_key(session: AsyncSession, name: str, rate_limit_rps: float | None = None) -> tuple[ApiKey, str]:
+    """A new key; the plaintext is returned here and nowhere else."""
+    plaintext = new_key()
+    row = ApiKey(id=new_id(), name=name, key_hash=hash_key(plaintext), prefix=plaintext[:8], disabled=False,
+                 rate_limit_rps=rate_limit_rps)
+    session.add(row)
+    await session.flush()
+    return row, plaintext
+
+
+async def list_keys(session: AsyncSession) -> list[ApiKey]:
+    return list((await session.execute(select(ApiKey).order_by(ApiKey.name))).scalars().all())
+
+
+async def set_key_disabled(session: AsyncSession, name: str, disabled: bool) -> bool:
+    row = (await session.execute(select(ApiKey).where(ApiKey.name == name))).scalar_one_or_none()
+    if row is None:
+        return False
+    row.disabled = disabled
+    return True
+
+
+def key_record(row: ApiKey) -> ApiKeyRecord:
+    return ApiKeyRecord(id=row.id, name=row.name, disabled=row.disabled, rate_limit_rps=row.rate_limit_rps)

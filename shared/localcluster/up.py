@@ -127,7 +127,7 @@ async def ensure_demo_model(database_url: str, path: Path) -> Path:
     return path
 
 
-def _wait_ready(cluster: Cluster, timeout_s: float) -> None:
+def _wait_ready(cluster: Cluster, timeout_s: float, api_key: str) -> None:
     """Until the gateway is ready and the demo model has an active instance."""
     deadline = time.monotonic() + timeout_s
     last = "gateway not answering"
@@ -140,7 +140,8 @@ def _wait_ready(cluster: Cluster, timeout_s: float) -> None:
         try:
             r = httpx.get(f"{cluster.gateway_url}/readyz", timeout=1.0)
             if r.status_code == 200:
-                models = httpx.get(f"{cluster.gateway_url}/v1/models", timeout=1.0).json()["data"]
+                models = httpx.get(f"{cluster.gateway_url}/v1/models", timeout=1.0,
+                                   headers={"Authorization": f"Bearer {api_key}"}).json()["data"]
                 card = next((m for m in models if m["id"] == DEMO_MODEL), None)
                 if card and card["active_instances"] > 0:
                     return
@@ -153,11 +154,37 @@ def _wait_ready(cluster: Cluster, timeout_s: float) -> None:
     raise StartError(f"cluster not ready after {timeout_s:.0f} s: {last}")
 
 
-def smoke_request(gateway_url: str, model: str = DEMO_MODEL) -> str:
+async def local_api_key(nats_url: str) -> str:
+    """A key for this local cluster (created through the admin verb, as an operator would)."""
+    from shared import bus
+    from shared.messages import AdminReply, AdminRequest
+    from shared.subjects import ADMIN
+
+    nc = await bus.connect(nats_url, "warmserve-up", deadline_s=10)
+    try:
+        name = f"local-{int(time.time())}"
+        deadline = time.monotonic() + 60
+        while True:  # placement answers admin verbs once it has started
+            try:
+                reply = await bus.request(nc, ADMIN.format(verb="key-create"), AdminRequest(args={"name": name}),
+                                          AdminReply, timeout=15)
+                break
+            except bus.BusError:
+                if time.monotonic() > deadline:
+                    raise StartError("placement did not answer admin requests within 60 s") from None
+                await asyncio.sleep(0.25)
+    finally:
+        await nc.close()
+    if not reply.ok:
+        raise StartError(f"could not create an API key: {reply.error.message}")
+    return reply.result["key"]
+
+
+def smoke_request(gateway_url: str, api_key: str, model: str = DEMO_MODEL) -> str:
     """One real chat completion through the official OpenAI client."""
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"{gateway_url}/v1", api_key="local", max_retries=2)
+    client = OpenAI(base_url=f"{gateway_url}/v1", api_key=api_key, max_retries=2)
     raw = client.chat.completions.with_raw_response.create(
         model=model, messages=[{"role": "user", "content": "Say hello to WarmServe."}], max_tokens=16, seed=0)
     resp = raw.parse()
@@ -200,15 +227,18 @@ def up(settings: LocalClusterSettings, smoke: bool = True, ready_timeout_s: floa
                            f"{settings.workers} worker(s) with the {settings.resolved_engine} engine"):
             cluster.start_services()
         with progress.step(f"waiting for readiness ({DEMO_MODEL} active behind the gateway)"):
-            _wait_ready(cluster, ready_timeout_s)
+            api_key = asyncio.run(local_api_key(cluster.nats_url))
+            _wait_ready(cluster, ready_timeout_s, api_key)
         (state_dir / CLUSTER_FILE).write_text(json.dumps(
-            {"gateway_url": cluster.gateway_url, "nats_url": cluster.nats_url, "pid": os.getpid()}, indent=2))
+            {"gateway_url": cluster.gateway_url, "nats_url": cluster.nats_url, "api_key": api_key,
+             "pid": os.getpid()}, indent=2))
+        os.chmod(state_dir / CLUSTER_FILE, 0o600)  # it holds a key
         if smoke:
             with progress.step("smoke request through the gateway (official openai client)"):
-                answer = smoke_request(cluster.gateway_url)
+                answer = smoke_request(cluster.gateway_url, api_key)
             print(f"      answer: {answer}")
         print(f"\nWarmServe is up in {time.monotonic() - progress.t0:.1f} s.\n"
-              f"  OpenAI API:  {cluster.gateway_url}/v1   (model '{DEMO_MODEL}')\n"
+              f"  OpenAI API:  {cluster.gateway_url}/v1   (model '{DEMO_MODEL}', API key {api_key})\n"
               f"  metrics:     {cluster.gateway_url}/metrics\n"
               f"  NATS:        {cluster.nats_url}\n"
               f"  logs:        {state_dir / 'logs'}\n"

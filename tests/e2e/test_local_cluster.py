@@ -1,5 +1,6 @@
 """The whole local cluster as a user runs it: ``warmserve up``, then the official openai client."""
 
+import json
 import os
 import re
 import signal
@@ -42,8 +43,9 @@ def cluster(tmp_path_factory):
         proc.kill()
         pytest.fail(f"warmserve up did not come up:\n{text}")
     children = psutil.Process(proc.pid).children(recursive=True)
+    key = json.loads((state / "cluster.json").read_text())["api_key"]
     yield {"url": f"http://127.0.0.1:{port}", "proc": proc, "output": text, "children": children,
-           "state": state, "env": env}
+           "state": state, "env": env, "key": key}
     if proc.poll() is None:
         proc.kill()
 
@@ -57,7 +59,7 @@ def test_up_reports_progress_and_answers_the_smoke_request(cluster):
 
 
 def test_chat_completion_with_the_official_client(cluster):
-    client = OpenAI(base_url=f"{cluster['url']}/v1", api_key="test")
+    client = OpenAI(base_url=f"{cluster['url']}/v1", api_key=cluster["key"])
     models = client.models.list()
     assert "tiny-llama" in [m.id for m in models.data]
 
@@ -88,13 +90,16 @@ def test_chat_completion_with_the_official_client(cluster):
 def test_errors_reach_the_client_as_openai_errors(cluster):
     import openai
 
-    client = OpenAI(base_url=f"{cluster['url']}/v1", api_key="test", max_retries=0)
+    client = OpenAI(base_url=f"{cluster['url']}/v1", api_key=cluster["key"], max_retries=0)
     with pytest.raises(openai.NotFoundError) as exc:
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
     assert "no-such-model" in str(exc.value)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "x " * 3000}],
                                        max_tokens=8)
+    with pytest.raises(openai.AuthenticationError) as exc:
+        OpenAI(base_url=f"{cluster['url']}/v1", api_key="ws-not-a-key", max_retries=0).models.list()
+    assert exc.value.code == "invalid_api_key"
 
 
 def test_cli_admin_commands_talk_to_the_cluster(cluster):

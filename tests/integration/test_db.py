@@ -30,13 +30,14 @@ def test_migrations_create_every_table_and_downgrade_cleanly(database_url):
 
     engine = sync_engine(sqlalchemy_url(database_url))
     tables = set(inspect(engine).get_table_names())
-    assert {"models", "workers", "placement_decisions", "model_events", "forecasts", "alembic_version"} <= tables
+    assert {"models", "workers", "placement_decisions", "model_events", "forecasts", "api_keys",
+            "alembic_version"} <= tables
     downgrade(database_url, "base")
     assert set(inspect(engine).get_table_names()) == {"alembic_version"}
     upgrade(database_url)
     upgrade(database_url)  # already at head: nothing to do
     with engine.connect() as conn:
-        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0001"
+        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0002"
     engine.dispose()
 
 

@@ -120,7 +120,7 @@ async def gateway(nats_url, nc, worker, spec):
     await kv.put("cold", spec.model_copy(update={"slug": "cold"}).encode())
     port = free_port()
     app = create_app(GatewaySettings(nats_url=nats_url, port=port, demand_interval_s=0.2,
-                                     gateway_id="gw-test", queue_wait_s=2))
+                                     gateway_id="gw-test", queue_wait_s=2, require_api_key=False))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            timeout_graceful_shutdown=5))
     task = asyncio.create_task(server.serve())
@@ -196,3 +196,51 @@ async def test_gateway_errors_are_openai_shaped(spans, gateway, nc, worker, spec
         assert 'warmserve_requests_total{model="tiny",outcome="warm",status="200"}' in metrics
         assert 'warmserve_requests_total{model="missing"' not in metrics  # unknown models are not labels
         assert "warmserve_ttft_seconds_bucket" in metrics
+
+
+async def test_api_keys_and_rate_limits(nats_url, nc):
+    from shared.apikeys import hash_key, new_key
+    from shared.messages import ApiKeyRecord
+    from shared.subjects import APIKEYS_BUCKET
+
+    js = nc.jetstream()
+    await bus.ensure_all(js)
+    keys = await js.key_value(APIKEYS_BUCKET.name)
+    good, slow, off = new_key(), new_key(), new_key()
+    await keys.put(hash_key(good), ApiKeyRecord(id="k1", name="good").encode())
+    await keys.put(hash_key(slow), ApiKeyRecord(id="k2", name="slow", rate_limit_rps=1.0).encode())
+    await keys.put(hash_key(off), ApiKeyRecord(id="k3", name="off", disabled=True).encode())
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(GatewaySettings(nats_url=nats_url, port=port, gateway_id="gw-auth")),
+                                           host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.05)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            for _ in range(50):
+                if (await http.get("/readyz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert (await http.get("/healthz")).status_code == 200  # no key needed
+            missing = await http.get("/v1/models")
+            assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
+            wrong = await http.get("/v1/models", headers={"Authorization": "Bearer ws-wrong"})
+            assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+            disabled = await http.get("/v1/models", headers={"Authorization": f"Bearer {off}"})
+            assert disabled.status_code == 401 and "disabled" in disabled.json()["error"]["message"]
+            bad_body = await http.post("/v1/chat/completions", content=b"{nope",
+                                       headers={"content-type": "application/json"})
+            assert bad_body.status_code == 401  # the key is checked before the body
+            assert (await http.get("/v1/models", headers={"Authorization": f"Bearer {good}"})).status_code == 200
+            statuses = [(await http.get("/v1/models", headers={"Authorization": f"Bearer {slow}"})).status_code
+                        for _ in range(3)]
+            assert statuses == [200, 200, 429]  # a burst of twice the rate, then the limit
+            limited = await http.get("/v1/models", headers={"Authorization": f"Bearer {slow}"})
+            assert limited.json()["error"]["type"] == "rate_limit_error" and int(limited.headers["retry-after"]) >= 1
+            assert (await http.get("/v1/models", headers={"Authorization": f"Bearer {good}"})).status_code == 200
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+        for k in (good, slow, off):
+            await keys.delete(hash_key(k))

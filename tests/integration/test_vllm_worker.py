@@ -57,7 +57,8 @@ async def test_prewarm_activate_serve_switch_serve(nats_url, specs):
     workers_kv = await js.key_value(WORKERS_BUCKET.name)
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(GatewaySettings(nats_url=nats_url, port=port, gateway_id="gw-vllm")),
+    server = uvicorn.Server(uvicorn.Config(create_app(GatewaySettings(nats_url=nats_url, port=port, gateway_id="gw-vllm",
+                                                                                require_api_key=False)),
                                            host="127.0.0.1", port=port, log_level="warning",
                                            timeout_graceful_shutdown=5))
     server_task = asyncio.create_task(server.serve())

@@ -1,5 +1,7 @@
 """Routing, placement, reconcile and forecast policies on hand-built snapshots."""
 
+import pytest
+
 from shared.messages import CommandKind, CopyState, ModelCopy, ModelSpec, ModelStatus, PlannedCopy, WorkerState
 from shared.policy.cluster import live_workers
 from shared.policy.forecast import WindowObservation, naive_forecast
@@ -160,3 +162,18 @@ def test_scale_up_counts_evictable_copies_as_room_and_gives_up_when_nothing_fits
     tiny = worker("w2", budget=2 * GB)
     assert choose_worker(m, [tiny]) is None
     assert choose_worker(m, [worker("w3", ("x", CopyState.ACTIVE, 0))]) is None  # one instance per worker
+
+
+# ---------------------------------------------------------------- rate limit
+
+from shared.policy.ratelimit import TokenBucket  # noqa: E402
+
+
+def test_token_bucket_allows_bursts_then_the_rate():
+    b = TokenBucket(rate=2.0, burst=3.0)
+    assert [b.take(10.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = b.take(10.0)
+    assert wait == pytest.approx(0.5)
+    assert b.take(10.5) == 0.0  # one token came back
+    assert b.take(10.5) > 0
+    assert TokenBucket(rate=0.0, burst=1.0).take(0) == 0.0
