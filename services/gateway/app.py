@@ -113,7 +113,7 @@ class Gateway:
         return bus.request_stream(
             self.nc, INFER.format(worker=route.worker_id), infer, InferChunk,
             first_timeout=self.settings.first_token_timeout_s, idle_timeout=self.settings.inter_token_timeout_s,
-            is_last=lambda c: c.last, alive=lambda: self.table.alive(route.worker_id),
+            is_last=lambda c: c.last, alive=lambda: self.table.alive(route),
         )
 
 

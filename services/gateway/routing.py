@@ -47,8 +47,9 @@ class RoutingTable:
         others = [replace(r, in_flight=max(r.in_flight - self.pending.get(r.instance_id, 0), 0)) for r in routes]
         return pick_route(others, self.pending)
 
-    def alive(self, worker_id: str) -> bool:
-        return any(w.worker_id == worker_id for w in self.live())
+    def alive(self, route: Route) -> bool:
+        """Whether the worker process that holds ``route`` still heart-beats (a restart is a new one)."""
+        return any(w.worker_id == route.worker_id and w.started_at_s == route.incarnation for w in self.live())
 
     def started(self, route: Route) -> None:
         self.pending[route.instance_id] = self.pending.get(route.instance_id, 0) + 1

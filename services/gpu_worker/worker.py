@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -52,7 +53,6 @@ class Worker:
         self._clock = clock
         self._results: OrderedDict[str, asyncio.Future[CommandResult]] = OrderedDict()
         self._lock = asyncio.Lock()  # one memory-changing command at a time
-        self._instances = 0
 
     # ------------------------------------------------------------------ state
 
@@ -245,8 +245,7 @@ class Worker:
                 self.memory.give_back(self.memory.kv, spec.slug)
                 raise
             copy.kv_granted_bytes = kv
-            self._instances += 1
-            copy.instance_id = f"{self.worker_id}-{spec.slug}-{self._instances}"
+            copy.instance_id = f"{self.worker_id}-{spec.slug}-{uuid.uuid4().hex[:8]}"  # unique across restarts
             self._move(copy, CopyState.ACTIVE, n_bytes=kv, seconds=time.monotonic() - started, reason=reason)
             return copy.instance_id
 

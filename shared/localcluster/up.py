@@ -21,6 +21,7 @@ from shared.settings import LocalClusterSettings
 DEMO_MODEL = "tiny-llama"
 SERVICES = ("forecaster", "placement", "prewarm_orchestrator", "gateway")  # plus one gpu_worker per worker
 CLUSTER_FILE = "cluster.json"
+MAX_RESTARTS, RESTART_WINDOW_S = 3, 60.0
 
 
 class Progress:
@@ -53,6 +54,8 @@ class Cluster:
     settings: LocalClusterSettings
     state_dir: Path
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    commands: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
+    restarts: dict[str, list[float]] = field(default_factory=dict)
     nats: subprocess.Popen | None = None
     postgres: EmbeddedPostgres | None = None
     nats_url: str = ""
@@ -82,9 +85,28 @@ class Cluster:
         for i in range(self.settings.workers):
             name = f"gpu_worker-{i}"
             wenv = dict(env, WARMSERVE_WORKER_ID=f"worker-{i}", WARMSERVE_DEVICE=f"cpu:{i}")
-            self.procs[name] = spawn([sys.executable, "-m", "services.gpu_worker"], self.log(name), wenv)
+            self.commands[name] = ([sys.executable, "-m", "services.gpu_worker"], wenv)
         for svc in SERVICES:
-            self.procs[svc] = spawn([sys.executable, "-m", f"services.{svc}"], self.log(svc), env)
+            self.commands[svc] = ([sys.executable, "-m", f"services.{svc}"], env)
+        for name in self.commands:
+            self.start(name)
+
+    def start(self, name: str) -> None:
+        args, env = self.commands[name]
+        self.procs[name] = spawn(args, self.log(name), env)
+
+    def restart_dead(self, now: float) -> str | None:
+        """Restart services that died (a crashed worker comes back empty, as after a reboot).
+        Returns the name of one that keeps dying: then the cluster should stop."""
+        for name in self.dead():
+            recent = [t for t in self.restarts.get(name, []) if now - t < RESTART_WINDOW_S]
+            if len(recent) >= MAX_RESTARTS:
+                return name
+            self.restarts[name] = recent + [now]
+            print(f"{name} exited (code {self.procs[name].returncode}); restarting it. Its log ends with:\n"
+                  f"{tail(self.log(name), 5)}", file=sys.stderr, flush=True)
+            self.start(name)
+        return None
 
     def dead(self) -> list[str]:
         return [name for name, p in self.procs.items() if p.poll() is not None]
@@ -143,9 +165,9 @@ def _wait_ready(cluster: Cluster, timeout_s: float, api_key: str) -> None:
                 models = httpx.get(f"{cluster.gateway_url}/v1/models", timeout=1.0,
                                    headers={"Authorization": f"Bearer {api_key}"}).json()["data"]
                 card = next((m for m in models if m["id"] == DEMO_MODEL), None)
-                if card and card["active_instances"] > 0:
-                    return
-                last = f"waiting for {DEMO_MODEL} to become active ({card})"
+                if card and (card["active_instances"] or card["prewarmed_copies"]):
+                    return  # active, or prewarmed and one scale-up away (min_active_per_model=0)
+                last = f"waiting for {DEMO_MODEL} to be prewarmed ({card})"
             else:
                 last = f"gateway not ready: {r.text}"
         except httpx.HTTPError as exc:
@@ -226,7 +248,7 @@ def up(settings: LocalClusterSettings, smoke: bool = True, ready_timeout_s: floa
         with progress.step(f"services: gateway, forecaster, placement, orchestrator, "
                            f"{settings.workers} worker(s) with the {settings.resolved_engine} engine"):
             cluster.start_services()
-        with progress.step(f"waiting for readiness ({DEMO_MODEL} active behind the gateway)"):
+        with progress.step(f"waiting for readiness ({DEMO_MODEL} servable behind the gateway)"):
             api_key = asyncio.run(local_api_key(cluster.nats_url))
             _wait_ready(cluster, ready_timeout_s, api_key)
         (state_dir / CLUSTER_FILE).write_text(json.dumps(
@@ -246,10 +268,10 @@ def up(settings: LocalClusterSettings, smoke: bool = True, ready_timeout_s: floa
         if exit_after_smoke:
             return 0
         while True:
-            dead = cluster.dead()
-            if dead:
-                name = dead[0]
-                print(f"\n{name} exited unexpectedly; its log ends with:\n{tail(cluster.log(name))}", file=sys.stderr)
+            failing = cluster.restart_dead(time.monotonic())
+            if failing:
+                print(f"\n{failing} keeps exiting ({MAX_RESTARTS} times in {RESTART_WINDOW_S:.0f} s); stopping. "
+                      f"Its log ends with:\n{tail(cluster.log(failing))}", file=sys.stderr)
                 return 1
             time.sleep(0.5)
     except StartError as exc:

@@ -14,6 +14,7 @@ class Route:
     instance_id: str
     in_flight: int
     capacity: int = 32  # the worker's batch capacity B
+    incarnation: float = 0.0  # the worker process's start time: a restarted worker is another one
 
 
 def active_routes(model: str, workers: Iterable[WorkerState]) -> list[Route]:
@@ -22,7 +23,7 @@ def active_routes(model: str, workers: Iterable[WorkerState]) -> list[Route]:
     for w in workers:
         c = w.copy_of(model)
         if c is not None and c.state is CopyState.ACTIVE and c.instance_id:
-            routes.append(Route(w.worker_id, c.instance_id, c.in_flight, w.batch_capacity))
+            routes.append(Route(w.worker_id, c.instance_id, c.in_flight, w.batch_capacity, w.started_at_s))
     return routes
 
 

@@ -1,0 +1,165 @@
+"""The gateway's promises, end to end with the official openai client, on a local cluster of two sim
+workers that serve one request each, with no instance kept active in advance: the three outcomes,
+queueing, cancellation, a worker killed mid-stream, no capacity, rate limits and keys."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+from openai import OpenAI
+
+from shared.localcluster.processes import free_port
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).parents[2]
+
+
+def cli(env, *args):
+    return subprocess.run([sys.executable, "-m", "shared.cli.main", *args], env=env, capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("cluster")
+    port = free_port()
+    env = dict(os.environ, WARMSERVE_STATE_DIR=str(state), WARMSERVE_GATEWAY_PORT=str(port), WARMSERVE_NATS_PORT="0",
+               WARMSERVE_MIN_ACTIVE_PER_MODEL="0", WARMSERVE_BATCH_CAPACITY="1", WARMSERVE_QUEUE_WAIT_S="6",
+               WARMSERVE_HEARTBEAT_TIMEOUT_S="3")
+    for k in ("WARMSERVE_NATS_URL", "WARMSERVE_DATABASE_URL"):
+        env.pop(k, None)
+    proc = subprocess.Popen([sys.executable, "-m", "shared.cli.main", "up", "--engine", "sim", "--workers", "2",
+                             "--no-smoke"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT)
+    out, deadline = [], time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        out.append(line)
+        if line.startswith("Try:"):
+            break
+    if "WarmServe is up" not in "".join(out):
+        proc.kill()
+        pytest.fail("".join(out))
+    info = json.loads((state / "cluster.json").read_text())
+    client = OpenAI(base_url=f"{info['gateway_url']}/v1", api_key=info["api_key"], max_retries=0, timeout=60)
+    yield {"proc": proc, "env": env, "state": state, "client": client, "key": info["api_key"],
+           "url": info["gateway_url"]}
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def chat(client, max_tokens=8, **kw):
+    return client.chat.completions.with_raw_response.create(
+        model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=max_tokens, **kw)
+
+
+def test_outcomes_prewarm_hit_then_cold_then_warm(cluster):
+    client = cluster["client"]
+    first = client.chat.completions.with_streaming_response.create(
+        model="tiny-llama", messages=[{"role": "user", "content": "a long one"}], max_tokens=1500, stream=True)
+    with first as stream:  # the only prewarmed copy becomes an instance: a prewarm hit
+        assert stream.headers["x-warmserve-outcome"] == "prewarm_hit"
+        lines = stream.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        # the instance serves one request at a time: the next one waits while another worker loads cold
+        second = chat(client)
+        assert second.headers["x-warmserve-outcome"] == "cold"
+        assert second.parse().choices[0].finish_reason in ("length", "stop")
+        for _ in lines:
+            pass
+    third = chat(client)  # two instances now, both idle
+    assert third.headers["x-warmserve-outcome"] == "warm"
+    metrics = httpx.get(f"{cluster['url']}/metrics").text
+    for outcome in ("prewarm_hit", "cold", "warm"):
+        assert f'warmserve_requests_total{{model="tiny-llama",outcome="{outcome}",status="200"}}' in metrics
+
+
+def test_client_disconnect_cancels_generation_on_the_worker(cluster):
+    client = cluster["client"]
+    with client.chat.completions.with_streaming_response.create(
+            model="tiny-llama", messages=[{"role": "user", "content": "long"}], max_tokens=1500, stream=True) as s:
+        lines = s.iter_lines()
+        first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+    request_id = first["id"]
+    logs = list((cluster["state"] / "logs").glob("gpu_worker-*.log"))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if any(f"cancelling {request_id}" in p.read_text() for p in logs):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"no worker cancelled {request_id}")
+
+
+def test_no_capacity_is_a_503_after_the_wait_budget(cluster):
+    demo = cluster["state"] / "models" / "tiny-llama"
+    reg = cli(cluster["env"], "model", "register", "huge", str(demo), "--parameter-bytes", str(10**12))
+    assert reg.returncode == 0, reg.stderr
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as exc:
+        cluster["client"].chat.completions.create(model="huge", messages=[{"role": "user", "content": "x"}])
+    assert exc.value.status_code == 503 and exc.value.response.headers["retry-after"]
+    assert "within 6 s" in exc.value.message and time.monotonic() - started >= 5.5
+    assert cli(cluster["env"], "model", "remove", "huge").returncode == 0
+
+
+def test_rate_limited_and_disabled_keys(cluster):
+    created = cli(cluster["env"], "key", "create", "slow-client", "--rps", "1")
+    assert created.returncode == 0, created.stderr
+    key = json.loads(created.stdout)["key"]
+    slow = OpenAI(base_url=f"{cluster['url']}/v1", api_key=key, max_retries=0)
+    slow.models.list()
+    slow.models.list()
+    with pytest.raises(openai.RateLimitError) as exc:
+        slow.models.list()
+    assert int(exc.value.response.headers["retry-after"]) >= 1
+    assert cli(cluster["env"], "key", "disable", "slow-client").returncode == 0
+    time.sleep(1.5)  # the gateway's key mirror follows within moments
+    with pytest.raises(openai.AuthenticationError) as exc:
+        slow.models.list()
+    assert "disabled" in exc.value.message
+    listed = json.loads(cli(cluster["env"], "key", "list").stdout)
+    assert any(k["name"] == "slow-client" and k["disabled"] and "key" not in k for k in listed)
+
+
+def test_worker_killed_mid_stream_ends_the_stream_and_the_next_request_is_served(cluster):
+    client = cluster["client"]
+    up = psutil.Process(cluster["proc"].pid)
+    with client.chat.completions.with_streaming_response.create(
+            model="tiny-llama", messages=[{"role": "user", "content": "long"}], max_tokens=1500, stream=True) as s:
+        lines = s.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        workers = json.loads(cli(cluster["env"], "workers", "--json").stdout)
+        busy = next(w["worker_id"] for w in workers if any(c["in_flight"] for c in w["copies"]))
+        victim = next(p for p in up.children(recursive=True)
+                      if "services.gpu_worker" in " ".join(p.cmdline()) and p.environ().get("WARMSERVE_WORKER_ID") == busy)
+        victim.kill()
+        killed_at = time.monotonic()
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert time.monotonic() - killed_at < 10
+    assert rest[-1] == "data: [DONE]"
+    error = json.loads(rest[-2][6:])["error"]
+    assert error["code"] in ("responder_lost", "timeout") and "worker" in error["message"]
+    served = chat(client)  # another instance (or a new one) takes the next request
+    assert served.parse().choices[0].message.content
+    deadline = time.monotonic() + 30  # the supervisor restarts the killed worker
+    while time.monotonic() < deadline:
+        workers = json.loads(cli(cluster["env"], "workers", "--json").stdout)
+        if busy in {w["worker_id"] for w in workers}:
+            break
+        time.sleep(0.5)
+    assert busy in {w["worker_id"] for w in workers}
