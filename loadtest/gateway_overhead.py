@@ -1,8 +1,11 @@
-"""Gateway overhead: time to first token through the HTTP gateway vs. straight to the worker over NATS.
+"""Gateway overhead: time to first token through the HTTP gateway vs. straight to the worker over NATS,
+and requests per second through each at a fixed concurrency.
 
-Runs against a live cluster (default: the one `warmserve up` is running). Both paths hit the same
-worker and instance with the same request, one at a time, alternating, so the difference is what the
-gateway adds (HTTP parsing, validation, routing, SSE framing, one extra NATS hop per chunk).
+Runs against a live cluster (default: the one `warmserve up` is running; use `--engine sim` so the
+engine is not the bottleneck). Latency: both paths hit the same worker and instance with the same
+request, one at a time, alternating, so the difference is what the gateway adds (HTTP, key check,
+validation, routing, SSE framing, one extra NATS hop per chunk). Throughput: `--concurrency` clients
+for `--seconds` per path.
 
     .venv/bin/python -m loadtest.gateway_overhead --requests 300
 """
@@ -43,6 +46,26 @@ async def direct(nc, worker: str, model: str, max_tokens: int) -> tuple[float, f
     return first - t0, time.perf_counter() - t0
 
 
+async def throughput(call, concurrency: int, seconds: float) -> dict:
+    """Completed requests per second with ``concurrency`` clients calling back to back."""
+    done, errors = 0, 0
+    stop_at = time.perf_counter() + seconds
+
+    async def client():
+        nonlocal done, errors
+        while time.perf_counter() < stop_at:
+            try:
+                await call()
+                done += 1
+            except Exception:
+                errors += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return {"requests_per_s": done / (time.perf_counter() - started), "completed": done, "errors": errors,
+            "concurrency": concurrency}
+
+
 async def via_gateway(http: httpx.AsyncClient, model: str, max_tokens: int) -> tuple[float, float]:
     body = {"model": model, "messages": [{"role": "user", "content": "Hello there!"}], "max_tokens": max_tokens,
             "seed": 1, "stream": True}
@@ -65,7 +88,11 @@ async def main(a) -> dict:
     worker, model = target
     nc = await bus.connect(_nats_url(), "bench")
     results = {"direct": ([], []), "gateway": ([], [])}
-    async with httpx.AsyncClient(base_url=_gateway_url(), timeout=30) as http:
+    # a key of its own, so the per-key rate limit of the cluster's default key does not cap the run
+    bench_key = (await _admin("key-create", {"name": f"bench-{int(time.time())}", "rate_limit_rps": 1e6}))["key"]
+    headers = {"Authorization": f"Bearer {bench_key}"}
+    limits = httpx.Limits(max_connections=a.concurrency * 2, max_keepalive_connections=a.concurrency * 2)
+    async with httpx.AsyncClient(base_url=_gateway_url(), timeout=30, headers=headers, limits=limits) as http:
         for i in range(a.warmup + a.requests):
             for name in ("direct", "gateway") if i % 2 == 0 else ("gateway", "direct"):
                 ttft, total = await (direct(nc, worker, model, a.max_tokens) if name == "direct"
@@ -73,6 +100,10 @@ async def main(a) -> dict:
                 if i >= a.warmup:
                     results[name][0].append(ttft)
                     results[name][1].append(total)
+        rates = {
+            "direct": await throughput(lambda: direct(nc, worker, model, a.max_tokens), a.concurrency, a.seconds),
+            "gateway": await throughput(lambda: via_gateway(http, model, a.max_tokens), a.concurrency, a.seconds),
+        }
     await nc.close()
     rows = {name: {"ttft": percentiles(t), "total": percentiles(tot), "n": len(t)} for name, (t, tot) in results.items()}
     overhead = {k: rows["gateway"]["ttft"][k] - rows["direct"]["ttft"][k] for k in ("p50_ms", "p90_ms", "p99_ms")}
@@ -82,9 +113,12 @@ async def main(a) -> dict:
         print(f"{name:<10}{r['ttft']['p50_ms']:>10.2f}{r['ttft']['p90_ms']:>9.2f}{r['ttft']['p99_ms']:>9.2f}"
               f"{r['total']['p50_ms']:>11.2f}{r['total']['p99_ms']:>9.2f}")
     print(f"{'overhead':<10}{overhead['p50_ms']:>10.2f}{overhead['p90_ms']:>9.2f}{overhead['p99_ms']:>9.2f}")
+    print(f"\nThroughput, {a.concurrency} concurrent clients for {a.seconds:.0f} s per path")
+    for name, r in rates.items():
+        print(f"{name:<10}{r['requests_per_s']:>8.1f} requests/s  ({r['completed']} done, {r['errors']} errors)")
     engine = next(w["engine"] for w in workers if w["worker_id"] == worker)
     return header("gateway_overhead", vars(a) | {"engine": engine, "worker": worker}) | {
-        "results": rows, "ttft_overhead_ms": overhead}
+        "results": rows, "ttft_overhead_ms": overhead, "throughput": rates}
 
 
 if __name__ == "__main__":
@@ -93,6 +127,8 @@ if __name__ == "__main__":
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--model", default="tiny-llama")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks/gateway_overhead.json"))
     args = p.parse_args()
     save(asyncio.run(main(args)), args.out)

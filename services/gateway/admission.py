@@ -13,12 +13,15 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
 
+from opentelemetry import trace
+
 from services.gateway.errors import ApiError
 from services.gateway.routing import RoutingTable
 from shared.messages import Outcome, ScaleReply, ScaleRequest
 from shared.policy.routing import Route
 
 log = logging.getLogger("warmserve.gateway")
+_tracer = trace.get_tracer("warmserve.gateway")
 Scaler = Callable[[ScaleRequest], Awaitable[ScaleReply]]
 
 
@@ -71,34 +74,48 @@ class Admission:
         started = time.monotonic()
         deadline = started + self.wait_s
         self._enter(model, +1)
-        try:
-            reason = "at_capacity" if self.table.has_instance(model) else "no_instance"
-            scale = self._scale(model, reason)
-            last_error = "no instance became ready"
-            while True:
-                changed = self._changed
-                route = self.table.try_route(model, exclude)
-                if route is not None:
-                    if not scale.done():  # the instance may be the one being made: learn how
-                        await asyncio.wait([scale], timeout=1.0)
-                    return route, self.created.get(route.instance_id, Outcome.WARM), time.monotonic() - started
-                if scale.done():
-                    reply = scale.result()
-                    if not reply.ok and reply.error:
-                        last_error = reply.error.message
-                    if not reply.ok or reply.instance_id not in {r.instance_id for r in self.table.routes(model)}:
-                        if time.monotonic() - started > 0.5:  # an instance was not made or is gone again: ask anew
-                            scale = self._scale(model, reason)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ApiError(503, f"No instance of '{model}' within {self.wait_s:.0f} s: {last_error}",
-                                   code="no_capacity", headers={"Retry-After": "5"})
-                try:
-                    await asyncio.wait_for(changed.wait(), min(remaining, 1.0))
-                except asyncio.TimeoutError:
-                    pass
-        finally:
-            self._enter(model, -1)
+        reason = "at_capacity" if self.table.has_instance(model) else "no_instance"
+        with _tracer.start_as_current_span("gateway.queue", attributes={
+                "warmserve.model": model, "warmserve.reason": reason,
+                "warmserve.queue_depth": self.waiting.get(model, 0)}) as span:
+            try:
+                route, outcome = await self._wait(model, exclude, reason, started, deadline)
+            except ApiError as exc:
+                span.set_attribute("warmserve.error", exc.code or "")
+                raise
+            finally:
+                self._enter(model, -1)
+            span.set_attribute("warmserve.outcome", outcome.value)
+            span.set_attribute("warmserve.instance", route.instance_id)
+            return route, outcome, time.monotonic() - started
+
+    async def _wait(self, model: str, exclude: Collection[str], reason: str, started: float,
+                    deadline: float) -> tuple[Route, Outcome]:
+        """Ask for an instance and wait until one has room or the deadline passes."""
+        scale = self._scale(model, reason)
+        last_error = "no instance became ready"
+        while True:
+            changed = self._changed
+            route = self.table.try_route(model, exclude)
+            if route is not None:
+                if not scale.done():  # the instance may be the one being made: learn how
+                    await asyncio.wait([scale], timeout=1.0)
+                return route, self.created.get(route.instance_id, Outcome.WARM)
+            if scale.done():
+                reply = scale.result()
+                if not reply.ok and reply.error:
+                    last_error = reply.error.message
+                if not reply.ok or reply.instance_id not in {r.instance_id for r in self.table.routes(model)}:
+                    if time.monotonic() - started > 0.5:  # an instance was not made or is gone again: ask anew
+                        scale = self._scale(model, reason)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ApiError(503, f"No instance of '{model}' within {self.wait_s:.0f} s: {last_error}",
+                               code="no_capacity", headers={"Retry-After": "5"})
+            try:
+                await asyncio.wait_for(changed.wait(), min(remaining, 1.0))
+            except asyncio.TimeoutError:
+                pass
 
     def _enter(self, model: str, delta: int) -> None:
         n = self.waiting.get(model, 0) + delta

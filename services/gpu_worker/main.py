@@ -108,7 +108,12 @@ class WorkerService:
             try:
                 final = None
                 coalescer = ChunkCoalescer(self.settings.chunk_interval_s)
+                started, first = time.perf_counter(), True
                 async for delta in self.worker.generate(req):
+                    if first and (delta.text or delta.finish_reason):  # prefill ends here
+                        first = False
+                        span.add_event("first_token", {"prefill_s": time.perf_counter() - started,
+                                                        "prompt_tokens": delta.prompt_tokens})
                     if delta.finish_reason:
                         final = InferChunk(request_id=req.request_id, seq=seq, text=coalescer.flush() + delta.text,
                                            finish_reason=delta.finish_reason,

@@ -143,8 +143,14 @@ def test_worker_killed_mid_stream_ends_the_stream_and_the_next_request_is_served
             model="tiny-llama", messages=[{"role": "user", "content": "long"}], max_tokens=1500, stream=True) as s:
         lines = s.iter_lines()
         next(line for line in lines if line.startswith("data: "))
-        workers = json.loads(cli(cluster["env"], "workers", "--json").stdout)
-        busy = next(w["worker_id"] for w in workers if any(c["in_flight"] for c in w["copies"]))
+        busy = None
+        for _ in range(20):  # in-flight counts reach the KV bucket with the next heartbeat
+            workers = json.loads(cli(cluster["env"], "workers", "--json").stdout)
+            busy = next((w["worker_id"] for w in workers if any(c["in_flight"] for c in w["copies"])), None)
+            if busy:
+                break
+            time.sleep(0.2)
+        assert busy, workers
         victim = next(p for p in up.children(recursive=True)
                       if "services.gpu_worker" in " ".join(p.cmdline()) and p.environ().get("WARMSERVE_WORKER_ID") == busy)
         victim.kill()
