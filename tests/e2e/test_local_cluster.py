@@ -97,6 +97,12 @@ def test_errors_reach_the_client_as_openai_errors(cluster):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "x " * 3000}],
                                        max_tokens=8)
+    with pytest.raises(openai.BadRequestError) as exc:  # a parameter we do not support is refused by name
+        client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "x"}],
+                                       extra_body={"top_k": 5})
+    assert "top_k" in exc.value.message
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "x"}], n=2)
     with pytest.raises(openai.AuthenticationError) as exc:
         OpenAI(base_url=f"{cluster['url']}/v1", api_key="ws-not-a-key", max_retries=0).models.list()
     assert exc.value.code == "invalid_api_key"
