@@ -169,6 +169,7 @@ class WorkerState(BusMessage):
     heartbeat_at_s: float = 0.0
     started_at_s: float = 0.0
     reclaimable_bytes: int = 0  # KV held beyond the active instance's target: prewarm capacity to be had
+    kv_cache_bytes: int = 0  # KV cache an activation here needs beyond the weights (0: allocated at load)
     in_flight: int = 0
 
     @property

@@ -189,11 +189,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                     break
                 except _NotStarted as exc:  # nothing was generated yet: another instance may serve it
                     await stream.aclose()
+                    gw.cancel(route.worker_id, infer.request_id)  # in case it starts after all
                     served.unroute()
                     tried.add(route.instance_id)
                     span.add_event("reroute", {"instance": route.instance_id, "reason": str(exc)})
                     log.warning("request %s not started on %s (%s); routing it again", infer.request_id,
                                 route.instance_id, exc)
+                except BaseException:
+                    await stream.aclose()
+                    raise
             else:
                 raise ApiError(503, f"No instance of '{body.model}' could start the request", code="no_capacity",
                                headers={"Retry-After": "2"})
@@ -293,11 +297,11 @@ class Served:
         gw.metrics.in_flight.labels(model).inc()
 
     def route(self, route: Route, outcome: Outcome, waited_s: float) -> None:
+        """Record the route admission reserved (its slot is already counted as pending)."""
         self.route_, self.outcome = route, outcome.value
         self.span.set_attribute("warmserve.outcome", outcome.value)
         self.span.set_attribute("warmserve.worker", route.worker_id)
         self.span.set_attribute("warmserve.queue_wait_s", waited_s)
-        self.gw.table.started(route)
 
     def unroute(self) -> None:
         if self.route_ is not None:
@@ -315,7 +319,7 @@ class Served:
             return
         self._done = True
         gw = self.gw
-        if status == CLIENT_CLOSED and self.route_ is not None:  # stop the worker generating for nobody
+        if status != 200 and self.route_ is not None:  # stop the worker generating for nobody
             gw.cancel(self.route_.worker_id, self.request_id)
         self.unroute()
         gw.demand.complete(self.model)

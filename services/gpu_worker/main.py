@@ -53,6 +53,7 @@ class WorkerService:
             batch_capacity=w.batch_capacity, copies=w.snapshot(), gpu=self.gpu.stats(),
             heartbeat_at_s=time.time(), started_at_s=self.started_at,
             reclaimable_bytes=w.reclaimable_bytes(), in_flight=w.in_flight,
+            kv_cache_bytes=0 if getattr(w.engine, "kv_allocated_at_load", False) else (w.kv_bytes_per_instance or 0),
         )
 
     def _spawn(self, coro) -> None:

@@ -136,7 +136,10 @@ class Admin:
                 await session.commit()
         except IntegrityError:
             raise AdminError("conflict", f"an API key named {a.name!r} exists already") from None
-        await self.svc.sync_keys()
+        try:
+            await self.svc.sync_keys()
+        except Exception:  # the key is stored; the periodic sync publishes it. Never lose the plaintext.
+            pass
         return {"name": row.name, "id": row.id, "key": plaintext,
                 "note": "store this key now: only its hash is kept"}
 

@@ -98,6 +98,13 @@ class Orchestrator:
         await bus.reply(self.nc, msg, reply)
 
     async def scale_up(self, req: ScaleRequest) -> ScaleReply:
+        try:
+            return await self._scale_up(req)
+        except Exception as exc:  # every asker must hear back, never wait out its budget
+            log.exception("scale-up of %s failed", req.model)
+            return ScaleReply(ok=False, error=ErrorInfo(code="internal", message=f"scale-up failed: {brief(exc)}"))
+
+    async def _scale_up(self, req: ScaleRequest) -> ScaleReply:
         started = time.monotonic()
         spec = self.catalog.items.get(req.model)
         if spec is None:
@@ -108,7 +115,8 @@ class Orchestrator:
                 c = w.copy_of(req.model)
                 if c is not None and c.state is CopyState.ACTIVE:
                     return ScaleReply(ok=True, outcome=Outcome.WARM, worker_id=w.worker_id, instance_id=c.instance_id)
-        choice = choose_worker(spec, live, busy={wid for wid, _ in self.busy})
+        # a worker busy with this model (a prewarm in flight) may still be the best choice
+        choice = choose_worker(spec, live, busy={wid for wid, m in self.busy if m != req.model})
         if choice is None:
             return ScaleReply(ok=False, error=ErrorInfo(
                 code="no_capacity", message=f"no worker can take another instance of {req.model} now"))
@@ -124,7 +132,8 @@ class Orchestrator:
         finally:
             self.busy.discard(key)
         log.info("scale-up %s on %s: %s (%s, %.2f s)", req.model, choice.worker_id,
-                 "ok" if result.ok else result.error.message, choice.outcome.value, time.monotonic() - started)
+                 "ok" if result.ok else (result.error.message if result.error else "failed"),
+                 choice.outcome.value, time.monotonic() - started)
         if not result.ok:
             return ScaleReply(ok=False, error=result.error)
         return ScaleReply(ok=True, outcome=choice.outcome, worker_id=choice.worker_id,

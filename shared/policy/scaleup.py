@@ -31,7 +31,7 @@ def choose_worker(spec: ModelSpec, workers: Sequence[WorkerState], busy: Collect
     def room(w: WorkerState) -> int:  # free memory plus what evicting its prewarmed copies would free
         return w.free_bytes + sum(c.weight_bytes for c in w.copies if c.state is CopyState.PREWARMED)
 
-    fitting = [w for w in idle if room(w) >= spec.parameter_bytes and w.copy_of(spec.slug) is None]
+    fitting = [w for w in idle if room(w) >= spec.parameter_bytes + w.kv_cache_bytes and w.copy_of(spec.slug) is None]
     if not fitting:
         return None
     best = min(fitting, key=lambda w: (sum(c.state is CopyState.PREWARMED for c in w.copies), -w.free_bytes,

@@ -177,3 +177,10 @@ def test_token_bucket_allows_bursts_then_the_rate():
     assert b.take(10.5) == 0.0  # one token came back
     assert b.take(10.5) > 0
     assert TokenBucket(rate=0.0, burst=1.0).take(0) == 0.0
+
+
+def test_scale_up_needs_room_for_the_kv_cache_too():
+    m = spec("m", size=4 * GB)
+    w = worker("w1", budget=5 * GB).model_copy(update={"kv_cache_bytes": 2 * GB})
+    assert choose_worker(m, [w]) is None  # weights fit, weights + KV do not
+    assert choose_worker(m, [w.model_copy(update={"kv_cache_bytes": 0})]).worker_id == "w1"

@@ -1,0 +1,79 @@
+"""Gateway admission with a fake routing table and orchestrator: bounded asking, no over-admission,
+honest outcomes."""
+
+import asyncio
+
+import pytest
+
+from services.gateway.admission import Admission
+from services.gateway.errors import ApiError
+from shared.messages import Outcome, ScaleReply
+from shared.policy.routing import Route, pick_route
+
+
+class FakeTable:
+    def __init__(self):
+        self.instances: list[Route] = []
+        self.pending: dict[str, int] = {}
+
+    def routes(self, model):
+        return list(self.instances)
+
+    def has_instance(self, model):
+        return bool(self.instances)
+
+    def try_route(self, model, exclude=()):
+        return pick_route([r for r in self.instances if r.instance_id not in exclude], self.pending)
+
+    def started(self, route):
+        self.pending[route.instance_id] = self.pending.get(route.instance_id, 0) + 1
+
+
+async def test_failed_scale_ups_are_retried_with_backoff_not_in_a_loop():
+    table, asks = FakeTable(), []
+
+    async def scaler(req):
+        asks.append(req)
+        return ScaleReply(ok=False, error={"code": "no_capacity", "message": "full"})
+
+    adm = Admission(table, scaler, wait_s=3.0, queue_size=8)
+    with pytest.raises(ApiError) as exc:
+        await asyncio.gather(*(adm.admit("m") for _ in range(4)))
+    assert exc.value.status == 503 and "full" in exc.value.message
+    assert 2 <= len(asks) <= 4  # 0.5 s, 1 s, 2 s apart: not hundreds
+
+
+async def test_waiters_never_exceed_the_new_instance_capacity_and_learn_its_outcome():
+    table = FakeTable()
+
+    async def scaler(req):
+        await asyncio.sleep(0.05)
+        table.instances = [Route("w1", "new", 0, capacity=2)]
+        return ScaleReply(ok=True, outcome=Outcome.PREWARM_HIT, worker_id="w1", instance_id="new")
+
+    adm = Admission(table, scaler, wait_s=1.0, queue_size=8)
+    results = await asyncio.gather(*(adm.admit("m") for _ in range(5)), return_exceptions=True)
+    served = [r for r in results if not isinstance(r, Exception)]
+    assert len(served) == 2 and table.pending == {"new": 2}
+    assert {outcome for _, outcome, _ in served} == {Outcome.PREWARM_HIT}
+    assert all(isinstance(r, ApiError) and r.status == 503 for r in results if isinstance(r, Exception))
+
+
+async def test_a_slot_freed_on_an_old_instance_is_warm_and_the_queue_is_bounded():
+    table = FakeTable()
+    table.instances = [Route("w1", "old", 1, capacity=1)]  # full
+
+    async def scaler(req):
+        await asyncio.sleep(10)  # a slow cold start somewhere else
+        return ScaleReply(ok=False)
+
+    adm = Admission(table, scaler, wait_s=2.0, queue_size=1)
+    waiter = asyncio.create_task(adm.admit("m"))
+    await asyncio.sleep(0.05)
+    with pytest.raises(ApiError) as exc:
+        await adm.admit("m")  # the queue of one is taken
+    assert exc.value.code == "queue_full"
+    table.instances = [Route("w1", "old", 0, capacity=1)]  # the running request finished
+    adm.notify()
+    route, outcome, waited = await asyncio.wait_for(waiter, 1.0)
+    assert route.instance_id == "old" and outcome is Outcome.WARM and waited < 1.0
