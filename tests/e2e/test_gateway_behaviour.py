@@ -3,13 +3,10 @@ workers that serve one request each, with no instance kept active in advance: th
 queueing, cancellation, a worker killed mid-stream, no capacity, rate limits and keys."""
 
 import json
-import os
-import re
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -17,10 +14,9 @@ import psutil
 import pytest
 from openai import OpenAI
 
-from shared.localcluster.processes import free_port
+from tests.e2e.conftest import ROOT, start_cluster
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).parents[2]
 
 
 def cli(env, *args):
@@ -31,26 +27,10 @@ def cli(env, *args):
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("cluster")
-    port = free_port()
-    env = dict(os.environ, WARMSERVE_STATE_DIR=str(state), WARMSERVE_GATEWAY_PORT=str(port), WARMSERVE_NATS_PORT="0",
-               WARMSERVE_MIN_ACTIVE_PER_MODEL="0", WARMSERVE_BATCH_CAPACITY="1", WARMSERVE_QUEUE_WAIT_S="6",
-               WARMSERVE_HEARTBEAT_TIMEOUT_S="3")
-    for k in ("WARMSERVE_NATS_URL", "WARMSERVE_DATABASE_URL"):
-        env.pop(k, None)
-    proc = subprocess.Popen([sys.executable, "-m", "shared.cli.main", "up", "--engine", "sim", "--workers", "2",
-                             "--no-smoke"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=ROOT)
-    out, deadline = [], time.monotonic() + 180
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        out.append(line)
-        if line.startswith("Try:"):
-            break
-    if "WarmServe is up" not in "".join(out):
-        proc.kill()
-        pytest.fail("".join(out))
+    proc, _, env, _ = start_cluster(
+        state, "--engine", "sim", "--workers", "2", "--no-smoke", timeout_s=180,
+        extra_env={"WARMSERVE_MIN_ACTIVE_PER_MODEL": "0", "WARMSERVE_BATCH_CAPACITY": "1",
+                   "WARMSERVE_QUEUE_WAIT_S": "6", "WARMSERVE_HEARTBEAT_TIMEOUT_S": "3"})
     info = json.loads((state / "cluster.json").read_text())
     client = OpenAI(base_url=f"{info['gateway_url']}/v1", api_key=info["api_key"], max_retries=0, timeout=60)
     yield {"proc": proc, "env": env, "state": state, "client": client, "key": info["api_key"],

@@ -1,20 +1,18 @@
 """The whole local cluster as a user runs it: ``warmserve up``, then the official openai client."""
 
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 from openai import OpenAI
 
-from shared.localcluster.processes import free_port
+from tests.e2e.conftest import start_cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -22,26 +20,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("cluster")
-    port = free_port()
-    env = dict(os.environ, WARMSERVE_STATE_DIR=str(state), WARMSERVE_GATEWAY_PORT=str(port),
-               WARMSERVE_NATS_PORT="0")
-    env.pop("WARMSERVE_NATS_URL", None)
-    env.pop("WARMSERVE_DATABASE_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "shared.cli.main", "up"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parents[2])
-    out = []
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        out.append(line)
-        if line.startswith("Try:"):
-            break
-    text = "".join(out)
-    if "WarmServe is up" not in text:
-        proc.kill()
-        pytest.fail(f"warmserve up did not come up:\n{text}")
+    proc, text, env, port = start_cluster(state)
     children = psutil.Process(proc.pid).children(recursive=True)
     key = json.loads((state / "cluster.json").read_text())["api_key"]
     yield {"url": f"http://127.0.0.1:{port}", "proc": proc, "output": text, "children": children,

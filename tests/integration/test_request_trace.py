@@ -22,22 +22,6 @@ from shared.subjects import CATALOG_BUCKET
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def spans():
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    exporter = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
-
-
 async def test_scale_up_request_is_one_trace(spans, nats_url, database_url, tiny_model):
     spec = ModelSpec(slug="traced", path=str(tiny_model), parameter_bytes=weight_bytes(tiny_model),
                      max_context_tokens=max_context(tiny_model))

@@ -22,23 +22,6 @@ from shared.subjects import CATALOG_BUCKET, INFER, WORKER_CMD, WORKER_EVENT, WOR
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def spans():
-    """Finished spans of this process (the global provider can be set once; later sets are ignored)."""
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    exporter = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
-
-
 @pytest.fixture
 async def nc(nats_url):
     conn = await bus.connect(nats_url, "test")
