@@ -227,10 +227,11 @@ class KvMirror(Generic[M]):
         self._task = asyncio.create_task(self._run(), name=f"kv-mirror-{self._type.__name__}")
         return self
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float = 3.0) -> None:
+        """Stop watching; bounded, so a slow or absent server cannot stall a service's shutdown."""
         if self._task:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait([self._task], timeout=timeout_s)
 
     async def _run(self) -> None:
         while True:
@@ -265,8 +266,8 @@ class KvMirror(Generic[M]):
             finally:
                 if watcher is not None:
                     try:
-                        await watcher.stop()
-                    except Exception:
+                        await asyncio.wait_for(watcher.stop(), 2.0)
+                    except (Exception, asyncio.CancelledError):
                         pass
 
     async def _changed(self) -> None:
