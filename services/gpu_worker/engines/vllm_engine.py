@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -45,7 +45,6 @@ class _Running:
     resident_bytes: int
     kv_blocks: int = 0
     block_tokens: int = 0
-    requests: set[str] = field(default_factory=set)
 
 
 class VllmEngine:
@@ -226,12 +225,6 @@ class VllmEngine:
         raise EngineError("unsupported", "vLLM cannot resize a live KV cache (CPU: fixed at engine start; "
                                          "CUDA sleep mode releases all of it or none)")
 
-    def resident_bytes(self, model: str) -> int:
-        run = self._engines.get(model)
-        if run is None:
-            return 0
-        return _rss(run.processes) if not self.cuda else run.resident_bytes
-
     async def close(self) -> None:
         for model in list(self._engines):
             await self.unload(model)
@@ -269,7 +262,6 @@ class VllmEngine:
         params = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
                                 stop=s.stop or None, seed=s.seed, output_kind=RequestOutputKind.DELTA)
         rid = f"{request.request_id}-{time.monotonic_ns()}"
-        run.requests.add(rid)
         produced = 0
         finished = False
         try:
@@ -280,7 +272,6 @@ class VllmEngine:
                 finished = out.finished
                 yield Delta(o.text, finish, len(ids), produced)
         finally:
-            run.requests.discard(rid)
             if not finished:  # the caller went away: free the engine's slot now
                 try:
                     await run.engine.abort(rid)
