@@ -111,3 +111,13 @@ def spans():
         trace.set_tracer_provider(provider)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     return exporter
+
+
+@pytest.fixture
+async def nc(nats_url):
+    """A client connection to the test nats-server."""
+    from shared import bus
+
+    conn = await bus.connect(nats_url, "test")
+    yield conn
+    await conn.close()

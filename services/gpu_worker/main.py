@@ -208,8 +208,8 @@ class WorkerService:
         await asyncio.gather(*loops, return_exceptions=True)
         try:
             await self.kv.delete(s.worker_id)
-        except Exception:
-            pass
+        except Exception as exc:  # readers drop it once its heartbeat is stale
+            log.warning("could not remove %s from the workers bucket: %s", s.worker_id, brief(exc))
         await self.worker.engine.close()
         await bus.close(self.nc)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,9 @@ from shared.messages import AdminReply, AdminRequest, ErrorInfo, ModelSpec, Mode
 from shared.modelgen import max_context, weight_bytes
 from shared.policy.cluster import live_workers
 from shared.subjects import check_token
+
+
+log = logging.getLogger("warmserve.placement")
 
 
 class RegisterArgs(BaseModel):
@@ -138,8 +143,8 @@ class Admin:
             raise AdminError("conflict", f"an API key named {a.name!r} exists already") from None
         try:
             await self.svc.sync_keys()
-        except Exception:  # the key is stored; the periodic sync publishes it. Never lose the plaintext.
-            pass
+        except Exception as exc:  # the key is stored; the periodic sync publishes it. Never lose the plaintext.
+            log.warning("API key %s stored; publishing it to gateways waits for the next sync (%s)", a.name, exc)
         return {"name": row.name, "id": row.id, "key": plaintext,
                 "note": "store this key now: only its hash is kept"}
 

@@ -11,13 +11,6 @@ from shared.subjects import CATALOG_BUCKET, DEMAND, STREAMS
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-async def nc(nats_url):
-    conn = await bus.connect(nats_url, "test")
-    yield conn
-    await conn.close()
-
-
 async def test_request_reply_and_errors(nc):
     async def handler(msg):
         await bus.reply(nc, msg, AdminReply(ok=True, result=AdminRequest.decode(msg.data).args["x"] * 2))

@@ -23,13 +23,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def nc(nats_url):
-    conn = await bus.connect(nats_url, "test")
-    yield conn
-    await conn.close()
-
-
-@pytest.fixture
 def spec(tiny_model):
     return ModelSpec(slug="tiny", path=str(tiny_model), parameter_bytes=weight_bytes(tiny_model),
                      max_context_tokens=max_context(tiny_model))
