@@ -81,7 +81,10 @@ async def close(nc: NATS, timeout_s: float = 2.0) -> None:
         await nc.flush(timeout=timeout_s)
     except Exception:  # disconnected or slow: close anyway
         pass
-    await nc.close()
+    try:
+        await asyncio.wait_for(nc.close(), timeout_s)
+    except Exception as exc:  # a stuck close must not stall shutdown
+        log.warning("NATS close did not finish cleanly within %.1f s: %r", timeout_s, exc)
 
 
 async def request(nc: NATS, subject: str, msg: BusMessage, reply_type: type[M], timeout: float) -> M:

@@ -64,7 +64,7 @@ class Gateway:
 
     async def stop(self) -> None:
         self._demand_task.cancel()
-        await asyncio.gather(self._demand_task, return_exceptions=True)
+        await asyncio.wait([self._demand_task], timeout=3)
         await self.catalog.stop()
         await self.workers.stop()
         await self.keys.stop()
