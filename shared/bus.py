@@ -17,7 +17,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 from nats.js.kv import KeyValue
 
 from shared.messages import BusMessage
@@ -166,17 +166,23 @@ async def js_publish(js: JetStreamContext, subject: str, msg: BusMessage, msg_id
 
 
 async def consume(js: JetStreamContext, subject: str, durable: str, message_type: type[M],
-                  handle: Callable[[M, Msg], Awaitable[None]], *, batch: int = 64, max_ack_pending: int = 10_000) -> None:
+                  handle: Callable[[M, Msg], Awaitable[None]], *, batch: int = 64, max_ack_pending: int = 10_000,
+                  start_s: float | None = None, caught_up: asyncio.Event | None = None) -> None:
     """Process a durable pull consumer forever. ``handle`` acknowledges (or naks) each message it is
-    given; a message that does not decode is logged and terminated so it is never redelivered."""
-    from nats.js.api import ConsumerConfig
+    given; a message that does not decode is logged and terminated so it is never redelivered.
 
-    sub = await js.pull_subscribe(subject, durable=durable, config=ConsumerConfig(max_ack_pending=max_ack_pending))
+    With ``start_s`` the durable is recreated to deliver from that time on (the caller knows, from its
+    own stored state, where it stopped). ``caught_up`` is set once nothing is pending any more.
+    """
+    if start_s is not None:
+        sub = await _pull_from(js, subject, durable, start_s, max_ack_pending)
+    else:
+        sub = await js.pull_subscribe(subject, durable=durable, config=ConsumerConfig(max_ack_pending=max_ack_pending))
     while True:
         try:
             msgs = await sub.fetch(batch, timeout=1.0)
         except nats.errors.TimeoutError:
-            continue
+            msgs = []
         except Exception as exc:  # NATS restarting: keep trying
             log.warning("%s: fetch failed (%s); retrying", durable, str(exc).splitlines()[0] if str(exc) else exc)
             await asyncio.sleep(1.0)
@@ -194,6 +200,28 @@ async def consume(js: JetStreamContext, subject: str, durable: str, message_type
                 raise
             except Exception as exc:  # unacked messages are redelivered; the loop must survive
                 log.warning("%s: message not processed (%s); it will be redelivered", durable, exc)
+        if caught_up is not None and not caught_up.is_set() and not msgs:
+            try:
+                if (await sub.consumer_info()).num_pending == 0:
+                    caught_up.set()
+            except Exception as exc:
+                log.warning("%s: consumer info failed (%s)", durable, exc)
+
+
+async def _pull_from(js: JetStreamContext, subject: str, durable: str, start_s: float, max_ack_pending: int):
+    """(Re)create ``durable`` on the stream holding ``subject`` so it delivers from ``start_s`` on."""
+    from datetime import datetime, timezone
+
+    stream = await js.find_stream_name_by_subject(subject)
+    try:
+        await js.delete_consumer(stream, durable)
+    except nats.js.errors.NotFoundError:
+        pass
+    start = datetime.fromtimestamp(max(start_s, 0.0), tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    await js.add_consumer(stream, ConsumerConfig(
+        durable_name=durable, filter_subject=subject, deliver_policy=DeliverPolicy.BY_START_TIME,
+        opt_start_time=start, ack_policy=AckPolicy.EXPLICIT, max_ack_pending=max_ack_pending))
+    return await js.pull_subscribe_bind(durable=durable, stream=stream)
 
 
 async def ensure_bucket(js: JetStreamContext, spec: BucketSpec) -> KeyValue:

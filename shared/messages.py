@@ -272,15 +272,34 @@ class DemandSample(BusMessage):
     concurrency_peak: int
 
 
+class ForecastPoint(BusMessage):
+    """Predicted concurrency of one future window (point and upper quantile)."""
+
+    window_start_s: float
+    avg: float
+    avg_upper: float
+    peak: float
+    peak_upper: float
+
+
 class Forecast(BusMessage):
+    """A model's forecast made at a window boundary. The ``predicted_*`` fields are the next window
+    (``points[0]``); ``points`` holds every window of the horizon. ``method`` is the peak series'
+    method, ``note`` says why (or that history is too short and the recent level is used)."""
+
     model: str
     window_start_s: float
     window_s: float
     predicted_avg: float
     predicted_peak: float
     predicted_peak_upper: float
+    predicted_avg_upper: float = 0.0
     method: str
+    method_avg: str = ""
+    note: str = ""
+    history_windows: int = 0
     made_at_s: float
+    points: list[ForecastPoint] = Field(default_factory=list)
 
 
 class PlannedCopy(BusMessage):

@@ -82,7 +82,15 @@ class WorkerSettings(CommonSettings):
 
 class ForecasterSettings(CommonSettings):
     window_s: float = Field(300.0, gt=0, description="forecast window (DESIGN 2.2: 300 s)")
-    publish_interval_s: float = Field(10.0, gt=0, description="how often forecasts are refreshed")
+    horizon_windows: int = Field(3, ge=1, le=288, description="windows forecast at each window boundary")
+    upper_quantile: float = Field(0.9, gt=0, lt=1, description="quantile of recent errors added for the upper forecast")
+    min_history_windows: int = Field(12, ge=1, description="history needed before models are fitted (fewer: recent level)")
+    score_windows: int = Field(48, ge=2, description="rolling-backtest windows used to select each model's method")
+    startup_backtest_windows: int = Field(12, ge=0, description="windows of stored history backtested at start, so selection survives a restart")
+    forecast_methods: str = Field("naive,seasonal-naive,paper,autoets,mstl",
+                                  description="candidate methods, comma-separated (see docs/forecasting.md)")
+    close_grace_s: float = Field(2.0, ge=0, description="demand samples for a window are accepted this long after it ends")
+    retry_interval_s: float = Field(10.0, gt=0, description="pending history writes are retried (and new models get a first forecast) this often")
 
 
 class PlacementSettings(CommonSettings):

@@ -102,8 +102,15 @@ ADMIN = Subject(
     reply=m.AdminReply,
 )
 
+FORECAST_ADMIN = Subject(
+    "warmserve.admin.forecast.{verb}", m.AdminRequest, Durability.CORE,
+    "Operator commands answered by the forecaster (status, reload); request-reply. Not matched by "
+    "warmserve.admin.* (one token deeper), so placement's verbs and these never collide.",
+    reply=m.AdminReply,
+)
+
 SUBJECTS: tuple[Subject, ...] = (
-    INFER, CANCEL, SCALE, WORKER_CMD, WORKER_EVENT, DEMAND, FORECAST, PLACEMENT_PLAN, ADMIN,
+    INFER, CANCEL, SCALE, WORKER_CMD, WORKER_EVENT, DEMAND, FORECAST, PLACEMENT_PLAN, ADMIN, FORECAST_ADMIN,
 )
 
 

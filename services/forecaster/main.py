@@ -1,57 +1,290 @@
-"""Forecaster process: consumes demand from JetStream, publishes a forecast per model and window."""
+"""Forecaster process: per-model concurrency windows from gateways' demand, forecasts at every boundary.
+
+State and recovery: closed windows are stored in Postgres (``observed_load``); at start the forecaster
+loads them, replays its per-model forecasters over them (a short rolling backtest so method selection
+survives a restart) and recreates its durable JetStream consumer at the end of the last stored window.
+Samples for windows already stored are dropped as late, so a restart loses nothing and counts nothing
+twice. Postgres writes that fail wait in an outbox and are retried; every write is an idempotent upsert.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+from nats.aio.msg import Msg
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from services.forecaster.windows import WindowBook
 from shared import bus
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
-from shared.messages import DemandSample, Forecast, ModelSpec
-from shared.policy.forecast import naive_forecast
+from shared.messages import AdminReply, AdminRequest, DemandSample, ErrorInfo, Forecast, ForecastPoint, ModelSpec
+from shared.policy.forecast import ForecastConfig, ModelForecaster, SeriesForecast, WindowObservation
 from shared.service import brief, pause, run_service
 from shared.settings import ForecasterSettings, load_settings
-from shared.subjects import CATALOG_BUCKET, DEMAND, FORECAST
+from shared.subjects import CATALOG_BUCKET, DEMAND, FORECAST, FORECAST_ADMIN
+from shared.workload.series import align_before
 
 log = logging.getLogger("warmserve.forecaster")
+
+MAX_OUTBOX = 200_000  # pending rows kept while Postgres is away (about a day of 256 models)
+
+
+def forecast_config(s: ForecasterSettings) -> ForecastConfig:
+    methods = tuple(m.strip() for m in s.forecast_methods.split(",") if m.strip())
+    return ForecastConfig.for_window(s.window_s, horizon=s.horizon_windows, upper_quantile=s.upper_quantile,
+                                     min_history=s.min_history_windows, score_windows=s.score_windows,
+                                     methods=methods)
+
+
+def to_message(model: str, window_start_s: float, window_s: float, avg: SeriesForecast, peak: SeriesForecast,
+               made_at_s: float) -> Forecast:
+    points = [ForecastPoint(window_start_s=window_start_s + i * window_s, avg=a, avg_upper=au, peak=p, peak_upper=pu)
+              for i, (a, au, p, pu) in enumerate(zip(avg.point, avg.upper, peak.point, peak.upper))]
+    first = points[0]
+    return Forecast(model=model, window_start_s=window_start_s, window_s=window_s, predicted_avg=first.avg,
+                    predicted_avg_upper=first.avg_upper, predicted_peak=first.peak,
+                    predicted_peak_upper=first.peak_upper, method=peak.method, method_avg=avg.method,
+                    note=peak.note if peak.note == avg.note else f"peak: {peak.note}; avg: {avg.note}",
+                    history_windows=peak.history_windows, made_at_s=made_at_s, points=points)
+
+
+class ImportArgs(BaseModel):
+    """``warmserve forecast import``: one model's windows from a trace, oldest first, from the trace's t=0."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    window_s: float = Field(gt=0)
+    windows: list[tuple[float, float, int]] = Field(min_length=1, max_length=14 * 288)  # (avg, peak, arrivals)
+    source: str = Field("trace", max_length=200)
+
+    @field_validator("windows")
+    @classmethod
+    def _finite(cls, v: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+        if any(not (math.isfinite(a) and math.isfinite(p)) or a < 0 or p < 0 or n < 0 for a, p, n in v):
+            raise ValueError("window values must be finite and non-negative")
+        return v
+
+
+@dataclass
+class Outbox:
+    """History writes waiting for Postgres: observed windows per model and forecasts."""
+
+    observations: dict[str, list[WindowObservation]]
+    forecasts: list[Forecast]
+    dropped: int = 0
+
+    @classmethod
+    def empty(cls) -> Outbox:
+        return cls(defaultdict(list), [])
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.observations.values()) + len(self.forecasts)
+
+    def bound(self) -> None:
+        while len(self) > MAX_OUTBOX and self.forecasts:  # forecasts are the cheaper loss
+            self.forecasts.pop(0)
+            self.dropped += 1
 
 
 class Forecaster:
     def __init__(self, settings: ForecasterSettings):
         self.settings = settings
-        self.book = WindowBook(settings.window_s)
+        self.config = forecast_config(settings)
+        self.book = WindowBook(settings.window_s, keep=self.config.fit_windows)
+        self.series: dict[str, ModelForecaster] = {}
+        self.latest: dict[str, Forecast] = {}
+        self.outbox = Outbox.empty()
+        self.caught_up = asyncio.Event()
+        self.rounds = {"count": 0, "last_s": None, "first_s": None, "last_at_s": None}
 
-    async def on_demand(self, sample: DemandSample, msg) -> None:
+    # ---- demand in -------------------------------------------------------------------------------
+
+    async def on_demand(self, sample: DemandSample, msg: Msg) -> None:
         self.book.add(sample)
         await msg.ack()
 
-    async def publish(self) -> None:
-        now = time.time()
-        closed = self.book.close(now)
-        current = self.book.window_of(now)
-        models = set(self.catalog.items) | set(self.book.history)
-        forecasts = []
-        for model in sorted(models):
-            p = naive_forecast(list(self.book.history.get(model, ())))
-            forecasts.append(Forecast(model=model, window_start_s=current, window_s=self.settings.window_s,
-                                      predicted_avg=p.avg, predicted_peak=p.peak, predicted_peak_upper=p.peak_upper,
-                                      method=p.method, made_at_s=now))
+    # ---- history ---------------------------------------------------------------------------------
+
+    async def load_history(self, stop: asyncio.Event) -> dict[str, list[WindowObservation]]:
+        """Stored windows of the last ``fit_windows``; waits for Postgres (forecasts need history)."""
+        since = time.time() - self.config.fit_windows * self.settings.window_s
+        attempt = 0
+        while not stop.is_set():
+            try:
+                async with self.sessions() as session:
+                    return await repo.observed_history(session, since)
+            except Exception as exc:
+                attempt += 1
+                log.warning("cannot load forecast history from Postgres (%s); retrying (attempt %d)", brief(exc), attempt)
+                await pause(stop, min(30.0, 2.0 * attempt))
+        return {}
+
+    def rebuild(self, history: dict[str, list[WindowObservation]]) -> None:
+        """Forecasters for every model with history (gaps read as zero load), then a short backtest."""
+        w = self.settings.window_s
+        rebuilt = {}
+        for model, rows in history.items():
+            filled = _fill_gaps(rows, w)
+            rebuilt[model] = ModelForecaster.replay(self.config, filled, self.settings.startup_backtest_windows)
+            self.book.resume(model, filled[-1].start_s + w)
+        self.series.update(rebuilt)
+
+    # ---- the round at every window boundary --------------------------------------------------------
+
+    def forecast_all(self, models: list[str], window_start_s: float, now: float) -> list[Forecast]:
+        out = []
+        for model in models:
+            pair = self.series.get(model) or self.series.setdefault(model, ModelForecaster.empty(self.config))
+            avg, peak = pair.forecast()
+            out.append(to_message(model, window_start_s, self.settings.window_s, avg, peak, now))
+        return out
+
+    async def round(self, now: float) -> None:
+        started = time.perf_counter()
+        closed = self.book.close(now, self.settings.close_grace_s)
+        known = self.catalog.items
+        for model, obs in closed:
+            if model not in known:
+                continue
+            self.series.setdefault(model, ModelForecaster.empty(self.config)).observe(obs)
+            self.outbox.observations[model].append(obs)
+        for model in [m for m in self.book.next_start if m not in known]:
+            self.book.forget(model)  # removed from the catalog
+            self.series.pop(model, None)
+        models = sorted(known)
+        forecasts = await asyncio.to_thread(self.forecast_all, models, self.book.window_of(now), now)
+        await self.publish(forecasts)
+        elapsed = time.perf_counter() - started
+        self.rounds.update(count=self.rounds["count"] + 1, last_s=round(elapsed, 3), last_at_s=now)
+        if self.rounds["first_s"] is None:
+            self.rounds["first_s"] = round(elapsed, 3)
+        log.info("forecast round: %d models, %d windows closed, %.2f s", len(models), len(closed), elapsed)
+        await self.flush()
+
+    async def publish(self, forecasts: list[Forecast]) -> None:
         for fc in forecasts:
-            await bus.js_publish(self.js, FORECAST.format(model=fc.model), fc,
-                                 msg_id=f"{fc.model}:{fc.window_start_s:.0f}:{fc.made_at_s:.3f}")
+            self.latest[fc.model] = fc
+            try:
+                await bus.js_publish(self.js, FORECAST.format(model=fc.model), fc,
+                                     msg_id=f"{fc.model}:{fc.window_start_s:.0f}:{fc.made_at_s:.3f}")
+            except Exception as exc:  # placement keeps the last forecast; the next round republishes
+                log.warning("could not publish the forecast for %s: %s", fc.model, brief(exc))
+        self.outbox.forecasts.extend(forecasts)
+        self.outbox.bound()
+
+    async def flush(self) -> None:
+        """Write pending history; on failure everything stays queued (writes are idempotent upserts)."""
+        if not len(self.outbox):
+            return
+        known = self.catalog.items
         try:
             async with self.sessions() as session:
-                for fc in forecasts:
-                    if fc.model in self.catalog.items:
+                for model, rows in self.outbox.observations.items():
+                    if model not in known:
+                        continue
+                    await repo.record_observations(session, model, self.settings.window_s, rows)
+                    for o in rows:
+                        await repo.record_observed(session, model, o.start_s, o.avg, o.peak)
+                for fc in self.outbox.forecasts:
+                    if fc.model in known:
                         await repo.record_forecast(session, fc)
-                for model, obs in closed:
-                    await repo.record_observed(session, model, obs.start_s, obs.avg, obs.peak)
                 await session.commit()
-        except Exception as exc:  # history is best effort; forecasts already went out on the bus
-            log.warning("could not store forecasts: %s", brief(exc))
+        except Exception as exc:
+            log.warning("could not store forecast history (%s); %d rows queued, retrying", brief(exc), len(self.outbox))
+            return
+        if self.outbox.dropped:
+            log.warning("%d forecasts were dropped while Postgres was away (the outbox is bounded)", self.outbox.dropped)
+        self.outbox = Outbox.empty()
+
+    async def first_forecasts(self) -> None:
+        """Models new to the catalog get a forecast (the recent level, i.e. none yet) without waiting."""
+        new = sorted(set(self.catalog.items) - set(self.latest))
+        if new:
+            now = time.time()
+            await self.publish(self.forecast_all(new, self.book.window_of(now), now))
+
+    # ---- operator verbs ------------------------------------------------------------------------------
+
+    async def on_admin(self, msg: Msg) -> None:
+        verb = msg.subject.rsplit(".", 1)[-1]
+        try:
+            if verb == "status":
+                reply = AdminReply(ok=True, result=self.status())
+            elif verb == "reload":
+                reply = AdminReply(ok=True, result=await self.reload())
+            elif verb == "import":
+                args = ImportArgs.model_validate(AdminRequest.decode(msg.data).args)
+                reply = AdminReply(ok=True, result=await self.import_history(args))
+            else:
+                reply = AdminReply(ok=False, error=ErrorInfo(
+                    code="unknown_verb", message=f"unknown forecaster verb {verb!r}; known: import, reload, status"))
+        except (ValidationError, ValueError) as exc:
+            reply = AdminReply(ok=False, error=ErrorInfo(code="bad_request", message=brief(exc)))
+        except Exception as exc:
+            log.warning("admin %s failed: %s", verb, brief(exc))
+            reply = AdminReply(ok=False, error=ErrorInfo(code="failed", message=brief(exc)))
+        await bus.reply(self.nc, msg, reply)
+
+    def status(self) -> dict:
+        models = []
+        for model in sorted(set(self.catalog.items) | set(self.series)):
+            fc = self.latest.get(model)
+            pair = self.series.get(model)
+            models.append({
+                "model": model, "history_windows": len(pair.peak.history) if pair else 0,
+                "method": fc.method if fc else None, "method_avg": fc.method_avg if fc else None,
+                "note": fc.note if fc else "no forecast yet",
+                "next": fc.points[0].model_dump() if fc and fc.points else None,
+                "peak_errors": pair.peak.errors() if pair else {},
+            })
+        return {"window_s": self.settings.window_s, "caught_up": self.caught_up.is_set(),
+                "late_samples": self.book.late, "pending_writes": len(self.outbox), "rounds": self.rounds,
+                "models": models}
+
+    async def import_history(self, args: ImportArgs) -> dict:
+        """Seed a model's history from a trace: the trace's windows go right before its oldest stored
+        window (or before the current window), keeping time of day; nothing stored is overwritten."""
+        if args.model not in self.catalog.items:
+            raise ValueError(f"model {args.model!r} is not in the catalog (warmserve model list)")
+        if abs(args.window_s - self.settings.window_s) > 1e-6:
+            raise ValueError(f"the trace was cut into {args.window_s:g} s windows; this forecaster uses "
+                             f"{self.settings.window_s:g} s (WARMSERVE_WINDOW_S)")
+        w = self.settings.window_s
+        async with self.sessions() as session:
+            first = await repo.first_observed(session, args.model)
+        end = first if first is not None else self.book.next_start.get(args.model, self.book.window_of(time.time()))
+        series = [WindowObservation(i * w, a, p, n) for i, (a, p, n) in enumerate(args.windows)]
+        aligned = align_before(series, w, end)
+        async with self.sessions() as session:
+            written = await repo.record_observations(session, args.model, w, aligned, source="import")
+            await session.commit()
+        self.book.resume(args.model, end)  # live samples before the imported history are not expected
+        rebuilt = await self.reload([args.model])
+        return {"model": args.model, "windows_written": written, "from_s": aligned[0].start_s,
+                "to_s": aligned[-1].start_s + w, "source": args.source, **rebuilt}
+
+    async def reload(self, models: list[str] | None = None) -> dict:
+        """Re-read history (after ``warmserve forecast import``) and rebuild every model's forecaster."""
+        await self.flush()
+        if len(self.outbox):
+            raise RuntimeError("Postgres is not taking writes; reload would lose queued windows")
+        history = await self.load_history(asyncio.Event())
+        if models is not None:
+            history = {m: history[m] for m in models if m in history}
+        await asyncio.to_thread(self.rebuild, history)
+        now = time.time()
+        targets = sorted(self.catalog.items) if models is None else models
+        await self.publish(await asyncio.to_thread(self.forecast_all, targets, self.book.window_of(now), now))
+        await self.flush()
+        return {"models": len(history), "windows": sum(len(v) for v in history.values())}
+
+    # ---- main loop -----------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
@@ -61,20 +294,56 @@ class Forecaster:
         self.catalog = bus.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
         engine = create_engine(s.database_url)
         self.sessions = sessionmaker(engine)
-        consumer = asyncio.create_task(
-            bus.consume(self.js, DEMAND.wildcard, "forecaster", DemandSample, self.on_demand, batch=256))
-        log.info("forecaster up: window %.0f s, refresh every %.0f s", s.window_s, s.publish_interval_s)
+        await self.catalog.ready.wait()
+        history = await self.load_history(stop)
+        started = time.perf_counter()
+        await asyncio.to_thread(self.rebuild, history)
+        log.info("history: %d models, %d windows; rebuilt in %.1f s", len(history),
+                 sum(len(v) for v in history.values()), time.perf_counter() - started)
+        resume = min(self.book.next_start.values(), default=self.book.window_of(time.time()))
+        consumer = asyncio.create_task(bus.consume(
+            self.js, DEMAND.wildcard, "forecaster", DemandSample, self.on_demand, batch=512,
+            max_ack_pending=100_000, start_s=resume - 5.0, caught_up=self.caught_up))
+        admin = await self.nc.subscribe(FORECAST_ADMIN.wildcard, queue="forecaster", cb=self.on_admin)
+        log.info("forecaster up: window %.0f s, horizon %d, methods %s; replaying demand since %s",
+                 s.window_s, self.config.horizon, ",".join(self.config.methods),
+                 time.strftime("%H:%M:%S", time.gmtime(resume)))
+        while not stop.is_set() and not self.caught_up.is_set():
+            await pause(stop, 0.2)
+        if not stop.is_set():
+            await self.round(time.time())  # windows closed while we were away, and a first forecast
         while not stop.is_set():
+            boundary = self.book.window_of(time.time()) + s.window_s + s.close_grace_s
+            await pause(stop, max(0.0, min(boundary - time.time(), s.retry_interval_s)))
+            if stop.is_set():
+                break
             try:
-                await self.publish()
+                if time.time() >= boundary:
+                    await self.round(time.time())
+                else:
+                    await self.first_forecasts()
+                    await self.flush()
             except Exception as exc:
                 log.warning("forecast round failed: %s", brief(exc))
-            await pause(stop, s.publish_interval_s)
+        await admin.unsubscribe()
         consumer.cancel()
-        await asyncio.gather(consumer, return_exceptions=True)
+        await asyncio.wait([consumer], timeout=3)
+        await self.flush()
         await self.catalog.stop()
         await engine.dispose()
         await bus.close(self.nc)
+
+
+def _fill_gaps(rows: list[WindowObservation], window_s: float) -> list[WindowObservation]:
+    """Consecutive windows from stored rows; a missing window is read as no load."""
+    out = [rows[0]]
+    for row in rows[1:]:
+        t = out[-1].start_s + window_s
+        while row.start_s - t > window_s / 2:
+            out.append(WindowObservation(t, 0.0, 0.0, 0))
+            t += window_s
+        out.append(row)
+    return out
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 from shared.messages import DemandSample
@@ -26,11 +26,19 @@ class WindowBook:
 
     def __init__(self, window_s: float, keep: int = 7 * 288):
         self.window_s = window_s
-        self.keep = keep
+        self.keep = keep  # an outage longer than this many windows is filled with this many zeros
         self.open: dict[tuple[str, float], _Open] = {}
-        self.history: dict[str, deque[WindowObservation]] = defaultdict(lambda: deque(maxlen=keep))
         self.next_start: dict[str, float] = {}  # model -> first window not closed yet
         self.late = 0
+
+    def resume(self, model: str, next_start_s: float) -> None:
+        """Windows before ``next_start_s`` are already closed (and stored): samples for them are late."""
+        self.next_start[model] = max(self.next_start.get(model, float("-inf")), next_start_s)
+
+    def forget(self, model: str) -> None:
+        self.next_start.pop(model, None)
+        for key in [k for k in self.open if k[0] == model]:
+            del self.open[key]
 
     def window_of(self, t_s: float) -> float:
         return (t_s // self.window_s) * self.window_s
@@ -57,8 +65,8 @@ class WindowBook:
             while t < complete_before:
                 w = self.open.pop((model, t), None)
                 obs = WindowObservation(start_s=t, avg=w.area / self.window_s if w else 0.0,
-                                        peak=max(w.peak_by_second.values(), default=0.0) if w else 0.0)
-                self.history[model].append(obs)
+                                        peak=max(w.peak_by_second.values(), default=0.0) if w else 0.0,
+                                        arrivals=w.arrivals if w else 0)
                 closed.append((model, obs))
                 t += self.window_s
             self.next_start[model] = t

@@ -245,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--stream", action="store_true")
     chat.add_argument("--base-url", help="gateway URL (default: the running local cluster)")
     chat.set_defaults(func=cmd_chat)
+
+    from shared.cli import forecast
+
+    forecast.add_parser(sub)
     return p
 
 
@@ -253,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     from shared.bus import BusError
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[3:] if argv is None else argv[2:])
     try:
         sys.exit(args.func(args))
     except BusError as exc:

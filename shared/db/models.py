@@ -75,22 +75,44 @@ class ModelEvent(Base):
 
 
 class ForecastRecord(Base):
-    """A forecast for one model and window; the observed values are filled in when it ends."""
+    """A forecast for one model, window and lead (1 = the next window when it was made); the observed
+    values are filled in when the window ends, so accuracy is a query."""
 
     __tablename__ = "forecasts"
-    __table_args__ = (Index("ix_forecasts_model_window", "model", "window_start", unique=True),)
+    __table_args__ = (Index("ix_forecasts_model_window_lead", "model", "window_start", "lead", unique=True),)
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     model: Mapped[str] = mapped_column(String(64), ForeignKey("models.slug", ondelete="CASCADE"))
     window_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     window_s: Mapped[float] = mapped_column(Float)
+    lead: Mapped[int] = mapped_column(Integer, default=1)
     method: Mapped[str] = mapped_column(String(64))
+    method_avg: Mapped[str | None] = mapped_column(String(64), nullable=True)
     predicted_avg: Mapped[float] = mapped_column(Float)
+    predicted_avg_upper: Mapped[float | None] = mapped_column(Float, nullable=True)
     predicted_peak: Mapped[float] = mapped_column(Float)
     predicted_peak_upper: Mapped[float] = mapped_column(Float)
+    note: Mapped[str | None] = mapped_column(String(255), nullable=True)
     observed_avg: Mapped[float | None] = mapped_column(Float, nullable=True)
     observed_peak: Mapped[float | None] = mapped_column(Float, nullable=True)
     made_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ObservedLoad(Base):
+    """A model's observed concurrency per window: the forecaster's history. ``source`` is ``live`` (from
+    gateways) or ``import`` (seeded from a trace file); live rows are never overwritten by imports."""
+
+    __tablename__ = "observed_load"
+    __table_args__ = (Index("ix_observed_load_model_window", "model", "window_start", unique=True),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(64), ForeignKey("models.slug", ondelete="CASCADE"))
+    window_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    window_s: Mapped[float] = mapped_column(Float)
+    avg: Mapped[float] = mapped_column(Float)
+    peak: Mapped[float] = mapped_column(Float)
+    arrivals: Mapped[int] = mapped_column(BigInteger, default=0)
+    source: Mapped[str] = mapped_column(String(16), default="live")
 
 
 class ApiKey(Base):

@@ -3,17 +3,19 @@ unless its name says so, so callers control transactions."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timezone
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.apikeys import hash_key, new_key
-from shared.db.models import ApiKey, ForecastRecord, Model, ModelEvent, PlacementDecision, Worker
+from shared.db.models import ApiKey, ForecastRecord, Model, ModelEvent, ObservedLoad, PlacementDecision, Worker
 from shared.messages import (
-    ApiKeyRecord, Forecast, ModelSpec, ModelStatus, PlacementPlan, WorkerEvent, WorkerState, new_id,
+    ApiKeyRecord, Forecast, ForecastPoint, ModelSpec, ModelStatus, PlacementPlan, WorkerEvent, WorkerState, new_id,
 )
+from shared.policy.forecast import WindowObservation
 
 
 def _ts(seconds: float) -> datetime:
@@ -84,29 +86,81 @@ async def record_plan(session: AsyncSession, plan: PlacementPlan) -> None:
 
 
 async def record_forecast(session: AsyncSession, fc: Forecast) -> None:
-    """Store (or refresh) the forecast for a model's window."""
-    values = dict(
-        model=fc.model, window_start=_ts(fc.window_start_s), window_s=fc.window_s, method=fc.method,
-        predicted_avg=fc.predicted_avg, predicted_peak=fc.predicted_peak,
-        predicted_peak_upper=fc.predicted_peak_upper, made_at=_ts(fc.made_at_s),
-    )
-    stmt = insert(ForecastRecord).values(**values)
+    """Store (or refresh) a forecast: one row per window of its horizon, keyed by model, window and lead."""
+    points = fc.points or [ForecastPoint(window_start_s=fc.window_start_s, avg=fc.predicted_avg,
+                                         avg_upper=fc.predicted_avg_upper, peak=fc.predicted_peak,
+                                         peak_upper=fc.predicted_peak_upper)]
+    rows = [dict(model=fc.model, window_start=_ts(p.window_start_s), window_s=fc.window_s, lead=lead,
+                 method=fc.method, method_avg=fc.method_avg or None, predicted_avg=p.avg,
+                 predicted_avg_upper=p.avg_upper, predicted_peak=p.peak, predicted_peak_upper=p.peak_upper,
+                 note=fc.note[:255] or None, made_at=_ts(fc.made_at_s))
+            for lead, p in enumerate(points, start=1)]
+    stmt = insert(ForecastRecord).values(rows)
     stmt = stmt.on_conflict_do_update(
-        index_elements=[ForecastRecord.model, ForecastRecord.window_start],
-        set_={k: stmt.excluded[k] for k in ("method", "predicted_avg", "predicted_peak",
-                                            "predicted_peak_upper", "made_at")},
+        index_elements=[ForecastRecord.model, ForecastRecord.window_start, ForecastRecord.lead],
+        set_={k: stmt.excluded[k] for k in ("method", "method_avg", "predicted_avg", "predicted_avg_upper",
+                                            "predicted_peak", "predicted_peak_upper", "note", "made_at")},
     )
     await session.execute(stmt)
 
 
 async def record_observed(session: AsyncSession, model: str, window_start_s: float,
                           observed_avg: float, observed_peak: float) -> None:
-    """Fill in what actually happened in a forecast window once it has ended."""
-    row = (await session.execute(select(ForecastRecord).where(
-        ForecastRecord.model == model, ForecastRecord.window_start == _ts(window_start_s)))).scalar_one_or_none()
-    if row is not None:
-        row.observed_avg = observed_avg
-        row.observed_peak = observed_peak
+    """Fill in what actually happened in a window on every forecast made for it."""
+    await session.execute(update(ForecastRecord).where(
+        ForecastRecord.model == model, ForecastRecord.window_start == _ts(window_start_s),
+    ).values(observed_avg=observed_avg, observed_peak=observed_peak))
+
+
+async def record_observations(session: AsyncSession, model: str, window_s: float,
+                              observations: Sequence[WindowObservation], source: str = "live") -> int:
+    """Store observed windows. Live rows replace what is there (a replayed window is the same window);
+    imported rows never overwrite anything. Returns the rows written."""
+    if not observations:
+        return 0
+    written = 0
+    for chunk in range(0, len(observations), 1000):
+        rows = [dict(model=model, window_start=_ts(o.start_s), window_s=window_s, avg=o.avg, peak=o.peak,
+                     arrivals=o.arrivals, source=source) for o in observations[chunk:chunk + 1000]]
+        stmt = insert(ObservedLoad).values(rows)
+        keys = [ObservedLoad.model, ObservedLoad.window_start]
+        if source == "live":
+            stmt = stmt.on_conflict_do_update(index_elements=keys, set_={
+                k: stmt.excluded[k] for k in ("window_s", "avg", "peak", "arrivals", "source")})
+        else:
+            stmt = stmt.on_conflict_do_nothing(index_elements=keys)
+        written += (await session.execute(stmt)).rowcount
+    return written
+
+
+async def observed_history(session: AsyncSession, since_s: float) -> dict[str, list[WindowObservation]]:
+    """Every model's observed windows since ``since_s``, oldest first."""
+    q = (select(ObservedLoad.model, ObservedLoad.window_start, ObservedLoad.avg, ObservedLoad.peak,
+                ObservedLoad.arrivals)
+         .where(ObservedLoad.window_start >= _ts(since_s))
+         .order_by(ObservedLoad.model, ObservedLoad.window_start))
+    out: dict[str, list[WindowObservation]] = {}
+    for model, start, avg, peak, arrivals in (await session.execute(q)).all():
+        out.setdefault(model, []).append(WindowObservation(start.timestamp(), avg, peak, arrivals))
+    return out
+
+
+async def first_observed(session: AsyncSession, model: str) -> float | None:
+    """Start of a model's oldest observed window (an import goes before it)."""
+    value = (await session.execute(select(func.min(ObservedLoad.window_start))
+                                   .where(ObservedLoad.model == model))).scalar_one_or_none()
+    return value.timestamp() if value is not None else None
+
+
+async def forecast_accuracy(session: AsyncSession, since_s: float, lead: int = 1) -> list[dict]:
+    """Per model and method: forecasts with observed values since ``since_s`` (the inputs of MAPE)."""
+    q = (select(ForecastRecord.model, ForecastRecord.method, ForecastRecord.predicted_avg,
+                ForecastRecord.predicted_peak, ForecastRecord.predicted_peak_upper,
+                ForecastRecord.observed_avg, ForecastRecord.observed_peak)
+         .where(ForecastRecord.window_start >= _ts(since_s), ForecastRecord.lead == lead,
+                ForecastRecord.observed_peak.is_not(None))
+         .order_by(ForecastRecord.model, ForecastRecord.window_start))
+    return [dict(r._mapping) for r in (await session.execute(q)).all()]
 
 
 async def recent_plans(session: AsyncSession, limit: int = 10) -> list[PlacementDecision]:

@@ -8,8 +8,9 @@ from sqlalchemy import inspect, text
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker, sqlalchemy_url
 from shared.db.migrate import downgrade, upgrade
+from shared.policy.forecast import WindowObservation
 from shared.messages import (
-    CopyState, Forecast, ModelSpec, ModelStatus, PlacementPlan, PlannedCopy, WorkerEvent, WorkerState,
+    CopyState, Forecast, ForecastPoint, ModelSpec, ModelStatus, PlacementPlan, PlannedCopy, WorkerEvent, WorkerState,
 )
 
 pytestmark = pytest.mark.integration
@@ -30,14 +31,14 @@ def test_migrations_create_every_table_and_downgrade_cleanly(database_url):
 
     engine = sync_engine(sqlalchemy_url(database_url))
     tables = set(inspect(engine).get_table_names())
-    assert {"models", "workers", "placement_decisions", "model_events", "forecasts", "api_keys",
+    assert {"models", "workers", "placement_decisions", "model_events", "forecasts", "observed_load", "api_keys",
             "alembic_version"} <= tables
     downgrade(database_url, "base")
     assert set(inspect(engine).get_table_names()) == {"alembic_version"}
     upgrade(database_url)
     upgrade(database_url)  # already at head: nothing to do
     with engine.connect() as conn:
-        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0002"
+        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0003"
     engine.dispose()
 
 
@@ -58,7 +59,9 @@ async def test_catalog_history_and_forecasts(database_url):
                         bytes=456, seconds=0.5, reason="test", at_s=now)
     plan = PlacementPlan(created_at_s=now, copies=[PlannedCopy(model="m1", worker_id="w0")], inputs={"k": 1})
     fc = Forecast(model="m1", window_start_s=600.0, window_s=300.0, predicted_avg=1.0, predicted_peak=2.0,
-                  predicted_peak_upper=3.0, method="naive", made_at_s=now)
+                  predicted_peak_upper=3.0, method="naive", made_at_s=now, points=[
+                      ForecastPoint(window_start_s=600.0, avg=1.0, avg_upper=1.5, peak=2.0, peak_upper=3.0),
+                      ForecastPoint(window_start_s=900.0, avg=1.0, avg_upper=1.7, peak=2.0, peak_upper=3.4)])
     state = WorkerState(worker_id="w0", node="n", device="cpu:0", engine="sim", memory_budget_bytes=10,
                         heartbeat_at_s=now)
     async with sessions() as s:
@@ -66,7 +69,8 @@ async def test_catalog_history_and_forecasts(database_url):
         await repo.record_event(s, event)  # replayed delivery: stored once
         await repo.record_plan(s, plan)
         await repo.record_forecast(s, fc)
-        await repo.record_forecast(s, fc.model_copy(update={"predicted_peak": 5.0}))  # refresh, same window
+        fresh = fc.model_copy(update={"points": [fc.points[0].model_copy(update={"peak": 5.0}), fc.points[1]]})
+        await repo.record_forecast(s, fresh)  # refresh: same windows and leads
         await repo.record_observed(s, "m1", 600.0, 0.8, 4.0)
         await repo.touch_worker(s, state)
         await repo.touch_worker(s, state)
@@ -74,11 +78,26 @@ async def test_catalog_history_and_forecasts(database_url):
     async with sessions() as s:
         counts = {t: (await s.execute(text(f"select count(*) from {t}"))).scalar()
                   for t in ("model_events", "placement_decisions", "forecasts", "workers")}
-        row = (await s.execute(text("select predicted_peak, observed_avg, observed_peak from forecasts"))).one()
+        row = (await s.execute(text("select predicted_peak, observed_avg, observed_peak from forecasts "
+                                    "where lead = 1"))).one()
         [p] = await repo.recent_plans(s)
-    assert counts == {"model_events": 1, "placement_decisions": 1, "forecasts": 1, "workers": 1}
+    assert counts == {"model_events": 1, "placement_decisions": 1, "forecasts": 2, "workers": 1}
     assert tuple(row) == (5.0, 0.8, 4.0)
     assert p.prewarm_set == [{"model": "m1", "worker_id": "w0"}]
+    # observed history: live rows replace (a replayed window is the same window), imports never overwrite
+    live = [WindowObservation(600.0, 1.0, 2.0, 10), WindowObservation(900.0, 2.0, 3.0, 20)]
+    async with sessions() as s:
+        assert await repo.record_observations(s, "m1", 300.0, live) == 2
+        assert await repo.record_observations(s, "m1", 300.0, live) == 2  # upsert, not a second row
+        imported = [WindowObservation(300.0, 9.0, 9.0, 9), WindowObservation(600.0, 9.0, 9.0, 9)]
+        assert await repo.record_observations(s, "m1", 300.0, imported, source="import") == 1
+        await s.commit()
+    async with sessions() as s:
+        history = await repo.observed_history(s, since_s=0.0)
+        assert await repo.first_observed(s, "m1") == 300.0
+        [acc] = await repo.forecast_accuracy(s, since_s=0.0)
+    assert [(o.start_s, o.avg, o.arrivals) for o in history["m1"]] == [(300.0, 9.0, 9), (600.0, 1.0, 10), (900.0, 2.0, 20)]
+    assert (acc["predicted_peak"], acc["observed_peak"]) == (5.0, 4.0)
     async with sessions() as s:
         assert await repo.remove_model(s, "m1")
         assert not await repo.remove_model(s, "m1")

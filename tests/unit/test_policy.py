@@ -4,7 +4,6 @@ import pytest
 
 from shared.messages import CommandKind, CopyState, ModelCopy, ModelSpec, ModelStatus, PlannedCopy, WorkerState
 from shared.policy.cluster import live_workers
-from shared.policy.forecast import WindowObservation, naive_forecast
 from shared.policy.placement import plan_prewarm
 from shared.policy.reconcile import Action, reconcile
 from shared.policy.routing import Route, active_routes, pick_route
@@ -111,11 +110,7 @@ def test_reconcile_ignores_plan_entries_for_unknown_workers():
 # ---------------------------------------------------------------- forecast
 
 
-def test_naive_forecast():
-    assert naive_forecast([]).method == "naive-empty"
-    hist = [WindowObservation(0, 1.0, 4.0), WindowObservation(300, 2.0, 9.0), WindowObservation(600, 3.0, 5.0)]
-    p = naive_forecast(hist)
-    assert (p.avg, p.peak, p.peak_upper) == (3.0, 5.0, 9.0)
+# forecasting has its own module: tests/unit/test_forecast.py
 
 
 # ---------------------------------------------------------------- KV reservation
