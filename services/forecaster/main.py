@@ -182,9 +182,10 @@ class Forecaster:
         """Write pending history; on failure everything stays queued (writes are idempotent upserts)."""
         if not len(self.outbox):
             return
-        known = self.catalog.items
         try:
             async with self.sessions() as session:
+                # only models Postgres knows: one removed model must not block everyone's history
+                known = set(await repo.model_slugs(session))
                 for model, rows in self.outbox.observations.items():
                     if model not in known:
                         continue

@@ -49,6 +49,10 @@ async def list_models(session: AsyncSession) -> list[ModelSpec]:
     return [to_spec(r) for r in rows]
 
 
+async def model_slugs(session: AsyncSession) -> list[str]:
+    return list((await session.execute(select(Model.slug))).scalars().all())
+
+
 async def remove_model(session: AsyncSession, slug: str) -> bool:
     result = await session.execute(delete(Model).where(Model.slug == slug))
     return result.rowcount > 0
@@ -129,7 +133,7 @@ async def record_observations(session: AsyncSession, model: str, window_s: float
                 k: stmt.excluded[k] for k in ("window_s", "avg", "peak", "arrivals", "source")})
         else:
             stmt = stmt.on_conflict_do_nothing(index_elements=keys)
-        written += (await session.execute(stmt)).rowcount
+        written += len((await session.execute(stmt.returning(ObservedLoad.id))).all())
     return written
 
 
