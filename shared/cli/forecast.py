@@ -25,25 +25,11 @@ def _spec(a, window_s: float):
     return SeriesSpec(source=_source(a), window_s=window_s, seed=a.seed, rate_scale=a.rate_scale)
 
 
-async def _forecaster(verb: str, args: dict, timeout: float = 120) -> object:
-    from shared import bus
-    from shared.cli.main import _nats_url
-    from shared.messages import AdminReply, AdminRequest
+async def _forecaster(verb: str, args: dict) -> object:
+    from shared.cli.main import _admin
     from shared.subjects import FORECAST_ADMIN
 
-    nc = await bus.connect(_nats_url(), "warmserve-cli", deadline_s=5)
-    try:
-        reply = await bus.request(nc, FORECAST_ADMIN.format(verb=verb), AdminRequest(args=args), AdminReply,
-                                  timeout=timeout)
-    except bus.BusError as exc:
-        if exc.code == "no_responders":
-            raise SystemExit("error: no forecaster answers; is the cluster running (warmserve up)?") from None
-        raise
-    finally:
-        await nc.close()
-    if not reply.ok:
-        raise SystemExit(f"error ({reply.error.code}): {reply.error.message}")
-    return reply.result
+    return await _admin(verb, args, subject=FORECAST_ADMIN, timeout=120)
 
 
 def cmd_status(a) -> int:

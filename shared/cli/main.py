@@ -33,14 +33,16 @@ def _gateway_url() -> str:
     return os.environ.get("WARMSERVE_GATEWAY_URL") or _cluster_file().get("gateway_url") or "http://127.0.0.1:8080"
 
 
-async def _admin(verb: str, args: dict) -> object:
+async def _admin(verb: str, args: dict, subject=None, timeout: float = 15) -> object:
+    """An admin request (placement's verbs unless ``subject`` names another); errors exit clearly."""
     from shared import bus
     from shared.messages import AdminReply, AdminRequest
     from shared.subjects import ADMIN
 
     nc = await bus.connect(_nats_url(), "warmserve-cli", deadline_s=5)
     try:
-        reply = await bus.request(nc, ADMIN.format(verb=verb), AdminRequest(args=args), AdminReply, timeout=15)
+        reply = await bus.request(nc, (subject or ADMIN).format(verb=verb), AdminRequest(args=args), AdminReply,
+                                  timeout=timeout)
     finally:
         await nc.close()
     if not reply.ok:
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sys.exit(args.func(args))
     except BusError as exc:
-        hint = {"no_responders": "no placement service answers there; is the cluster running (warmserve up)?",
+        hint = {"no_responders": "no service answers there; is the cluster running (warmserve up)?",
                 "nats_unreachable": "is the cluster running (warmserve up), or is WARMSERVE_NATS_URL right?"}
         sys.exit(f"error: {exc} (NATS {_nats_url()}): {hint.get(exc.code, exc.code)}")
     except KeyboardInterrupt:

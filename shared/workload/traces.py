@@ -60,24 +60,32 @@ def _window_of(starts: np.ndarray) -> float:
     return float(steps.min()) if len(steps) else 600.0
 
 
-def read_rates(path: Path) -> dict[str, RateSeries]:
-    """Per-model rate series from a ServeGen-format rate file (``model,t_start_s,rate_rps,...``)."""
-    rows: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+def _csv_rows(path: Path, required: set[str], kind: str, parse) -> None:
+    """Call ``parse(row)`` for every row of a CSV with a header; errors name the file and the line."""
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            missing = {"model", "t_start_s", "rate_rps"} - set(reader.fieldnames or ())
+            missing = required - set(reader.fieldnames or ())
             if missing:
-                raise TraceFormatError(f"{path}: not a rate file, missing columns {sorted(missing)} "
-                                       "(expected model,t_start_s,rate_rps[,cv,...])")
+                raise TraceFormatError(f"{path}: not {kind}, missing columns {sorted(missing)}")
             for line, row in enumerate(reader, start=2):
                 try:
-                    cv = float(row["cv"]) if row.get("cv") not in (None, "") else 1.0
-                    rows[row["model"]].append((float(row["t_start_s"]), float(row["rate_rps"]), cv))
-                except ValueError as exc:
+                    parse(row)
+                except (ValueError, TypeError) as exc:
                     raise TraceFormatError(f"{path}:{line}: {exc}") from None
     except OSError as exc:
         raise TraceFormatError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def read_rates(path: Path) -> dict[str, RateSeries]:
+    """Per-model rate series from a ServeGen-format rate file (``model,t_start_s,rate_rps,...``)."""
+    rows: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+
+    def parse(row):
+        cv = float(row["cv"]) if row.get("cv") not in (None, "") else 1.0
+        rows[row["model"]].append((float(row["t_start_s"]), float(row["rate_rps"]), cv))
+
+    _csv_rows(path, {"model", "t_start_s", "rate_rps"}, "a rate file (model,t_start_s,rate_rps[,cv,...])", parse)
     if not rows:
         raise TraceFormatError(f"{path}: no rows")
     return {model: _series(model, sorted(r)) for model, r in rows.items()}
@@ -123,21 +131,13 @@ def _parse_timestamp(text: str) -> float:
 def read_requests(path: Path) -> Requests:
     """A request-level trace in the Azure 2023 format."""
     times, inputs, outputs = [], [], []
-    try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"} - set(reader.fieldnames or ())
-            if missing:
-                raise TraceFormatError(f"{path}: not an Azure request trace, missing columns {sorted(missing)}")
-            for line, row in enumerate(reader, start=2):
-                try:
-                    times.append(_parse_timestamp(row["TIMESTAMP"]))
-                    inputs.append(int(row["ContextTokens"]))
-                    outputs.append(int(row["GeneratedTokens"]))
-                except ValueError as exc:
-                    raise TraceFormatError(f"{path}:{line}: {exc}") from None
-    except OSError as exc:
-        raise TraceFormatError(f"cannot read {path}: {exc.strerror}") from None
+
+    def parse(row):
+        times.append(_parse_timestamp(row["TIMESTAMP"]))
+        inputs.append(int(row["ContextTokens"]))
+        outputs.append(int(row["GeneratedTokens"]))
+
+    _csv_rows(path, {"TIMESTAMP", "ContextTokens", "GeneratedTokens"}, "an Azure request trace", parse)
     if not times:
         raise TraceFormatError(f"{path}: no requests")
     t = np.array(times)
