@@ -101,6 +101,7 @@ class Forecaster:
         self.latest: dict[str, Forecast] = {}
         self.outbox = Outbox.empty()
         self.caught_up = asyncio.Event()
+        self.busy = asyncio.Lock()  # rounds, imports and reloads take turns with the forecasters
         self.rounds = {"count": 0, "last_s": None, "first_s": None, "last_at_s": None}
 
     # ---- demand in -------------------------------------------------------------------------------
@@ -146,6 +147,10 @@ class Forecaster:
         return out
 
     async def round(self, now: float) -> None:
+        async with self.busy:
+            await self._round(now)
+
+    async def _round(self, now: float) -> None:
         started = time.perf_counter()
         closed = self.book.close(now, self.settings.close_grace_s)
         known = self.catalog.items
@@ -207,8 +212,9 @@ class Forecaster:
         """Models new to the catalog get a forecast (the recent level, i.e. none yet) without waiting."""
         new = sorted(set(self.catalog.items) - set(self.latest))
         if new:
-            now = time.time()
-            await self.publish(self.forecast_all(new, self.book.window_of(now), now))
+            async with self.busy:
+                now = time.time()
+                await self.publish(await asyncio.to_thread(self.forecast_all, new, self.book.window_of(now), now))
 
     # ---- operator verbs ------------------------------------------------------------------------------
 
@@ -218,10 +224,12 @@ class Forecaster:
             if verb == "status":
                 reply = AdminReply(ok=True, result=self.status())
             elif verb == "reload":
-                reply = AdminReply(ok=True, result=await self.reload())
+                async with self.busy:
+                    reply = AdminReply(ok=True, result=await self.reload())
             elif verb == "import":
                 args = ImportArgs.model_validate(AdminRequest.decode(msg.data).args)
-                reply = AdminReply(ok=True, result=await self.import_history(args))
+                async with self.busy:
+                    reply = AdminReply(ok=True, result=await self.import_history(args))
             else:
                 reply = AdminReply(ok=False, error=ErrorInfo(
                     code="unknown_verb", message=f"unknown forecaster verb {verb!r}; known: import, reload, status"))

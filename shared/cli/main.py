@@ -271,6 +271,11 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         import openai
 
+        from shared.workload.traces import TraceFormatError
+
+        if isinstance(exc, TraceFormatError):
+            sys.exit(f"error: {exc}")
+
         if isinstance(exc, openai.APIConnectionError):
             sys.exit(f"error: cannot reach the gateway at {_gateway_url()}; is the cluster running (warmserve up)?")
         if isinstance(exc, openai.APIStatusError):

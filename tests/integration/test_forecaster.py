@@ -12,7 +12,7 @@ from shared import bus
 from shared.cli.main import main as cli
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
-from shared.messages import AdminReply, AdminRequest, DemandSample, ModelSpec
+from shared.messages import AdminReply, AdminRequest, DemandSample, Forecast, ModelSpec
 from shared.settings import ForecasterSettings
 from shared.subjects import CATALOG_BUCKET, DEMAND, FORECAST_ADMIN
 
@@ -106,6 +106,27 @@ async def test_restart_loses_nothing_and_counts_nothing_twice(nats_url, database
     finally:
         stop2.set()
         await asyncio.wait_for(task2, 20)
+
+
+async def test_accuracy_command_reads_forecasts_against_what_happened(database_url, monkeypatch, capsys):
+    engine = create_engine(database_url)
+    async with sessionmaker(engine)() as s:
+        await repo.upsert_model(s, ModelSpec(slug="fc-acc", path="/m", parameter_bytes=1))
+        for i, (pred, obs) in enumerate([(10.0, 10.0), (7.0, 10.0), (12.0, 10.0)]):
+            t = time.time() - 3600 + i * 300
+            await repo.record_forecast(s, Forecast(model="fc-acc", window_start_s=t, window_s=300, predicted_avg=pred,
+                                                   predicted_peak=pred, predicted_peak_upper=pred + 5,
+                                                   method="naive", made_at_s=t))
+            await repo.record_observed(s, "fc-acc", t, obs, obs)
+        await s.commit()
+    await engine.dispose()
+    monkeypatch.setenv("WARMSERVE_DATABASE_URL", database_url)
+    with pytest.raises(SystemExit) as exit_:
+        await asyncio.to_thread(cli, ["forecast", "accuracy", "--hours", "2"])
+    assert exit_.value.code == 0
+    [line] = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("fc-acc")]
+    # MAPE peak (0 + 30% + 20%) / 3; one window of three under-predicted by more than 20%; none with the upper
+    assert line.split()[1:6] == ["3", "16.7%", "16.7%", "33.3%", "0.0%"]
 
 
 async def _ready(svc, model, windows):

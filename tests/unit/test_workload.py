@@ -98,3 +98,39 @@ def test_align_before_rotates_a_day_keeping_time_of_day():
     aligned = align_before(day, 3600.0, end)
     assert aligned[-1].start_s == end - 3600 and aligned[0].start_s == end - 86400
     assert all(o.avg == (o.start_s % 86400) / 3600 for o in aligned)  # hour h carries the trace's hour h
+
+
+def _run_cli(argv):
+    from shared.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    return exit_.value.code
+
+
+def test_backtest_command_on_a_rate_file_and_a_request_file(tmp_path, capsys):
+    rates = tmp_path / "rates.csv"
+    rows = ["model,t_start_s,rate_rps,cv"] + [f"{m},{t * 600},{r * (1.5 + np.sin(t / 6))},1.5"
+                                               for m, r in (("a", 2.0), ("b", 0.5)) for t in range(36)]
+    rates.write_text("\n".join(rows) + "\n")
+    assert _run_cli(["forecast", "backtest", "--rates", str(rates), "--window-s", "600",
+                     "--out", str(tmp_path), "--name", "bt"]) == 0
+    out = capsys.readouterr().out
+    assert "naive (last window)" in out and "warmserve-upper" in out
+    result = __import__("json").loads((tmp_path / "bt.json").read_text())
+    assert set(result["models"]) == {"a", "b"} and (tmp_path / "bt.png").stat().st_size > 10_000
+    assert result["series_spec"]["source"] == f"rates:{rates}" and result["command"].startswith("warmserve forecast")
+
+    reqs = tmp_path / "reqs.csv"
+    reqs.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
+        f"2023-11-16 18:{m:02d}:{s:02d}.1234567,100,{20 + s}\n" for m in range(30) for s in range(0, 60, 3)))
+    assert _run_cli(["forecast", "backtest", "--requests", str(reqs), "--window-s", "60",
+                     "--out", str(tmp_path), "--name", "bt2"]) == 0
+    assert "reqs" in (tmp_path / "bt2.json").read_text()
+
+
+def test_backtest_command_reports_a_bad_file_clearly(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("model,t_start_s\nm,0\n")
+    code = _run_cli(["forecast", "backtest", "--rates", str(bad), "--out", str(tmp_path)])
+    assert code.startswith("error: ") and "missing columns ['rate_rps']" in code  # one line, no traceback
