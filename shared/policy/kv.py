@@ -24,3 +24,18 @@ def kv_bytes_to_keep(used_blocks: int, target_free_blocks: int, block_bytes: int
 def reclaimable_bytes(held_bytes: int, used_blocks: int, target_free_blocks: int, block_bytes: int) -> int:
     """What the instance holds beyond its target: memory the worker could hand to prewarming."""
     return max(held_bytes - (used_blocks + target_free_blocks) * block_bytes, 0)
+
+
+def next_kv_target(current: int | None, total_blocks: int, in_flight: int, batch_capacity: int,
+                   hysteresis: float = 0.1) -> int | None:
+    """The free-block target to send to an instance, or None when the one it has is close enough.
+
+    A rise is sent at once (capacity must come back when load rises); a fall only once it exceeds
+    ``hysteresis`` x total blocks, so a fluctuating load does not churn memory between roles.
+    """
+    want = free_blocks_target(total_blocks, in_flight, batch_capacity)
+    if current is None or want > current:
+        return want
+    if current - want >= max(1, math.ceil(hysteresis * total_blocks)):
+        return want
+    return None

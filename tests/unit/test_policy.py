@@ -4,7 +4,6 @@ import pytest
 
 from shared.messages import CommandKind, CopyState, ModelCopy, ModelSpec, ModelStatus, PlannedCopy, WorkerState
 from shared.policy.cluster import live_workers
-from shared.policy.placement import plan_prewarm
 from shared.policy.reconcile import Action, reconcile
 from shared.policy.routing import Route, active_routes, pick_route
 
@@ -51,34 +50,7 @@ def test_route_none_when_all_full_or_none_active():
     assert pick_route([small, big]) == big
 
 
-# ---------------------------------------------------------------- placement
-
-
-def test_placement_keeps_resident_copies_and_fills_free_room():
-    ws = [worker("w1", ("a", CopyState.ACTIVE, 0), budget=3 * GB), worker("w2", budget=2 * GB)]
-    result = plan_prewarm([spec("a"), spec("b"), spec("c")], ws, {"b": 5.0, "c": 1.0})
-    placed = {(c.model, c.worker_id) for c in result.copies}
-    assert ("a", "w1") in placed  # no churn
-    assert ("b", "w1") in placed or ("b", "w2") in placed
-    assert len(placed) == 3 and not result.skipped
-
-
-def test_placement_skips_what_does_not_fit_busiest_first():
-    ws = [worker("w1", budget=GB + 1)]
-    result = plan_prewarm([spec("quiet"), spec("busy")], ws, {"busy": 10.0, "quiet": 0.0})
-    assert [c.model for c in result.copies] == ["busy"]
-    assert "room" in result.skipped["quiet"]
-
-
-def test_placement_ignores_disabled_and_reports_multi_device_models():
-    result = plan_prewarm([spec("off", status=ModelStatus.DISABLED), spec("big", tp=2)], [worker("w1")], {})
-    assert result.copies == []
-    assert "off" not in result.skipped and "tensor parallel" in result.skipped["big"]
-
-
-def test_placement_counts_kv_memory_as_taken():
-    ws = [worker("w1", budget=2 * GB, kv=int(1.5 * GB))]
-    assert plan_prewarm([spec("a")], ws, {}).copies == []
+# placement: tests/unit/test_prewarm_placement.py and test_placement_service.py
 
 
 # ---------------------------------------------------------------- reconcile
