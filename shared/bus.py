@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
@@ -50,26 +51,46 @@ async def connect(url: str, name: str, *, deadline_s: float = 30.0) -> NATS:
     async def _reconnected():
         log.info("%s: reconnected to NATS", name)
 
+    refused: asyncio.Future = asyncio.get_running_loop().create_future()
+
     async def _error(exc: Exception):
-        log.debug("%s: NATS error: %s", name, exc)
+        text = str(exc).lower()
+        if "authorization violation" in text and "nc" not in holder and not refused.done():
+            refused.set_result(str(exc))  # wrong or missing credentials: retrying will not help
+        elif "permissions violation" in text:  # a publish this user may not make: say so
+            log.warning("%s: NATS refused: %s", name, exc)
+        else:
+            log.debug("%s: NATS error: %s", name, exc)
 
     servers = [s.strip() for s in url.split(",") if s.strip()]
     give_up = time.monotonic() + deadline_s
     delay = 0.1
     while True:
+        attempt = asyncio.ensure_future(nats.connect(
+            servers=servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            connect_timeout=2, disconnected_cb=_disconnected, reconnected_cb=_reconnected,
+            error_cb=_error,
+        ))
+        await asyncio.wait([attempt, refused], return_when=asyncio.FIRST_COMPLETED)
+        if refused.done() and not attempt.done():
+            attempt.cancel()
+            await asyncio.gather(attempt, return_exceptions=True)
+            raise BusError("nats_unauthorized", f"NATS at {redact(url)} refused {name}'s credentials "
+                                                f"({refused.result()}): check the user and password in the URL")
         try:
-            holder["nc"] = await nats.connect(
-                servers=servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                connect_timeout=2, disconnected_cb=_disconnected, reconnected_cb=_reconnected,
-                error_cb=_error,
-            )
+            holder["nc"] = attempt.result()
             return holder["nc"]
         except (nats.errors.NoServersError, OSError, asyncio.TimeoutError) as exc:
             if time.monotonic() >= give_up:
-                raise BusError("nats_unreachable", f"cannot reach NATS at {url}: {exc}") from exc
-            log.info("%s: waiting for NATS at %s", name, url)
+                raise BusError("nats_unreachable", f"cannot reach NATS at {redact(url)}: {exc}") from exc
+            log.info("%s: waiting for NATS at %s", name, redact(url))
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+def redact(url: str) -> str:
+    """Server URLs without the user and password, for logs and errors."""
+    return ",".join(re.sub(r"//[^@/]*@", "//", part) for part in url.split(","))
 
 
 async def close(nc: NATS, timeout_s: float = 2.0) -> None:

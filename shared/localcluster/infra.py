@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
+from shared.localcluster.nats_auth import NatsUsers, server_config
 from shared.localcluster.processes import port_free, spawn, tail, wait_port
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,9 @@ def nats_server_binary() -> str:
     return found
 
 
-def start_nats(state_dir: Path, port: int) -> tuple[subprocess.Popen, str]:
+def start_nats(state_dir: Path, port: int) -> tuple[subprocess.Popen, str, NatsUsers]:
+    """A nats-server with JetStream and the cluster's users (operator, service); returns the process,
+    its URL without credentials, and the users."""
     if not port_free(port):
         raise StartError(f"port {port} is taken, so the embedded nats-server cannot start: "
                          "stop what uses it or set WARMSERVE_NATS_PORT (0 picks a free port)")
@@ -39,12 +43,15 @@ def start_nats(state_dir: Path, port: int) -> tuple[subprocess.Popen, str]:
         port = free_port()
     data = state_dir / "nats"
     data.mkdir(parents=True, exist_ok=True)
-    args = [nats_server_binary(), "-js", "-sd", str(data), "-a", "127.0.0.1", "-p", str(port)]
-    proc = spawn(args, state_dir / "logs" / "nats-server.log")
+    users = NatsUsers.load_or_create(state_dir / "nats-users.json")
+    conf = data / "nats.conf"
+    conf.write_text(server_config(port, data, users))
+    os.chmod(conf, 0o600)
+    proc = spawn([nats_server_binary(), "-c", str(conf)], state_dir / "logs" / "nats-server.log")
     if not wait_port(port, 15.0, proc=proc):
         proc.kill()
         raise StartError(f"nats-server did not start:\n{tail(state_dir / 'logs' / 'nats-server.log')}")
-    return proc, f"nats://127.0.0.1:{port}"
+    return proc, f"nats://127.0.0.1:{port}", users
 
 
 class EmbeddedPostgres:
