@@ -302,6 +302,21 @@ class Forecast(BusMessage):
     points: list[ForecastPoint] = Field(default_factory=list)
 
 
+class OperatorHold(BusMessage):
+    """An operator's standing instruction, kept in the operator KV bucket: a drained worker takes no new
+    work and gives up its copies; a pinned model keeps ``copies`` prewarmed copies whatever the forecast."""
+
+    kind: Literal["drain", "pin"]
+    target: str  # worker id (drain) or model slug (pin)
+    copies: int = Field(1, ge=1, le=64)
+    reason: str = ""
+    at_s: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}.{self.target}"
+
+
 class PlannedCopy(BusMessage):
     model: str
     worker_id: str

@@ -8,9 +8,9 @@ from __future__ import annotations
 import socket
 import sys
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.subjects import check_token
@@ -96,12 +96,30 @@ class ForecasterSettings(CommonSettings):
 class PlacementSettings(CommonSettings):
     replan_interval_s: float = Field(5.0, gt=0, description="replan at least this often (and on every change)")
     catalog_sync_interval_s: float = Field(10.0, gt=0, description="Postgres catalog -> KV resync period")
+    batch_capacity: int = Field(32, ge=1, description="B: concurrent requests one instance serves (DESIGN 2.3)")
+    h2d_gbps: float = Field(25.0, gt=0, description="host-to-device GB/s used to score load time (PCIe Gen4 x16)")
+    placement_strategy: Literal["evict-aware", "round-robin"] = Field(
+        "evict-aware", description="evict-aware (DESIGN 2.3) or the paper's round-robin ablation")
+    evict: bool = Field(True, description="evict lower-scored prewarmed copies when that raises the total score")
+    kv_reservation: bool = Field(True, description="count KV memory running instances can give back as prewarm capacity")
 
 
 class OrchestratorSettings(CommonSettings):
     reconcile_interval_s: float = Field(0.5, gt=0, description="DESIGN 2.4: about every 0.5 s")
     command_timeout_s: float = Field(120.0, gt=0, description="longest a prewarm/activate may take")
-    min_active_per_model: int = Field(1, ge=0, description="instances kept active per placed model")
+    min_active_per_model: int = Field(0, ge=0, description="instances kept active per model however idle (0: scale to zero, the next request is a prewarm hit)")
+    autoscale_window_s: float = Field(5.0, gt=0, description="load = mean concurrency over this window")
+    scale_up_threshold: float = Field(0.8, gt=0, le=1, description="scale up above this share of capacity")
+    scale_down_threshold: float = Field(0.5, ge=0, lt=1, description="scale down below this share of capacity")
+    min_instance_lifetime_s: float = Field(5.0, ge=0, description="an instance younger than this is never stopped")
+    batch_capacity: int = Field(32, ge=1, description="B: concurrent requests one instance serves")
+    kv_reservation: bool = Field(True, description="push KV free-block targets (total x in_flight / B) to active instances")
+
+    @model_validator(mode="after")
+    def _band(self):
+        if self.scale_down_threshold >= self.scale_up_threshold:
+            raise ValueError("WARMSERVE_SCALE_DOWN_THRESHOLD must be below WARMSERVE_SCALE_UP_THRESHOLD")
+        return self
 
 
 class LocalClusterSettings(CommonSettings):
@@ -144,7 +162,10 @@ def load_settings(cls: type[S], **overrides) -> S:
     except ValidationError as exc:
         lines = [f"invalid configuration for {cls.__name__}:"]
         for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "?"
-            lines.append(f"  WARMSERVE_{field.upper()}: {err['msg']} (got {err.get('input')!r})")
+            field = ".".join(str(p) for p in err["loc"])
+            if field:
+                lines.append(f"  WARMSERVE_{field.upper()}: {err['msg']} (got {err.get('input')!r})")
+            else:  # a rule across several settings: the message names them
+                lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
         print("\n".join(lines), file=sys.stderr)
         raise SystemExit(2) from None

@@ -158,5 +158,10 @@ APIKEYS_BUCKET = BucketSpec(
     "warmserve-apikeys", m.ApiKeyRecord, None,
     "key = SHA-256 of an API key; its name, whether it is disabled, its rate limit (Postgres is the record).",
 )
-BUCKETS: tuple[BucketSpec, ...] = (WORKERS_BUCKET, CATALOG_BUCKET, PLACEMENT_BUCKET, APIKEYS_BUCKET)
+OPERATOR_BUCKET = BucketSpec(
+    "warmserve-operator", m.OperatorHold, None,
+    "key = 'drain.<worker>' or 'pin.<model>'; operators' standing instructions (worker drain, prewarm pin).",
+)
+
+BUCKETS: tuple[BucketSpec, ...] = (WORKERS_BUCKET, CATALOG_BUCKET, PLACEMENT_BUCKET, APIKEYS_BUCKET, OPERATOR_BUCKET)
 PLACEMENT_KEY = "current"

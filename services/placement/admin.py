@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.db import repo
-from shared.messages import AdminReply, AdminRequest, ErrorInfo, ModelSpec, ModelStatus
+from shared.messages import AdminReply, AdminRequest, ErrorInfo, ModelSpec, ModelStatus, OperatorHold
 from shared.modelgen import max_context, weight_bytes
 from shared.policy.cluster import live_workers
 from shared.subjects import check_token
@@ -47,6 +47,29 @@ class KeyArgs(BaseModel):
     rate_limit_rps: float | None = Field(None, gt=0)
 
 
+class WorkerArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    worker_id: str
+    reason: str = Field("", max_length=200)
+
+    @field_validator("worker_id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        return check_token(v, "worker id")
+
+
+class PinArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    slug: str
+    copies: int = Field(1, ge=1, le=64)
+    reason: str = Field("", max_length=200)
+
+    @field_validator("slug")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        return check_token(v, "model slug")
+
+
 class AdminError(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -64,6 +87,9 @@ class Admin:
             "placement-history": self.placement_history,
             "key-create": self.key_create, "key-list": self.key_list,
             "key-disable": self.key_disable, "key-enable": self.key_enable,
+            "worker-drain": self.worker_drain, "worker-undrain": self.worker_undrain,
+            "prewarm-pin": self.prewarm_pin, "prewarm-unpin": self.prewarm_unpin, "hold-list": self.hold_list,
+            "placement-show": self.placement_show,
         }
 
     async def handle(self, verb: str, data: bytes) -> AdminReply:
@@ -131,6 +157,44 @@ class Admin:
                  "prewarm_set": r.prewarm_set} for r in rows]
 
 
+    async def worker_drain(self, args: dict[str, Any]) -> dict:
+        """Take a worker out of service: no new instances or copies; its instances drain and stop, its
+        prewarmed copies are evicted. Undrain puts it back."""
+        a = WorkerArgs.model_validate(args)
+        if a.worker_id not in self.svc.workers.items:
+            raise AdminError("not_found", f"no worker {a.worker_id!r} (warmserve workers lists them)")
+        return await _hold(self.svc, OperatorHold(kind="drain", target=a.worker_id, reason=a.reason, at_s=time.time()))
+
+    async def worker_undrain(self, args: dict[str, Any]) -> dict:
+        a = WorkerArgs.model_validate(args)
+        return await _release(self.svc, f"drain.{a.worker_id}", f"drain of worker {a.worker_id!r}")
+
+    async def prewarm_pin(self, args: dict[str, Any]) -> dict:
+        """Keep ``copies`` prewarmed copies of a model whatever its forecast (they are never evicted)."""
+        a = PinArgs.model_validate(args)
+        if a.slug not in self.svc.catalog.items:
+            raise AdminError("not_found", f"no model {a.slug!r} in the catalog")
+        return await _hold(self.svc, OperatorHold(kind="pin", target=a.slug, copies=a.copies, reason=a.reason,
+                                                  at_s=time.time()))
+
+    async def prewarm_unpin(self, args: dict[str, Any]) -> dict:
+        a = SlugArgs.model_validate({"slug": args.get("slug", "")})
+        return await _release(self.svc, f"pin.{a.slug}", f"pin of model {a.slug!r}")
+
+    async def hold_list(self, args: dict[str, Any]) -> list[dict]:
+        return [h.model_dump(mode="json") for _, h in sorted(self.svc.operator.items.items())]
+
+    async def placement_show(self, args: dict[str, Any]) -> dict:
+        """The plan in force, with the newest inputs: forecasts, scores, skipped models, holds."""
+        plan = self.svc.latest or self.svc.current
+        if plan is None:
+            return {"plan_id": None, "copies": [], "inputs": {}, "note": "no plan yet"}
+        current = self.svc.current
+        return {"plan_id": current.plan_id if current else None,
+                "since": current.created_at_s if current else None,
+                "copies": [c.model_dump() for c in (current.copies if current else [])],
+                "inputs": plan.inputs, "holds": await self.hold_list({})}
+
     async def key_create(self, args: dict[str, Any]) -> dict:
         a = KeyArgs.model_validate(args)
         from sqlalchemy.exc import IntegrityError
@@ -169,6 +233,20 @@ class Admin:
 
     async def key_enable(self, args: dict[str, Any]) -> dict:
         return await self._set_disabled(args, False)
+
+
+async def _hold(svc, hold: OperatorHold) -> dict:
+    await svc.operator_kv.put(hold.key, hold.encode())
+    svc.changed.set()
+    return hold.model_dump(mode="json")
+
+
+async def _release(svc, key: str, what: str) -> dict:
+    if key not in svc.operator.items:
+        raise AdminError("not_found", f"{what} is not set")
+    await svc.operator_kv.delete(key)
+    svc.changed.set()
+    return {"released": key}
 
 
 def _error(code: str, message: str) -> AdminReply:

@@ -9,17 +9,18 @@ import time
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
+from services.placement import planner
 from services.placement.admin import Admin
 from shared import bus
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
-from shared.messages import ApiKeyRecord, Forecast, ModelSpec, PlacementPlan, WorkerState
+from shared.messages import ApiKeyRecord, Forecast, ModelSpec, OperatorHold, PlacementPlan, WorkerState
 from shared.policy.cluster import live_workers
-from shared.policy.placement import plan_prewarm
+from shared.policy.prewarm_placement import PlacementConfig
 from shared.service import brief, run_service
 from shared.settings import PlacementSettings, load_settings
 from shared.subjects import (
-    ADMIN, APIKEYS_BUCKET, CATALOG_BUCKET, FORECAST, PLACEMENT_BUCKET, PLACEMENT_KEY, PLACEMENT_PLAN, WORKERS_BUCKET,
+    ADMIN, APIKEYS_BUCKET, CATALOG_BUCKET, FORECAST, OPERATOR_BUCKET, PLACEMENT_BUCKET, PLACEMENT_KEY, PLACEMENT_PLAN, WORKERS_BUCKET,
 )
 
 log = logging.getLogger("warmserve.placement")
@@ -29,7 +30,8 @@ class Placement:
     def __init__(self, settings: PlacementSettings):
         self.settings = settings
         self.forecasts: dict[str, Forecast] = {}
-        self.current: PlacementPlan | None = None
+        self.current: PlacementPlan | None = None  # the plan in force (published)
+        self.latest: PlacementPlan | None = None  # the newest computed (same copies as current, fresher inputs)
         self.changed = asyncio.Event()
         self.admin = Admin(self)
 
@@ -54,15 +56,16 @@ class Placement:
         for key_hash in set(self.keys.items) - set(rows):
             await self.keys_kv.delete(key_hash)
 
+    def config(self) -> PlacementConfig:
+        s = self.settings
+        return PlacementConfig(batch_capacity=s.batch_capacity, h2d_bytes_per_s=s.h2d_gbps * 1e9,
+                               strategy=s.placement_strategy, evict=s.evict)
+
     async def replan(self) -> None:
         live = live_workers(self.workers.items.values(), time.time(), self.settings.heartbeat_timeout_s)
-        peaks = {m: f.predicted_peak_upper for m, f in self.forecasts.items()}
-        result = plan_prewarm(list(self.catalog.items.values()), live, peaks)
-        plan = PlacementPlan(created_at_s=time.time(), copies=result.copies, inputs={
-            "workers": {w.worker_id: {"budget_bytes": w.memory_budget_bytes, "kv_bytes": w.kv_bytes} for w in live},
-            "models": {m: s.parameter_bytes for m, s in self.catalog.items.items()},
-            "predicted_peak_upper": peaks, "skipped": result.skipped,
-        })
+        plan = planner.plan(self.catalog.items, live, self.forecasts, list(self.operator.items.values()),
+                            self.current, self.config(), self.settings.kv_reservation, time.time())
+        self.latest = plan  # for `placement show`: the newest inputs and scores, even when nothing moved
         if plan.same_copies(self.current):
             return
         await self.plan_kv.put(PLACEMENT_KEY, plan.encode())
@@ -70,7 +73,7 @@ class Placement:
         self.current = plan
         log.info("new plan %s: %s%s", plan.plan_id[:8],
                  ", ".join(f"{c.model}@{c.worker_id}" for c in plan.copies) or "nothing",
-                 f" (skipped: {result.skipped})" if result.skipped else "")
+                 f" (skipped: {plan.inputs['skipped']})" if plan.inputs.get("skipped") else "")
         try:
             async with self.sessions() as session:
                 await repo.record_plan(session, plan)
@@ -104,9 +107,17 @@ class Placement:
         self.workers = bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState, on_change=self.changed.set).start()
         self.keys_kv = buckets[APIKEYS_BUCKET.name]
         self.keys = bus.KvMirror(self.keys_kv, ApiKeyRecord).start()
+        self.operator_kv = buckets[OPERATOR_BUCKET.name]
+        self.operator = bus.KvMirror(self.operator_kv, OperatorHold, on_change=self.changed.set).start()
         await self.catalog.ready.wait()
         await self.workers.ready.wait()
         await self.keys.ready.wait()
+        await self.operator.ready.wait()
+        try:  # the plan in force survives a restart: an unchanged replan writes no history
+            entry = await self.plan_kv.get(PLACEMENT_KEY)
+            self.current = PlacementPlan.decode(entry.value) if entry and entry.value else None
+        except Exception as exc:
+            log.info("no current plan in KV (%s)", brief(exc))
         engine = create_engine(s.database_url)
         self.sessions = sessionmaker(engine)
         subs = [
@@ -139,6 +150,7 @@ class Placement:
         await self.workers.stop()
         await self.catalog.stop()
         await self.keys.stop()
+        await self.operator.stop()
         await engine.dispose()
         await bus.close(self.nc)
 

@@ -12,16 +12,18 @@ from shared import bus
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
 from shared.messages import (
-    CommandKind, CommandResult, CopyState, ErrorInfo, ModelSpec, Outcome, PlacementPlan, ScaleReply, ScaleRequest,
-    WorkerCommand, WorkerEvent, WorkerState,
+    CommandKind, CommandResult, CopyState, ErrorInfo, ModelSpec, OperatorHold, Outcome, PlacementPlan, ScaleReply,
+    ScaleRequest, WorkerCommand, WorkerEvent, WorkerState,
 )
+from services.prewarm_orchestrator.autoscaler import AutoscalerState
+from shared.policy.autoscale import AutoscaleConfig
 from shared.policy.cluster import live_workers
 from shared.policy.reconcile import Action, reconcile
 from shared.policy.scaleup import choose_worker
 from shared.service import brief, pause, run_service
 from shared.settings import OrchestratorSettings, load_settings
 from shared.subjects import (
-    CATALOG_BUCKET, PLACEMENT_BUCKET, PLACEMENT_KEY, SCALE, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET,
+    CATALOG_BUCKET, OPERATOR_BUCKET, PLACEMENT_BUCKET, PLACEMENT_KEY, SCALE, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET,
 )
 from shared.telemetry import extract_context, tracer
 
@@ -31,8 +33,14 @@ log = logging.getLogger("warmserve.orchestrator")
 class Orchestrator:
     def __init__(self, settings: OrchestratorSettings):
         self.settings = settings
-        self.busy: set[tuple[str, str]] = set()
-        self.retry_at: dict[tuple[str, str], tuple[float, float]] = {}  # key -> (not before, last delay)
+        self.busy: set[tuple[str, str]] = set()  # (worker, model) with a lifecycle command in flight
+        self.kv_busy: set[tuple[str, str]] = set()  # (worker, model) with a KV target in flight
+        self.retry_at: dict[tuple, tuple[float, float]] = {}  # (worker, model, kind) -> (not before, last delay)
+        self.autoscaler = AutoscalerState(AutoscaleConfig(
+            window_s=settings.autoscale_window_s, up=settings.scale_up_threshold,
+            down=settings.scale_down_threshold, min_lifetime_s=settings.min_instance_lifetime_s,
+            batch_capacity=settings.batch_capacity, min_instances=settings.min_active_per_model),
+            kv_reservation=settings.kv_reservation)
         self._tasks: set[asyncio.Task] = set()
         self._scaling: dict[str, asyncio.Task] = {}
         self.tracer = tracer("warmserve.orchestrator")
@@ -49,34 +57,76 @@ class Orchestrator:
         plan = self.plan.items.get(PLACEMENT_KEY)
         actions = reconcile(plan.copies if plan else [], self.live(),
                             min_active=self.settings.min_active_per_model, busy=self.busy)
-        now = time.monotonic()
         for action in actions:
             key = (action.worker_id, action.model)
-            if self.retry_at.get(key, (0.0, 0.0))[0] > now:
+            if self._backing_off(action.worker_id, action.model, action.kind):
                 continue
             spec = self.catalog.items.get(action.model)
             self.busy.add(key)
             self._spawn(self.execute(action, spec))
 
     async def execute(self, action: Action, spec: ModelSpec | None) -> None:
-        key = (action.worker_id, action.model)
         cmd = WorkerCommand(kind=action.kind, model=action.model, spec=spec, reason="placement plan")
+        await self.command(action.worker_id, cmd, busy=self.busy)
+
+    async def command(self, worker_id: str, cmd: WorkerCommand, busy: set) -> CommandResult | None:
+        """Send one command; on failure back off for that (worker, model, kind) before trying again.
+        The caller put the key in ``busy``; it is released here."""
+        key = (worker_id, cmd.model)
+        retry_key = (worker_id, cmd.model, cmd.kind)
+        result = None
         try:
-            result = await bus.request(self.nc, WORKER_CMD.format(worker=action.worker_id), cmd, CommandResult,
+            result = await bus.request(self.nc, WORKER_CMD.format(worker=worker_id), cmd, CommandResult,
                                        timeout=self.settings.command_timeout_s)
             ok, why = result.ok, (result.error.message if result.error else "")
         except Exception as exc:  # bus errors, a reply that does not decode: retry later
             ok, why = False, brief(exc)
         finally:
-            self.busy.discard(key)
+            busy.discard(key)
         if ok:
-            self.retry_at.pop(key, None)
-            log.info("%s %s on %s: done", action.kind.value, action.model, action.worker_id)
+            self.retry_at.pop(retry_key, None)
+            log.info("%s %s on %s: done (%s)", cmd.kind.value, cmd.model, worker_id, cmd.reason)
         else:
-            delay = min(self.retry_at.get(key, (0.0, 0.5))[1] * 2, 30.0)
-            self.retry_at[key] = (time.monotonic() + delay, delay)
-            log.warning("%s %s on %s failed: %s (retry in %.0f s)", action.kind.value, action.model,
-                        action.worker_id, why, delay)
+            if result is not None and result.error and result.error.code == "unsupported" \
+                    and cmd.kind is CommandKind.SET_KV_TARGET:
+                self.autoscaler.kv_unsupported.add(worker_id)  # vLLM: KV is fixed; stop asking
+            delay = min(self.retry_at.get(retry_key, (0.0, 0.5))[1] * 2, 30.0)
+            self.retry_at[retry_key] = (time.monotonic() + delay, delay)
+            log.warning("%s %s on %s failed: %s (retry in %.0f s)", cmd.kind.value, cmd.model, worker_id, why, delay)
+        return result
+
+    def _backing_off(self, worker_id: str, model: str, kind: CommandKind) -> bool:
+        return self.retry_at.get((worker_id, model, kind), (0.0, 0.0))[0] > time.monotonic()
+
+    def drained(self) -> set[str]:
+        return {h.target for h in self.operator.items.values() if h.kind == "drain"}
+
+    async def autoscale_once(self) -> None:
+        """Scale models to their load, stop idle or drained instances (drained first), push KV targets."""
+        r = self.autoscaler.step(self.live(), time.time(), drained=self.drained(),
+                                 busy_models={m for _, m in self.busy} | set(self._scaling))
+        for model, n in r.scale_up.items():
+            if model not in self._scaling:
+                log.info("autoscaler: %s load %.2f, adding %d instance(s)", model, r.loads.get(model, 0.0), n)
+                task = asyncio.create_task(self.scale_up(ScaleRequest(model=model, reason="at_capacity", waiting=0)))
+                self._scaling[model] = task
+                task.add_done_callback(lambda _t, m=model: self._scaling.pop(m, None))
+        for stop in r.stops:
+            key = (stop.worker_id, stop.model)
+            if key in self.busy or self._backing_off(stop.worker_id, stop.model, CommandKind.DEACTIVATE):
+                continue
+            self.busy.add(key)
+            self._spawn(self.command(stop.worker_id, WorkerCommand(
+                kind=CommandKind.DEACTIVATE, model=stop.model, instance_id=stop.instance_id, drain=True,
+                reason=stop.reason), busy=self.busy))
+        for t in r.kv_targets:
+            key = (t.worker_id, t.model)
+            if key in self.kv_busy or self._backing_off(t.worker_id, t.model, CommandKind.SET_KV_TARGET):
+                continue
+            self.kv_busy.add(key)
+            self._spawn(self.command(t.worker_id, WorkerCommand(
+                kind=CommandKind.SET_KV_TARGET, model=t.model, kv_free_blocks=t.free_blocks,
+                reason="kv reservation"), busy=self.kv_busy))
 
     async def on_scale(self, msg) -> None:
         """A gateway needs an instance: one scale-up per model at a time, shared by every asker."""
@@ -116,7 +166,7 @@ class Orchestrator:
                 if c is not None and c.state is CopyState.ACTIVE:
                     return ScaleReply(ok=True, outcome=Outcome.WARM, worker_id=w.worker_id, instance_id=c.instance_id)
         # a worker busy with this model (a prewarm in flight) may still be the best choice
-        choice = choose_worker(spec, live, busy={wid for wid, m in self.busy if m != req.model})
+        choice = choose_worker(spec, live, busy={wid for wid, m in self.busy if m != req.model} | self.drained())
         if choice is None:
             return ScaleReply(ok=False, error=ErrorInfo(
                 code="no_capacity", message=f"no worker can take another instance of {req.model} now"))
@@ -171,6 +221,7 @@ class Orchestrator:
         self.workers = bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState).start()
         self.plan = bus.KvMirror(buckets[PLACEMENT_BUCKET.name], PlacementPlan).start()
         self.catalog = bus.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
+        self.operator = bus.KvMirror(buckets[OPERATOR_BUCKET.name], OperatorHold).start()
         engine = create_engine(s.database_url)
         self.sessions = sessionmaker(engine)
         loops = [asyncio.create_task(bus.consume(self.js, WORKER_EVENT.wildcard, "orchestrator-events", WorkerEvent,
@@ -182,9 +233,10 @@ class Orchestrator:
         scale_sub = await self.nc.subscribe(SCALE.wildcard, queue="orchestrator", cb=on_scale)
         log.info("orchestrator up: reconciling every %.1f s", s.reconcile_interval_s)
         while not stop.is_set():
-            if self.workers.ready.is_set() and self.plan.ready.is_set() and self.catalog.ready.is_set():
+            if all(m.ready.is_set() for m in (self.workers, self.plan, self.catalog, self.operator)):
                 try:
                     await self.reconcile_once()
+                    await self.autoscale_once()
                 except Exception as exc:
                     log.warning("reconcile round failed: %s", brief(exc))
             await pause(stop, s.reconcile_interval_s)
@@ -192,7 +244,7 @@ class Orchestrator:
         for t in loops + list(self._tasks):
             t.cancel()
         await asyncio.gather(*loops, *self._tasks, return_exceptions=True)
-        for mirror in (self.workers, self.plan, self.catalog):
+        for mirror in (self.workers, self.plan, self.catalog, self.operator):
             await mirror.stop()
         await engine.dispose()
         await bus.close(self.nc)

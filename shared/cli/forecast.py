@@ -73,13 +73,13 @@ def cmd_import(a) -> int:
 
 
 def cmd_accuracy(a) -> int:
+    from shared.cli.main import _database_url
     from shared.db import repo
     from shared.db.engine import create_engine, sessionmaker
     from shared.policy.forecast import accuracy
-    from shared.settings import CommonSettings, load_settings
 
     async def fetch():
-        engine = create_engine(load_settings(CommonSettings).database_url)
+        engine = create_engine(_database_url())
         try:
             async with sessionmaker(engine)() as session:
                 return await repo.forecast_accuracy(session, time.time() - a.hours * 3600, lead=a.lead)
@@ -146,7 +146,7 @@ def _add_source(p: argparse.ArgumentParser) -> None:
 def add_parser(sub) -> None:
     fc = sub.add_parser("forecast", help="the forecaster: status, history import, accuracy, backtest")
     fsub = fc.add_subparsers(dest="forecast_command", required=True)
-    st = fsub.add_parser("status", help="each model's method, history and next forecast")
+    st = fsub.add_parser("status", aliases=["show"], help="each model's method, history and next forecast")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
     im = fsub.add_parser("import", help="seed the forecaster's history from a trace file")

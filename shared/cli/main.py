@@ -26,7 +26,14 @@ def _cluster_file() -> dict:
 
 
 def _nats_url() -> str:
-    return os.environ.get("WARMSERVE_NATS_URL") or _cluster_file().get("nats_url") or "nats://127.0.0.1:4222"
+    """Operator credentials first: admin subjects refuse service users."""
+    return (os.environ.get("WARMSERVE_OPERATOR_NATS_URL") or os.environ.get("WARMSERVE_NATS_URL")
+            or _cluster_file().get("nats_url") or "nats://127.0.0.1:4222")
+
+
+def _database_url() -> str:
+    return (os.environ.get("WARMSERVE_DATABASE_URL") or _cluster_file().get("database_url")
+            or "postgresql://postgres@127.0.0.1:5432/warmserve")
 
 
 def _gateway_url() -> str:
@@ -107,7 +114,7 @@ def cmd_model(a) -> int:
         if not a.no_register:
             _print(asyncio.run(_admin("model-register", {"slug": a.slug, "path": str(path.resolve())})))
         return 0
-    if a.action == "register":
+    if a.action in ("register", "add"):
         args = {"slug": a.slug, "path": str(Path(a.path).resolve()), "tensor_parallel_size": a.tp}
         if a.max_context:
             args["max_context_tokens"] = a.max_context
@@ -115,7 +122,14 @@ def cmd_model(a) -> int:
             args["parameter_bytes"] = a.parameter_bytes
         _print(asyncio.run(_admin("model-register", args)))
     elif a.action == "list":
-        _print(asyncio.run(_admin("model-list", {})))
+        models = asyncio.run(_admin("model-list", {}))
+        if a.json:
+            _print(models)
+            return 0
+        print(f"{'model':24s} {'status':9s} {'TP':>3s} {'GiB':>7s} {'context':>8s}  path")
+        for m in models:
+            print(f"{m['slug']:24s} {m['status']:9s} {m['tensor_parallel_size']:3d} "
+                  f"{m['parameter_bytes'] / 2**30:7.2f} {m['max_context_tokens']:8d}  {m['path']}")
     else:
         _print(asyncio.run(_admin("model-remove", {"slug": a.slug})))
     return 0
@@ -205,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="manage the model catalog")
     msub = model.add_subparsers(dest="action", required=True)
-    reg = msub.add_parser("register", help="add or update a model")
+    reg = msub.add_parser("register", aliases=["add"], help="add or update a model")
     reg.add_argument("slug", help="catalog id: a-z, 0-9 and '-'")
     reg.add_argument("path", help="model folder, as the workers see it")
     reg.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
@@ -217,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--dir", type=Path, help="parent folder (default: the state folder's models/)")
     tiny.add_argument("--no-register", action="store_true", help="only create the folder")
-    msub.add_parser("list", help="list the catalog")
+    msub.add_parser("list", help="list the catalog").add_argument("--json", action="store_true")
     rm = msub.add_parser("remove", help="remove a model")
     rm.add_argument("slug")
     model.set_defaults(func=cmd_model)
@@ -236,9 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--json", action="store_true")
     wk.set_defaults(func=cmd_workers)
 
-    pl = sub.add_parser("placement-history", help="recent placement plans")
+    pl = sub.add_parser("placement-history", help="recent placement plans as JSON (see also: placement history)")
     pl.add_argument("--limit", type=int, default=5)
     pl.set_defaults(func=cmd_placement)
+
+    from shared.cli import operator
+
+    operator.add_parsers(sub)
 
     chat = sub.add_parser("chat", help="send one chat request through the gateway")
     chat.add_argument("message")
@@ -264,7 +282,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(args.func(args))
     except BusError as exc:
         hint = {"no_responders": "no service answers there; is the cluster running (warmserve up)?",
-                "nats_unreachable": "is the cluster running (warmserve up), or is WARMSERVE_NATS_URL right?"}
+                "nats_unreachable": "is the cluster running (warmserve up), or is WARMSERVE_NATS_URL right?",
+                "nats_unauthorized": "admin commands need operator credentials: WARMSERVE_NATS_URL="
+                                     "nats://operator:<password>@host:port, or the local cluster's cluster.json"}
         sys.exit(f"error: {exc} (NATS {_nats_url()}): {hint.get(exc.code, exc.code)}")
     except KeyboardInterrupt:
         sys.exit(130)

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from shared.localcluster.infra import EmbeddedPostgres, StartError, start_nats
+from shared.localcluster.nats_auth import with_user, without_user
 from shared.localcluster.processes import env_with, port_free, spawn, stop_all, tail
 from shared.settings import LocalClusterSettings
 
@@ -58,7 +59,8 @@ class Cluster:
     restarts: dict[str, list[float]] = field(default_factory=dict)
     nats: subprocess.Popen | None = None
     postgres: EmbeddedPostgres | None = None
-    nats_url: str = ""
+    nats_url: str = ""  # what services connect with (service credentials when NATS is embedded)
+    operator_nats_url: str = ""  # what warmserve up and the CLI connect with (operator credentials)
     database_url: str = ""
 
     @property
@@ -177,7 +179,9 @@ def _wait_ready(cluster: Cluster, timeout_s: float, api_key: str) -> None:
 
 
 async def local_api_key(nats_url: str) -> str:
-    """A key for this local cluster (created through the admin verb, as an operator would)."""
+    """A key for this local cluster (created through the admin verb, as an operator would), and a pin
+    that keeps the demo model prewarmed: with no load history its forecast is zero, and placement
+    prewarms what forecasts ask for (the first request is then a prewarm hit, not a cold start)."""
     from shared import bus
     from shared.messages import AdminReply, AdminRequest
     from shared.subjects import ADMIN
@@ -195,10 +199,19 @@ async def local_api_key(nats_url: str) -> str:
                 if time.monotonic() > deadline:
                     raise StartError("placement did not answer admin requests within 60 s") from None
                 await asyncio.sleep(0.25)
+        while True:  # placement pins a model once its catalog sync has seen it
+            pin = await bus.request(nc, ADMIN.format(verb="prewarm-pin"), AdminRequest(args={
+                "slug": DEMO_MODEL, "copies": 1, "reason": "warmserve up keeps the demo model prewarmed"}),
+                AdminReply, timeout=15)
+            if pin.ok or pin.error.code != "not_found" or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.25)
     finally:
         await nc.close()
     if not reply.ok:
         raise StartError(f"could not create an API key: {reply.error.message}")
+    if not pin.ok:
+        raise StartError(f"could not pin {DEMO_MODEL}: {pin.error.message}")
     return reply.result["key"]
 
 
@@ -231,10 +244,12 @@ def up(settings: LocalClusterSettings, smoke: bool = True, ready_timeout_s: floa
         if not port_free(settings.gateway_port):
             raise StartError(f"port {settings.gateway_port} is taken: set WARMSERVE_GATEWAY_PORT to a free port")
         with progress.step("NATS with JetStream"):
-            if settings.external_nats:
-                cluster.nats_url = settings.nats_url
+            if settings.external_nats:  # a server the operator runs, with its own credentials (or none)
+                cluster.nats_url = cluster.operator_nats_url = settings.nats_url
             else:
-                cluster.nats, cluster.nats_url = start_nats(state_dir, settings.nats_port)
+                cluster.nats, base, users = start_nats(state_dir, settings.nats_port)
+                cluster.nats_url = with_user(base, "service", users.service_password)
+                cluster.operator_nats_url = with_user(base, "operator", users.operator_password)
         with progress.step("PostgreSQL"):
             if settings.external_database:
                 cluster.database_url = settings.database_url
@@ -249,12 +264,12 @@ def up(settings: LocalClusterSettings, smoke: bool = True, ready_timeout_s: floa
                            f"{settings.workers} worker(s) with the {settings.resolved_engine} engine"):
             cluster.start_services()
         with progress.step(f"waiting for readiness ({DEMO_MODEL} servable behind the gateway)"):
-            api_key = asyncio.run(local_api_key(cluster.nats_url))
+            api_key = asyncio.run(local_api_key(cluster.operator_nats_url))
             _wait_ready(cluster, ready_timeout_s, api_key)
         (state_dir / CLUSTER_FILE).write_text(json.dumps(
-            {"gateway_url": cluster.gateway_url, "nats_url": cluster.nats_url, "api_key": api_key,
-             "pid": os.getpid()}, indent=2))
-        os.chmod(state_dir / CLUSTER_FILE, 0o600)  # it holds a key
+            {"gateway_url": cluster.gateway_url, "nats_url": cluster.operator_nats_url, "database_url": cluster.database_url,
+             "api_key": api_key, "pid": os.getpid()}, indent=2))
+        os.chmod(state_dir / CLUSTER_FILE, 0o600)  # it holds a key and the operator's NATS credentials
         if smoke:
             with progress.step("smoke request through the gateway (official openai client)"):
                 answer = smoke_request(cluster.gateway_url, api_key)
@@ -262,7 +277,7 @@ def up(settings: LocalClusterSettings, smoke: bool = True, ready_timeout_s: floa
         print(f"\nWarmServe is up in {time.monotonic() - progress.t0:.1f} s.\n"
               f"  OpenAI API:  {cluster.gateway_url}/v1   (model '{DEMO_MODEL}', API key {api_key})\n"
               f"  metrics:     {cluster.gateway_url}/metrics\n"
-              f"  NATS:        {cluster.nats_url}\n"
+              f"  NATS:        {without_user(cluster.nats_url)}   (operator credentials in {state_dir / CLUSTER_FILE})\n"
               f"  logs:        {state_dir / 'logs'}\n"
               f"Try: warmserve chat 'hello'   |   warmserve workers   |   Ctrl-C stops everything.", flush=True)
         if exit_after_smoke:

@@ -30,7 +30,10 @@ def cluster(tmp_path_factory):
     proc, _, env, _ = start_cluster(
         state, "--engine", "sim", "--workers", "2", "--no-smoke", timeout_s=180,
         extra_env={"WARMSERVE_MIN_ACTIVE_PER_MODEL": "0", "WARMSERVE_BATCH_CAPACITY": "1",
-                   "WARMSERVE_QUEUE_WAIT_S": "6", "WARMSERVE_HEARTBEAT_TIMEOUT_S": "3"})
+                   "WARMSERVE_QUEUE_WAIT_S": "6", "WARMSERVE_HEARTBEAT_TIMEOUT_S": "3",
+                   # the gateway's own scale-up path is under test here: the autoscaler neither adds
+                   # instances ahead of it (a share of 1.0 is never exceeded) nor stops them mid-test
+                   "WARMSERVE_SCALE_UP_THRESHOLD": "1.0", "WARMSERVE_MIN_INSTANCE_LIFETIME_S": "600"})
     info = json.loads((state / "cluster.json").read_text())
     client = OpenAI(base_url=f"{info['gateway_url']}/v1", api_key=info["api_key"], max_retries=0, timeout=60)
     yield {"proc": proc, "env": env, "state": state, "client": client, "key": info["api_key"],

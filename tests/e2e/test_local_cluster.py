@@ -93,13 +93,22 @@ def test_cli_admin_commands_talk_to_the_cluster(cluster):
                                     capture_output=True, text=True, timeout=60)
     workers = run("workers")
     assert workers.returncode == 0, workers.stderr
-    assert "worker-0" in workers.stdout and re.search(r"tiny-llama\s+active", workers.stdout)
+    # active after the smoke request, or prewarmed again once the autoscaler stopped the idle instance
+    assert "worker-0" in workers.stdout and re.search(r"tiny-llama\s+(active|prewarmed)", workers.stdout)
     import importlib.util
 
     expected = "vllm" if importlib.util.find_spec("vllm") else "sim"  # auto: real inference when installed
     assert f"engine={expected}" in workers.stdout
     models = run("model", "list")
-    assert '"slug": "tiny-llama"' in models.stdout
+    assert re.search(r"^tiny-llama\s+active\s+1\s", models.stdout, re.M), models.stdout
+    pin = run("prewarm", "pin", "tiny-llama", "--copies", "1")
+    assert pin.returncode == 0 and "1 prewarmed copy kept" in pin.stdout
+    assert re.search(r"^pin 1\s+tiny-llama", run("prewarm", "list").stdout, re.M)
+    show = run("placement", "show")
+    assert show.returncode == 0 and re.search(r"^tiny-llama .* worker-0 \(pinned\)", show.stdout, re.M), show.stdout
+    assert run("prewarm", "unpin", "tiny-llama").returncode == 0
+    unknown = run("worker", "drain", "worker-77")
+    assert unknown.returncode != 0 and "no worker 'worker-77'" in unknown.stderr
     bad = run("model", "register", "Bad.Slug", "/nowhere")
     assert bad.returncode != 0 and "bad_request" in bad.stderr
     history = run("placement-history", "--limit", "1")
