@@ -1,0 +1,170 @@
+"""Placement as a real service on real NATS and Postgres: plans from forecasts, history written once
+across restarts and replays, operator drains and pins, bad admin requests."""
+
+import asyncio
+import time
+
+import pytest
+from sqlalchemy import text
+
+from services.placement.main import Placement
+from shared import bus
+from shared.db import repo
+from shared.db.engine import create_engine, sessionmaker
+from shared.messages import AdminReply, AdminRequest, Forecast, ModelSpec, PlacementPlan, WorkerState
+from shared.settings import PlacementSettings
+from shared.subjects import ADMIN, FORECAST, PLACEMENT_BUCKET, PLACEMENT_KEY, WORKERS_BUCKET
+
+pytestmark = pytest.mark.integration
+
+GB = 2**30
+
+
+async def rows(database_url, sql):
+    engine = create_engine(database_url)
+    async with sessionmaker(engine)() as s:
+        out = (await s.execute(text(sql))).all()
+    await engine.dispose()
+    return out
+
+
+async def until(check, timeout=20.0, what=""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await check()
+        if value:
+            return value
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+async def cluster(nats_url, database_url, nc):
+    """Two models in the catalog and two live (fake) workers heartbeating into the workers bucket."""
+    engine = create_engine(database_url)
+    async with sessionmaker(engine)() as s:
+        for slug in ("pl-hot", "pl-idle"):
+            await repo.upsert_model(s, ModelSpec(slug=slug, path=f"/m/{slug}", parameter_bytes=GB))
+        await s.commit()
+    await engine.dispose()
+    buckets = await bus.ensure_all(nc.jetstream())
+    workers = buckets[WORKERS_BUCKET.name]
+
+    async def beat():
+        while True:
+            for wid in ("pl-w0", "pl-w1"):
+                await workers.put(wid, WorkerState(worker_id=wid, node="n0", device=f"cpu:{wid[-1]}", engine="sim",
+                                                   memory_budget_bytes=4 * GB, heartbeat_at_s=time.time()).encode())
+            await asyncio.sleep(0.5)
+
+    beating = asyncio.create_task(beat())
+    yield buckets
+    beating.cancel()
+    for wid in ("pl-w0", "pl-w1"):
+        await workers.delete(wid)
+
+
+async def start(nats_url, database_url):
+    svc, stop = Placement(PlacementSettings(nats_url=nats_url, database_url=database_url, replan_interval_s=0.2,
+                                            catalog_sync_interval_s=0.5)), asyncio.Event()
+    return svc, stop, asyncio.create_task(svc.run(stop))
+
+
+async def admin(nc, verb, args=None, raw=None):
+    msg = await nc.request(ADMIN.format(verb=verb), raw if raw is not None else AdminRequest(args=args or {}).encode(),
+                           timeout=10)
+    return AdminReply.decode(msg.data)
+
+
+def planned(buckets):
+    async def get():
+        entry = await buckets[PLACEMENT_BUCKET.name].get(PLACEMENT_KEY)
+        return sorted((c.model, c.worker_id) for c in PlacementPlan.decode(entry.value).copies)
+    return get
+
+
+async def test_plans_follow_forecasts_and_history_is_written_once(nats_url, database_url, nc, cluster):
+    js = nc.jetstream()
+    fc = Forecast(model="pl-hot", window_start_s=0, window_s=300, predicted_avg=40.0, predicted_peak=60.0,
+                  predicted_peak_upper=90.0, method="naive", made_at_s=time.time())
+    await bus.js_publish(js, FORECAST.format(model="pl-hot"), fc, msg_id="pl-hot-1")
+    svc, stop, task = await start(nats_url, database_url)
+    try:
+        get = planned(cluster)
+        # 40 / 32 -> 2 foundation replicas; one copy per worker at most; pl-idle has no forecast: no copy
+        await until(lambda: _eq(get, [("pl-hot", "pl-w0"), ("pl-hot", "pl-w1")]), what="pl-hot on both workers")
+        first = await rows(database_url, "select plan_id, prewarm_set from placement_decisions")
+        assert len(first) == 1 and {c["model"] for c in first[0].prewarm_set} == {"pl-hot"}
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+
+    svc, stop, task = await start(nats_url, database_url)  # restarted: same inputs, same plan, no new history
+    try:
+        await bus.js_publish(js, FORECAST.format(model="pl-hot"), fc.model_copy(update={"made_at_s": time.time()}),
+                             msg_id="pl-hot-2")  # a replayed forecast with the same numbers
+        await asyncio.sleep(1.5)
+        assert len(await rows(database_url, "select id from placement_decisions")) == 1
+
+        # an operator drains a worker: its copy leaves the plan; undrain brings it back
+        reply = await admin(nc, "worker-drain", {"worker_id": "pl-w1", "reason": "maintenance"})
+        assert reply.ok and reply.result["target"] == "pl-w1"
+        await until(lambda: _eq(planned(cluster), [("pl-hot", "pl-w0")]), what="the drained worker out of the plan")
+        assert (await admin(nc, "worker-undrain", {"worker_id": "pl-w1"})).ok
+        await until(lambda: _eq(planned(cluster), [("pl-hot", "pl-w0"), ("pl-hot", "pl-w1")]), what="undrained")
+
+        # a pin keeps a model with no forecast prewarmed, and placement-show explains it
+        assert (await admin(nc, "prewarm-pin", {"slug": "pl-idle"})).ok
+        await until(lambda: _contains(planned(cluster), "pl-idle"), what="the pinned model in the plan")
+        show = await admin(nc, "placement-show")
+        assert "pinned" in show.result["inputs"]["scores"].values()
+        assert [h["target"] for h in show.result["holds"]] == ["pl-idle"]
+        assert (await admin(nc, "prewarm-unpin", {"slug": "pl-idle"})).ok
+
+        history = await rows(database_url, "select prewarm_set from placement_decisions order by id")
+        assert len(history) >= 4  # drained, undrained, pinned: each a plan of its own, none repeated
+        assert len({str(sorted((c["model"], c["worker_id"]) for c in r.prewarm_set)) for r in history[:2]}) == 2
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+
+
+async def _eq(get, expected):
+    try:
+        return await get() == expected
+    except Exception:
+        return False
+
+
+async def _contains(get, model):
+    try:
+        return any(m == model for m, _ in await get())
+    except Exception:
+        return False
+
+
+async def test_bad_operator_requests_get_clear_errors_and_change_nothing(nats_url, database_url, nc, cluster):
+    svc, stop, task = await start(nats_url, database_url)
+    try:
+        await until(lambda: _has_workers(svc), what="placement to see the workers")
+        cases = [
+            ("worker-drain", {"worker_id": "nobody"}, None, "not_found"),
+            ("worker-drain", {"worker_id": "Bad.Id"}, None, "bad_request"),
+            ("worker-drain", {"worker_id": "pl-w0", "extra": 1}, None, "bad_request"),
+            ("prewarm-pin", {"slug": "pl-hot", "copies": 0}, None, "bad_request"),
+            ("prewarm-pin", {"slug": "missing"}, None, "not_found"),
+            ("prewarm-unpin", {"slug": "pl-hot"}, None, "not_found"),
+            ("worker-undrain", {"worker_id": "pl-w0"}, None, "not_found"),
+            ("prewarm-pin", None, b"{not json", "bad_request"),
+        ]
+        for verb, args, raw, code in cases:
+            reply = await admin(nc, verb, args, raw)
+            assert not reply.ok and reply.error.code == code, (verb, args, reply)
+        assert (await admin(nc, "hold-list")).result == []
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+
+
+async def _has_workers(svc):
+    return hasattr(svc, "workers") and {"pl-w0", "pl-w1"} <= set(svc.workers.items)
