@@ -22,10 +22,31 @@ def cmd_worker(a) -> int:
         hold = _admin("worker-drain", {"worker_id": a.worker_id, "reason": a.reason})
         print(f"worker {hold['target']} drained: its instances finish their requests and stop, its prewarmed "
               f"copies are evicted, nothing new is placed there (undo: warmserve worker undrain {a.worker_id})")
+        if a.wait:
+            return _wait_empty(a.worker_id, a.wait)
     else:
         _admin("worker-undrain", {"worker_id": a.worker_id})
         print(f"worker {a.worker_id} is back in service")
     return 0
+
+
+def _wait_empty(worker_id: str, timeout_s: float) -> int:
+    """Progress until the drained worker holds nothing (or the timeout passes)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        w = next((w for w in _admin("worker-list", {}) if w["worker_id"] == worker_id), None)
+        copies = w["copies"] if w else []
+        in_flight = sum(c["in_flight"] for c in copies)
+        print(f"  {worker_id}: {len(copies)} cop{'y' if len(copies) == 1 else 'ies'}, {in_flight} request(s) in flight"
+              + ("" if w else " (not heartbeating)"), flush=True)
+        if not copies:
+            print(f"{worker_id} is empty")
+            return 0
+        if time.monotonic() > deadline:
+            print(f"{worker_id} still holds {', '.join(c['model'] + ':' + c['state'] for c in copies)} after "
+                  f"{timeout_s:g} s")
+            return 1
+        time.sleep(1.0)
 
 
 def cmd_prewarm(a) -> int:
@@ -92,6 +113,8 @@ def add_parsers(sub) -> None:
     dr = wsub.add_parser("drain", help="stop placing work there; drain its instances; evict its copies")
     dr.add_argument("worker_id")
     dr.add_argument("--reason", default="")
+    dr.add_argument("--wait", type=float, nargs="?", const=120.0, metavar="SECONDS",
+                    help="show progress until the worker holds nothing (default at most 120 s)")
     wsub.add_parser("undrain", help="put a drained worker back in service").add_argument("worker_id")
     wk.set_defaults(func=cmd_worker)
 

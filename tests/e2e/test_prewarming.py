@@ -121,3 +121,14 @@ def test_forecast_rise_prewarms_then_prewarm_hits_then_scale_down(cluster, tmp_p
     assert any(e.from_state == "draining" and e.to_state == "prewarmed" for e in events)
     assert not any(e.from_state == "absent" and e.to_state == "loading" and "scale-up" in e.reason for e in events)
 
+
+
+def test_drain_empties_a_worker_and_undrain_brings_it_back(cluster):
+    env = cluster["env"]
+    drained = cli(env, "worker", "drain", "worker-1", "--reason", "test", "--wait", "60")
+    assert drained.returncode == 0 and "worker-1 is empty" in drained.stdout, drained.stdout + drained.stderr
+    assert "drain    worker-1" in cli(env, "prewarm", "list").stdout
+    # what worker-1 held that the plan still wants moved to worker-0 (the pinned demo model at least)
+    assert until(lambda: workers(env)["worker-0"].get("tiny-llama") in ("prewarmed", "active"), what="the pin moved")
+    assert cli(env, "worker", "undrain", "worker-1").returncode == 0
+    until(lambda: workers(env)["worker-1"], timeout=60, what="copies placed on worker-1 again")
