@@ -6,9 +6,9 @@ import logging
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from shared.db import repo
 from shared.messages import AdminReply, AdminRequest, ErrorInfo, ModelSpec, ModelStatus, OperatorHold
@@ -20,20 +20,20 @@ from shared.subjects import check_token
 log = logging.getLogger("warmserve.placement")
 
 
+# identifiers that end up in NATS subjects and KV keys: validated once, here
+Slug = Annotated[str, AfterValidator(lambda v: check_token(v, "model slug"))]
+WorkerId = Annotated[str, AfterValidator(lambda v: check_token(v, "worker id"))]
+
+
 class RegisterArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    slug: str
+    slug: Slug
     path: str
     parameter_bytes: int | None = Field(None, gt=0)
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     max_context_tokens: int | None = Field(None, ge=16)
     status: ModelStatus = ModelStatus.ACTIVE
-
-    @field_validator("slug")
-    @classmethod
-    def _slug(cls, v: str) -> str:
-        return check_token(v, "model slug")
 
 
 class SlugArgs(BaseModel):
@@ -49,25 +49,15 @@ class KeyArgs(BaseModel):
 
 class WorkerArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    worker_id: str
+    worker_id: WorkerId
     reason: str = Field("", max_length=200)
-
-    @field_validator("worker_id")
-    @classmethod
-    def _id(cls, v: str) -> str:
-        return check_token(v, "worker id")
 
 
 class PinArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    slug: str
+    slug: Slug
     copies: int = Field(1, ge=1, le=64)
     reason: str = Field("", max_length=200)
-
-    @field_validator("slug")
-    @classmethod
-    def _slug(cls, v: str) -> str:
-        return check_token(v, "model slug")
 
 
 class AdminError(Exception):

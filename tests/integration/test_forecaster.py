@@ -16,6 +16,8 @@ from shared.messages import AdminReply, AdminRequest, DemandSample, Forecast, Mo
 from shared.settings import ForecasterSettings
 from shared.subjects import CATALOG_BUCKET, DEMAND, FORECAST_ADMIN
 
+from tests.helpers import eventually
+
 pytestmark = pytest.mark.integration
 
 W = 2.0  # seconds per window: rounds every 2 s keep the test short
@@ -44,16 +46,6 @@ async def start(s):
     return svc, stop, task
 
 
-async def until(predicate, timeout=25.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = await predicate()
-        if result:
-            return result
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def demand(js, model, start_s, area, gw="gw-a"):
     """A sample whose time-weighted concurrency integrates to ``area`` (concurrency x seconds)."""
     sample = DemandSample(gateway_id=gw, model=model, start_s=start_s, interval_s=1.0, arrivals=1, completions=1,
@@ -78,7 +70,7 @@ async def test_restart_loses_nothing_and_counts_nothing_twice(nats_url, database
     base = (now // W) * W - 6 * W
     for k in range(5):  # five past windows with concurrency k + 1
         await demand(js, "fc-restart", base + k * W + 0.5, area=(k + 1) * W)
-    await until(lambda: _ready(svc, "fc-restart", 5), what="a forecast over the past windows")
+    await eventually(lambda: _ready(svc, "fc-restart", 5), what="a forecast over the past windows")
     fc = svc.latest["fc-restart"]
     assert fc.history_windows >= 5 and fc.method in {"naive", "autoets"} and len(fc.points) == 3
     assert fc.predicted_peak_upper >= fc.predicted_peak >= 0
@@ -92,7 +84,7 @@ async def test_restart_loses_nothing_and_counts_nothing_twice(nats_url, database
 
     svc2, stop2, task2 = await start(settings(nats_url, database_url))
     try:
-        rows = await until(lambda: _has(database_url, "fc-restart", future), what="the future window to be stored")
+        rows = await eventually(lambda: _has(database_url, "fc-restart", future), what="the future window to be stored")
         assert rows[round(future, 3)] == (pytest.approx((3.0 + 5.0) / W), 2)  # both samples, each once
         for k in range(5):  # the first run's windows were replayed from the stream but not counted again
             assert rows[round(base + k * W, 3)] == (pytest.approx(k + 1.0), 1)
@@ -149,7 +141,7 @@ async def test_history_import_warms_the_forecaster(nats_url, database_url, nc, m
     await register(nc, database_url, "fc-import")
     svc, stop, task = await start(settings(nats_url, database_url, window_s=300.0, startup_backtest_windows=12))
     try:
-        await until(lambda: _caught_up(svc), what="the forecaster to start")
+        await eventually(lambda: _caught_up(svc), what="the forecaster to start")
         monkeypatch.setenv("WARMSERVE_NATS_URL", nats_url)
         with pytest.raises(SystemExit) as exit_:
             await asyncio.to_thread(cli, ["forecast", "import", "--trace", "servegen", "--map", "mm-image=fc-import"])
@@ -183,7 +175,7 @@ async def test_bad_admin_messages_get_clear_errors_and_change_nothing(nats_url, 
     await register(nc, database_url, "fc-bad")
     svc, stop, task = await start(settings(nats_url, database_url, window_s=300.0))
     try:
-        await until(lambda: _caught_up(svc), what="the forecaster to start")
+        await eventually(lambda: _caught_up(svc), what="the forecaster to start")
         cases = [
             ("import", None, b"{not json", "bad_request"),
             ("import", {"model": "nope", "window_s": 300.0, "windows": [[1, 1, 1]]}, None, "bad_request"),

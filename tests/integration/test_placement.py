@@ -15,6 +15,8 @@ from shared.messages import AdminReply, AdminRequest, Forecast, ModelSpec, Place
 from shared.settings import PlacementSettings
 from shared.subjects import ADMIN, FORECAST, PLACEMENT_BUCKET, PLACEMENT_KEY, WORKERS_BUCKET
 
+from tests.helpers import eventually
+
 pytestmark = pytest.mark.integration
 
 GB = 2**30
@@ -26,16 +28,6 @@ async def rows(database_url, sql):
         out = (await s.execute(text(sql))).all()
     await engine.dispose()
     return out
-
-
-async def until(check, timeout=20.0, what=""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await check()
-        if value:
-            return value
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -92,7 +84,7 @@ async def test_plans_follow_forecasts_and_history_is_written_once(nats_url, data
     try:
         get = planned(cluster)
         # 40 / 32 -> 2 foundation replicas; one copy per worker at most; pl-idle has no forecast: no copy
-        await until(lambda: _eq(get, [("pl-hot", "pl-w0"), ("pl-hot", "pl-w1")]), what="pl-hot on both workers")
+        await eventually(lambda: _eq(get, [("pl-hot", "pl-w0"), ("pl-hot", "pl-w1")]), what="pl-hot on both workers")
         first = await rows(database_url, "select plan_id, prewarm_set from placement_decisions")
         assert len(first) == 1 and {c["model"] for c in first[0].prewarm_set} == {"pl-hot"}
     finally:
@@ -109,13 +101,13 @@ async def test_plans_follow_forecasts_and_history_is_written_once(nats_url, data
         # an operator drains a worker: its copy leaves the plan; undrain brings it back
         reply = await admin(nc, "worker-drain", {"worker_id": "pl-w1", "reason": "maintenance"})
         assert reply.ok and reply.result["target"] == "pl-w1"
-        await until(lambda: _eq(planned(cluster), [("pl-hot", "pl-w0")]), what="the drained worker out of the plan")
+        await eventually(lambda: _eq(planned(cluster), [("pl-hot", "pl-w0")]), what="the drained worker out of the plan")
         assert (await admin(nc, "worker-undrain", {"worker_id": "pl-w1"})).ok
-        await until(lambda: _eq(planned(cluster), [("pl-hot", "pl-w0"), ("pl-hot", "pl-w1")]), what="undrained")
+        await eventually(lambda: _eq(planned(cluster), [("pl-hot", "pl-w0"), ("pl-hot", "pl-w1")]), what="undrained")
 
         # a pin keeps a model with no forecast prewarmed, and placement-show explains it
         assert (await admin(nc, "prewarm-pin", {"slug": "pl-idle"})).ok
-        await until(lambda: _contains(planned(cluster), "pl-idle"), what="the pinned model in the plan")
+        await eventually(lambda: _contains(planned(cluster), "pl-idle"), what="the pinned model in the plan")
         show = await admin(nc, "placement-show")
         assert "pinned" in show.result["inputs"]["scores"].values()
         assert [h["target"] for h in show.result["holds"]] == ["pl-idle"]
@@ -146,7 +138,7 @@ async def _contains(get, model):
 async def test_bad_operator_requests_get_clear_errors_and_change_nothing(nats_url, database_url, nc, cluster):
     svc, stop, task = await start(nats_url, database_url)
     try:
-        await until(lambda: _has_workers(svc), what="placement to see the workers")
+        await eventually(lambda: _has_workers(svc), what="placement to see the workers")
         cases = [
             ("worker-drain", {"worker_id": "nobody"}, None, "not_found"),
             ("worker-drain", {"worker_id": "Bad.Id"}, None, "bad_request"),
