@@ -7,8 +7,8 @@ executes what comes out. Drained workers' instances are stopped whatever the loa
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from shared.messages import CopyState, WorkerState
 from shared.policy.autoscale import AutoscaleConfig, InstanceView, LoadWindow, decide
@@ -38,6 +38,26 @@ class Round:
     loads: dict[str, float]
 
 
+@dataclass
+class GatewayLoad:
+    """Each gateway's latest per-second concurrency per model (requests in flight *and* waiting in its
+    queue): the load instances cannot see when they are full. Old reports expire."""
+
+    max_age_s: float = 3.0
+    reports: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)  # model -> gateway -> (t, c)
+
+    def add(self, model: str, gateway: str, at_s: float, concurrency: float) -> None:
+        self.reports.setdefault(model, {})[gateway] = (at_s, concurrency)
+
+    def current(self, now_s: float) -> dict[str, float]:
+        out = {}
+        for model, by_gw in self.reports.items():
+            fresh = [c for t, c in by_gw.values() if now_s - t <= self.max_age_s]
+            if fresh:
+                out[model] = sum(fresh)
+        return out
+
+
 class AutoscalerState:
     def __init__(self, config: AutoscaleConfig, kv_reservation: bool = True):
         self.config = config
@@ -46,7 +66,9 @@ class AutoscalerState:
         self.kv_unsupported: set[str] = set()  # workers whose engine cannot resize KV (vLLM)
 
     def step(self, workers: Sequence[WorkerState], now_s: float, drained: Collection[str] = (),
-             busy_models: Collection[str] = ()) -> Round:
+             busy_models: Collection[str] = (), gateway_load: Mapping[str, float] | None = None) -> Round:
+        """``gateway_load``: per-model concurrency the gateways report, queued requests included; the load
+        is the larger of that and the instances' in-flight requests."""
         instances: dict[str, list[InstanceView]] = {}
         in_flight: dict[str, int] = {}
         stops: list[Stop] = []
@@ -65,14 +87,16 @@ class AutoscalerState:
                                             w.batch_capacity or self.config.batch_capacity)
                     if target is not None:
                         kv.append(KvTarget(c.model, w.worker_id, target))
-        for model in set(in_flight) | set(self.windows):
-            self.windows.setdefault(model, LoadWindow(self.config.window_s)).add(now_s, in_flight.get(model, 0))
+        gateway_load = gateway_load or {}
+        for model in set(in_flight) | set(self.windows) | {m for m, v in gateway_load.items() if v > 0}:
+            load = max(in_flight.get(model, 0), gateway_load.get(model, 0.0))
+            self.windows.setdefault(model, LoadWindow(self.config.window_s)).add(now_s, load)
         scale_up, loads = {}, {}
         for model, window in list(self.windows.items()):
             load = window.mean(now_s)
             loads[model] = round(load, 3)
             ins = instances.get(model, [])
-            if not ins and load == 0 and model not in in_flight:
+            if not ins and load == 0 and model not in in_flight and not gateway_load.get(model):
                 del self.windows[model]  # idle and gone: forget it
                 continue
             if model in busy_models:

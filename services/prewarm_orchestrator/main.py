@@ -6,16 +6,17 @@ import asyncio
 import logging
 import time
 
+from nats.js.api import DeliverPolicy
 from sqlalchemy.exc import IntegrityError
 
+from services.prewarm_orchestrator.autoscaler import AutoscalerState, GatewayLoad
 from shared import bus
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
 from shared.messages import (
-    CommandKind, CommandResult, CopyState, ErrorInfo, ModelSpec, OperatorHold, Outcome, PlacementPlan, ScaleReply,
+    CommandKind, CommandResult, CopyState, DemandSample, ErrorInfo, ModelSpec, OperatorHold, Outcome, PlacementPlan, ScaleReply,
     ScaleRequest, WorkerCommand, WorkerEvent, WorkerState,
 )
-from services.prewarm_orchestrator.autoscaler import AutoscalerState
 from shared.policy.autoscale import AutoscaleConfig
 from shared.policy.cluster import live_workers
 from shared.policy.reconcile import Action, reconcile
@@ -23,7 +24,7 @@ from shared.policy.scaleup import choose_worker
 from shared.service import brief, pause, run_service
 from shared.settings import OrchestratorSettings, load_settings
 from shared.subjects import (
-    CATALOG_BUCKET, OPERATOR_BUCKET, PLACEMENT_BUCKET, PLACEMENT_KEY, SCALE, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET,
+    CATALOG_BUCKET, DEMAND, OPERATOR_BUCKET, PLACEMENT_BUCKET, PLACEMENT_KEY, SCALE, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET,
 )
 from shared.telemetry import extract_context, tracer
 
@@ -36,6 +37,7 @@ class Orchestrator:
         self.busy: set[tuple[str, str]] = set()  # (worker, model) with a lifecycle command in flight
         self.kv_busy: set[tuple[str, str]] = set()  # (worker, model) with a KV target in flight
         self.retry_at: dict[tuple, tuple[float, float]] = {}  # (worker, model, kind) -> (not before, last delay)
+        self.gateway_load = GatewayLoad()
         self.autoscaler = AutoscalerState(AutoscaleConfig(
             window_s=settings.autoscale_window_s, up=settings.scale_up_threshold,
             down=settings.scale_down_threshold, min_lifetime_s=settings.min_instance_lifetime_s,
@@ -98,13 +100,24 @@ class Orchestrator:
     def _backing_off(self, worker_id: str, model: str, kind: CommandKind) -> bool:
         return self.retry_at.get((worker_id, model, kind), (0.0, 0.0))[0] > time.monotonic()
 
+    async def on_demand(self, msg) -> None:
+        """Gateways' per-second demand (in flight and queued): the autoscaler's view of waiting requests."""
+        try:
+            sample = DemandSample.decode(msg.data)
+        except ValueError:
+            return
+        self.gateway_load.add(sample.model, sample.gateway_id, sample.start_s + sample.interval_s,
+                              sample.concurrency_avg)
+
     def drained(self) -> set[str]:
         return {h.target for h in self.operator.items.values() if h.kind == "drain"}
 
     async def autoscale_once(self) -> None:
         """Scale models to their load, stop idle or drained instances (drained first), push KV targets."""
-        r = self.autoscaler.step(self.live(), time.time(), drained=self.drained(),
-                                 busy_models={m for _, m in self.busy} | set(self._scaling))
+        now = time.time()
+        r = self.autoscaler.step(self.live(), now, drained=self.drained(),
+                                 busy_models={m for _, m in self.busy} | set(self._scaling),
+                                 gateway_load=self.gateway_load.current(now))
         for model, n in r.scale_up.items():
             if model not in self._scaling:
                 log.info("autoscaler: %s load %.2f, adding %d instance(s)", model, r.loads.get(model, 0.0), n)
@@ -231,6 +244,8 @@ class Orchestrator:
             self._spawn(self.on_scale(msg))
 
         scale_sub = await self.nc.subscribe(SCALE.wildcard, queue="orchestrator", cb=on_scale)
+        demand_sub = await self.js.subscribe(DEMAND.wildcard, ordered_consumer=True,
+                                             deliver_policy=DeliverPolicy.NEW, cb=self.on_demand)
         log.info("orchestrator up: reconciling every %.1f s", s.reconcile_interval_s)
         while not stop.is_set():
             if all(m.ready.is_set() for m in (self.workers, self.plan, self.catalog, self.operator)):
@@ -241,6 +256,7 @@ class Orchestrator:
                     log.warning("reconcile round failed: %s", brief(exc))
             await pause(stop, s.reconcile_interval_s)
         await scale_sub.unsubscribe()
+        await demand_sub.unsubscribe()
         for t in loops + list(self._tasks):
             t.cancel()
         await asyncio.gather(*loops, *self._tasks, return_exceptions=True)

@@ -2,7 +2,7 @@
 with the answers (drained workers, pins, measured sizes, TP limits, autoscaler rounds, KV targets)."""
 
 from services.placement.planner import gpu_of, plan, plan_inputs
-from services.prewarm_orchestrator.autoscaler import AutoscalerState
+from services.prewarm_orchestrator.autoscaler import AutoscalerState, GatewayLoad
 from shared.messages import CopyState, Forecast, ModelCopy, ModelSpec, OperatorHold, PlacementPlan, PlannedCopy, WorkerState
 from shared.policy.autoscale import AutoscaleConfig
 from shared.policy.prewarm_placement import PlacementConfig
@@ -82,3 +82,21 @@ def test_autoscaler_adds_instances_above_the_threshold_but_leaves_busy_models_al
     busy = [worker("w0", ("a", CopyState.ACTIVE, GB, 4))]
     assert state.step(busy, now_s=100.0).scale_up == {"a": 1}  # 4 > 0.8 x 4
     assert state.step(busy, now_s=101.0, busy_models={"a"}).scale_up == {}
+
+
+def test_requests_waiting_at_gateways_count_as_load():
+    """An instance full of long requests reports in_flight = B; the queue at the gateway is what tells the
+    autoscaler it needs more, and it must not take the queue for idleness either."""
+    state = AutoscalerState(AutoscaleConfig(batch_capacity=4, up=0.9))
+    full = [worker("w0", ("a", CopyState.ACTIVE, GB, 3))]  # 3 of 4 in flight: within the band alone
+    assert state.step(full, now_s=100.0).scale_up == {}
+    gateways = GatewayLoad()
+    gateways.add("a", "gw-1", at_s=100.5, concurrency=5.0)  # 3 in flight + 2 waiting at one gateway
+    gateways.add("a", "gw-2", at_s=100.5, concurrency=4.0)
+    assert gateways.current(101.0) == {"a": 9.0}
+    state.step(full, now_s=101.0, gateway_load=gateways.current(101.0))
+    gateways.add("a", "gw-1", at_s=102.5, concurrency=5.0)
+    gateways.add("a", "gw-2", at_s=102.5, concurrency=4.0)
+    # mean over what the window has seen: 3 for 1 s, then 9 for 2 s = 7 > 0.9 x 4 -> ceil(7 / 3.6) = 2 instances
+    assert state.step(full, now_s=103.0, gateway_load=gateways.current(103.0)).scale_up == {"a": 1}
+    assert gateways.current(110.0) == {}  # reports expire: a gateway that went away adds nothing
