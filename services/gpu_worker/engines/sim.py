@@ -2,7 +2,7 @@
 
 Used for cluster-scale tests and the simulator. It tokenizes with the model's real tokenizer (so
 prompt lengths and context limits are real) and emits random vocabulary tokens on a modelled
-schedule. Every timing parameter lives in ``SimProfile``.
+schedule. Every timing parameter lives in ``SimProfile`` (``shared/perfmodel.py``'s ``PerfModel``).
 """
 
 from __future__ import annotations
@@ -12,32 +12,16 @@ import itertools
 import json
 import random
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from services.gpu_worker.engines import Delta, EngineError, KvUsage
 from shared.messages import InferRequest, ModelSpec
+from shared.perfmodel import PerfModel
 
 
-@dataclass(frozen=True)
-class SimProfile:
-    """Performance model. Defaults are a PCIe Gen4 host-to-device link and a small fast model.
-
-    load_s    = engine_start_s + bytes / h2d_bytes_per_s
-    prefill_s = prompt_tokens * prefill_s_per_token_per_gb * weight GB   (at least min_step_s)
-    decode_s  = per token decode_s_per_token_per_gb * weight GB          (at least min_step_s)
-    KV memory = block_tokens tokens per block, 2 (K and V) x layers x kv heads x head dim x 2 bytes
-                per token, read from the model's config.json
-    """
-
-    engine_start_s: float = 0.2
-    h2d_bytes_per_s: float = 25e9
-    prefill_s_per_token_per_gb: float = 2e-5
-    decode_s_per_token_per_gb: float = 1.5e-3
-    min_step_s: float = 0.002
-    block_tokens: int = 16
+SimProfile = PerfModel  # every timing parameter of the sim engine (shared with the cluster simulator)
 
 
 class _Loaded:
@@ -96,7 +80,7 @@ class SimEngine:
     async def load(self, spec: ModelSpec) -> int:
         p = self.profile
         loaded = await asyncio.to_thread(_Loaded, spec)
-        await asyncio.sleep(p.engine_start_s + spec.parameter_bytes / p.h2d_bytes_per_s)
+        await asyncio.sleep(p.load_s(spec.parameter_bytes))
         self._models[spec.slug] = loaded
         return spec.parameter_bytes
 
@@ -137,8 +121,6 @@ class SimEngine:
         self._models.clear()
         self._active.clear()
 
-    def _step_s(self, per_gb: float, spec: ModelSpec, tokens: int = 1) -> float:
-        return max(tokens * per_gb * spec.parameter_bytes / 1e9, self.profile.min_step_s)
 
     async def generate(self, request: InferRequest) -> AsyncIterator[Delta]:
         loaded = self._models.get(request.model)
@@ -153,7 +135,7 @@ class SimEngine:
                 f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({s.max_tokens}) exceeds "
                 f"the model's context of {limit} tokens",
             )
-        await asyncio.sleep(self._step_s(self.profile.prefill_s_per_token_per_gb, loaded.spec, len(prompt_ids)))
+        await asyncio.sleep(self.profile.prefill_s(loaded.spec.parameter_bytes, len(prompt_ids)))
         rng = random.Random(s.seed)
         tokens = self._tokens.setdefault(request.model, {})
         key = next(self._request_keys)  # request ids may repeat; KV bookkeeping must not collide
@@ -169,7 +151,7 @@ class SimEngine:
         text, produced = "", 0
         while produced < s.max_tokens:
             if produced:
-                await asyncio.sleep(self._step_s(self.profile.decode_s_per_token_per_gb, loaded.spec))
+                await asyncio.sleep(self.profile.decode_s(loaded.spec.parameter_bytes))
             produced += 1
             tokens[key] = len(prompt_ids) + produced
             emitted = len(text)
