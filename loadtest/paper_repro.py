@@ -145,13 +145,14 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--cv", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rates-file", help="per-model daily curves from a ServeGen-format rate file instead of the shipped ones")
     p.add_argument("--slo", type=float, default=1.0, help="TTFT SLO in seconds")
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--name", default="paper_repro")
     a = p.parse_args()
     spec = WorkloadSpec(duration_s=a.duration, time_scale=a.time_scale, alpha=a.alpha, cv=a.cv, seed=a.seed,
-                        total_rps=a.base_rate)
+                        total_rps=a.base_rate, rates_file=a.rates_file)
     cluster = ClusterSpec(slo_ttft_s=a.slo)
     systems = list(SYSTEMS)
     jobs = [(s, replace(spec, total_rps=rate), cluster) for rate in sorted(set(a.rates) | {a.base_rate}) for s in systems]

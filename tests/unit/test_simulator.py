@@ -99,3 +99,13 @@ def test_a_seed_reproduces_a_run():
     assert a["ttft_p99_s"] == b["ttft_p99_s"] and a["outcomes"] == b["outcomes"]
     c = simulate("warmserve", build(replace(spec, seed=6)))
     assert c["requests"] != a["requests"] or c["ttft_p99_s"] != a["ttft_p99_s"]
+
+
+def test_a_rate_file_shapes_the_workload(tmp_path):
+    """A ServeGen-format rate file gives the daily curves (a flat one here: about the mean rate)."""
+    rates = tmp_path / "r.csv"
+    rates.write_text("model,t_start_s,rate_rps\n" + "".join(f"a,{t * 600},{1.0}\n" for t in range(144)))
+    spec = WorkloadSpec(models=("7b", "7b"), duration_s=300.0, warmup_s=0.0, total_rps=2.0, rates_file=str(rates))
+    w = build(spec)
+    assert len(w.models) == 2 and abs(len(w.requests) - 2.0 * 300) < 200  # a flat curve: about the mean rate
+    assert sum(w.shares.values()) == pytest.approx(1.0)
