@@ -111,7 +111,7 @@ class Simulator:
         self.queues: dict[str, deque[Record]] = {m: deque() for m in self.models}
         self.records: dict[int, Record] = {}
         self.timeline: list[dict] = []  # memory by role over time
-        self.system = None
+        self.system = None  # the system under test (systems.py); set before run()
         self.check = False  # check the memory invariant after every event (tests)
 
     # ---- the clock ------------------------------------------------------------------------------------
@@ -166,8 +166,7 @@ class Simulator:
             ready = [i for i in self.instances.values()
                      if i.model.name == model and i.ready_at <= self.now and i.can_take(tokens)]
             if not ready:
-                grown = self.system.on_kv_short(self, model, tokens) if self.system else False
-                if grown:
+                if self.system.on_kv_short(self, model, tokens):
                     continue
                 return
             inst = min(ready, key=lambda i: (len(i.running), i.iid))
@@ -177,7 +176,7 @@ class Simulator:
     def _start(self, rec: Record, inst: Instance, tokens: int) -> None:
         r, m = rec.request, inst.model
         inst.running[r.rid] = tokens
-        share = self.system.compute_share(self, inst) if self.system else 1
+        share = self.system.compute_share(self, inst)
         prefill = self.perf.prefill_s(m.weight_bytes, r.input_tokens, m.tp) * share
         tpot = self.perf.decode_s(m.weight_bytes, len(inst.running), m.tp) * share
         rec.start_s = self.now
@@ -271,12 +270,11 @@ class Simulator:
     # ---- periodic ------------------------------------------------------------------------------------
 
     def _tick(self) -> None:
-        if self.system:
-            self.system.on_tick(self)
+        self.system.on_tick(self)
         for model, queue in self.queues.items():
             if queue:
                 self.dispatch(model)
-                if queue and self.system:
+                if queue:
                     self.system.on_queued(self, model)
 
     def _sample(self) -> None:

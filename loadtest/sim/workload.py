@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from shared.perfmodel import GPU_A100_PCIE as perf
 from shared.policy.concurrency import concurrency_windows
 from shared.policy.forecast import WindowObservation
 from shared.workload import traces
@@ -89,7 +90,6 @@ def build(spec: WorkloadSpec) -> Workload:
     history_s = spec.history_days * day_s
     requests: list[Request] = []
     history: dict[str, list[WindowObservation]] = {}
-    mean_service = None
     for i, (model, share) in enumerate(zip(models, shares)):
         base = curves[i % len(curves)]
         norm = base.rate_rps / max(base.rate_rps.mean(), 1e-9)
@@ -107,8 +107,6 @@ def build(spec: WorkloadSpec) -> Workload:
         ins, outs = pairs.input_tokens[pick], pairs.output_tokens[pick]
         past = arrivals < -spec.warmup_s
         # history: what the forecaster would have observed (service time: a warm instance's)
-        from shared.perfmodel import GPU_A100_PCIE as perf  # noqa: PLC0415  (kept local: one use)
-
         svc = np.array([perf.prefill_s(model.weight_bytes, int(a), model.tp) +
                         b * perf.decode_s(model.weight_bytes, 8, model.tp) for a, b in zip(ins[past], outs[past])])
         hw = int(round((history_s - spec.warmup_s) / spec.window_s))
