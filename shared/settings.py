@@ -102,6 +102,8 @@ class PlacementSettings(CommonSettings):
         "evict-aware", description="evict-aware (DESIGN 2.3) or the paper's round-robin ablation")
     evict: bool = Field(True, description="evict lower-scored prewarmed copies when that raises the total score")
     kv_reservation: bool = Field(True, description="count KV memory running instances can give back as prewarm capacity")
+    prewarm: bool = Field(True, description="forecast-driven prewarming; false: only operator pins are prewarmed, "
+                          "so scaling is reactive and a new instance loads from scratch (the load test's baseline)")
 
 
 class OrchestratorSettings(CommonSettings):
@@ -132,7 +134,7 @@ class LocalClusterSettings(CommonSettings):
     state_dir: Path = Field(Path(".warmserve"), description="project-local folder for NATS, Postgres, models")
     nats_port: int = Field(4322, ge=0, le=65535, description="port of the embedded nats-server (0: any free)")
     gateway_port: int = Field(8080, ge=1, le=65535, description="HTTP port of the local gateway")
-    workers: int = Field(1, ge=1, le=8, description="local workers (one emulated device each)")
+    workers: int = Field(1, ge=1, le=64, description="local workers (one emulated device each; dozens only with the sim engine)")
     engine: str = Field("auto", pattern="^(auto|sim|vllm)$",
                         description="engine of the local workers; auto: vllm when installed, else sim")
     worker_memory_budget_bytes: int = Field(6 * 1024**3, gt=0, description="memory budget of each local worker")

@@ -15,6 +15,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Literal
 
 from nats.aio.msg import Msg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -28,7 +29,7 @@ from shared.policy.forecast import ForecastConfig, ModelForecaster, SeriesForeca
 from shared.service import brief, pause, run_service
 from shared.settings import ForecasterSettings, load_settings
 from shared.subjects import CATALOG_BUCKET, DEMAND, FORECAST, FORECAST_ADMIN
-from shared.workload.series import align_before
+from shared.workload.series import align_before, place_before
 
 log = logging.getLogger("warmserve.forecaster")
 
@@ -62,6 +63,9 @@ class ImportArgs(BaseModel):
     window_s: float = Field(gt=0)
     windows: list[tuple[float, float, int]] = Field(min_length=1, max_length=14 * 288)  # (avg, peak, arrivals)
     source: str = Field("trace", max_length=200)
+    align: Literal["time-of-day", "end"] = Field(
+        "time-of-day", description="time-of-day: rotate a whole-day trace to keep each window's time of day; "
+                                   "end: keep the order, the last window just before the current one")
 
     @field_validator("windows")
     @classmethod
@@ -269,7 +273,7 @@ class Forecaster:
             first = await repo.first_observed(session, args.model)
         end = first if first is not None else self.book.next_start.get(args.model, self.book.window_of(time.time()))
         series = [WindowObservation(i * w, a, p, n) for i, (a, p, n) in enumerate(args.windows)]
-        aligned = align_before(series, w, end)
+        aligned = (place_before if args.align == "end" else align_before)(series, w, end)
         async with self.sessions() as session:
             written = await repo.record_observations(session, args.model, w, aligned, source="import")
             await session.commit()

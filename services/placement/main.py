@@ -64,7 +64,8 @@ class Placement:
     async def replan(self) -> None:
         live = live_workers(self.workers.items.values(), time.time(), self.settings.heartbeat_timeout_s)
         plan = planner.plan(self.catalog.items, live, self.forecasts, list(self.operator.items.values()),
-                            self.current, self.config(), self.settings.kv_reservation, time.time())
+                            self.current, self.config(), self.settings.kv_reservation, time.time(),
+                            prewarm=self.settings.prewarm)
         self.latest = plan  # for `placement show`: the newest inputs and scores, even when nothing moved
         if plan.same_copies(self.current):
             return

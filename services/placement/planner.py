@@ -9,7 +9,7 @@ with that reason (the policy itself places them, and the simulator uses that).
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from shared.messages import CopyState, Forecast, ModelSpec, ModelStatus, OperatorHold, PlacementPlan, PlannedCopy, WorkerState
 from shared.policy.prewarm_placement import Gpu, ModelDemand, PlacementConfig, PlacementDecision, Replica, place
@@ -93,7 +93,16 @@ def to_plan(decision: PlacementDecision, inputs: PlanInputs, forecasts: Mapping[
 
 
 def plan(catalog, workers, forecasts, holds, current, config: PlacementConfig, kv_reservation: bool,
-         now_s: float) -> PlacementPlan:
+         now_s: float, prewarm: bool = True) -> PlacementPlan:
+    """``prewarm=False`` ignores forecasts and keeps no unpinned copy (reactive autoscaling: an instance
+    that stops is evicted, and the next scale-up loads from scratch)."""
+    if not prewarm:
+        forecasts = {}
     inputs = plan_inputs(catalog, workers, forecasts, holds, current, kv_reservation)
+    if not prewarm:
+        pinned = {d.model for d in inputs.demands if d.pinned}
+        inputs = replace(inputs, existing=[r for r in inputs.existing if r.model in pinned])
     decision = place(inputs.demands, inputs.gpus, inputs.existing, config)
-    return to_plan(decision, inputs, forecasts, config, now_s)
+    out = to_plan(decision, inputs, forecasts, config, now_s)
+    out.inputs["prewarm"] = prewarm
+    return out

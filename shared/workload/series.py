@@ -81,6 +81,13 @@ def _windows(reqs: traces.Requests, service: ServiceModel, window_s: float, dura
     return [WindowObservation(i * window_s, float(a), float(p), int(c)) for i, (a, p, c) in enumerate(zip(avg, peak, counts))]
 
 
+def place_before(series: list[WindowObservation], window_s: float, end_s: float) -> list[WindowObservation]:
+    """Place windows in order so the last one ends at ``end_s``: history that leads straight into what
+    comes next (a replay that continues the same synthetic workload), whatever its time of day."""
+    n = len(series)
+    return [WindowObservation(end_s - (n - i) * window_s, o.avg, o.peak, o.arrivals) for i, o in enumerate(series)]
+
+
 def align_before(series: list[WindowObservation], window_s: float, end_s: float) -> list[WindowObservation]:
     """Place a trace's windows so they end at ``end_s`` (a window boundary), keeping time of day.
 

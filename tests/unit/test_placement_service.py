@@ -64,6 +64,18 @@ def test_a_forecast_rise_puts_copies_in_the_plan_and_a_pin_keeps_one_without_for
     assert p.inputs["demand"]["hot"]["peak_upper"] == 90.0
 
 
+def test_prewarming_off_plans_only_pins_and_drops_copies_left_by_stopped_instances():
+    ws = [worker("w0", ("left", CopyState.PREWARMED, GB, 0)), worker("w1", ("busy", CopyState.ACTIVE, GB, 3))]
+    catalog = {"left": spec("left"), "busy": spec("busy"), "kept": spec("kept")}
+    forecasts = {m: forecast(m, 40.0, 90.0) for m in catalog}
+    holds = [OperatorHold(kind="pin", target="kept")]
+    on = plan(catalog, ws, forecasts, holds, None, PlacementConfig(), kv_reservation=True, now_s=1.0)
+    off = plan(catalog, ws, forecasts, holds, None, PlacementConfig(), kv_reservation=True, now_s=1.0, prewarm=False)
+    assert {"left", "busy"} <= {c.model for c in on.copies}  # the forecasts ask for copies
+    assert [c.model for c in off.copies] == ["kept"]  # no forecast-driven copy, the left-over one evicted
+    assert off.inputs["prewarm"] is False and off.inputs["demand"]["left"]["peak_upper"] == 0.0
+
+
 def test_autoscaler_round_stops_idle_and_drained_instances_and_sets_kv_targets():
     state = AutoscalerState(AutoscaleConfig(batch_capacity=4, window_s=5.0, min_lifetime_s=5.0))
     ws = [worker("w0", ("a", CopyState.ACTIVE, GB, 0)), worker("w1", ("b", CopyState.ACTIVE, GB, 3))]

@@ -8,7 +8,7 @@ import pytest
 from shared.policy.concurrency import ConcurrencyTracker, concurrency_windows
 from shared.workload import traces
 from shared.workload.backtest import backtest, table
-from shared.workload.series import SeriesSpec, align_before, build_series
+from shared.workload.series import SeriesSpec, align_before, build_series, place_before
 from shared.workload.synth import gamma_arrivals
 from shared.policy.forecast import ForecastConfig, WindowObservation
 
@@ -98,6 +98,13 @@ def test_align_before_rotates_a_day_keeping_time_of_day():
     aligned = align_before(day, 3600.0, end)
     assert aligned[-1].start_s == end - 3600 and aligned[0].start_s == end - 86400
     assert all(o.avg == (o.start_s % 86400) / 3600 for o in aligned)  # hour h carries the trace's hour h
+
+
+def test_place_before_keeps_the_order_and_ends_at_the_boundary():
+    series = [WindowObservation(i * 60.0, float(i), 2.0 * i, i) for i in range(7)]
+    placed = place_before(series, 60.0, 3000.0)
+    assert [o.start_s for o in placed] == [3000.0 - 60 * (7 - i) for i in range(7)]
+    assert [(o.avg, o.peak, o.arrivals) for o in placed] == [(o.avg, o.peak, o.arrivals) for o in series]
 
 
 def _run_cli(argv):
