@@ -3,7 +3,6 @@ workers that serve one request each, with no instance kept active in advance: th
 queueing, cancellation, a worker killed mid-stream, no capacity, rate limits and keys."""
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ def cli(env, *args):
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("cluster")
-    proc, _, env, _ = start_cluster(
+    up = start_cluster(
         state, "--engine", "sim", "--workers", "2", "--no-smoke", timeout_s=180,
         extra_env={"WARMSERVE_MIN_ACTIVE_PER_MODEL": "0", "WARMSERVE_BATCH_CAPACITY": "1",
                    "WARMSERVE_QUEUE_WAIT_S": "6", "WARMSERVE_HEARTBEAT_TIMEOUT_S": "3",
@@ -36,13 +35,9 @@ def cluster(tmp_path_factory):
                    "WARMSERVE_SCALE_UP_THRESHOLD": "1.0", "WARMSERVE_MIN_INSTANCE_LIFETIME_S": "600"})
     info = json.loads((state / "cluster.json").read_text())
     client = OpenAI(base_url=f"{info['gateway_url']}/v1", api_key=info["api_key"], max_retries=0, timeout=60)
-    yield {"proc": proc, "env": env, "state": state, "client": client, "key": info["api_key"],
+    yield {"proc": up.proc, "env": up.env, "state": state, "client": client, "key": info["api_key"],
            "url": info["gateway_url"]}
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    up.stop()
 
 
 def chat(client, max_tokens=8, **kw):

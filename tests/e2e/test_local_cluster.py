@@ -1,8 +1,6 @@
 """The whole local cluster as a user runs it: ``warmserve up``, then the official openai client."""
 
-import json
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -20,13 +18,12 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("cluster")
-    proc, text, env, port = start_cluster(state)
-    children = psutil.Process(proc.pid).children(recursive=True)
-    key = json.loads((state / "cluster.json").read_text())["api_key"]
-    yield {"url": f"http://127.0.0.1:{port}", "proc": proc, "output": text, "children": children,
-           "state": state, "env": env, "key": key}
-    if proc.poll() is None:
-        proc.kill()
+    up = start_cluster(state)
+    children = psutil.Process(up.proc.pid).children(recursive=True)
+    yield {"url": f"http://127.0.0.1:{up.port}", "up": up, "output": up.output, "children": children,
+           "state": state, "env": up.env, "key": up.info["api_key"]}
+    if up.proc.poll() is None:
+        up.proc.kill()
 
 
 def test_up_reports_progress_and_answers_the_smoke_request(cluster):
@@ -138,11 +135,10 @@ def test_history_reaches_postgres(cluster):
 
 
 def test_ctrl_c_stops_everything(cluster):
-    proc, children = cluster["proc"], cluster["children"]
+    up, children = cluster["up"], cluster["children"]
     assert len(children) >= 6  # nats-server + five services (postgres is daemonised by pg_ctl)
-    proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, rest
+    rest = up.stop(timeout_s=60)
+    assert up.proc.returncode == 0, rest
     assert "stopped." in rest
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"orphans: {[p.pid for p in alive]}"

@@ -5,7 +5,6 @@ and stops the instances when it ends, and Postgres history tells the same story.
 import asyncio
 import concurrent.futures
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -46,16 +45,12 @@ def until(check, timeout=60.0, what=""):
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("prewarm")
-    proc, _, env, _ = start_cluster(state, "--engine", "sim", "--workers", "2", "--no-smoke", timeout_s=180, extra_env={
+    up = start_cluster(state, "--engine", "sim", "--workers", "2", "--no-smoke", timeout_s=180, extra_env={
         "WARMSERVE_BATCH_CAPACITY": str(B), "WARMSERVE_WINDOW_S": "300", "WARMSERVE_HEARTBEAT_TIMEOUT_S": "3",
         "WARMSERVE_QUEUE_WAIT_S": "20"})
     info = json.loads((state / "cluster.json").read_text())
-    yield {"proc": proc, "env": env, "state": state, "info": info}
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    yield {"proc": up.proc, "env": up.env, "state": state, "info": info}
+    up.stop()
 
 
 def test_forecast_rise_prewarms_then_prewarm_hits_then_scale_down(cluster, tmp_path):
