@@ -26,10 +26,17 @@ class PlanInputs:
     skipped: dict[str, str]
 
 
-def measured_bytes(spec: ModelSpec, workers: Sequence[WorkerState]) -> int:
-    """A model's weights as workers measured them (the largest report), else the catalog's size."""
+def measured_bytes(spec: ModelSpec, workers: Sequence[WorkerState], catalog: Mapping[str, ModelSpec]) -> int:
+    """A model's footprint as workers measured it (the largest report). A model no worker has loaded yet
+    is its catalog size plus the largest engine overhead measured for any other model (measured minus
+    catalog bytes: process, runtime, KV space on a CPU), so a first plan does not ask a worker for a copy
+    that cannot fit once loaded."""
     seen = [c.weight_bytes for w in workers for c in w.copies if c.model == spec.slug and c.weight_bytes]
-    return max(seen, default=spec.parameter_bytes)
+    if seen:
+        return max(seen)
+    overhead = max((c.weight_bytes - catalog[c.model].parameter_bytes for w in workers for c in w.copies
+                    if c.weight_bytes and c.model in catalog), default=0)
+    return spec.parameter_bytes + max(overhead, 0)
 
 
 def gpu_of(w: WorkerState, index: int, kv_reservation: bool) -> Gpu:
@@ -60,7 +67,7 @@ def plan_inputs(catalog: Mapping[str, ModelSpec], workers: Sequence[WorkerState]
             continue
         fc = forecasts.get(slug)
         running = sum(1 for w in usable for c in w.copies if c.model == slug and c.state is CopyState.ACTIVE)
-        demands.append(ModelDemand(model=slug, weight_bytes=measured_bytes(spec, workers), tp=1,
+        demands.append(ModelDemand(model=slug, weight_bytes=measured_bytes(spec, workers, catalog), tp=1,
                                    avg=fc.predicted_avg if fc else 0.0, peak=fc.predicted_peak_upper if fc else 0.0,
                                    running=running, pinned=pinned.get(slug, 0)))
     live_ids = {g.gpu_id for g in gpus}

@@ -46,6 +46,7 @@ def test_inputs_drop_drained_workers_skip_multi_device_models_and_use_measured_s
     demands = {d.model: d for d in inputs.demands}
     assert set(demands) == {"a", "c"} and "tensor parallel size 2" in inputs.skipped["big"]
     assert demands["a"].weight_bytes == 3 * GB  # what the worker measured, not the catalog's 1 GiB
+    assert demands["c"].weight_bytes == GB + 2 * GB  # not loaded yet: its size plus the overhead measured for a
     assert (demands["a"].avg, demands["a"].peak, demands["c"].pinned) == (3.0, 9.0, 2)
     # resident copies and planned copies on live workers are what exists; the dead worker's is dropped
     assert sorted((r.model, r.gpus) for r in inputs.existing) == [("a", ("w0",)), ("c", ("w2",))]
