@@ -73,6 +73,9 @@ class WorkerSettings(CommonSettings):
                                                             "as one chunk (the first token never waits)")
     kv_cache_bytes: int = Field(1024**3, gt=0, description="KV cache an active instance reserves; "
                                                           "the rest of the budget stays prewarm capacity")
+    sim_profile: Literal["fast", "a100"] = Field(
+        "fast", description="sim engine timings: fast (a small model, for tests and demos) or a100 (7B-70B fp16 "
+                            "on an A100 over PCIe, the simulator's constants: 5 s engine start, 60 ms per 1k-token prefill)")
 
     @field_validator("worker_id")
     @classmethod

@@ -35,6 +35,7 @@ class WorkerService:
             budget = min(budget, int(self.gpu.total_bytes() * 0.92))
         self.events: asyncio.Queue[WorkerEvent] = asyncio.Queue()
         engine = make_engine(settings.engine, device=settings.device, kv_cache_bytes=settings.kv_cache_bytes,
+                             sim_profile=settings.sim_profile,
                              gpu=self.gpu)
         self.worker = Worker(settings.worker_id, engine, MemoryPool(budget),
                              batch_capacity=settings.batch_capacity,

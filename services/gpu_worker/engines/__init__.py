@@ -61,11 +61,12 @@ class Engine(Protocol):
     async def close(self) -> None: ...
 
 
-def make_engine(name: str, *, device: str = "cpu:0", kv_cache_bytes: int = 1024**3, gpu=None) -> Engine:
+def make_engine(name: str, *, device: str = "cpu:0", kv_cache_bytes: int = 1024**3, gpu=None,
+                sim_profile: str = "fast") -> Engine:
     if name == "sim":
-        from services.gpu_worker.engines.sim import SimEngine
+        from services.gpu_worker.engines.sim import SIM_PROFILES, SimEngine
 
-        return SimEngine()
+        return SimEngine(SIM_PROFILES[sim_profile])
     if name == "vllm":
         try:
             import vllm  # noqa: F401

@@ -18,10 +18,12 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from services.gpu_worker.engines import Delta, EngineError, KvUsage
 from shared.messages import InferRequest, ModelSpec
-from shared.perfmodel import PerfModel
+from shared.perfmodel import GPU_A100_PCIE, PerfModel
 
 
 SimProfile = PerfModel  # every timing parameter of the sim engine (shared with the cluster simulator)
+# fast: a small model on a quick link (tests, demos); a100: the simulator's 7B-70B fp16 constants (load tests)
+SIM_PROFILES = {"fast": SimProfile(), "a100": GPU_A100_PCIE}
 
 
 class _Loaded:
