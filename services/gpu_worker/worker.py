@@ -53,6 +53,9 @@ class Worker:
         self._clock = clock
         self._results: OrderedDict[str, asyncio.Future[CommandResult]] = OrderedDict()
         self._lock = asyncio.Lock()  # one memory-changing command at a time
+        # what a loaded copy measured beyond its catalog bytes (engine process, runtime, CPU KV space): the
+        # largest seen, so the next load reserves its likely footprint instead of finding out afterwards
+        self.engine_overhead_bytes = 0
 
     # ------------------------------------------------------------------ state
 
@@ -147,8 +150,10 @@ class Worker:
             return {"kv_bytes": await self.set_kv_target(cmd.model, cmd.kv_free_blocks)}
         raise EngineError("bad_command", f"unknown command {cmd.kind}")
 
-    async def prewarm(self, spec: ModelSpec, reason: str = "prewarm") -> Copy:
-        """Load the weights; idempotent (an existing or loading copy is returned as it is)."""
+    async def prewarm(self, spec: ModelSpec, reason: str = "prewarm", make_room: bool = False) -> Copy:
+        """Load the weights; idempotent (an existing or loading copy is returned as it is). It reserves the
+        catalog bytes plus the engine overhead measured so far; ``make_room`` (a cold start: a request is
+        waiting) evicts other prewarmed copies as far as the load needs."""
         if spec.tensor_parallel_size != 1:
             raise EngineError("unsupported", f"{spec.slug} needs {spec.tensor_parallel_size} devices; "
                                              "this worker drives one")
@@ -156,11 +161,14 @@ class Worker:
             copy = self.copies.get(spec.slug)
             fresh = copy is None
             if fresh:
-                if not self.memory.fits(spec.parameter_bytes):
+                need = spec.parameter_bytes + self.engine_overhead_bytes
+                if make_room:
+                    await self._evict_for(need, spec.slug)
+                if not self.memory.fits(need):
                     raise EngineError("insufficient_memory",
-                                      f"{spec.slug} needs {spec.parameter_bytes} bytes, "
+                                      f"{spec.slug} needs {need} bytes, "
                                       f"{self.memory.free_bytes()} free on {self.worker_id}")
-                self.memory.take(self.memory.weights, spec.slug, spec.parameter_bytes)
+                self.memory.take(self.memory.weights, spec.slug, need)
                 copy = Copy(spec=spec, state=CopyState.ABSENT, since_s=self._clock())
                 self.copies[spec.slug] = copy
                 self._move(copy, CopyState.LOADING, reason=reason)
@@ -172,7 +180,7 @@ class Worker:
         started = time.monotonic()
         try:
             copy.resident_bytes = await self.engine.load(spec)
-            await self._true_up(copy)
+            await self._true_up(copy, make_room)
         except BaseException as exc:
             self.memory.give_back(self.memory.weights, spec.slug)
             self._move(copy, CopyState.ABSENT, seconds=time.monotonic() - started, reason=f"load failed: {exc}")
@@ -187,15 +195,17 @@ class Worker:
         copy.loaded.set()
         return copy
 
-    async def _true_up(self, copy: Copy) -> None:
-        """Account what the engine measurably occupies, not what the catalog said; a copy that
-        turns out not to fit is unloaded again (nothing is left half-loaded)."""
+    async def _true_up(self, copy: Copy, make_room: bool = False) -> None:
+        """Account what the engine measurably occupies, not what was reserved; a copy that turns out not
+        to fit (after evicting other prewarmed copies, with ``make_room``) is unloaded again (nothing is
+        left half-loaded)."""
         slug = copy.spec.slug
+        self.engine_overhead_bytes = max(self.engine_overhead_bytes, copy.resident_bytes - copy.spec.parameter_bytes)
         extra = pages(copy.resident_bytes) - self.memory.weights.get(slug, 0)
-        if extra <= 0:
-            return
         async with self._lock:
-            if extra <= self.memory.free_pages:
+            if extra > self.memory.free_pages and make_room:
+                await self._evict_for(extra * PAGE_BYTES, slug)
+            if extra <= self.memory.free_pages:  # also when it is smaller than reserved: the rest goes back
                 self.memory.weights[slug] += extra
                 return
         await self.engine.unload(slug)
@@ -203,6 +213,18 @@ class Worker:
                           f"{slug} occupies {copy.resident_bytes} bytes once loaded; only "
                           f"{self.memory.free_bytes() + self.memory.weights.get(slug, 0) * PAGE_BYTES} "
                           f"were available on {self.worker_id}")
+
+    async def _evict_for(self, n_bytes: int, for_model: str) -> None:
+        """Evict prewarmed copies of other models, largest first, until ``n_bytes`` are free (or none is
+        left). Called with the lock held."""
+        others = sorted((c for c in self.copies.values() if c.spec.slug != for_model and c.state is CopyState.PREWARMED),
+                        key=lambda c: -self.memory.weights.get(c.spec.slug, 0))
+        for other in others:
+            if self.memory.fits(n_bytes):
+                return
+            freed = await self.engine.unload(other.spec.slug)  # measured
+            self.memory.give_back(self.memory.weights, other.spec.slug)
+            self._move(other, CopyState.ABSENT, n_bytes=freed, reason=f"evicted to load {for_model}")
 
     async def evict(self, model: str, reason: str = "evict") -> None:
         async with self._lock:
@@ -227,7 +249,7 @@ class Worker:
         self._check_idle_for(spec.slug)
         copy = self.copies.get(spec.slug)
         if copy is None or copy.state is CopyState.LOADING:
-            copy = await self.prewarm(spec, reason="cold start" if copy is None else reason)
+            copy = await self.prewarm(spec, reason="cold start" if copy is None else reason, make_room=True)
         async with self._lock:
             current = self.active()
             if current is copy:
@@ -365,9 +387,20 @@ class Worker:
         try:
             async for delta in self.engine.generate(request):
                 yield delta
+        except EngineError as exc:
+            if exc.code == "engine_dead":  # out of routing at once; the autoscaler makes a new instance
+                asyncio.get_running_loop().create_task(self._drop_dead(copy, str(exc)))
+            raise
         finally:
             copy.in_flight -= 1
             copy.requests.discard(task)
+
+    async def _drop_dead(self, copy: Copy, reason: str) -> None:
+        async with self._lock:
+            if self.copies.get(copy.spec.slug) is copy and copy.state is not CopyState.ABSENT:
+                log.warning("%s: dropping %s: %s", self.worker_id, copy.spec.slug, reason)
+                await self._cancel_requests(copy)
+                await self._drop_broken(copy, reason)
 
     @property
     def in_flight(self) -> int:

