@@ -57,6 +57,8 @@ class WorkloadSpec:
     warmup_s: float = 300.0  # replayed before t=0 so every system starts in its steady state (not measured)
     seed: int = 0
     rates_file: str | None = None  # a ServeGen-format rate file instead of the shipped curves
+    max_input_tokens: int | None = None  # clip the real lengths (small models on a CPU cannot serve 8k prompts)
+    max_output_tokens: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -105,6 +107,10 @@ def build(spec: WorkloadSpec) -> Workload:
         arrivals = gamma_arrivals(series, rng) + t0
         pick = rng.integers(0, len(pairs.arrival_s), size=len(arrivals))
         ins, outs = pairs.input_tokens[pick], pairs.output_tokens[pick]
+        if spec.max_input_tokens:
+            ins = np.clip(ins, 1, spec.max_input_tokens)
+        if spec.max_output_tokens:
+            outs = np.clip(outs, 1, spec.max_output_tokens)
         past = arrivals < -spec.warmup_s
         # history: what the forecaster would have observed (service time: a warm instance's)
         svc = np.array([perf.prefill_s(model.weight_bytes, int(a), model.tp) +
