@@ -75,12 +75,29 @@ class Placement:
         log.info("new plan %s: %s%s", plan.plan_id[:8],
                  ", ".join(f"{c.model}@{c.worker_id}" for c in plan.copies) or "nothing",
                  f" (skipped: {plan.inputs['skipped']})" if plan.inputs.get("skipped") else "")
+
+    async def history_start(self) -> float | None:
+        """Where plan history resumes: the newest stored plan (now, for an empty history). Postgres away:
+        wherever the durable consumer stopped."""
+        try:
+            async with self.sessions() as session:
+                newest = await repo.newest_plan_at(session)
+            return newest if newest is not None else time.time()
+        except Exception as exc:
+            log.warning("plan history: Postgres unavailable at start (%s); resuming the stream consumer", brief(exc))
+            return None
+
+    async def store_plan(self, plan: PlacementPlan, msg: Msg) -> None:
+        """Plan history from the durable plan stream, acknowledged only once in Postgres: a plan made while
+        Postgres is away (or before a restart) lands later, once (plan ids are unique)."""
         try:
             async with self.sessions() as session:
                 await repo.record_plan(session, plan)
                 await session.commit()
+            await msg.ack()
         except Exception as exc:
-            log.warning("could not store plan history: %s", brief(exc))
+            log.warning("could not store plan %s in history (%s); will retry", plan.plan_id[:8], brief(exc))
+            await msg.nak(delay=2.0)
 
     async def on_forecast(self, msg: Msg) -> None:
         try:
@@ -126,6 +143,8 @@ class Placement:
                                     deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, cb=self.on_forecast),
             await self.nc.subscribe(ADMIN.wildcard, queue="placement", cb=self.on_admin),
         ]
+        history = asyncio.create_task(bus.consume(self.js, PLACEMENT_PLAN.pattern, "placement-history", PlacementPlan,
+                                                  self.store_plan, start_s=await self.history_start()))
         log.info("placement up")
         last_sync = float("-inf")
         while not stop.is_set():
@@ -146,6 +165,7 @@ class Placement:
                 await asyncio.wait_for(self._wake(stop), s.replan_interval_s)
             except asyncio.TimeoutError:
                 pass
+        history.cancel()
         for sub in subs:
             await sub.unsubscribe()
         await self.workers.stop()

@@ -167,6 +167,12 @@ async def forecast_accuracy(session: AsyncSession, since_s: float, lead: int = 1
     return [dict(r._mapping) for r in (await session.execute(q)).all()]
 
 
+async def newest_plan_at(session: AsyncSession) -> float | None:
+    """When the newest stored plan was made (plan history resumes from there after a restart)."""
+    value = (await session.execute(select(func.max(PlacementDecision.created_at)))).scalar_one_or_none()
+    return value.timestamp() if value is not None else None
+
+
 async def recent_plans(session: AsyncSession, limit: int = 10) -> list[PlacementDecision]:
     q = select(PlacementDecision).order_by(PlacementDecision.id.desc()).limit(limit)
     return list((await session.execute(q)).scalars().all())
