@@ -28,6 +28,29 @@ from shared.telemetry import inject_headers
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BusMessage)
 STATUS_HEADER = "Status"
+INBOX_PREFIX = "_INBOX"
+_USER_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def inbox_prefix_for(user: str | None) -> str:
+    """Reply inboxes of a NATS user: ``_INBOX.<user>``, so the server can let each user subscribe to its
+    own replies only (shared/localcluster/nats_auth.py). Without a (plain) user name: ``_INBOX``."""
+    return f"{INBOX_PREFIX}.{user}" if user and _USER_RE.match(user) else INBOX_PREFIX
+
+
+def _url_user(url: str) -> str | None:
+    """The user of ``user:password@`` in the first server URL that has one (never a bare token: a
+    ``token@`` URL's secret must not end up in subjects)."""
+    from urllib.parse import unquote, urlsplit
+
+    for part in url.split(","):
+        try:
+            parts = urlsplit(part.strip())
+        except ValueError:
+            continue
+        if parts.username and parts.password is not None:
+            return unquote(parts.username)
+    return None
 
 
 class BusError(RuntimeError):
@@ -63,13 +86,14 @@ async def connect(url: str, name: str, *, deadline_s: float = 30.0) -> NATS:
             log.debug("%s: NATS error: %s", name, exc)
 
     servers = [s.strip() for s in url.split(",") if s.strip()]
+    inbox_prefix = inbox_prefix_for(_url_user(url))
     give_up = time.monotonic() + deadline_s
     delay = 0.1
     while True:
         attempt = asyncio.ensure_future(nats.connect(
             servers=servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
             connect_timeout=2, disconnected_cb=_disconnected, reconnected_cb=_reconnected,
-            error_cb=_error,
+            error_cb=_error, inbox_prefix=inbox_prefix,
         ))
         await asyncio.wait([attempt, refused], return_when=asyncio.FIRST_COMPLETED)
         if refused.done() and not attempt.done():
@@ -170,14 +194,21 @@ async def reply(nc: NATS, msg: Msg, answer: BusMessage) -> None:
 
 
 async def ensure_streams(js: JetStreamContext) -> None:
-    """Create or update every stream in the subject table (idempotent, safe to race)."""
+    """Create or update every stream in the subject table (idempotent, safe to race).
+
+    A stream that exists with another configuration is updated; a service whose NATS user may not
+    update streams (only placement may) logs that and uses the stream as it is."""
     for spec in STREAMS:
         config = StreamConfig(name=spec.name, subjects=list(spec.subjects), max_age=spec.max_age_s,
                               description=spec.doc)
         try:
             await js.add_stream(config)
         except nats.js.errors.BadRequestError:
-            await js.update_stream(config)
+            try:
+                await js.update_stream(config)
+            except (nats.errors.TimeoutError, nats.js.errors.APIError) as exc:
+                log.warning("stream %s differs from this version's configuration and was not updated (%s); "
+                            "using it as it is", spec.name, exc.__class__.__name__)
 
 
 async def js_publish(js: JetStreamContext, subject: str, msg: BusMessage, msg_id: str) -> None:

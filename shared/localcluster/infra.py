@@ -32,7 +32,7 @@ def nats_server_binary() -> str:
 
 
 def start_nats(state_dir: Path, port: int) -> tuple[subprocess.Popen, str, NatsUsers]:
-    """A nats-server with JetStream and the cluster's users (operator, service); returns the process,
+    """A nats-server with JetStream and the cluster's users (one per service, and operator); returns the process,
     its URL without credentials, and the users."""
     if not port_free(port):
         raise StartError(f"port {port} is taken, so the embedded nats-server cannot start: "

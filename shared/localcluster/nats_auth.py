@@ -1,9 +1,25 @@
-"""NATS users for a cluster: operator credentials for the admin subjects, service credentials for the rest.
+"""NATS users for a cluster: one user per service, each allowed only the subjects it uses.
 
-Two users, so that admin commands need operator credentials: ``operator`` may do anything; ``service``
-(every WarmServe service) may do anything but publish on ``warmserve.admin.>`` (it may subscribe there:
-placement and the forecaster answer admin requests). Finer per-service permissions are a further step.
-The same rules are in ``infra/nats/nats.conf`` for docker compose.
+``PERMISSIONS`` is the table (user -> publish / subscribe allow and deny lists), built from the subject,
+stream and bucket table in ``shared/subjects.py``; ``authorization_block`` renders it into a nats-server
+``authorization`` section. The local cluster (``warmserve up``) writes it with generated passwords kept
+in its state folder; ``infra/nats/nats.conf`` (docker compose) is the same block with ``$ENV`` password
+references (regenerate it with ``python -m shared.localcluster.nats_auth > infra/nats/nats.conf``; a test
+keeps the two equal).
+
+The rules, in short (docs/architecture.md has the table):
+
+- Core subjects are exact: only the orchestrator publishes worker commands, only the gateway publishes
+  inference, cancel and scale requests, workers subscribe to worker subjects, placement and the
+  forecaster subscribe to admin subjects, and only ``operator`` (everything) publishes admin requests.
+- Replies: every service subscribes to its own inbox only (``_INBOX.<user>.>``: ``shared.bus.connect``
+  takes the inbox prefix from the user in the URL), so no service reads another's replies (an admin
+  reply can hold a new API key). A responder may publish into the inboxes of the users that ask it.
+- JetStream and KV go through API subjects: each service may create and read the streams and buckets
+  every service ensures at start (``shared.bus.ensure_all``), create consumers on the streams it reads,
+  run its own durable consumer, and write (``$KV.<bucket>.>``) only the buckets it owns. Deleting or
+  purging streams, or updating them (placement alone may update a stream whose configuration changed),
+  is left to ``operator``.
 """
 
 from __future__ import annotations
@@ -11,54 +27,244 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
-ADMIN_SUBJECTS = "warmserve.admin.>"
+from shared.bus import INBOX_PREFIX, inbox_prefix_for
+from shared.subjects import (
+    ADMIN, APIKEYS_BUCKET, BUCKETS, CANCEL, CATALOG_BUCKET, DEMAND, FORECAST, FORECAST_ADMIN, INFER, OPERATOR_BUCKET,
+    PLACEMENT_BUCKET, PLACEMENT_PLAN, SCALE, STREAMS, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET, BucketSpec, Subject,
+)
 
+ADMIN_SUBJECTS = ADMIN.pattern.split("{", 1)[0] + ">"  # warmserve.admin.> (forecaster verbs included)
+JS_API = "$JS.API"
+
+# which user each service process connects as (keys: the module under services/)
+SERVICE_USERS = {
+    "gateway": "gateway", "forecaster": "forecaster", "placement": "placement",
+    "prewarm_orchestrator": "orchestrator", "gpu_worker": "worker",
+}
+OPERATOR = "operator"
+USERS = ("gateway", "forecaster", "placement", "orchestrator", "worker", OPERATOR)
+
+# durable consumers (shared.bus.consume): the stream's subject and the durable's name, per owner
+FORECASTER_DURABLE = (DEMAND, "forecaster")
+ORCHESTRATOR_DURABLE = (WORKER_EVENT, "orchestrator-events")
+
+
+# ---- building blocks ---------------------------------------------------------------------------------
+
+def kv_stream(bucket: BucketSpec) -> str:
+    return f"KV_{bucket.name}"
+
+
+def stream_of(subject: Subject) -> str:
+    """The JetStream stream that stores ``subject``."""
+    for spec in STREAMS:
+        if subject.wildcard in spec.subjects or subject.pattern in spec.subjects:
+            return spec.name
+    raise ValueError(f"{subject.pattern} is not stored in any stream")
+
+
+def inbox(user: str) -> str:
+    """The user's reply inboxes (``shared.bus.connect`` uses this prefix for that user)."""
+    return f"{inbox_prefix_for(user)}.>"
+
+
+def _ensure_all() -> list[str]:
+    """What ``shared.bus.ensure_all`` asks: find, create (idempotent) and read every stream and bucket."""
+    names = [s.name for s in STREAMS] + [kv_stream(b) for b in BUCKETS]
+    return ([f"{JS_API}.STREAM.NAMES"]
+            + [f"{JS_API}.STREAM.{verb}.{name}" for name in names for verb in ("CREATE", "INFO")])
+
+
+def _read_stream(stream: str) -> list[str]:
+    """Ephemeral ordered consumers on ``stream`` (KV watches, ``js.subscribe(ordered_consumer=True)``):
+    create them, read their info (a KV watch does), and answer their flow control."""
+    return [f"{JS_API}.CONSUMER.CREATE.{stream}", f"{JS_API}.CONSUMER.INFO.{stream}.*", f"$JS.FC.{stream}.>"]
+
+
+def _read_kv(bucket: BucketSpec) -> list[str]:
+    """Watch a bucket (KvMirror) and get single keys (direct or stream message get)."""
+    stream = kv_stream(bucket)
+    return _read_stream(stream) + [f"{JS_API}.DIRECT.GET.{stream}", f"{JS_API}.DIRECT.GET.{stream}.>",
+                                   f"{JS_API}.STREAM.MSG.GET.{stream}"]
+
+
+def _write_kv(bucket: BucketSpec) -> list[str]:
+    """Put, delete and purge keys of a bucket (KV writes are publishes on ``$KV.<bucket>.<key>``)."""
+    return [f"$KV.{bucket.name}.>"]
+
+
+def _durable(subject: Subject, name: str) -> list[str]:
+    """Run the durable pull consumer ``name`` on the stream of ``subject`` (``shared.bus.consume``):
+    (re)create it, read its info, fetch, and acknowledge."""
+    stream = stream_of(subject)
+    return [f"{JS_API}.CONSUMER.CREATE.{stream}.{name}", f"{JS_API}.CONSUMER.CREATE.{stream}.{name}.>",
+            f"{JS_API}.CONSUMER.DURABLE.CREATE.{stream}.{name}", f"{JS_API}.CONSUMER.INFO.{stream}.{name}",
+            f"{JS_API}.CONSUMER.DELETE.{stream}.{name}", f"{JS_API}.CONSUMER.MSG.NEXT.{stream}.{name}",
+            f"$JS.ACK.{stream}.{name}.>"]
+
+
+def _perms(publish: list[str], subscribe: list[str], publish_deny: list[str] | None = None) -> dict:
+    out: dict = {"publish": {"allow": list(dict.fromkeys(publish))},
+                 "subscribe": {"allow": list(dict.fromkeys(subscribe))}}
+    if publish_deny:
+        out["publish"]["deny"] = list(publish_deny)
+    return out
+
+
+# ---- the table ---------------------------------------------------------------------------------------
+
+NOT_ADMIN = [ADMIN_SUBJECTS]  # explicit for every service user: only operator publishes admin requests
+
+PERMISSIONS: dict[str, dict] = {
+    "gateway": _perms(
+        [INFER.wildcard, CANCEL.wildcard, SCALE.wildcard, DEMAND.wildcard, *_ensure_all(),
+         *_read_kv(CATALOG_BUCKET), *_read_kv(WORKERS_BUCKET), *_read_kv(APIKEYS_BUCKET)],
+        [inbox("gateway")], NOT_ADMIN),
+    "forecaster": _perms(
+        [FORECAST.wildcard, inbox(OPERATOR), *_ensure_all(), *_durable(*FORECASTER_DURABLE),
+         *_read_kv(CATALOG_BUCKET)],
+        [FORECAST_ADMIN.wildcard, inbox("forecaster")], NOT_ADMIN),
+    "placement": _perms(
+        [PLACEMENT_PLAN.pattern, inbox(OPERATOR), *_ensure_all(),
+         *[f"{JS_API}.STREAM.UPDATE.{s.name}" for s in STREAMS],
+         *_read_stream(stream_of(FORECAST)),
+         *_read_kv(CATALOG_BUCKET), *_read_kv(WORKERS_BUCKET), *_read_kv(APIKEYS_BUCKET),
+         *_read_kv(OPERATOR_BUCKET), *_read_kv(PLACEMENT_BUCKET),
+         *_write_kv(CATALOG_BUCKET), *_write_kv(APIKEYS_BUCKET), *_write_kv(OPERATOR_BUCKET),
+         *_write_kv(PLACEMENT_BUCKET)],
+        [ADMIN.wildcard, inbox("placement")], NOT_ADMIN),
+    "orchestrator": _perms(
+        [WORKER_CMD.wildcard, inbox("gateway"), *_ensure_all(), *_durable(*ORCHESTRATOR_DURABLE),
+         *_read_stream(stream_of(DEMAND)),
+         *_read_kv(WORKERS_BUCKET), *_read_kv(PLACEMENT_BUCKET), *_read_kv(CATALOG_BUCKET),
+         *_read_kv(OPERATOR_BUCKET)],
+        [SCALE.wildcard, inbox("orchestrator")], NOT_ADMIN),
+    "worker": _perms(
+        [WORKER_EVENT.wildcard, inbox("gateway"), inbox("orchestrator"), *_ensure_all(),
+         *_write_kv(WORKERS_BUCKET)],
+        [WORKER_CMD.wildcard, INFER.wildcard, CANCEL.wildcard, inbox("worker")], NOT_ADMIN),
+    OPERATOR: _perms([">"], [">"]),
+}
+
+WHY = {
+    "gateway": "sends inference (streamed replies), cancel and scale requests and demand samples; mirrors the "
+               "catalog, workers and API keys buckets; writes no bucket",
+    "forecaster": "reads demand through its durable consumer, publishes forecasts, mirrors the catalog; answers "
+                  "the forecaster's admin verbs (replies into the operator's inbox)",
+    "placement": "reads forecasts, publishes plans; the only writer of the catalog, API keys, operator (drains, "
+                 "pins) and placement buckets; answers admin verbs (replies into the operator's inbox); may update "
+                 "a stream whose configuration changed",
+    "orchestrator": "the only sender of worker commands; answers gateways' scale requests; reads worker events "
+                    "through its durable consumer and demand through an ordered one; mirrors workers, plan, "
+                    "catalog and operator holds",
+    "worker": "serves inference (chunks into gateways' inboxes) and commands (answers the orchestrator); publishes "
+              "its events and its state (the workers bucket, which only workers write)",
+    OPERATOR: "admin requests and anything else an operator needs (the CLI, warmserve up, tests)",
+}
+
+
+# ---- passwords and rendering -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class NatsUsers:
-    operator_password: str
-    service_password: str
+    """Each user's password."""
+
+    passwords: dict[str, str]
+
+    def password(self, user: str) -> str:
+        return self.passwords[user]
+
+    def url(self, base: str, user: str) -> str:
+        return with_user(base, user, self.passwords[user])
 
     @classmethod
     def load_or_create(cls, path: Path) -> NatsUsers:
-        """Passwords kept in ``path`` (mode 600), created on first use: a restarted cluster keeps them."""
+        """Passwords kept in ``path`` (mode 600), created on first use: a restarted cluster keeps them.
+        A file from an older version (other users) is rewritten with the missing users added; an operator
+        password it holds is kept."""
         try:
             data = json.loads(path.read_text())
-            return cls(data["operator_password"], data["service_password"])
-        except (OSError, ValueError, KeyError):
-            users = cls(secrets.token_urlsafe(24), secrets.token_urlsafe(24))
+        except (OSError, ValueError):
+            data = {}
+        if not isinstance(data, dict):
+            data = {}
+        known = data.get("users") if isinstance(data.get("users"), dict) else {}
+        if isinstance(data.get("operator_password"), str):  # the two-user file (operator, service)
+            known = {OPERATOR: data["operator_password"], **known}
+        passwords = {u: known[u] if isinstance(known.get(u), str) and known[u] else secrets.token_urlsafe(24)
+                     for u in USERS}
+        if passwords != known or set(data) != {"users"}:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"operator_password": users.operator_password,
-                                        "service_password": users.service_password}))
-            os.chmod(path, 0o600)
-            return users
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.unlink(missing_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"users": passwords}, f)
+            os.replace(tmp, path)
+        os.chmod(path, 0o600)
+        return cls(passwords)
 
 
-def authorization_block(operator_password: str, service_password: str) -> str:
-    """The ``authorization`` section of a nats-server config (values may be ``$ENV_VAR`` references)."""
+def env_password(user: str) -> str:
+    """The environment reference docker compose's nats.conf uses for ``user``'s password."""
+    return f"$WARMSERVE_NATS_{user.upper()}_PASSWORD"
+
+
+def authorization_block(passwords: dict[str, str]) -> str:
+    """The ``authorization`` section of a nats-server config: ``PERMISSIONS`` with each user's password
+    (a value starting with ``$`` is an environment reference)."""
+    missing = set(PERMISSIONS) - set(passwords)
+    if missing:
+        raise ValueError(f"no password for NATS user(s) {sorted(missing)}")
+
     def value(v: str) -> str:
         return v if v.startswith("$") else json.dumps(v)
 
-    return (
-        "authorization {\n"
-        "  users = [\n"
-        f"    {{user: operator, password: {value(operator_password)}, "
-        "permissions: {publish: \">\", subscribe: \">\"}}\n"
-        f"    {{user: service, password: {value(service_password)}, "
-        f"permissions: {{publish: {{allow: \">\", deny: [\"{ADMIN_SUBJECTS}\"]}}, subscribe: \">\"}}}}\n"
-        "  ]\n"
-        "}\n"
-    )
+    def subjects(items: list[str], indent: str) -> list[str]:
+        if len(items) <= 2:
+            return ["[" + ", ".join(json.dumps(s) for s in items) + "]"]
+        return ["["] + [f"{indent}  {json.dumps(s)}" for s in items] + [f"{indent}]"]
+
+    lines = ["authorization {", "  users = ["]
+    for user, perms in PERMISSIONS.items():
+        lines.append(f"    # {user}: {WHY[user]}")
+        lines.append(f"    {{user: {user}, password: {value(passwords[user])}, permissions: {{")
+        for direction in ("publish", "subscribe"):
+            lines.append(f"      {direction}: {{")
+            for kind in ("allow", "deny"):
+                if perms[direction].get(kind):
+                    body = subjects(perms[direction][kind], "        ")
+                    lines.append(f"        {kind}: {body[0]}")
+                    lines.extend(body[1:])
+            lines.append("      }")
+        lines.append("    }}")
+    lines += ["  ]", "}"]
+    return "\n".join(lines) + "\n"
 
 
 def server_config(port: int, store_dir: Path, users: NatsUsers, host: str = "127.0.0.1") -> str:
     return (f"host: {json.dumps(host)}\nport: {port}\n"
             f"jetstream {{ store_dir: {json.dumps(str(store_dir))} }}\n"
-            + authorization_block(users.operator_password, users.service_password))
+            + authorization_block(users.passwords))
+
+
+def compose_config() -> str:
+    """``infra/nats/nats.conf``: the same users and rules, passwords from the environment."""
+    return (
+        "# nats-server for docker compose: JetStream, monitoring, and the WarmServe users.\n"
+        "# One user per service, each allowed only the subjects it uses; operator may publish admin requests.\n"
+        "# Passwords come from the environment (docker-compose.yml passes them; change them).\n"
+        "# Generated by `python -m shared.localcluster.nats_auth` from shared/localcluster/nats_auth.py\n"
+        "# (a test keeps the two equal).\n"
+        "port: 4222\n"
+        "http_port: 8222\n"
+        'jetstream { store_dir: "/data" }\n'
+        + authorization_block({u: env_password(u) for u in PERMISSIONS}))
 
 
 def with_user(url: str, user: str, password: str) -> str:
@@ -74,3 +280,11 @@ def without_user(url: str) -> str:
     parts = urlsplit(url)
     netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+__all__ = ["ADMIN_SUBJECTS", "INBOX_PREFIX", "NatsUsers", "OPERATOR", "PERMISSIONS", "SERVICE_USERS", "USERS", "WHY",
+           "authorization_block", "compose_config", "env_password", "inbox", "server_config", "with_user",
+           "without_user"]
+
+if __name__ == "__main__":
+    sys.stdout.write(compose_config())

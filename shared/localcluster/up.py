@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from shared.localcluster.infra import EmbeddedPostgres, StartError, start_nats
-from shared.localcluster.nats_auth import with_user, without_user
+from shared.localcluster.nats_auth import OPERATOR, SERVICE_USERS, USERS, without_user
 from shared.localcluster.processes import env_with, port_free, spawn, stop_all, tail
 from shared.settings import LocalClusterSettings
 
@@ -59,7 +59,7 @@ class Cluster:
     restarts: dict[str, list[float]] = field(default_factory=dict)
     nats: subprocess.Popen | None = None
     postgres: EmbeddedPostgres | None = None
-    nats_url: str = ""  # what services connect with (service credentials when NATS is embedded)
+    nats_urls: dict[str, str] = field(default_factory=dict)  # by NATS user: each service connects as its own
     operator_nats_url: str = ""  # what warmserve up and the CLI connect with (operator credentials)
     database_url: str = ""
 
@@ -70,10 +70,12 @@ class Cluster:
     def log(self, name: str) -> Path:
         return self.state_dir / "logs" / f"{name}.log"
 
-    def service_env(self) -> dict[str, str]:
+    def service_env(self, service: str) -> dict[str, str]:
+        """The environment of a service process (``service``: its module under services/), with its own
+        NATS user's URL."""
         s = self.settings
         return env_with({
-            "WARMSERVE_NATS_URL": self.nats_url, "WARMSERVE_DATABASE_URL": self.database_url,
+            "WARMSERVE_NATS_URL": self.nats_urls[SERVICE_USERS[service]], "WARMSERVE_DATABASE_URL": self.database_url,
             "WARMSERVE_PORT": str(s.gateway_port), "WARMSERVE_HOST": "127.0.0.1",
             "WARMSERVE_LOG_LEVEL": s.log_level, "WARMSERVE_ENGINE": s.resolved_engine,
             "WARMSERVE_MEMORY_BUDGET_BYTES": str(s.worker_memory_budget_bytes),
@@ -83,13 +85,12 @@ class Cluster:
         })
 
     def start_services(self) -> None:
-        env = self.service_env()
         for i in range(self.settings.workers):
             name = f"gpu_worker-{i}"
-            wenv = dict(env, WARMSERVE_WORKER_ID=f"worker-{i}", WARMSERVE_DEVICE=f"cpu:{i}")
+            wenv = dict(self.service_env("gpu_worker"), WARMSERVE_WORKER_ID=f"worker-{i}", WARMSERVE_DEVICE=f"cpu:{i}")
             self.commands[name] = ([sys.executable, "-m", "services.gpu_worker"], wenv)
         for svc in SERVICES:
-            self.commands[svc] = ([sys.executable, "-m", f"services.{svc}"], env)
+            self.commands[svc] = ([sys.executable, "-m", f"services.{svc}"], self.service_env(svc))
         for name in self.commands:
             self.start(name)
 
@@ -245,11 +246,11 @@ def up(settings: LocalClusterSettings, smoke: bool = True, ready_timeout_s: floa
             raise StartError(f"port {settings.gateway_port} is taken: set WARMSERVE_GATEWAY_PORT to a free port")
         with progress.step("NATS with JetStream"):
             if settings.external_nats:  # a server the operator runs, with its own credentials (or none)
-                cluster.nats_url = cluster.operator_nats_url = settings.nats_url
-            else:
+                cluster.nats_urls = {user: settings.nats_url for user in USERS}
+            else:  # one user per service, each allowed only its own subjects (nats_auth.PERMISSIONS)
                 cluster.nats, base, users = start_nats(state_dir, settings.nats_port)
-                cluster.nats_url = with_user(base, "service", users.service_password)
-                cluster.operator_nats_url = with_user(base, "operator", users.operator_password)
+                cluster.nats_urls = {user: users.url(base, user) for user in USERS}
+            cluster.operator_nats_url = cluster.nats_urls[OPERATOR]
         with progress.step("PostgreSQL"):
             if settings.external_database:
                 cluster.database_url = settings.database_url
@@ -277,7 +278,8 @@ def up(settings: LocalClusterSettings, smoke: bool = True, ready_timeout_s: floa
         print(f"\nWarmServe is up in {time.monotonic() - progress.t0:.1f} s.\n"
               f"  OpenAI API:  {cluster.gateway_url}/v1   (model '{DEMO_MODEL}', API key {api_key})\n"
               f"  metrics:     {cluster.gateway_url}/metrics\n"
-              f"  NATS:        {without_user(cluster.nats_url)}   (operator credentials in {state_dir / CLUSTER_FILE})\n"
+              f"  NATS:        {without_user(cluster.operator_nats_url)}   "
+              f"(operator credentials in {state_dir / CLUSTER_FILE})\n"
               f"  logs:        {state_dir / 'logs'}\n"
               f"Try: warmserve chat 'hello'   |   warmserve workers   |   Ctrl-C stops everything.", flush=True)
         if exit_after_smoke:

