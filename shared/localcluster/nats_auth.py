@@ -52,6 +52,7 @@ USERS = ("gateway", "forecaster", "placement", "orchestrator", "worker", OPERATO
 # durable consumers (shared.bus.consume): the stream's subject and the durable's name, per owner
 FORECASTER_DURABLE = (DEMAND, "forecaster")
 ORCHESTRATOR_DURABLE = (WORKER_EVENT, "orchestrator-events")
+PLACEMENT_DURABLE = (PLACEMENT_PLAN, "placement-history")  # plans -> Postgres history
 
 
 # ---- building blocks ---------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ PERMISSIONS: dict[str, dict] = {
     "placement": _perms(
         [PLACEMENT_PLAN.pattern, inbox(OPERATOR), *_ensure_all(),
          *[f"{JS_API}.STREAM.UPDATE.{s.name}" for s in STREAMS],
-         *_read_stream(stream_of(FORECAST)),
+         *_read_stream(stream_of(FORECAST)), *_durable(*PLACEMENT_DURABLE),
          *_read_kv(CATALOG_BUCKET), *_read_kv(WORKERS_BUCKET), *_read_kv(APIKEYS_BUCKET),
          *_read_kv(OPERATOR_BUCKET), *_read_kv(PLACEMENT_BUCKET),
          *_write_kv(CATALOG_BUCKET), *_write_kv(APIKEYS_BUCKET), *_write_kv(OPERATOR_BUCKET),
@@ -156,7 +157,7 @@ WHY = {
                "catalog, workers and API keys buckets; writes no bucket",
     "forecaster": "reads demand through its durable consumer, publishes forecasts, mirrors the catalog; answers "
                   "the forecaster's admin verbs (replies into the operator's inbox)",
-    "placement": "reads forecasts, publishes plans; the only writer of the catalog, API keys, operator (drains, "
+    "placement": "reads forecasts, publishes plans and stores them in Postgres from its durable consumer; the only writer of the catalog, API keys, operator (drains, "
                  "pins) and placement buckets; answers admin verbs (replies into the operator's inbox); may update "
                  "a stream whose configuration changed",
     "orchestrator": "the only sender of worker commands; answers gateways' scale requests; reads worker events "

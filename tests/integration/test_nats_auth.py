@@ -170,6 +170,7 @@ def who_may(direction: str, subject: str) -> set[str]:
     ("publish", "$JS.API.CONSUMER.CREATE.WARMSERVE_DEMAND", {"orchestrator", OPERATOR}),  # ephemeral, ordered
     ("publish", "$JS.API.CONSUMER.CREATE.KV_warmserve-workers", {"gateway", "placement", "orchestrator", OPERATOR}),
     ("publish", "$JS.API.CONSUMER.MSG.NEXT.WARMSERVE_EVENTS.orchestrator-events", {"orchestrator", OPERATOR}),
+    ("publish", "$JS.API.CONSUMER.MSG.NEXT.WARMSERVE_FORECAST.placement-history", {"placement", OPERATOR}),
     ("publish", "$JS.ACK.WARMSERVE_EVENTS.orchestrator-events.1.2.3.4.5.6", {"orchestrator", OPERATOR}),
 ])
 def test_who_may_use_a_subject(direction, subject, users):
@@ -177,14 +178,15 @@ def test_who_may_use_a_subject(direction, subject, users):
 
 
 def test_the_durable_consumers_in_the_table_are_the_services_own():
-    from shared.localcluster.nats_auth import FORECASTER_DURABLE, ORCHESTRATOR_DURABLE
+    from shared.localcluster.nats_auth import FORECASTER_DURABLE, ORCHESTRATOR_DURABLE, PLACEMENT_DURABLE
 
     root = Path(__file__).parents[2] / "services"
     for (subject, name), main, constant in ((FORECASTER_DURABLE, "forecaster", "DEMAND"),
-                                            (ORCHESTRATOR_DURABLE, "prewarm_orchestrator", "WORKER_EVENT")):
-        assert subject.wildcard == {"DEMAND": DEMAND, "WORKER_EVENT": WORKER_EVENT}[constant].wildcard
+                                            (ORCHESTRATOR_DURABLE, "prewarm_orchestrator", "WORKER_EVENT"),
+                                            (PLACEMENT_DURABLE, "placement", "PLACEMENT_PLAN")):
+        assert subject is {"DEMAND": DEMAND, "WORKER_EVENT": WORKER_EVENT, "PLACEMENT_PLAN": PLACEMENT_PLAN}[constant]
         code = (root / main / "main.py").read_text()
-        assert re.search(rf'bus\.consume\(\s*self\.js,\s*{constant}\.wildcard,\s*"{name}"', code), main
+        assert re.search(rf'bus\.consume\(\s*self\.js,\s*{constant}\.(wildcard|pattern),\s*"{name}"', code), main
 
 
 def test_only_the_operator_may_do_anything():
@@ -330,10 +332,21 @@ async def test_each_service_can_do_its_job_with_its_own_user(secured):
         await eventually(lambda: _true(bool(forecasts_seen)), timeout=10, what="placement to read the forecast")
         plan = PlacementPlan(plan_id="p1", created_at_s=time.time(), copies=[])
         await pkv[PLACEMENT_BUCKET.name].put(PLACEMENT_KEY, plan.encode())
+        stored: list[str] = []
+
+        async def store_plan(p, msg):
+            stored.append(p.plan_id)
+            await msg.ack()
+
+        tasks.append(asyncio.create_task(bus.consume(pl.jetstream(), PLACEMENT_PLAN.pattern, "placement-history",
+                                                     PlacementPlan, store_plan, start_s=time.time() - 60)))
         await bus.js_publish(pl.jetstream(), PLACEMENT_PLAN.pattern, plan, msg_id="p1")
         entry = await pkv[PLACEMENT_BUCKET.name].get(PLACEMENT_KEY)  # placement reads its plan back at start
         assert PlacementPlan.decode(entry.value).plan_id == "p1"
         await eventually(lambda: _true(PLACEMENT_KEY in orch_plan.items), timeout=10, what="the orchestrator's plan")
+        await eventually(lambda: _true(stored == ["p1"]), timeout=10, what="placement to store its plan")
+        tasks.append(asyncio.create_task(bus.consume(pl.jetstream(), PLACEMENT_PLAN.pattern, "placement-history",
+                                                     PlacementPlan, store_plan)))  # resumed where it stopped
         await eventually(lambda: _true(bool(events) and bool(demand_seen) and cancelled == ["r1"]), timeout=10,
                          what="events, demand and the cancel to arrive")
 
