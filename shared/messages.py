@@ -65,6 +65,7 @@ class ApiKeyRecord(BusMessage):
     name: str
     disabled: bool = False
     rate_limit_rps: float | None = None
+    max_concurrency: int | None = None  # requests in flight at once; None: the gateway's default
 
 
 # ---------------------------------------------------------------- inference

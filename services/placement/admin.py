@@ -45,6 +45,7 @@ class KeyArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     rate_limit_rps: float | None = Field(None, gt=0)
+    max_concurrency: int | None = Field(None, ge=1, le=100_000)
 
 
 class WorkerArgs(BaseModel):
@@ -191,7 +192,7 @@ class Admin:
 
         try:
             async with self.svc.sessions() as session:
-                row, plaintext = await repo.create_key(session, a.name, a.rate_limit_rps)
+                row, plaintext = await repo.create_key(session, a.name, a.rate_limit_rps, a.max_concurrency)
                 await session.commit()
         except IntegrityError:
             raise AdminError("conflict", f"an API key named {a.name!r} exists already") from None
@@ -206,7 +207,8 @@ class Admin:
         async with self.svc.sessions() as session:
             rows = await repo.list_keys(session)
         return [{"name": r.name, "id": r.id, "prefix": r.prefix, "disabled": r.disabled,
-                 "rate_limit_rps": r.rate_limit_rps, "created_at": r.created_at.isoformat()} for r in rows]
+                 "rate_limit_rps": r.rate_limit_rps, "max_concurrency": r.max_concurrency,
+                 "created_at": r.created_at.isoformat()} for r in rows]
 
     async def _set_disabled(self, args: dict[str, Any], disabled: bool) -> dict:
         name = KeyArgs.model_validate({"name": args.get("name", "")}).name

@@ -137,7 +137,8 @@ def cmd_model(a) -> int:
 
 def cmd_key(a) -> int:
     if a.action == "create":
-        args = {"name": a.name} | ({"rate_limit_rps": a.rps} if a.rps else {})
+        args = ({"name": a.name} | ({"rate_limit_rps": a.rps} if a.rps else {})
+                | ({"max_concurrency": a.max_concurrency} if a.max_concurrency else {}))
         _print(asyncio.run(_admin("key-create", args)))
     elif a.action == "list":
         _print(asyncio.run(_admin("key-list", {})))
@@ -241,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     kc = ksub.add_parser("create", help="create a key and print it (shown once)")
     kc.add_argument("name")
     kc.add_argument("--rps", type=float, help="its own rate limit in requests per second")
+    kc.add_argument("--max-concurrency", type=int, metavar="N",
+                    help="its own limit of requests in flight at once (default WARMSERVE_KEY_MAX_CONCURRENCY)")
     ksub.add_parser("list", help="list keys (names, prefixes, state)")
     for verb in ("disable", "enable"):
         ksub.add_parser(verb, help=f"{verb} a key").add_argument("name")

@@ -126,4 +126,5 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     rate_limit_rps: Mapped[float | None] = mapped_column(Float, nullable=True)
+    max_concurrency: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

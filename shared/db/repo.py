@@ -178,11 +178,12 @@ async def recent_plans(session: AsyncSession, limit: int = 10) -> list[Placement
     return list((await session.execute(q)).scalars().all())
 
 
-async def create_key(session: AsyncSession, name: str, rate_limit_rps: float | None = None) -> tuple[ApiKey, str]:
+async def create_key(session: AsyncSession, name: str, rate_limit_rps: float | None = None,
+                     max_concurrency: int | None = None) -> tuple[ApiKey, str]:
     """A new key; the plaintext is returned here and nowhere else."""
     plaintext = new_key()
     row = ApiKey(id=new_id(), name=name, key_hash=hash_key(plaintext), prefix=plaintext[:8], disabled=False,
-                 rate_limit_rps=rate_limit_rps)
+                 rate_limit_rps=rate_limit_rps, max_concurrency=max_concurrency)
     session.add(row)
     await session.flush()
     return row, plaintext
@@ -201,4 +202,5 @@ async def set_key_disabled(session: AsyncSession, name: str, disabled: bool) -> 
 
 
 def key_record(row: ApiKey) -> ApiKeyRecord:
-    return ApiKeyRecord(id=row.id, name=row.name, disabled=row.disabled, rate_limit_rps=row.rate_limit_rps)
+    return ApiKeyRecord(id=row.id, name=row.name, disabled=row.disabled, rate_limit_rps=row.rate_limit_rps,
+                        max_concurrency=row.max_concurrency)

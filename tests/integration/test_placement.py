@@ -160,3 +160,54 @@ async def test_bad_operator_requests_get_clear_errors_and_change_nothing(nats_ur
 
 async def _has_workers(svc):
     return hasattr(svc, "workers") and {"pl-w0", "pl-w1"} <= set(svc.workers.items)
+
+
+def test_key_create_cli_sends_the_limits(monkeypatch):
+    from shared.cli import main as cli
+
+    sent = []
+
+    async def fake_admin(verb, args):
+        sent.append((verb, args))
+        return {}
+
+    monkeypatch.setattr(cli, "_admin", fake_admin)
+    cli.cmd_key(cli.build_parser().parse_args(["key", "create", "team-a", "--rps", "5", "--max-concurrency", "3"]))
+    cli.cmd_key(cli.build_parser().parse_args(["key", "create", "team-b"]))
+    assert sent == [("key-create", {"name": "team-a", "rate_limit_rps": 5.0, "max_concurrency": 3}),
+                    ("key-create", {"name": "team-b"})]
+
+
+async def test_key_create_carries_its_limits_to_the_gateways_bucket(nats_url, database_url, nc):
+    from shared.apikeys import hash_key
+    from shared.messages import ApiKeyRecord
+    from shared.subjects import APIKEYS_BUCKET
+
+    svc, stop, task = await start(nats_url, database_url)
+    try:
+        await eventually(lambda: _answers(nc), what="placement to answer admin requests")
+        made = await admin(nc, "key-create", {"name": "team-a", "rate_limit_rps": 5.0, "max_concurrency": 3})
+        assert made.ok, made
+        plain = made.result["key"]
+        keys = (await bus.ensure_all(nc.jetstream()))[APIKEYS_BUCKET.name]
+        record = ApiKeyRecord.decode((await keys.get(hash_key(plain))).value)
+        assert record.max_concurrency == 3 and record.rate_limit_rps == 5.0 and record.name == "team-a"
+        [listed] = [k for k in (await admin(nc, "key-list")).result if k["name"] == "team-a"]
+        assert listed["max_concurrency"] == 3 and plain not in str(listed)
+        plain_default = (await admin(nc, "key-create", {"name": "team-b"})).result["key"]
+        assert ApiKeyRecord.decode((await keys.get(hash_key(plain_default))).value).max_concurrency is None
+        for bad in (0, -1, "many"):
+            reply = await admin(nc, "key-create", {"name": "team-c", "max_concurrency": bad})
+            assert not reply.ok and reply.error.code == "bad_request", bad
+        for k in (plain, plain_default):
+            await keys.delete(hash_key(k))
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+
+
+async def _answers(nc):
+    try:
+        return (await admin(nc, "key-list")).ok
+    except Exception:
+        return False
