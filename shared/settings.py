@@ -55,7 +55,15 @@ class GatewaySettings(CommonSettings):
     queue_size: int = Field(256, ge=0, description="requests that may wait per model; more get a 503")
     require_api_key: bool = Field(True, description="check 'Authorization: Bearer <key>' against the API keys")
     rate_limit_rps: float = Field(50.0, gt=0, description="requests per second per API key, unless the key "
-                                                         "has its own limit; bursts of twice that pass")
+                                                         "has its own limit; bursts of twice that pass (more: 429)")
+    key_max_concurrency: int = Field(64, ge=1, description="requests in flight per API key, unless the key has "
+                                                           "its own limit; more get a 429 until one finishes")
+    max_body_bytes: int = Field(1024**2, ge=1024, description="largest request body, chunked bodies included; "
+                                                             "larger ones get a 413 before any parsing")
+    max_messages: int = Field(256, ge=1, description="most messages in one chat request (more: 400)")
+    max_prompt_chars: int = Field(512 * 1024, ge=1, description="most characters in a request's prompt or "
+                                                               "messages together (more: 400); the worker then "
+                                                               "checks tokens against the model's context")
 
 
 class WorkerSettings(CommonSettings):

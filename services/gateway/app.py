@@ -20,6 +20,7 @@ from services.gateway.admission import Admission
 from services.gateway.api_types import ChatCompletionRequest, CompletionRequest
 from services.gateway.demand import DemandPublisher
 from services.gateway.errors import ApiError
+from services.gateway.limits import Guard, KeySlots, check_request, prompt_param
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.routing import RoutingTable
 from shared import bus
@@ -48,6 +49,7 @@ class Gateway:
         self.demand = DemandPublisher(settings.gateway_id, settings.demand_interval_s)
         self.tracer = trace.get_tracer("warmserve.gateway")
         self.buckets: dict[str, TokenBucket] = {}
+        self.key_slots = KeySlots(settings.key_max_concurrency)
 
     async def start(self) -> None:
         s = self.settings
@@ -71,16 +73,20 @@ class Gateway:
         await bus.close(self.nc)
 
     def authorize(self, authorization: str | None) -> ApiKeyRecord | None:
-        """401 for a missing, unknown or disabled key; 429 when the key is over its rate."""
+        """401 for a missing, unknown or disabled key; 429 when the key is over its rate.
+        The key itself is never logged nor quoted in an answer, not even in part: only its name."""
         if not self.settings.require_api_key:
             return None
         scheme, _, key = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
+            log.debug("request without an API key refused")
             raise ApiError(401, "Missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
         record = self.keys.items.get(hash_key(key.strip()))
         if record is None:
+            log.debug("request with an unknown API key refused")
             raise ApiError(401, "Incorrect API key", code="invalid_api_key")
         if record.disabled:
+            log.debug("request with the disabled API key '%s' refused", record.name)
             raise ApiError(401, f"API key '{record.name}' is disabled", code="api_key_disabled")
         rate = record.rate_limit_rps or self.settings.rate_limit_rps
         bucket = self.buckets.get(record.id)
@@ -128,7 +134,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         await gw.stop()
 
     app = FastAPI(title="WarmServe gateway", version="0.1.0", lifespan=lifespan)
+    app.state.gateway = gw  # started by the lifespan
     errors.install(app)
+    app.add_middleware(Guard, gateway=gw)  # key, rate, concurrency, body size: before any parsing
 
     @app.get("/healthz")
     async def healthz():
@@ -143,16 +151,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.get("/metrics")
     async def metrics():
         return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        """Every /v1 call needs a valid key within its rate, checked before the body is read."""
-        if request.url.path.startswith("/v1/"):
-            try:
-                gw.authorize(request.headers.get("authorization"))
-            except ApiError as exc:
-                return exc.response()
-        return await call_next(request)
 
     @app.get("/v1/models")
     async def list_models():
@@ -171,7 +169,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return await serve(body, infer, chat=False)
 
     async def serve(body, infer: InferRequest, chat: bool):
-        gw.table.model(body.model)  # 404 before anything else
+        spec = gw.table.model(body.model)  # 404 before anything else
+        check_request(body, spec, gw.settings)  # 400 for what no worker would accept
+        pparam = prompt_param(body)
         span = gw.tracer.start_span("gateway.request", attributes={
             "warmserve.model": body.model, "warmserve.request_id": infer.request_id, "warmserve.stream": body.stream})
         served = Served(gw, body.model, infer.request_id, span)
@@ -185,7 +185,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 stream = gw.chunks(route, routed)
                 try:
                     with trace.use_span(span, end_on_exit=False):
-                        first = await _first(stream)
+                        first = await _first(stream, pparam)
                     break
                 except _NotStarted as exc:  # nothing was generated yet: another instance may serve it
                     await stream.aclose()
@@ -202,7 +202,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 raise ApiError(503, f"No instance of '{body.model}' could start the request", code="no_capacity",
                                headers={"Retry-After": "2"})
         except BaseException as exc:
-            served.done(exc.status if isinstance(exc, ApiError) else 500)
+            served.done(_status_of(exc))
             raise
         infer = routed
         served.first_token()
@@ -211,9 +211,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
         if not body.stream:
             try:
-                text, last = await _collect(first, stream)
+                text, last = await _collect(first, stream, pparam)
             except BaseException as exc:
-                served.done(exc.status if isinstance(exc, ApiError) else 500)
+                served.done(_status_of(exc))
                 raise
             finally:
                 await stream.aclose()
@@ -229,7 +229,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                     yield _sse(_chunk(infer, body.model, chat, created, role=True))
                 while True:
                     if chunk.error:
-                        err = errors.from_worker(chunk.error.code, chunk.error.message)
+                        err = errors.from_worker(chunk.error.code, chunk.error.message, pparam)
                         status = err.status
                         yield _sse(err.body())
                         break
@@ -335,6 +335,13 @@ class _NotStarted(Exception):
     """The worker could not start the request (gone, or the instance is no longer active)."""
 
 
+def _status_of(exc: BaseException) -> int:
+    """The status a request that ended with ``exc`` is counted under."""
+    if isinstance(exc, ApiError):
+        return exc.status
+    return CLIENT_CLOSED if isinstance(exc, asyncio.CancelledError) else 500
+
+
 def _end_span(span, status: int) -> None:
     span.set_attribute("http.response.status_code", status)
     if status >= 500:
@@ -342,7 +349,7 @@ def _end_span(span, status: int) -> None:
     span.end()
 
 
-async def _first(stream: AsyncIterator[InferChunk]) -> InferChunk:
+async def _first(stream: AsyncIterator[InferChunk], prompt_param: str) -> InferChunk:
     """The first chunk. Errors before it become HTTP errors, or _NotStarted when another instance
     could still serve the request."""
     try:
@@ -354,18 +361,18 @@ async def _first(stream: AsyncIterator[InferChunk]) -> InferChunk:
     if first.error:
         if first.error.code in ("not_active", "aborted"):
             raise _NotStarted(first.error.message)
-        raise errors.from_worker(first.error.code, first.error.message)
+        raise errors.from_worker(first.error.code, first.error.message, prompt_param)
     return first
 
 
-async def _collect(first: InferChunk, stream: AsyncIterator[InferChunk]) -> tuple[str, InferChunk]:
+async def _collect(first: InferChunk, stream: AsyncIterator[InferChunk], prompt_param: str) -> tuple[str, InferChunk]:
     """The whole answer of a non-streaming request."""
     text, last = first.text, first
     try:
         while not last.last:
             chunk = await anext(stream)
             if chunk.error:
-                raise errors.from_worker(chunk.error.code, chunk.error.message)
+                raise errors.from_worker(chunk.error.code, chunk.error.message, prompt_param)
             text += chunk.text
             last = chunk
     except bus.BusError as exc:

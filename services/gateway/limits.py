@@ -1,0 +1,182 @@
+"""What one client may send and hold: body size and encoding, prompt size, answer length, and each API
+key's requests in flight. Every limit answers with a 4xx in the OpenAI error format naming what was
+exceeded (README, "Limits")."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.gateway.api_types import ChatCompletionRequest, CompletionRequest
+from services.gateway.errors import ApiError
+from shared.messages import ApiKeyRecord, ModelSpec
+from shared.settings import GatewaySettings
+
+
+def check_request(body: ChatCompletionRequest | CompletionRequest, spec: ModelSpec, s: GatewaySettings) -> None:
+    """The limits that depend on settings or on the model (the static ones are in the request types)."""
+    chat = isinstance(body, ChatCompletionRequest)
+    if chat and len(body.messages) > s.max_messages:
+        raise ApiError(400, f"{len(body.messages)} messages sent; at most {s.max_messages} are accepted",
+                       code="too_many_messages", param="messages")
+    chars = body.prompt_chars()
+    if chars > s.max_prompt_chars:
+        raise ApiError(400, f"the prompt has {chars} characters; at most {s.max_prompt_chars} are accepted",
+                       code="prompt_too_long", param=prompt_param(body))
+    requested = body.requested_max_tokens
+    if requested is not None and requested[1] >= spec.max_context_tokens:
+        name, value = requested
+        raise ApiError(400, f"{name} ({value}) must be below the context of '{spec.slug}' "
+                            f"({spec.max_context_tokens} tokens), which the prompt shares",
+                       code="context_length_exceeded", param=name)
+
+
+def prompt_param(body) -> str:
+    return "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+
+
+class KeySlots:
+    """Requests in flight per API key. ``acquire`` takes a slot or raises 429; the function it returns
+    gives the slot back (once, however often it is called)."""
+
+    def __init__(self, default_limit: int):
+        self.default_limit = default_limit
+        self.in_flight: dict[str, int] = {}
+
+    def limit(self, record: ApiKeyRecord) -> int:
+        return record.max_concurrency or self.default_limit
+
+    def acquire(self, record: ApiKeyRecord | None) -> Callable[[], None]:
+        if record is None:  # keys are not required: nothing to count against
+            return lambda: None
+        limit = self.limit(record)
+        held = self.in_flight.get(record.id, 0)
+        if held >= limit:
+            raise ApiError(429, f"API key '{record.name}' has {held} requests in flight, its limit of concurrent "
+                                f"requests is {limit}; retry when one has finished",
+                           code="concurrency_limit_exceeded", headers={"Retry-After": "1"})
+        self.in_flight[record.id] = held + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            left = self.in_flight.get(record.id, 0) - 1
+            if left > 0:
+                self.in_flight[record.id] = left
+            else:
+                self.in_flight.pop(record.id, None)
+
+        return release
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, f"request body is larger than {limit} bytes", code="request_too_large")
+
+
+async def read_body(receive: Receive, headers: Headers, limit: int) -> bytes | None:
+    """The whole body, at most ``limit`` bytes (a chunked body is counted as it arrives), checked to be
+    UTF-8; None when the client left while sending it."""
+    length = headers.get("content-length")
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError:
+            raise ApiError(400, "Content-Length is not a number", code="invalid_request") from None
+        if declared > limit:
+            raise too_large(limit)
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"request body is not valid UTF-8 (at byte {exc.start})", code="invalid_encoding") from None
+    return body
+
+
+class Guard:
+    """Pure ASGI middleware in front of ``/v1``: the API key (401), its rate (429) and concurrency (429)
+    limits, then the body's size (413) and encoding (400), all before anything parses the body.
+
+    Pure ASGI rather than ``@app.middleware``: the key's slot is held until the app has sent the whole
+    response, a stream included, and given back however the request ends (answer, error, client gone,
+    stream failure, cancellation). A client that leaves before the response starts (a non-streamed
+    request still generating, or one waiting in the queue) cancels the request, so its slot and the
+    worker's capacity are not held for nobody."""
+
+    def __init__(self, app: ASGIApp, gateway) -> None:
+        self.app = app
+        self.gw = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        try:
+            record = self.gw.authorize(headers.get("authorization"))
+            release = self.gw.key_slots.acquire(record)
+        except ApiError as exc:
+            await exc.response()(scope, receive, send)
+            return
+        try:
+            try:
+                body = await read_body(receive, headers, self.gw.settings.max_body_bytes)
+            except ApiError as exc:
+                await exc.response()(scope, receive, send)
+                return
+            if body is not None:
+                await _run_until_disconnect(self.app, scope, body, receive, send)
+        finally:
+            release()
+
+
+async def _run_until_disconnect(app: ASGIApp, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+    """Run the app on the body already read. The client's next message (only a disconnect can follow a
+    whole body) is awaited alongside: the app receives it when it asks (a stream stops itself), and it
+    cancels the app if it comes before the response started."""
+    nxt = asyncio.ensure_future(receive())
+    body_sent = started = False
+
+    async def app_receive() -> Message:
+        nonlocal body_sent
+        if not body_sent:
+            body_sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await asyncio.shield(nxt)
+
+    async def app_send(message: Message) -> None:
+        nonlocal started
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    task = asyncio.ensure_future(app(scope, app_receive, app_send))
+    try:
+        await asyncio.wait([task, nxt], return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and not started and not nxt.cancelled() and nxt.exception() is None \
+                and nxt.result()["type"] == "http.disconnect":
+            task.cancel()  # the handler sees CancelledError: the request ends as "client closed"
+        await asyncio.wait([task])
+        if not task.cancelled():
+            task.result()  # the app's own exception, if any, goes on to the server's handler
+    finally:
+        for t in (task, nxt):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(task, nxt, return_exceptions=True)

@@ -1,0 +1,256 @@
+"""Per-key limits on the real gateway (real NATS, real HTTP): requests in flight per key, the slot given
+back however a request ends, and API keys kept out of the logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from services.gateway.app import create_app
+from shared import bus
+from shared.apikeys import hash_key, new_key
+from shared.localcluster.processes import free_port
+from shared.messages import (
+    ApiKeyRecord, CancelRequest, CopyState, ErrorInfo, InferChunk, InferRequest, ModelCopy, ModelSpec, Usage, WorkerState,
+)
+from shared.settings import GatewaySettings
+from shared.subjects import APIKEYS_BUCKET, CANCEL, CATALOG_BUCKET, INFER, WORKERS_BUCKET
+
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.integration
+
+MODEL, WORKER = "lim-m", "lim-worker"
+LIMITED, DEFAULT, OFF = new_key(), new_key(), new_key()  # max_concurrency 2; the setting's 3; disabled
+
+
+class Worker:
+    """A fake worker with one active instance of MODEL. What it does depends on the last message:
+    ``hold`` generates (a chunk every 0.1 s) until ``release`` is set, ``hold-first`` sends nothing until
+    then, ``fail`` reports an error after the first chunk, ``silent`` goes quiet after it, ``error-first``
+    refuses at once; anything else is answered at once. ``cancelled`` collects cancel requests."""
+
+    def __init__(self, nc):
+        self.nc = nc
+        self.release = asyncio.Event()
+        self.tasks: set[asyncio.Task] = set()
+        self.cancelled: list[str] = []
+
+    async def on_cancel(self, msg) -> None:
+        self.cancelled.append(CancelRequest.decode(msg.data).request_id)
+
+    async def on_infer(self, msg) -> None:  # a subscription's callbacks run one at a time: answer in tasks
+        task = asyncio.create_task(self.answer(msg))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def answer(self, msg) -> None:
+        req = InferRequest.decode(msg.data)
+        text = req.messages[-1].content if req.messages else req.prompt
+
+        async def send(**kw):
+            await self.nc.publish(msg.reply, InferChunk(request_id=req.request_id, **kw).encode())
+
+        if text == "error-first":
+            await send(seq=0, error=ErrorInfo(code="bad_request", message="the worker refused it"))
+            return
+        if text == "hold-first":
+            await self.release.wait()
+        await send(seq=0, text="a")
+        seq = 1
+        while text == "hold" and not self.release.is_set():
+            try:
+                await asyncio.wait_for(self.release.wait(), 0.1)
+            except asyncio.TimeoutError:
+                await send(seq=seq, text=".")
+                seq += 1
+        if text == "fail":
+            await send(seq=seq, error=ErrorInfo(code="bad_request", message="failed mid-way"))
+            return
+        elif text == "silent":
+            return
+        await send(seq=seq, text="b", finish_reason="stop", usage=Usage(prompt_tokens=1, completion_tokens=2))
+
+
+@pytest.fixture
+async def gateway(nats_url, nc):
+    buckets = await bus.ensure_all(nc.jetstream())
+    catalog, workers, keys = (buckets[b.name] for b in (CATALOG_BUCKET, WORKERS_BUCKET, APIKEYS_BUCKET))
+    await catalog.put(MODEL, ModelSpec(slug=MODEL, path="/m", parameter_bytes=1, max_context_tokens=512).encode())
+    now = time.time()
+    await workers.put(WORKER, WorkerState(
+        worker_id=WORKER, node="n", device="cpu:0", engine="sim", memory_budget_bytes=1, heartbeat_at_s=now,
+        started_at_s=now, copies=[ModelCopy(model=MODEL, state=CopyState.ACTIVE, weight_bytes=1,
+                                            instance_id="lim-instance")]).encode())
+    await keys.put(hash_key(LIMITED), ApiKeyRecord(id="lim-a", name="limited", max_concurrency=2).encode())
+    await keys.put(hash_key(DEFAULT), ApiKeyRecord(id="lim-b", name="default").encode())
+    await keys.put(hash_key(OFF), ApiKeyRecord(id="lim-c", name="off", disabled=True).encode())
+    worker = Worker(nc)
+    subs = [await nc.subscribe(INFER.format(worker=WORKER), cb=worker.on_infer),
+            await nc.subscribe(CANCEL.format(worker=WORKER), cb=worker.on_cancel)]
+
+    port = free_port()
+    app = create_app(GatewaySettings(nats_url=nats_url, port=port, gateway_id="gw-limits", key_max_concurrency=3,
+                                     heartbeat_timeout_s=3600, queue_wait_s=1, inter_token_timeout_s=0.5,
+                                     max_body_bytes=4096))
+    # log_config=None: uvicorn's own loggers (access log included) propagate to the test's capture
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, log_level="debug",
+                                           timeout_graceful_shutdown=5))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.05)
+    http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10)
+    await eventually(lambda: _ready(http), what="the gateway to be ready")
+    yield http, app.state.gateway, worker
+    await http.aclose()
+    worker.release.set()
+    server.should_exit = True
+    await asyncio.wait_for(task, 30)
+    for sub in subs:
+        await sub.unsubscribe()
+    await catalog.delete(MODEL)
+    await workers.delete(WORKER)
+    for k in (LIMITED, DEFAULT, OFF):
+        await keys.delete(hash_key(k))
+
+
+async def _ready(http):
+    return (await http.get("/readyz")).status_code == 200
+
+
+def auth(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def chat(content: str, **over) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 4} | over
+
+
+async def first_event(lines) -> dict:
+    """Read a streamed response's lines up to its first data event (the request is then in flight). The
+    same iterator reads on: an abandoned one closes the connection when it is garbage-collected."""
+    async for line in lines:
+        if line.startswith("data: "):
+            return json.loads(line[6:])
+    raise AssertionError("stream ended without data")
+
+
+def held(gw, key_id: str) -> int:
+    return gw.key_slots.in_flight.get(key_id, 0)
+
+
+async def test_concurrency_limit_per_key_and_slots_given_back_however_requests_end(gateway):
+    http, gw, worker = gateway
+    post = "/v1/chat/completions"
+
+    async def stream(content: str):
+        resp = await http.send(http.build_request("POST", post, json=chat(content, stream=True),
+                                                  headers=auth(LIMITED)), stream=True)
+        return resp, resp.aiter_lines()
+
+    (one, one_lines), (two, two_lines) = await stream("hold"), await stream("hold")
+    assert one.status_code == two.status_code == 200
+    await first_event(one_lines)
+    await first_event(two_lines)
+    assert held(gw, "lim-a") == 2
+
+    over = await http.post(post, json=chat("quick"), headers=auth(LIMITED))
+    assert over.status_code == 429 and over.headers["retry-after"] == "1"
+    err = over.json()["error"]
+    assert err["code"] == "concurrency_limit_exceeded" and err["type"] == "rate_limit_error"
+    assert "limited" in err["message"] and "2" in err["message"]
+    # another key has its own slots (the setting's 3)
+    assert (await http.post(post, json=chat("quick"), headers=auth(DEFAULT))).status_code == 200
+
+    await one.aclose()  # the client leaves mid-stream: its slot comes back
+    await eventually(lambda: _held_is(gw, "lim-a", 1), timeout=5, what="the disconnected stream's slot")
+    assert (await http.post(post, json=chat("quick"), headers=auth(LIMITED))).status_code == 200
+    worker.release.set()  # the other stream ends normally
+    assert [ln async for ln in two_lines if ln.startswith("data: ")][-1] == "data: [DONE]"
+    await two.aclose()
+    await eventually(lambda: _held_is(gw, "lim-a", 0), timeout=5, what="the finished stream's slot")
+
+    # success, streamed and not
+    ok = await http.post(post, json=chat("quick"), headers=auth(LIMITED))
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "ab"
+    async with http.stream("POST", post, json=chat("quick", stream=True), headers=auth(LIMITED)) as resp:
+        assert [ln async for ln in resp.aiter_lines() if ln.startswith("data: ")][-1] == "data: [DONE]"
+    await eventually(lambda: _held_is(gw, "lim-a", 0), timeout=5, what="every slot back")
+
+    # errors: refused by the worker, failed mid-stream, a worker gone silent, and refused by the gateway
+    assert (await http.post(post, json=chat("error-first"), headers=auth(LIMITED))).status_code == 400
+    assert (await http.post(post, json=chat("fail"), headers=auth(LIMITED))).status_code == 400
+    for content in ("fail", "silent"):
+        async with http.stream("POST", post, json=chat(content, stream=True), headers=auth(LIMITED)) as resp:
+            events = [json.loads(ln[6:]) for ln in [ln async for ln in resp.aiter_lines()]
+                      if ln.startswith("data: {")]
+        assert "error" in events[-1], (content, events)
+    assert (await http.post(post, json=chat("quick", model="nope"), headers=auth(LIMITED))).status_code == 404
+    assert (await http.post(post, json=chat("x" * 5000), headers=auth(LIMITED))).status_code == 413
+    assert (await http.post(post, json=chat("quick", top_k=3), headers=auth(LIMITED))).status_code == 400
+    await eventually(lambda: _held_is(gw, "lim-a", 0), timeout=5, what="every slot back")
+
+    # clients that give up on a non-streamed request, before its first chunk and while it generates:
+    # the request is cancelled at once (the worker is told), not when a timeout ends it
+    worker.release.clear()
+    for content in ("hold-first", "hold"):
+        waiting = asyncio.create_task(http.post(post, json=chat(content), headers=auth(LIMITED)))
+        await eventually(lambda: _held_is(gw, "lim-a", 1), timeout=5, what="the request to be in flight")
+        cancels = len(worker.cancelled)
+        await asyncio.sleep(0.3)
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        await eventually(lambda: _held_is(gw, "lim-a", 0), timeout=5, what="the abandoned request's slot")
+        await eventually(lambda: _more(worker.cancelled, cancels), timeout=5, what="a cancel sent to the worker")
+    worker.release.set()
+    metrics = (await http.get("/metrics")).text
+    assert f'warmserve_requests_total{{model="{MODEL}",outcome="warm",status="499"}} 3.0' in metrics
+
+    # after all that the key has its two slots again
+    worker.release.clear()
+    (one, one_lines), (two, two_lines) = await stream("hold"), await stream("hold")
+    assert (await http.post(post, json=chat("quick"), headers=auth(LIMITED))).status_code == 429
+    worker.release.set()
+    for resp, lines in ((one, one_lines), (two, two_lines)):
+        assert resp.status_code == 200 and [ln async for ln in lines if ln][-1] == "data: [DONE]"
+        await resp.aclose()
+    await eventually(lambda: _held_is(gw, "lim-a", 0), timeout=5, what="every slot back")
+    assert gw.key_slots.in_flight == {}
+
+
+async def _held_is(gw, key_id, n):
+    return held(gw, key_id) == n
+
+
+async def _more(items, n):
+    return len(items) > n
+
+
+async def test_api_keys_never_reach_the_logs(gateway, caplog):
+    http, gw, worker = gateway
+    caplog.set_level(logging.DEBUG)
+    wrong = new_key()
+    assert (await http.get("/v1/models", headers=auth(wrong))).status_code == 401
+    assert (await http.get("/v1/models", headers=auth("zq7x"))).status_code == 401
+    assert (await http.get("/v1/models", headers=auth(OFF))).status_code == 401
+    assert (await http.post("/v1/chat/completions", content=b"{nope", headers=auth(wrong))).status_code == 401
+    assert (await http.post("/v1/chat/completions", json=chat("quick"), headers=auth(LIMITED))).status_code == 200
+    assert (await http.post("/v1/chat/completions", json=chat("hi", model="nope"),
+                            headers=auth(DEFAULT))).status_code == 404
+    async with http.stream("POST", "/v1/chat/completions", json=chat("silent", stream=True),
+                           headers=auth(DEFAULT)) as resp:
+        [ln async for ln in resp.aiter_lines()]  # a stream that fails: logged as a warning or error
+    records = caplog.records
+    assert any(r.name.startswith("warmserve.gateway") for r in records)  # the gateway did log at DEBUG
+    assert any(r.name.startswith("uvicorn") for r in records)  # and so did the server (access log)
+    text = caplog.text + "\n".join(repr(r.args) for r in records)
+    for key in (wrong, "zq7x", OFF, LIMITED, DEFAULT):
+        assert key not in text, "an API key was logged"
+    for key in (wrong, OFF, LIMITED, DEFAULT):
+        assert key[3:11] not in text  # not even a part of it
