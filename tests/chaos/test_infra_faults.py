@@ -1,0 +1,189 @@
+"""NATS restarted, Postgres stopped, services killed under load: serving goes on and nothing is lost."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+from sqlalchemy import text
+
+from shared import bus
+from shared.db.engine import create_engine, sessionmaker
+from shared.localcluster.infra import EmbeddedPostgres
+from shared.localcluster.processes import wait_port
+from shared.subjects import CATALOG_BUCKET, STREAMS
+from tests.chaos.conftest import Load, cli, service_process, stop_postgres, until, workers
+
+pytestmark = pytest.mark.chaos
+
+# the issue asks for a minute; WARMSERVE_CHAOS_PG_DOWN_S shortens it for a quick local run
+PG_DOWN_S = float(os.environ.get("WARMSERVE_CHAOS_PG_DOWN_S", "60"))
+
+
+def query(database_url: str, sql: str, **params) -> list:
+    async def go():
+        engine = create_engine(database_url)
+        try:
+            async with sessionmaker(engine)() as s:
+                return (await s.execute(text(sql), params)).all()
+        finally:
+            await engine.dispose()
+    return asyncio.run(go())
+
+
+async def stream_counts(nats_url: str) -> dict[str, int]:
+    nc = await bus.connect(nats_url, "chaos-observer", deadline_s=10)
+    try:
+        js = nc.jetstream()
+        counts = {s.name: (await js.stream_info(s.name)).state.messages for s in STREAMS}
+        kv = await js.key_value(CATALOG_BUCKET.name)
+        counts["catalog_keys"] = len(await kv.keys())
+        return counts
+    finally:
+        await nc.close()
+
+
+def model_path(cluster) -> str:
+    return str(cluster["state"] / "models" / "tiny-llama")
+
+
+def prewarm_loads(cluster, model: str) -> list:
+    return query(cluster["database_url"], "select worker_id from model_events where model = :m and "
+                 "from_state = 'loading' and to_state = 'prewarmed'", m=model)
+
+
+def test_nats_restart_every_service_reconnects_and_state_survives(cluster):
+    env, up = cluster["env"], cluster["up"]
+    assert cli(env, "model", "register", "after-nats", model_path(cluster)).returncode == 0
+    until(lambda: _chat_or_none(cluster), timeout=60, what="served")
+    before = asyncio.run(stream_counts(cluster["nats_url"]))
+    server = next(p for p in psutil.Process(up.proc.pid).children() if "nats-server" in p.name())
+    args, port = server.cmdline(), int(cluster["nats_url"].rsplit(":", 1)[1])
+    # a pin is sent, and NATS goes away while its prewarm command may be in flight
+    assert cli(env, "prewarm", "pin", "after-nats", "--copies", "1").returncode == 0
+    server.terminate()
+    until(lambda: not server.is_running() or server.status() == psutil.STATUS_ZOMBIE, timeout=15,
+          what="nats-server stopped")  # the supervisor reaps it only when the cluster stops
+    time.sleep(3)
+    restarted = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_port(port, 15, proc=restarted)
+        # every service is back: gateway -> worker (a request), placement (admin), forecaster (admin),
+        # orchestrator (the pin turns into exactly one prewarmed copy)
+        reply = until(lambda: _chat_or_none(cluster), timeout=60, what="a request served after the restart")
+        assert reply.choices[0].message.content is not None
+        assert cli(env, "model", "list").returncode == 0
+        assert cli(env, "forecast", "status").returncode == 0
+        until(lambda: any(m.get("after-nats") == "prewarmed" for m in workers(env).values()), timeout=60,
+              what="the pinned model prewarmed")
+        after = asyncio.run(stream_counts(cluster["nats_url"]))
+        assert all(after[k] >= before[k] for k in before), (before, after)  # streams and KV survived
+        assert after["catalog_keys"] >= 2
+        # events reach Postgres through the orchestrator's durable consumer, which resumes after the restart
+        until(lambda: prewarm_loads(cluster, "after-nats"), timeout=30, what="the prewarm event stored")
+        time.sleep(2)
+        history = query(cluster["database_url"], "select worker_id, from_state, to_state, reason from model_events "
+                        "where model = 'after-nats' order by at")
+        assert len(prewarm_loads(cluster, "after-nats")) == 1, history  # applied once, not lost
+        assert sum(m.get("after-nats") == "prewarmed" for m in workers(env).values()) == 1
+    finally:
+        cli(env, "prewarm", "unpin", "after-nats")
+        # the supervisor's nats-server is gone; this one now serves the cluster until the module ends
+        cluster["extra_procs"].append(restarted)
+
+
+def _chat_or_none(cluster):
+    try:
+        return cluster["client"].chat.completions.create(model="tiny-llama", max_tokens=2,
+                                                          messages=[{"role": "user", "content": "x"}])
+    except Exception:
+        return None
+
+
+def test_postgres_down_serving_continues_and_history_lands_once(cluster):
+    env, state = cluster["env"], cluster["state"]
+    assert cli(env, "model", "register", "during-pg", model_path(cluster)).returncode == 0
+    until(lambda: _chat_or_none(cluster), timeout=60, what="served before the outage")
+    load = Load(cluster["url"], cluster["key"]).start()
+    try:
+        time.sleep(2)
+        stop_postgres(state)
+        down_at = time.time()
+        # history made during the outage: a plan, worker events (pin -> prewarm), forecast windows
+        assert cli(env, "prewarm", "pin", "during-pg").returncode == 0
+        until(lambda: any(m.get("during-pg") == "prewarmed" for m in workers(env).values()), timeout=60,
+              what="prewarmed while Postgres is down")
+        time.sleep(max(PG_DOWN_S - (time.time() - down_at), 0))
+        during = load.take()
+        EmbeddedPostgres(state).start()  # the same data folder and socket
+        up_at = time.time()
+        time.sleep(5)
+        after = load.take()
+    finally:
+        total = load.stop()
+    assert during["ok"] > 0 and during["lost"] == during["error"] == during["refused"] == 0, (during, load.errors[-5:])
+    assert after["lost"] == after["error"] == after["refused"] == 0, (after, load.errors[-5:])
+    db = cluster["database_url"]
+    until(lambda: len(prewarm_loads(cluster, "during-pg")) == 1, timeout=30, what="the outage's worker events stored")
+    events = query(db, "select event_id from model_events where model = 'during-pg'")
+    assert len(events) == len({e[0] for e in events}) >= 2  # loading and prewarmed, each once
+
+    def plans_stored():
+        rows = query(db, "select prewarm_set from placement_decisions where created_at >= to_timestamp(:t)", t=down_at)
+        return any(any(c["model"] == "during-pg" for c in r[0]) for r in rows)
+    until(plans_stored, timeout=30, what="plans made during the outage stored")
+
+    def windows_stored():  # every 10 s window closed during the outage, once each
+        rows = query(db, "select extract(epoch from window_start), count(*) from observed_load where model = "
+                         "'tiny-llama' and window_start >= to_timestamp(:a) and window_start < to_timestamp(:b) "
+                         "group by window_start order by window_start", a=down_at // 10 * 10, b=up_at - 10)
+        return rows if len(rows) >= max(int((up_at - down_at) // 10) - 1, 1) else None
+    rows = until(windows_stored, timeout=40, what=f"observed windows of the outage ({down_at:.0f}-{up_at:.0f}) "
+                 f"stored: {query(db, 'select model, extract(epoch from window_start), source from observed_load')}")
+    assert all(n == 1 for _, n in rows)
+    starts = [float(s) for s, _ in rows]
+    assert all(b - a == 10 for a, b in zip(starts, starts[1:])), starts  # none missing in between
+    cli(env, "prewarm", "unpin", "during-pg")
+    assert total["lost"] == total["refused"] == 0
+
+
+def test_service_restarts_under_load(cluster):
+    """Placement, orchestrator and forecaster killed: no request is lost. The gateway stopped: only
+    requests in flight on it may fail, and they fail clearly; clients reconnect to the new one."""
+    up = cluster["up"]
+    until(lambda: _chat_or_none(cluster), timeout=60, what="served")
+    load = Load(cluster["url"], cluster["key"]).start()
+    try:
+        for name in ("placement", "prewarm_orchestrator", "forecaster"):
+            victim = service_process(up, name)
+            victim.kill()
+            until(lambda: _restarted(up, name, victim.pid), timeout=30, what=f"{name} restarted")
+            time.sleep(3)
+        others = load.take()
+        gateway = service_process(up, "gateway")
+        gateway.send_signal(signal.SIGTERM)
+        until(lambda: _restarted(up, "gateway", gateway.pid), timeout=30, what="gateway restarted")
+        until(lambda: _chat_or_none(cluster), timeout=30, what="the new gateway serving")
+        time.sleep(3)
+        around_gateway = load.take()
+        time.sleep(2)
+        later = load.take()
+    finally:
+        load.stop()
+    assert others["ok"] > 10 and others["lost"] == others["error"] == others["refused"] == 0, (others, load.errors[-5:])
+    assert around_gateway["ok"] > 0
+    # the clients' requests that were on the stopped gateway (at most one each) and any sent while no
+    # gateway listened (refused at once, never half-answered)
+    assert around_gateway["lost"] + around_gateway["error"] <= load.clients, load.errors[-5:]
+    assert later["ok"] > 0 and later["lost"] == later["error"] == later["refused"] == 0
+
+
+def _restarted(up, name: str, old_pid: int) -> bool:
+    try:
+        return service_process(up, name).pid != old_pid
+    except AssertionError:
+        return False

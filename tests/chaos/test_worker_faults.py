@@ -1,0 +1,154 @@
+"""A worker that dies mid-stream, and one that hangs: what clients, placement and the orchestrator do."""
+
+import asyncio
+import json
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from shared import bus
+from tests.chaos.conftest import cli, service_process, spawn_worker, until, workers
+
+pytestmark = pytest.mark.chaos
+
+HEARTBEAT_TIMEOUT_S = 3  # the cluster fixture's
+
+
+def stream(url: str, key: str, out: dict, max_tokens: int = 2000) -> None:
+    """A long streamed chat completion; records each data line with its arrival time."""
+    out["lines"] = []
+    body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "go"}], "max_tokens": max_tokens,
+            "stream": True}
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {key}"}) as r:
+            out["status"] = r.status_code
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    out["lines"].append((time.monotonic(), line[6:]))
+    except httpx.HTTPError as exc:
+        out["exc"] = repr(exc)
+
+
+def plain(url: str, key: str, out: list) -> None:
+    body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    try:
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60, headers={"Authorization": f"Bearer {key}"})
+        out.append((r.status_code, r.json()))
+    except httpx.HTTPError as exc:
+        out.append((None, repr(exc)))
+
+
+def ended_with_error(out: dict) -> dict:
+    data = [d for _, d in out["lines"]]
+    assert data and data[-1] == "[DONE]", data[-3:]
+    return json.loads(data[-2])["error"]
+
+
+async def commands_to(nats_url: str, worker_id: str, seconds: float) -> list[bytes]:
+    """Every command published to one worker's command subject during ``seconds``."""
+    nc = await bus.connect(nats_url, "chaos-observer", deadline_s=5)
+    seen = []
+    try:
+        async def record(msg):
+            seen.append(msg.data)
+
+        sub = await nc.subscribe(f"warmserve.worker.{worker_id}.cmd", cb=record)
+        await asyncio.sleep(seconds)
+        await sub.unsubscribe()
+    finally:
+        await nc.close()
+    return seen
+
+
+def serving_worker(env) -> str:
+    def busy():
+        out = json.loads(cli(env, "workers", "--json").stdout)
+        return next((w["worker_id"] for w in out if any(c["in_flight"] for c in w["copies"])), None)
+    return until(busy, timeout=10, every=0.2, what="a worker with a request in flight")
+
+
+def test_worker_killed_mid_stream(cluster):
+    """The client's stream ends with an error event; requests queued behind it are served elsewhere (or
+    get a clear 503); placement drops the dead worker within the heartbeat timeout and the orchestrator
+    stops sending it commands."""
+    env, url, key = cluster["env"], cluster["url"], cluster["key"]
+    lost = spawn_worker(cluster["up"], "worker-x")
+    try:
+        until(lambda: "worker-x" in workers(env), timeout=30, what="worker-x registered")
+        for w in ("worker-0", "worker-1"):  # the only place to serve is worker-x
+            assert cli(env, "worker", "drain", w).returncode == 0
+        until(lambda: not any(m for w, m in workers(env).items() if w != "worker-x"
+                              and "active" in m.values()), timeout=30, what="drained workers serve nothing")
+        out: dict = {}
+        streamer = threading.Thread(target=stream, args=(url, key, out))
+        streamer.start()
+        until(lambda: out.get("lines"), timeout=30, what="the stream's first token")
+        assert workers(env)["worker-x"].get("tiny-llama") == "active"
+        queued: list = []
+        waiters = [threading.Thread(target=plain, args=(url, key, queued)) for _ in range(2)]
+        for t in waiters:  # one request per instance: these wait behind the stream
+            t.start()
+        time.sleep(1.0)
+        for w in ("worker-0", "worker-1"):
+            assert cli(env, "worker", "undrain", w).returncode == 0
+        lost.kill()
+        killed = time.monotonic()
+        observed = asyncio.run(commands_to(cluster["nats_url"], "worker-x", HEARTBEAT_TIMEOUT_S + 2.0))
+
+        streamer.join(30)
+        err = ended_with_error(out)
+        assert out["lines"][-1][0] - killed < 10, "the stream's error came late"
+        assert err["code"] in ("responder_lost", "worker_lost", "timeout") and "worker" in err["message"]
+        for t in waiters:
+            t.join(40)
+        assert len(queued) == 2
+        for status, body in queued:  # served by another worker, or told clearly that there was no room
+            assert status == 200 or (status == 503 and body["error"]["message"]), (status, body)
+        assert any(status == 200 for status, _ in queued)
+
+        def replanned():
+            show = json.loads(cli(env, "placement", "show", "--json").stdout)
+            planned = {c["worker_id"] for c in show["copies"]} | set(show["inputs"].get("workers", {}))
+            return "worker-x" not in planned and show
+        until(replanned, timeout=HEARTBEAT_TIMEOUT_S + 10, what="placement re-planned without worker-x")
+        assert "worker-x" not in workers(env)
+        late = asyncio.run(commands_to(cluster["nats_url"], "worker-x", 4.0))
+        assert late == [], f"commands still sent to the dead worker: {late}"
+        assert len(observed) <= 2, f"the orchestrator kept commanding the dead worker: {observed}"
+    finally:
+        lost.kill()
+        for w in ("worker-0", "worker-1"):
+            cli(env, "worker", "undrain", w)
+
+
+def test_stuck_worker_times_out_and_leaves_routing(cluster):
+    """A worker that stops answering (SIGSTOP): its stream ends with a clear error, it drops out of the
+    worker list and out of routing, the next request is served elsewhere, and it comes back on SIGCONT."""
+    env, url, key, up = cluster["env"], cluster["url"], cluster["key"], cluster["up"]
+    out: dict = {}
+    streamer = threading.Thread(target=stream, args=(url, key, out))
+    streamer.start()
+    until(lambda: out.get("lines"), timeout=30, what="the stream's first token")
+    stuck_id = serving_worker(env)
+    stuck = service_process(up, "gpu_worker", stuck_id)
+    stuck.send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        streamer.join(30)
+        err = ended_with_error(out)
+        assert out["lines"][-1][0] - stopped < 10
+        assert err["code"] in ("responder_lost", "worker_lost", "timeout"), err
+        until(lambda: stuck_id not in workers(env), timeout=HEARTBEAT_TIMEOUT_S + 5, what="stuck worker out of the list")
+        served: list = []
+        plain(url, key, served)
+        assert served[0][0] == 200, served
+        other = next(w for w in ("worker-0", "worker-1") if w != stuck_id)
+        assert workers(env)[other].get("tiny-llama") == "active"
+    finally:
+        stuck.send_signal(signal.SIGCONT)
+    until(lambda: stuck_id in workers(env), timeout=15, what="the worker back after SIGCONT")
+    assert stuck.is_running() and stuck.status() != "stopped"
