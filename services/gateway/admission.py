@@ -116,7 +116,11 @@ class Admission:
                     return route, Outcome.WARM
                 task = self._scaling.get(model)
                 if route.instance_id not in self.created and task is not None and not task.done():
-                    await asyncio.wait([task], timeout=1.0)  # its reply says how it was made
+                    try:
+                        await asyncio.wait([task], timeout=1.0)  # its reply says how it was made
+                    except BaseException:  # the client left meanwhile: the slot is not the caller's yet
+                        self.table.finished(route)
+                        raise
                 return route, self.created.get(route.instance_id, Outcome.WARM)
             task = self._scale(model, reason)  # again whenever the last ask is over and nothing has room
             if task is not None and task.done() and not task.result().ok and task.result().error:

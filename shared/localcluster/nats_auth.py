@@ -146,7 +146,8 @@ PERMISSIONS: dict[str, dict] = {
          *_read_kv(OPERATOR_BUCKET)],
         [SCALE.wildcard, inbox("orchestrator")], NOT_ADMIN),
     "worker": _perms(
-        [WORKER_EVENT.wildcard, inbox("gateway"), inbox("orchestrator"), *_ensure_all(),
+        # operator: an operator may ask a worker directly (loadtest/gateway_overhead.py, debugging)
+        [WORKER_EVENT.wildcard, inbox("gateway"), inbox("orchestrator"), inbox(OPERATOR), *_ensure_all(),
          *_write_kv(WORKERS_BUCKET)],
         [WORKER_CMD.wildcard, INFER.wildcard, CANCEL.wildcard, inbox("worker")], NOT_ADMIN),
     OPERATOR: _perms([">"], [">"]),
@@ -163,7 +164,7 @@ WHY = {
     "orchestrator": "the only sender of worker commands; answers gateways' scale requests; reads worker events "
                     "through its durable consumer and demand through an ordered one; mirrors workers, plan, "
                     "catalog and operator holds",
-    "worker": "serves inference (chunks into gateways' inboxes) and commands (answers the orchestrator); publishes "
+    "worker": "serves inference (chunks into gateways' inboxes, or an operator's) and commands (answers the orchestrator); publishes "
               "its events and its state (the workers bucket, which only workers write)",
     OPERATOR: "admin requests and anything else an operator needs (the CLI, warmserve up, tests)",
 }

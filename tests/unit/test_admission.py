@@ -28,6 +28,11 @@ class FakeTable:
     def started(self, route):
         self.pending[route.instance_id] = self.pending.get(route.instance_id, 0) + 1
 
+    def finished(self, route):
+        self.pending[route.instance_id] -= 1
+        if not self.pending[route.instance_id]:
+            del self.pending[route.instance_id]
+
 
 async def test_failed_scale_ups_are_retried_with_backoff_not_in_a_loop():
     table, asks = FakeTable(), []
@@ -77,3 +82,25 @@ async def test_a_slot_freed_on_an_old_instance_is_warm_and_the_queue_is_bounded(
     adm.notify()
     route, outcome, waited = await asyncio.wait_for(waiter, 1.0)
     assert route.instance_id == "old" and outcome is Outcome.WARM and waited < 1.0
+
+
+async def test_a_request_cancelled_while_its_scale_up_reply_is_awaited_gives_its_slot_back():
+    table, replied = FakeTable(), asyncio.Event()
+
+    async def scaler(req):  # the instance appears (heartbeat) before the orchestrator's reply arrives
+        table.instances = [Route("w1", "new", 0, capacity=1)]
+        await replied.wait()
+        return ScaleReply(ok=True, outcome=Outcome.COLD, worker_id="w1", instance_id="new")
+
+    adm = Admission(table, scaler, wait_s=5.0, queue_size=8)
+    waiter = asyncio.create_task(adm.admit("m"))
+    for _ in range(100):
+        if table.pending:
+            break
+        await asyncio.sleep(0.01)
+    assert table.pending == {"new": 1}  # reserved, waiting for the reply that says how it was made
+    waiter.cancel()  # the client left
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert table.pending == {}
+    replied.set()
