@@ -194,7 +194,9 @@ def run_once(a, wl: Workload, prewarm: bool) -> dict:
     state = Path(a.state_dir) / f"{a.mode}-{name}"
     shutil.rmtree(state, ignore_errors=True)
     env = {"WARMSERVE_PREWARM": str(prewarm).lower(), "WARMSERVE_WINDOW_S": str(int(wl.spec.window_s)),
-           "WARMSERVE_WORKER_MEMORY_BUDGET_BYTES": str(m.budget_bytes), "WARMSERVE_RATE_LIMIT_RPS": "1000"}
+           "WARMSERVE_WORKER_MEMORY_BUDGET_BYTES": str(m.budget_bytes),
+           # one key sends everything: its limits must not shape the comparison (the reactive run queues more)
+           "WARMSERVE_RATE_LIMIT_RPS": "1000", "WARMSERVE_KEY_MAX_CONCURRENCY": "100000"}
     if m.engine == "sim":
         env.update(WARMSERVE_KV_CACHE_BYTES=str(m.kv_cache_bytes), WARMSERVE_SIM_PROFILE="a100")
     print(f"\n== prewarming {name}: {a.workers} {m.engine} workers, {len(wl.models)} models "

@@ -226,10 +226,17 @@ async def consume(js: JetStreamContext, subject: str, durable: str, message_type
     With ``start_s`` the durable is recreated to deliver from that time on (the caller knows, from its
     own stored state, where it stopped). ``caught_up`` is set once nothing is pending any more.
     """
-    if start_s is not None:
-        sub = await _pull_from(js, subject, durable, start_s, max_ack_pending)
-    else:
-        sub = await js.pull_subscribe(subject, durable=durable, config=ConsumerConfig(max_ack_pending=max_ack_pending))
+    while True:  # NATS restarting (or not up yet): keep trying, a consumer that never starts loses history
+        try:
+            if start_s is not None:
+                sub = await _pull_from(js, subject, durable, start_s, max_ack_pending)
+            else:
+                sub = await js.pull_subscribe(subject, durable=durable,
+                                              config=ConsumerConfig(max_ack_pending=max_ack_pending))
+            break
+        except Exception as exc:
+            log.warning("%s: could not start the consumer (%s); retrying", durable, exc)
+            await asyncio.sleep(1.0)
     while True:
         try:
             msgs = await sub.fetch(batch, timeout=1.0)

@@ -359,7 +359,7 @@ async def _first(stream: AsyncIterator[InferChunk], prompt_param: str) -> InferC
             raise _NotStarted(str(exc)) from None
         raise ApiError(504, f"worker did not answer: {exc}", code=exc.code) from None
     if first.error:
-        if first.error.code in ("not_active", "aborted"):
+        if first.error.code in ("not_active", "aborted", "engine_dead"):
             raise _NotStarted(first.error.message)
         raise errors.from_worker(first.error.code, first.error.message, prompt_param)
     return first

@@ -19,7 +19,7 @@ HTTP_CODES = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed", 
 
 # worker error codes -> HTTP status
 WORKER_CODES = {"context_length_exceeded": 400, "bad_request": 400, "not_active": 503, "timeout": 504,
-                "no_responders": 503, "aborted": 503}
+                "no_responders": 503, "aborted": 503, "engine_dead": 503}
 
 
 class ApiError(Exception):

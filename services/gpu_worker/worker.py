@@ -56,6 +56,7 @@ class Worker:
         # what a loaded copy measured beyond its catalog bytes (engine process, runtime, CPU KV space): the
         # largest seen, so the next load reserves its likely footprint instead of finding out afterwards
         self.engine_overhead_bytes = 0
+        self._background: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------ state
 
@@ -214,17 +215,21 @@ class Worker:
                           f"{self.memory.free_bytes() + self.memory.weights.get(slug, 0) * PAGE_BYTES} "
                           f"were available on {self.worker_id}")
 
-    async def _evict_for(self, n_bytes: int, for_model: str) -> None:
-        """Evict prewarmed copies of other models, largest first, until ``n_bytes`` are free (or none is
-        left). Called with the lock held."""
+    async def _evict_for(self, n_bytes: int | None, for_model: str) -> None:
+        """Evict prewarmed copies of other models, largest first, until ``n_bytes`` are free (every one
+        for None); none at all when evicting every one would not be enough. Called with the lock held."""
         others = sorted((c for c in self.copies.values() if c.spec.slug != for_model and c.state is CopyState.PREWARMED),
                         key=lambda c: -self.memory.weights.get(c.spec.slug, 0))
+        reclaimable = sum(self.memory.weights.get(c.spec.slug, 0) for c in others) * PAGE_BYTES
+        if n_bytes is not None and self.memory.free_bytes() + reclaimable < n_bytes:
+            raise EngineError("insufficient_memory", f"{for_model} needs {n_bytes} bytes on {self.worker_id}; "
+                                                     "evicting every prewarmed copy would not free enough")
         for other in others:
-            if self.memory.fits(n_bytes):
+            if n_bytes is not None and self.memory.fits(n_bytes):
                 return
             freed = await self.engine.unload(other.spec.slug)  # measured
             self.memory.give_back(self.memory.weights, other.spec.slug)
-            self._move(other, CopyState.ABSENT, n_bytes=freed, reason=f"evicted to load {for_model}")
+            self._move(other, CopyState.ABSENT, n_bytes=freed, reason=f"evicted to make room for {for_model}")
 
     async def evict(self, model: str, reason: str = "evict") -> None:
         async with self._lock:
@@ -275,19 +280,12 @@ class Worker:
         """The KV bytes to grant ``copy``, evicting other prewarmed copies as far as that needs
         (and none at all if evicting them all would not be enough). Called with the lock held."""
         slug = copy.spec.slug
-        others = [c for c in self.copies.values() if c is not copy and c.state is CopyState.PREWARMED]
-        want = self.kv_bytes_per_instance
-        if want is not None:
-            reclaimable = sum(self.memory.weights.get(c.spec.slug, 0) for c in others) * PAGE_BYTES
-            if not self.memory.fits(want) and self.memory.free_bytes() + reclaimable < want:
-                raise EngineError("insufficient_memory", f"{slug}'s KV cache needs {want} bytes; "
-                                                         "evicting every prewarmed copy would not free enough")
-        for other in others:  # the memory of other prewarmed copies becomes KV cache
-            if want is not None and self.memory.fits(want):
-                break
-            freed = await self.engine.unload(other.spec.slug)  # measured
-            self.memory.give_back(self.memory.weights, other.spec.slug)
-            self._move(other, CopyState.ABSENT, n_bytes=freed, reason=f"evicted to activate {slug}")
+        want = self.kv_bytes_per_instance  # None: all memory beyond the weights becomes KV cache
+        try:
+            await self._evict_for(want, slug)
+        except EngineError:
+            raise EngineError("insufficient_memory", f"{slug}'s KV cache needs {want} bytes; "
+                                                     "evicting every prewarmed copy would not free enough") from None
         kv = self.memory.free_bytes() if want is None else want
         if kv <= 0 or not self.memory.fits(kv):
             raise EngineError("insufficient_memory", f"no memory left for {slug}'s KV cache")
@@ -389,7 +387,9 @@ class Worker:
                 yield delta
         except EngineError as exc:
             if exc.code == "engine_dead":  # out of routing at once; the autoscaler makes a new instance
-                asyncio.get_running_loop().create_task(self._drop_dead(copy, str(exc)))
+                dropping = asyncio.get_running_loop().create_task(self._drop_dead(copy, str(exc)))
+                self._background.add(dropping)
+                dropping.add_done_callback(self._background.discard)
             raise
         finally:
             copy.in_flight -= 1

@@ -166,6 +166,7 @@ class Placement:
             except asyncio.TimeoutError:
                 pass
         history.cancel()
+        await asyncio.gather(history, return_exceptions=True)  # a plan being stored finishes first
         for sub in subs:
             await sub.unsubscribe()
         await self.workers.stop()

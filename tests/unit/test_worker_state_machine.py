@@ -333,3 +333,12 @@ async def test_an_instance_whose_engine_died_is_dropped_and_its_memory_returned(
         await asyncio.sleep(0.01)
     assert "tiny" not in w.copies and w.memory.free_pages == 64  # no longer routable, nothing held
     assert events[-1].to_state is CopyState.ABSENT and "died" in events[-1].reason
+
+
+async def test_a_cold_start_that_cannot_fit_even_after_evicting_everything_evicts_nothing(spec):
+    w = Worker("w0", SimEngine(FAST), MemoryPool(24 * PAGE_BYTES), kv_bytes_per_instance=PAGE_BYTES)
+    await w.prewarm(spec.model_copy(update={"slug": "a", "parameter_bytes": 10 * PAGE_BYTES}))
+    huge = spec.model_copy(update={"slug": "huge", "parameter_bytes": 30 * PAGE_BYTES})
+    r = await w.handle(WorkerCommand(kind=CommandKind.ACTIVATE, model="huge", spec=huge))
+    assert not r.ok and r.error.code == "insufficient_memory"
+    assert w.copies["a"].state is CopyState.PREWARMED and "huge" not in w.copies
