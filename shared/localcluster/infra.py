@@ -73,6 +73,13 @@ class EmbeddedPostgres:
                 raise StartError(f"embedded Postgres did not start: {exc}") from exc
         return self._server.get_uri(database)
 
+    def pid(self) -> int | None:
+        """The postmaster's pid (from its pid file), while it runs."""
+        try:
+            return int((self.parent / "data" / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.cleanup()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.localcluster.infra import StartError
-from shared.localcluster.processes import free_port
+from shared.localcluster.processes import die_with_parent, free_port
 
 ROOT = Path(__file__).parents[2]
 
@@ -60,8 +60,9 @@ def launch(state: Path, *args: str, extra_env: dict[str, str] | None = None, tim
                **(extra_env or {}))
     for k in ("WARMSERVE_NATS_URL", "WARMSERVE_DATABASE_URL"):  # embedded servers, not the machine's
         env.pop(k, None)
+    # it gets SIGTERM (and stops its cluster) if the caller dies, however it dies
     proc = subprocess.Popen([sys.executable, "-m", "shared.cli.main", "up", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, preexec_fn=die_with_parent)
     out: list[str] = []
     timer = _kill_after(proc, timeout_s)
     try:
@@ -75,8 +76,7 @@ def launch(state: Path, *args: str, extra_env: dict[str, str] | None = None, tim
         timer.cancel()
     text = "".join(out)
     if "WarmServe is up" not in text:
-        proc.kill()
-        proc.wait()
+        Launched(proc, text, env, port).stop(timeout_s=30)  # Ctrl-C first: it stops what it started
         raise StartError(f"warmserve up did not come up within {timeout_s:.0f} s:\n{text}")
     launched = Launched(proc, text, env, port)
     # keep reading what it prints, so a full pipe never blocks it

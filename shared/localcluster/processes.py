@@ -12,12 +12,43 @@ import time
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child before exec: get SIGTERM if the supervisor dies, however it dies."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def become_subreaper() -> None:
+    """Processes orphaned below this one (a killed worker's vLLM engine processes) are re-parented here
+    instead of to init, so ``kill_orphans`` can stop them."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def kill_orphans(keep: set[int]) -> list[str]:
+    """Kill, with their descendants, this process's children not in ``keep``: what is left of services that
+    died (they were re-parented here). Returns their names."""
+    import psutil
+
+    killed = []
+    for child in psutil.Process().children():
+        if child.pid in keep:
+            continue
+        try:
+            tree = [*child.children(recursive=True), child]
+            killed.append(child.name())
+        except psutil.NoSuchProcess:
+            continue
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(tree, timeout=5)
+    return killed
 
 
 def spawn(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -27,7 +58,7 @@ def spawn(args: list[str], log_path: Path, env: dict[str, str] | None = None) ->
     log = open(log_path, "ab")
     try:
         return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True, preexec_fn=_die_with_parent)
+                                env=env, start_new_session=True, preexec_fn=die_with_parent)
     finally:
         log.close()
 

@@ -16,7 +16,7 @@ import httpx
 
 from shared.localcluster.infra import EmbeddedPostgres, StartError, start_nats
 from shared.localcluster.nats_auth import OPERATOR, SERVICE_USERS, USERS, without_user
-from shared.localcluster.processes import env_with, port_free, spawn, stop_all, tail
+from shared.localcluster.processes import become_subreaper, env_with, kill_orphans, port_free, spawn, stop_all, tail
 from shared.settings import LocalClusterSettings
 
 DEMO_MODEL = "tiny-llama"
@@ -106,10 +106,22 @@ class Cluster:
             if len(recent) >= MAX_RESTARTS:
                 return name
             self.restarts[name] = recent + [now]
+            self.reap_orphans()
             print(f"{name} exited (code {self.procs[name].returncode}); restarting it. Its log ends with:\n"
                   f"{tail(self.log(name), 5)}", file=sys.stderr, flush=True)
             self.start(name)
         return None
+
+    def reap_orphans(self) -> None:
+        """Kill what services that died left behind (a worker's vLLM engine processes, re-parented to this
+        supervisor): they hold memory and cores nobody accounts for."""
+        keep = {p.pid for p in self.procs.values()} | ({self.nats.pid} if self.nats else set())
+        if self.postgres is not None and self.postgres.pid():
+            keep.add(self.postgres.pid())  # daemonised by pg_ctl, so also re-parented here
+        killed = kill_orphans(keep)
+        if killed:
+            print(f"stopped {len(killed)} orphaned process(es) of services that died: {', '.join(sorted(set(killed)))}",
+                  file=sys.stderr, flush=True)
 
     def dead(self) -> list[str]:
         return [name for name, p in self.procs.items() if p.poll() is not None]
@@ -119,6 +131,7 @@ class Cluster:
         first = [self.procs[n] for n in order if n in self.procs]
         stop_all(first)
         stop_all([p for n, p in self.procs.items() if n not in order])
+        self.reap_orphans()
         if self.nats is not None:
             stop_all([self.nats])
         if self.postgres is not None:
@@ -240,6 +253,7 @@ def up(settings: LocalClusterSettings, smoke: bool = True, ready_timeout_s: floa
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)  # also when started in the background with SIGINT ignored
+    become_subreaper()
     progress = Progress(7 if smoke else 6)
     try:
         if not port_free(settings.gateway_port):

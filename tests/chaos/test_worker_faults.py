@@ -102,7 +102,7 @@ def test_worker_killed_mid_stream(cluster):
         streamer.join(30)
         err = ended_with_error(out)
         assert out["lines"][-1][0] - killed < 10, "the stream's error came late"
-        assert err["code"] in ("responder_lost", "worker_lost", "timeout") and "worker" in err["message"]
+        assert err["code"] == "responder_lost" and "worker" in err["message"], err  # the heartbeat, not a timeout
         for t in waiters:
             t.join(40)
         assert len(queued) == 2
@@ -121,6 +121,7 @@ def test_worker_killed_mid_stream(cluster):
         assert len(observed) <= 2, f"the orchestrator kept commanding the dead worker: {observed}"
     finally:
         lost.kill()
+        lost.wait()
         for w in ("worker-0", "worker-1"):
             cli(env, "worker", "undrain", w)
 
@@ -141,7 +142,7 @@ def test_stuck_worker_times_out_and_leaves_routing(cluster):
         streamer.join(30)
         err = ended_with_error(out)
         assert out["lines"][-1][0] - stopped < 10
-        assert err["code"] in ("responder_lost", "worker_lost", "timeout"), err
+        assert err["code"] == "responder_lost", err  # the stale heartbeat (3 s), before the 5 s silence timeout
         until(lambda: stuck_id not in workers(env), timeout=HEARTBEAT_TIMEOUT_S + 5, what="stuck worker out of the list")
         served: list = []
         plain(url, key, served)

@@ -22,8 +22,7 @@ def cluster(tmp_path_factory):
     children = psutil.Process(up.proc.pid).children(recursive=True)
     yield {"url": f"http://127.0.0.1:{up.port}", "up": up, "output": up.output, "children": children,
            "state": state, "env": up.env, "key": up.info["api_key"]}
-    if up.proc.poll() is None:
-        up.proc.kill()
+    up.stop()
 
 
 def test_up_reports_progress_and_answers_the_smoke_request(cluster):

@@ -19,10 +19,12 @@ pytestmark = pytest.mark.e2e
 
 
 def replay(tmp_path, *args: str) -> tuple[dict, str]:
+    # within the test's own timeout, so a hung replay is stopped here (and its clusters with it: each
+    # `warmserve up` it starts dies with it)
     out = subprocess.run([sys.executable, "-m", "loadtest.replay", *args, "--duration", "20", "--drain", "60",
                           "--request-timeout", "90", "--state-dir", str(tmp_path / "state"),
                           "--out-dir", str(tmp_path), "--name", "smoke"],
-                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+                         capture_output=True, text=True, timeout=780, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert (tmp_path / "smoke.png").stat().st_size > 10_000  # the timeline was drawn
     return json.loads((tmp_path / "smoke.json").read_text()), out.stdout

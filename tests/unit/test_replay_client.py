@@ -57,9 +57,9 @@ def test_an_openai_error_body_is_a_clear_error_and_a_bare_5xx_is_lost():
 
 
 def test_an_error_event_mid_stream_is_an_error_and_a_stream_cut_short_is_lost():
-    died = {"error": {"message": "worker-0 stopped", "type": "server_error", "code": "worker_lost"}}
+    died = {"error": {"message": "worker-0 stopped", "type": "server_error", "code": "responder_lost"}}
     res, _ = run(lambda r: httpx.Response(200, content=sse(chunk("a"), died, "[DONE]")))
-    assert (res.end, res.error) == ("error", "worker_lost: worker-0 stopped")
+    assert (res.end, res.error) == ("error", "responder_lost: worker-0 stopped")
     res, _ = run(lambda r: httpx.Response(200, content=sse(chunk("a"), chunk("b"))))
     assert res.end == "lost" and res.error == "the stream ended without [DONE]" and res.ttft_s is not None
 
