@@ -131,7 +131,10 @@ def cluster(tmp_path_factory):
     up = start_cluster(state, "--engine", "sim", "--workers", "2", "--no-smoke", timeout_s=180, extra_env={
         "WARMSERVE_BATCH_CAPACITY": "1", "WARMSERVE_HEARTBEAT_TIMEOUT_S": "3", "WARMSERVE_QUEUE_WAIT_S": "20",
         "WARMSERVE_INTER_TOKEN_TIMEOUT_S": "5", "WARMSERVE_WINDOW_S": "10", "WARMSERVE_REPLAN_INTERVAL_S": "1",
-        "WARMSERVE_MIN_INSTANCE_LIFETIME_S": "600", "WARMSERVE_RATE_LIMIT_RPS": "1000"})  # instances stay until a test stops them
+        "WARMSERVE_MIN_INSTANCE_LIFETIME_S": "600", "WARMSERVE_RATE_LIMIT_RPS": "1000",
+        # forecasting is not under test here: the statsforecast models' first fit (numba compilation) takes
+        # a minute on two busy cores and would hold the forecaster's history writes behind it
+        "WARMSERVE_FORECAST_METHODS": "naive"})  # instances stay until a test stops them
     info = up.info
     handle = {"up": up, "env": up.env, "state": state, "url": info["gateway_url"], "key": info["api_key"],
               "nats_url": info["nats_url"], "database_url": info["database_url"], "extra_procs": [],
