@@ -325,13 +325,17 @@ class Forecaster:
             await pause(stop, 0.2)
         if not stop.is_set():
             await self.round(time.time())  # windows closed while we were away, and a first forecast
+        # the next round is due when the current window has closed (plus grace); kept across the retry
+        # wake-ups in between, which would otherwise step over it whenever a window is no longer than
+        # the retry interval
+        boundary = self.book.window_of(time.time()) + s.window_s + s.close_grace_s
         while not stop.is_set():
-            boundary = self.book.window_of(time.time()) + s.window_s + s.close_grace_s
             await pause(stop, max(0.0, min(boundary - time.time(), s.retry_interval_s)))
             if stop.is_set():
                 break
             try:
                 if time.time() >= boundary:
+                    boundary = self.book.window_of(time.time()) + s.window_s + s.close_grace_s
                     await self.round(time.time())
                 else:
                     await self.first_forecasts()
