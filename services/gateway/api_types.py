@@ -72,6 +72,8 @@ class _Common(BaseModel):
         return ("max_tokens", self.max_tokens) if self.max_tokens is not None else None
 
     def prompt_chars(self) -> int:
+        """Characters of prompt text (checked against WARMSERVE_MAX_PROMPT_CHARS); each request type counts
+        its own (chat: every message's content; completions: the prompt)."""
         raise NotImplementedError
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
