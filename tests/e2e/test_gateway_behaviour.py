@@ -34,10 +34,22 @@ def cluster(tmp_path_factory):
                    # instances ahead of it (a share of 1.0 is never exceeded) nor stops them mid-test
                    "WARMSERVE_SCALE_UP_THRESHOLD": "1.0", "WARMSERVE_MIN_INSTANCE_LIFETIME_S": "600"})
     info = json.loads((state / "cluster.json").read_text())
+    # `warmserve up` is ready once the demo model is prewarmed; the tests need the second worker too
+    # (a scale-up with no free worker is refused and retried, and the running stream may end first)
+    deadline = time.monotonic() + 60
+    while len(live_workers(up.env)) < 2:
+        assert time.monotonic() < deadline, f"second worker not live: {live_workers(up.env)}"
+        time.sleep(0.25)
     client = OpenAI(base_url=f"{info['gateway_url']}/v1", api_key=info["api_key"], max_retries=0, timeout=60)
     yield {"proc": up.proc, "env": up.env, "state": state, "client": client, "key": info["api_key"],
            "url": info["gateway_url"]}
     up.stop()
+
+
+def live_workers(env) -> list[dict]:
+    out = cli(env, "workers", "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
 
 
 def chat(client, max_tokens=8, **kw):
@@ -55,7 +67,7 @@ def test_outcomes_prewarm_hit_then_cold_then_warm(cluster):
         next(line for line in lines if line.startswith("data: "))
         # the instance serves one request at a time: the next one waits while another worker loads cold
         second = chat(client)
-        assert second.headers["x-warmserve-outcome"] == "cold"
+        assert second.headers["x-warmserve-outcome"] == "cold", live_workers(cluster["env"])
         assert second.parse().choices[0].finish_reason in ("length", "stop")
         for _ in lines:
             pass
@@ -123,7 +135,7 @@ def test_worker_killed_mid_stream_ends_the_stream_and_the_next_request_is_served
         next(line for line in lines if line.startswith("data: "))
         busy = None
         for _ in range(20):  # in-flight counts reach the KV bucket with the next heartbeat
-            workers = json.loads(cli(cluster["env"], "workers", "--json").stdout)
+            workers = live_workers(cluster["env"])
             busy = next((w["worker_id"] for w in workers if any(c["in_flight"] for c in w["copies"])), None)
             if busy:
                 break
@@ -142,7 +154,7 @@ def test_worker_killed_mid_stream_ends_the_stream_and_the_next_request_is_served
     assert served.parse().choices[0].message.content
     deadline = time.monotonic() + 30  # the supervisor restarts the killed worker
     while time.monotonic() < deadline:
-        workers = json.loads(cli(cluster["env"], "workers", "--json").stdout)
+        workers = live_workers(cluster["env"])
         if busy in {w["worker_id"] for w in workers}:
             break
         time.sleep(0.5)
