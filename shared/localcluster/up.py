@@ -192,6 +192,29 @@ def _wait_ready(cluster: Cluster, timeout_s: float, api_key: str) -> None:
     raise StartError(f"cluster not ready after {timeout_s:.0f} s: {last}")
 
 
+async def _wait_workers(nats_url: str, expected: int, timeout_s: float) -> None:
+    """Until every worker has reported its state: a cluster that says it is up has all its capacity
+    (a scale-up with a worker still starting would be refused)."""
+    from shared import bus
+    from shared.messages import AdminReply, AdminRequest
+    from shared.subjects import ADMIN
+
+    nc = await bus.connect(nats_url, "warmserve-up", deadline_s=10)
+    try:
+        deadline = time.monotonic() + timeout_s
+        live: list = []
+        while time.monotonic() < deadline:
+            reply = await bus.request(nc, ADMIN.format(verb="worker-list"), AdminRequest(args={}), AdminReply,
+                                      timeout=15)
+            live = reply.result if reply.ok else []
+            if len(live) >= expected:
+                return
+            await asyncio.sleep(0.25)
+    finally:
+        await nc.close()
+    raise StartError(f"{len(live)} of {expected} workers live after {timeout_s:.0f} s")
+
+
 async def local_api_key(nats_url: str) -> str:
     """A key for this local cluster (created through the admin verb, as an operator would), and a pin
     that keeps the demo model prewarmed: with no load history its forecast is zero, and placement
@@ -278,9 +301,11 @@ def up(settings: LocalClusterSettings, smoke: bool = True, ready_timeout_s: floa
         with progress.step(f"services: gateway, forecaster, placement, orchestrator, "
                            f"{settings.workers} worker(s) with the {settings.resolved_engine} engine"):
             cluster.start_services()
-        with progress.step(f"waiting for readiness ({DEMO_MODEL} servable behind the gateway)"):
+        with progress.step(f"waiting for readiness ({DEMO_MODEL} servable behind the gateway, "
+                           f"{settings.workers} worker(s) live)"):
             api_key = asyncio.run(local_api_key(cluster.operator_nats_url))
             _wait_ready(cluster, ready_timeout_s, api_key)
+            asyncio.run(_wait_workers(cluster.operator_nats_url, settings.workers, ready_timeout_s))
         (state_dir / CLUSTER_FILE).write_text(json.dumps(
             {"gateway_url": cluster.gateway_url, "nats_url": cluster.operator_nats_url, "database_url": cluster.database_url,
              "api_key": api_key, "pid": os.getpid()}, indent=2))
