@@ -61,6 +61,10 @@ class GatewaySettings(CommonSettings):
     max_body_bytes: int = Field(1024**2, ge=1024, description="largest request body, chunked bodies included; "
                                                              "larger ones get a 413 before any parsing")
     max_messages: int = Field(256, ge=1, description="most messages in one chat request (more: 400)")
+    shutdown_grace_s: float = Field(10.0, ge=1, description="on SIGTERM the gateway stops being ready and gives "
+                                                          "requests in flight this long; what is still running "
+                                                          "1 s before the end gets a 503 or an error event "
+                                                          "(gateway_shutdown)")
     max_prompt_chars: int = Field(512 * 1024, ge=1, description="most characters in a request's prompt or "
                                                                "messages together (more: 400); the worker then "
                                                                "checks tokens against the model's context")

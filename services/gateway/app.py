@@ -23,6 +23,7 @@ from services.gateway.errors import ApiError
 from services.gateway.limits import Guard, KeySlots, check_request, prompt_param
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.routing import RoutingTable
+from services.gateway.shutdown import Drain
 from shared import bus
 from shared.apikeys import hash_key
 from shared.messages import (
@@ -38,6 +39,7 @@ OUTCOME_HEADER = "x-warmserve-outcome"
 DEFAULT_MAX_TOKENS = 256
 MAX_ROUTES = 3  # a request that no worker started is routed again, at most this often
 CLIENT_CLOSED = 499  # nginx's "client closed request"
+CUT_BEFORE_END_S = 1.0  # of the shutdown grace: time to send the errors and close before uvicorn cancels
 
 
 class Gateway:
@@ -50,6 +52,7 @@ class Gateway:
         self.tracer = trace.get_tracer("warmserve.gateway")
         self.buckets: dict[str, TokenBucket] = {}
         self.key_slots = KeySlots(settings.key_max_concurrency)
+        self.drain = Drain()
 
     async def start(self) -> None:
         s = self.settings
@@ -71,6 +74,14 @@ class Gateway:
         await self.workers.stop()
         await self.keys.stop()
         await bus.close(self.nc)
+
+    def begin_drain(self) -> None:
+        """Shutdown has begun: stop being ready, and end whatever is still running with a clear error
+        shortly before the grace period is over (uvicorn would cut it without a word)."""
+        if not self.drain.draining:
+            cut_after = max(self.settings.shutdown_grace_s - CUT_BEFORE_END_S, 0.0)
+            log.info("shutting down: requests in flight have %.0f s to finish", cut_after)
+            self.drain.begin(cut_after)
 
     def authorize(self, authorization: str | None) -> ApiKeyRecord | None:
         """401 for a missing, unknown or disabled key; 429 when the key is over its rate.
@@ -144,7 +155,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz():
-        checks = {"nats": gw.nc.is_connected, "routing_table": gw.table.ready, "api_keys": gw.keys.ready.is_set()}
+        checks = {"nats": gw.nc.is_connected, "routing_table": gw.table.ready, "api_keys": gw.keys.ready.is_set(),
+                  "not_shutting_down": not gw.drain.draining}
         return JSONResponse({"ready": all(checks.values()), "checks": checks},
                             status_code=200 if all(checks.values()) else 503)
 
@@ -179,13 +191,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         try:
             for _attempt in range(MAX_ROUTES):
                 with trace.use_span(span, end_on_exit=False):  # queueing, scale-up and worker spans join
-                    route, outcome, waited = await gw.admission.admit(body.model, exclude=tried)
+                    route, outcome, waited = await gw.drain.unless_cut(gw.admission.admit(body.model, exclude=tried))
                 served.route(route, outcome, waited)
                 routed = infer.model_copy(update={"instance_id": route.instance_id})
                 stream = gw.chunks(route, routed)
                 try:
                     with trace.use_span(span, end_on_exit=False):
-                        first = await _first(stream, pparam)
+                        first = await gw.drain.unless_cut(_first(stream, pparam))
                     break
                 except _NotStarted as exc:  # nothing was generated yet: another instance may serve it
                     await stream.aclose()
@@ -211,7 +223,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
         if not body.stream:
             try:
-                text, last = await _collect(first, stream, pparam)
+                text, last = await gw.drain.unless_cut(_collect(first, stream, pparam))
             except BaseException as exc:
                 served.done(_status_of(exc))
                 raise
@@ -241,10 +253,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                         if include_usage and chunk.usage:
                             yield _sse(_chunk(infer, body.model, chat, created, usage=chunk.usage, empty=True))
                         break
-                    chunk = await anext(stream)
+                    chunk = await gw.drain.unless_cut(_next(stream))
             except bus.BusError as exc:
                 status = 504
                 yield _sse(ApiError(504, f"worker stopped answering: {exc}", code=exc.code).body())
+            except ApiError as exc:  # the gateway is shutting down
+                status = exc.status
+                yield _sse(exc.body())
             except (GeneratorExit, asyncio.CancelledError):
                 status = CLIENT_CLOSED
                 raise
@@ -363,6 +378,10 @@ async def _first(stream: AsyncIterator[InferChunk], prompt_param: str) -> InferC
             raise _NotStarted(first.error.message)
         raise errors.from_worker(first.error.code, first.error.message, prompt_param)
     return first
+
+
+async def _next(stream: AsyncIterator[InferChunk]) -> InferChunk:
+    return await anext(stream)
 
 
 async def _collect(first: InferChunk, stream: AsyncIterator[InferChunk], prompt_param: str) -> tuple[str, InferChunk]:

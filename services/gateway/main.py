@@ -1,20 +1,37 @@
-"""Gateway process: uvicorn serving the app (uvicorn handles SIGINT/SIGTERM gracefully)."""
+"""Gateway process: uvicorn serving the app, with a shutdown that ends requests clearly.
+
+On SIGTERM or SIGINT uvicorn stops accepting connections and waits ``shutdown_grace_s`` for the
+requests in flight; the gateway is told first, so it stops being ready at once and, just before the
+grace is over, ends what is still running with a 503 or an error event instead of a cut connection.
+"""
 
 from __future__ import annotations
 
 import uvicorn
 
-from services.gateway.app import create_app
+from services.gateway.app import Gateway, create_app
 from shared.settings import GatewaySettings, load_settings
 from shared.telemetry import configure_logging, setup_tracing
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, gateway: Gateway):
+        super().__init__(config)
+        self.gateway = gateway
+
+    async def shutdown(self, sockets=None) -> None:
+        self.gateway.begin_drain()
+        await super().shutdown(sockets)
 
 
 def main() -> None:
     settings = load_settings(GatewaySettings)
     configure_logging(settings.log_level)
     setup_tracing("gateway", settings.otlp_endpoint)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=10)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                            timeout_graceful_shutdown=settings.shutdown_grace_s)
+    DrainingServer(config, app.state.gateway).run()
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ class Cluster:
     def stop(self) -> None:
         order = ["gateway", "prewarm_orchestrator", "placement", "forecaster"]
         first = [self.procs[n] for n in order if n in self.procs]
-        stop_all(first)
+        stop_all(first, timeout_s=15.0)  # the gateway's default shutdown grace (10 s) fits
         stop_all([p for n, p in self.procs.items() if n not in order])
         self.reap_orphans()
         if self.nats is not None:
