@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import openai
 import psutil
 import pytest
@@ -23,7 +24,8 @@ from shared.localcluster.launch import ROOT, Launched
 from shared.localcluster.processes import die_with_parent
 from tests.e2e.conftest import start_cluster
 
-__all__ = ["ROOT", "Load", "cli", "service_process", "spawn_worker", "until", "workers"]
+__all__ = ["ROOT", "Load", "cli", "ended_with_error", "service_process", "spawn_worker", "stream", "until",
+           "workers"]
 
 
 def cli(env, *args, timeout=60) -> subprocess.CompletedProcess:
@@ -67,6 +69,28 @@ def spawn_worker(up: Launched, worker_id: str, **env: str) -> subprocess.Popen:
     with open(Path(up.env["WARMSERVE_STATE_DIR"]) / "logs" / f"{worker_id}.log", "ab") as log:
         return subprocess.Popen([sys.executable, "-m", "services.gpu_worker"], env=wenv, stdout=log,
                                 stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=die_with_parent)
+
+
+def stream(url: str, key: str, out: dict, max_tokens: int = 2000) -> None:
+    """A long streamed chat completion; records each data line with its arrival time."""
+    out["lines"] = []
+    body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "go"}], "max_tokens": max_tokens,
+            "stream": True}
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {key}"}) as r:
+            out["status"] = r.status_code
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    out["lines"].append((time.monotonic(), line[6:]))
+    except httpx.HTTPError as exc:
+        out["exc"] = repr(exc)
+
+
+def ended_with_error(out: dict) -> dict:
+    data = [d for _, d in out["lines"]]
+    assert data and data[-1] == "[DONE]", data[-3:]
+    return json.loads(data[-2])["error"]
 
 
 @dataclass
@@ -124,6 +148,9 @@ class Load:
         return self.ends
 
 
+GATEWAY_GRACE_S = 2  # the gateway's shutdown grace: shorter than the long requests the tests send
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Two supervised sim workers, one request per instance (so requests queue), quick failure detection."""
@@ -132,6 +159,7 @@ def cluster(tmp_path_factory):
         "WARMSERVE_BATCH_CAPACITY": "1", "WARMSERVE_HEARTBEAT_TIMEOUT_S": "3", "WARMSERVE_QUEUE_WAIT_S": "20",
         "WARMSERVE_INTER_TOKEN_TIMEOUT_S": "5", "WARMSERVE_WINDOW_S": "10", "WARMSERVE_REPLAN_INTERVAL_S": "1",
         "WARMSERVE_MIN_INSTANCE_LIFETIME_S": "600", "WARMSERVE_RATE_LIMIT_RPS": "1000",
+        "WARMSERVE_SHUTDOWN_GRACE_S": str(GATEWAY_GRACE_S),
         # forecasting is not under test here: the statsforecast models' first fit (numba compilation) takes
         # a minute on two busy cores and would hold the forecaster's history writes behind it
         "WARMSERVE_FORECAST_METHODS": "naive"})  # instances stay until a test stops them

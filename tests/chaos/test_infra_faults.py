@@ -4,8 +4,10 @@ import asyncio
 import os
 import signal
 import subprocess
+import threading
 import time
 
+import httpx
 import psutil
 import pytest
 from sqlalchemy import text
@@ -15,7 +17,9 @@ from shared.db.engine import create_engine, sessionmaker
 from shared.localcluster.infra import EmbeddedPostgres
 from shared.localcluster.processes import wait_port
 from shared.subjects import CATALOG_BUCKET, STREAMS
-from tests.chaos.conftest import Load, cli, service_process, stop_postgres, until, workers
+from tests.chaos.conftest import (
+    GATEWAY_GRACE_S, Load, cli, ended_with_error, service_process, stop_postgres, stream, until, workers,
+)
 
 pytestmark = pytest.mark.chaos
 
@@ -183,6 +187,42 @@ def test_service_restarts_under_load(cluster):
     # gateway listened (refused at once, never half-answered)
     assert around_gateway["lost"] + around_gateway["error"] <= load.clients, load.errors[-5:]
     assert later["ok"] > 0 and later["lost"] == later["error"] == later["refused"] == 0
+
+
+def test_gateway_stop_ends_long_requests_with_a_clear_error(cluster):
+    """SIGTERM: the gateway stops being ready, and the requests still running near the end of its
+    shutdown grace get a 503 or an error event (gateway_shutdown), never a cut connection."""
+    up, url, key = cluster["up"], cluster["url"], cluster["key"]
+    until(lambda: _chat_or_none(cluster), timeout=60, what="served")
+    streamed, whole = {}, {}
+
+    def long_plain() -> None:  # not streamed: the answer comes whole, or an HTTP error does
+        body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "go"}], "max_tokens": 2000}
+        try:
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60,
+                           headers={"Authorization": f"Bearer {key}"})
+            whole.update(status=r.status_code, body=r.json())
+        except httpx.HTTPError as exc:
+            whole["exc"] = repr(exc)
+
+    threads = [threading.Thread(target=stream, args=(url, key, streamed), daemon=True),
+               threading.Thread(target=long_plain, daemon=True)]
+    for t in threads:
+        t.start()
+    until(lambda: streamed.get("lines"), timeout=30, every=0.1, what="the stream's first token")
+    time.sleep(0.3)  # the other request is in flight too (generating, or waiting for an instance)
+    gateway = service_process(up, "gateway")
+    gateway.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    for t in threads:
+        t.join(30)
+    assert "exc" not in streamed and "exc" not in whole, (streamed.get("exc"), whole.get("exc"))
+    err = ended_with_error(streamed)
+    assert err["code"] == "gateway_shutdown" and "retry" in err["message"]
+    assert streamed["lines"][-1][0] - stopped < GATEWAY_GRACE_S + 1
+    assert whole["status"] == 503 and whole["body"]["error"]["code"] == "gateway_shutdown", whole
+    until(lambda: _restarted(up, "gateway", gateway.pid), timeout=30, what="gateway restarted")
+    until(lambda: _chat_or_none(cluster), timeout=30, what="the new gateway serving")
 
 
 def _restarted(up, name: str, old_pid: int) -> bool:

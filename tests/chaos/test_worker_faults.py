@@ -10,27 +10,11 @@ import httpx
 import pytest
 
 from shared import bus
-from tests.chaos.conftest import cli, service_process, spawn_worker, until, workers
+from tests.chaos.conftest import cli, ended_with_error, service_process, spawn_worker, stream, until, workers
 
 pytestmark = pytest.mark.chaos
 
 HEARTBEAT_TIMEOUT_S = 3  # the cluster fixture's
-
-
-def stream(url: str, key: str, out: dict, max_tokens: int = 2000) -> None:
-    """A long streamed chat completion; records each data line with its arrival time."""
-    out["lines"] = []
-    body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "go"}], "max_tokens": max_tokens,
-            "stream": True}
-    try:
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60,
-                          headers={"Authorization": f"Bearer {key}"}) as r:
-            out["status"] = r.status_code
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    out["lines"].append((time.monotonic(), line[6:]))
-    except httpx.HTTPError as exc:
-        out["exc"] = repr(exc)
 
 
 def plain(url: str, key: str, out: list) -> None:
@@ -40,12 +24,6 @@ def plain(url: str, key: str, out: list) -> None:
         out.append((r.status_code, r.json()))
     except httpx.HTTPError as exc:
         out.append((None, repr(exc)))
-
-
-def ended_with_error(out: dict) -> dict:
-    data = [d for _, d in out["lines"]]
-    assert data and data[-1] == "[DONE]", data[-3:]
-    return json.loads(data[-2])["error"]
 
 
 async def commands_to(nats_url: str, worker_id: str, seconds: float) -> list[bytes]:
