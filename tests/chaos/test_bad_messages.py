@@ -1,9 +1,10 @@
-"""Malformed and unauthorized NATS messages to a running cluster: clear error replies (or nothing, where
-the server refuses them), no crash, no state change. (Oversized messages never reach a service: the
-server refuses anything beyond its max_payload, and clients enforce the limit it advertises.)"""
+"""Malformed, oversized and unauthorized NATS messages to a running cluster: clear error replies (or
+nothing, where the server refuses them), no crash, no state change. Messages beyond the server's
+max_payload never reach a service: the server refuses them and drops the connection that sent them."""
 
 import asyncio
 import json
+from urllib.parse import urlsplit
 
 import nats
 import pytest
@@ -14,7 +15,11 @@ from tests.chaos.conftest import cli, service_process, workers
 pytestmark = pytest.mark.chaos
 
 GARBAGE = [b"\xff\xfe\x00garbage", b"{not json", b"[]", b'{"args": 5}', b'{"kind": "explode", "model": "x"}',
-           json.dumps({"args": {"slug": "Bad Slug!", "path": "/x"}}).encode(), b""]
+           json.dumps({"args": {"slug": "Bad Slug!", "path": "/x"}}).encode(), b"",
+           # big, but within max_payload (1 MiB): parsed and refused like any other bad request
+           json.dumps({"args": {"slug": "x" * 900_000, "path": "/x"}, "kind": "prewarm", "model": "y" * 900_000}
+                      ).encode()[:1_000_000], json.dumps({"args": {"rates": [0.0] * 150_000}}).encode()]
+MAX_PAYLOAD = 1024 * 1024  # nats-server's default, which the local cluster and infra/ keep
 
 
 async def replies(url: str, subject: str, payloads: list[bytes]) -> list[dict | None]:
@@ -29,6 +34,24 @@ async def replies(url: str, subject: str, payloads: list[bytes]) -> list[dict | 
     finally:
         await nc.close()
     return out
+
+
+async def raw_oversized_publish(url: str, subject: str) -> bytes:
+    """Publish one message beyond max_payload over a raw connection (nats-py refuses to send one):
+    what the server answers before it drops the connection."""
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    try:
+        await reader.readline()  # INFO
+        connect = {"user": parts.username, "pass": parts.password, "verbose": False, "pedantic": False}
+        writer.write(f"CONNECT {json.dumps(connect)}\r\nPING\r\n".encode())
+        assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"PONG")
+        # the size is in the PUB line: the server refuses it there, before reading the payload
+        writer.write(f"PUB {subject} {MAX_PAYLOAD + 1}\r\n".encode())
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)  # to the server's close
+    finally:
+        writer.close()
 
 
 def snapshot(env) -> tuple:
@@ -48,6 +71,8 @@ def test_malformed_and_oversized_admin_and_worker_messages_get_errors_and_change
     commander = service_process(up, "prewarm_orchestrator").environ()["WARMSERVE_NATS_URL"]  # who may command workers
     for reply in asyncio.run(replies(commander, "warmserve.worker.worker-0.cmd", GARBAGE)):
         assert reply is not None and reply["ok"] is False and reply["error"]["code"], reply
+    answer = asyncio.run(raw_oversized_publish(url, "warmserve.admin.model-register"))
+    assert b"-ERR 'Maximum Payload Violation'" in answer, answer
     assert snapshot(env) == before
     assert {name: service_process(up, name).pid for name in pids} == pids  # nothing crashed (or restarted)
     assert service_process(up, "gpu_worker", "worker-0").pid == worker_pid
