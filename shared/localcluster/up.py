@@ -204,9 +204,12 @@ async def _wait_workers(nats_url: str, expected: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         live: list = []
         while time.monotonic() < deadline:
-            reply = await bus.request(nc, ADMIN.format(verb="worker-list"), AdminRequest(args={}), AdminReply,
-                                      timeout=15)
-            live = reply.result if reply.ok else []
+            try:
+                reply = await bus.request(nc, ADMIN.format(verb="worker-list"), AdminRequest(args={}), AdminReply,
+                                          timeout=15)
+                live = reply.result if reply.ok else []
+            except bus.BusError:  # placement restarting: ask again
+                live = []
             if len(live) >= expected:
                 return
             await asyncio.sleep(0.25)
