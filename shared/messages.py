@@ -144,6 +144,7 @@ class ModelCopy(BusMessage):
     kv_total_blocks: int = 0
     kv_used_blocks: int = 0
     kv_target_free_blocks: int | None = None
+    made: Outcome | None = None  # an active instance: cold (loaded for it) or prewarm_hit (from a prewarmed copy)
 
 
 class GpuStats(BusMessage):

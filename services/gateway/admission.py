@@ -114,14 +114,17 @@ class Admission:
                 self.table.started(route)  # reserve the slot before anything else can take it
                 if route.instance_id in existing:
                     return route, Outcome.WARM
+                # a new instance (ours, or the autoscaler's that our wait caused): cold or a prewarm hit
+                made = self.created.get(route.instance_id) or route.made
                 task = self._scaling.get(model)
-                if route.instance_id not in self.created and task is not None and not task.done():
+                if made is None and task is not None and not task.done():
                     try:
                         await asyncio.wait([task], timeout=1.0)  # its reply says how it was made
                     except BaseException:  # the client left meanwhile: the slot is not the caller's yet
                         self.table.finished(route)
                         raise
-                return route, self.created.get(route.instance_id, Outcome.WARM)
+                    made = self.created.get(route.instance_id)
+                return route, made or Outcome.WARM
             task = self._scale(model, reason)  # again whenever the last ask is over and nothing has room
             if task is not None and task.done() and not task.result().ok and task.result().error:
                 last_error = task.result().error.message

@@ -18,7 +18,7 @@ from services.gpu_worker.engines import Delta, Engine, EngineError
 from services.gpu_worker.memory import PAGE_BYTES, MemoryPool, pages
 from shared.policy.kv import kv_bytes_to_keep, reclaimable_bytes
 from shared.messages import (
-    CommandKind, CommandResult, CopyState, ErrorInfo, InferRequest, ModelCopy, ModelSpec, WorkerCommand,
+    CommandKind, CommandResult, CopyState, ErrorInfo, InferRequest, ModelCopy, ModelSpec, Outcome, WorkerCommand,
     WorkerEvent,
 )
 
@@ -35,6 +35,7 @@ class Copy:
     resident_bytes: int = 0  # measured by the engine
     kv_granted_bytes: int = 0  # KV cache granted at activation: the most a KV target can take back
     kv_target_free_blocks: int | None = None
+    made: Outcome | None = None  # how the active instance was made (gateways label waiting requests by it)
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     requests: set[asyncio.Task] = field(default_factory=set)
 
@@ -69,7 +70,7 @@ class Worker:
                 instance_id=c.instance_id, in_flight=c.in_flight, since_s=c.since_s, resident_bytes=c.resident_bytes,
                 kv_bytes=self.memory.kv.get(c.spec.slug, 0) * PAGE_BYTES,
                 kv_total_blocks=usage.total_blocks if usage else 0, kv_used_blocks=usage.used_blocks if usage else 0,
-                kv_target_free_blocks=c.kv_target_free_blocks))
+                kv_target_free_blocks=c.kv_target_free_blocks, made=c.made))
         return out
 
     def reclaimable_bytes(self) -> int:
@@ -253,6 +254,7 @@ class Worker:
             await self.deactivate(current.spec.slug, reason=f"replaced by {spec.slug}")
         self._check_idle_for(spec.slug)
         copy = self.copies.get(spec.slug)
+        made = Outcome.COLD if copy is None or copy.state is CopyState.LOADING else Outcome.PREWARM_HIT
         if copy is None or copy.state is CopyState.LOADING:
             copy = await self.prewarm(spec, reason="cold start" if copy is None else reason, make_room=True)
         async with self._lock:
@@ -272,6 +274,7 @@ class Worker:
                 self.memory.give_back(self.memory.kv, spec.slug)
                 raise
             copy.kv_granted_bytes = kv
+            copy.made = made
             copy.instance_id = f"{self.worker_id}-{spec.slug}-{uuid.uuid4().hex[:8]}"  # unique across restarts
             self._move(copy, CopyState.ACTIVE, n_bytes=kv, seconds=time.monotonic() - started, reason=reason)
             return copy.instance_id
@@ -321,6 +324,7 @@ class Worker:
                                                        f"the copy was unloaded ({freed} bytes freed)") from exc
             freed = self.memory.give_back(self.memory.kv, model)
             copy.instance_id = None
+            copy.made = None
             copy.kv_target_free_blocks = None
             copy.kv_granted_bytes = 0
             self._move(copy, CopyState.PREWARMED, n_bytes=freed, seconds=time.monotonic() - started, reason=reason)

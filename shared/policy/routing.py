@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from shared.messages import CopyState, WorkerState
+from shared.messages import CopyState, Outcome, WorkerState
 
 
 @dataclass(frozen=True)
@@ -15,6 +15,7 @@ class Route:
     in_flight: int
     capacity: int = 32  # the worker's batch capacity B
     incarnation: float = 0.0  # the worker process's start time: a restarted worker is another one
+    made: Outcome | None = None  # how the instance was made (cold or prewarm_hit), as its worker reports
 
 
 def active_routes(model: str, workers: Iterable[WorkerState]) -> list[Route]:
@@ -23,7 +24,7 @@ def active_routes(model: str, workers: Iterable[WorkerState]) -> list[Route]:
     for w in workers:
         c = w.copy_of(model)
         if c is not None and c.state is CopyState.ACTIVE and c.instance_id:
-            routes.append(Route(w.worker_id, c.instance_id, c.in_flight, w.batch_capacity, w.started_at_s))
+            routes.append(Route(w.worker_id, c.instance_id, c.in_flight, w.batch_capacity, w.started_at_s, c.made))
     return routes
 
 

@@ -84,6 +84,25 @@ async def test_a_slot_freed_on_an_old_instance_is_warm_and_the_queue_is_bounded(
     assert route.instance_id == "old" and outcome is Outcome.WARM and waited < 1.0
 
 
+async def test_an_instance_someone_else_started_is_labelled_by_how_its_worker_made_it():
+    """The autoscaler may start the instance a waiting request gets before the request's own ask is
+    answered: the worker's report says cold (or prewarm_hit), never warm."""
+    table, never = FakeTable(), asyncio.Event()
+    table.instances = [Route("w1", "old", 1, capacity=1)]  # full
+
+    async def scaler(req):
+        await never.wait()  # the gateway's own ask is still pending
+        return ScaleReply(ok=False)
+
+    adm = Admission(table, scaler, wait_s=5.0, queue_size=8)
+    waiter = asyncio.create_task(adm.admit("m"))
+    await asyncio.sleep(0.05)
+    table.instances = [Route("w1", "old", 1, capacity=1), Route("w2", "auto", 0, capacity=1, made=Outcome.COLD)]
+    adm.notify()
+    route, outcome, _ = await asyncio.wait_for(waiter, 0.5)  # no waiting for the pending ask's reply
+    assert route.instance_id == "auto" and outcome is Outcome.COLD
+
+
 async def test_a_request_cancelled_while_its_scale_up_reply_is_awaited_gives_its_slot_back():
     table, replied = FakeTable(), asyncio.Event()
 

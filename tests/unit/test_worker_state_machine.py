@@ -8,7 +8,7 @@ from services.gpu_worker.engines import EngineError
 from services.gpu_worker.engines.sim import SimEngine, SimProfile
 from services.gpu_worker.memory import PAGE_BYTES, MemoryPool
 from services.gpu_worker.worker import Worker
-from shared.messages import ChatMessage, CommandKind, CopyState, InferRequest, ModelSpec, SamplingParams, WorkerCommand
+from shared.messages import ChatMessage, CommandKind, CopyState, InferRequest, ModelSpec, Outcome, SamplingParams, WorkerCommand
 from shared.modelgen import max_context, weight_bytes
 
 FAST = SimProfile(engine_start_s=0.0, decode_s_per_token_per_gb=0.0, prefill_s_per_token_per_gb=0.0,
@@ -34,6 +34,7 @@ async def test_prewarm_activate_serve_deactivate_evict(spec):
     assert w.copies["tiny"].state is CopyState.PREWARMED
     instance = await w.activate(spec)
     assert instance and w.active().instance_id == instance
+    assert w.snapshot()[0].made is Outcome.PREWARM_HIT  # gateways label requests that waited for it by this
     assert w.memory.bytes_of(w.memory.kv) == 8 * PAGE_BYTES
     req = InferRequest(model="tiny", messages=[ChatMessage(role="user", content="hi")],
                        sampling=SamplingParams(max_tokens=5, seed=1))
@@ -43,6 +44,7 @@ async def test_prewarm_activate_serve_deactivate_evict(spec):
     assert w.in_flight == 0
     await w.deactivate("tiny")
     assert w.copies["tiny"].state is CopyState.PREWARMED and w.memory.bytes_of(w.memory.kv) == 0
+    assert w.snapshot()[0].made is None
     await w.evict("tiny")
     assert "tiny" not in w.copies and w.memory.free_pages == 64
     path = [(e.from_state.value, e.to_state.value) for e in events]
@@ -86,6 +88,7 @@ async def test_activation_cold_starts_and_evicts_other_copies_only_when_needed(s
     await w.prewarm(other)
     instance = await w.activate(spec)  # cold: loads first, then activates
     assert instance and w.copies["other"].state is CopyState.PREWARMED  # room was enough
+    assert w.copies["tiny"].made is Outcome.COLD
     assert [e.reason for e in events if e.model == "tiny"][0] == "cold start"
     r = await w.handle(WorkerCommand(kind=CommandKind.ACTIVATE, model="other", spec=other))
     assert not r.ok and r.error.code == "worker_busy"
