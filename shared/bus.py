@@ -324,10 +324,13 @@ class KvMirror(Generic[M]):
             await asyncio.wait([self._task], timeout=timeout_s)
 
     async def _run(self) -> None:
+        nc = getattr(getattr(self._kv, "_js", None), "_nc", None)  # the connection the bucket was opened on
         while True:
-            watcher = None
+            watcher = watchdog = None
             try:
                 watcher = await self._kv.watchall()
+                if nc is not None:
+                    watchdog = asyncio.create_task(_stop_on_reconnect(watcher, nc))
                 fresh: dict[str, M] = {}
                 initial = True
                 async for entry in watcher:
@@ -354,6 +357,8 @@ class KvMirror(Generic[M]):
                 log.warning("KV watch on %s interrupted (%s); rewatching", self._type.__name__, exc)
                 await asyncio.sleep(0.5)
             finally:
+                if watchdog is not None:
+                    watchdog.cancel()
                 if watcher is not None:
                     try:
                         await asyncio.wait_for(watcher.stop(), 2.0)
@@ -365,3 +370,13 @@ class KvMirror(Generic[M]):
             result = self._on_change()
             if asyncio.iscoroutine(result):
                 await result
+
+
+async def _stop_on_reconnect(watcher, nc: NATS, every_s: float = 0.25) -> None:
+    """End a KV watch when its connection reconnects. A restarted server has lost the watch's ordered
+    consumer, which nats-py notices only after missed heartbeats (10-15 s of a stale mirror, during which
+    placement saw no live workers); the mirror rewatches at once instead."""
+    seen = nc.stats["reconnects"]
+    while nc.stats["reconnects"] == seen:
+        await asyncio.sleep(every_s)
+    await watcher.stop()

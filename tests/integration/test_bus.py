@@ -87,3 +87,39 @@ async def test_kv_mirror_follows_puts_and_deletes_and_skips_garbage(nc):
     assert len(changes) > after_snapshot  # live updates are announced, not just the snapshot
     await mirror.stop()
     await kv.delete("mirror-c")
+
+
+async def test_kv_mirror_follows_the_bucket_at_once_after_a_server_restart(tmp_path):
+    """A restarted server has lost the mirror's watch: the mirror rewatches on reconnect, rather than
+    showing a stale bucket until nats-py notices missed heartbeats (10-15 s)."""
+    from tests.conftest import NatsServer
+
+    server = NatsServer(tmp_path)
+    server.start()
+    nc = mirror = None
+    try:
+        nc = await bus.connect(server.url, "mirror-restart")
+        kv = (await bus.ensure_all(nc.jetstream()))[CATALOG_BUCKET.name]
+        mirror = bus.KvMirror(kv, ModelSpec).start()
+        await asyncio.wait_for(mirror.ready.wait(), 5)
+        server.stop()
+        server.start()  # same port and store
+        spec = ModelSpec(slug="after-restart", path="/x", parameter_bytes=1)
+        deadline = asyncio.get_running_loop().time() + 15
+        while True:  # until the client has reconnected and JetStream answers again
+            try:
+                await kv.put("after-restart", spec.encode())
+                break
+            except Exception:
+                assert asyncio.get_running_loop().time() < deadline, "could not write after the restart"
+                await asyncio.sleep(0.1)
+        put_at = asyncio.get_running_loop().time()
+        while "after-restart" not in mirror.items:
+            assert asyncio.get_running_loop().time() - put_at < 3, "the mirror missed a write after the restart"
+            await asyncio.sleep(0.05)
+    finally:
+        if mirror is not None:
+            await mirror.stop()
+        if nc is not None:
+            await nc.close()
+        server.stop()
