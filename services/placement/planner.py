@@ -103,6 +103,10 @@ def plan(catalog, workers, forecasts, holds, current, config: PlacementConfig, k
          now_s: float, prewarm: bool = True) -> PlacementPlan:
     """``prewarm=False`` ignores forecasts and keeps no unpinned copy (reactive autoscaling: an instance
     that stops is evicted, and the next scale-up loads from scratch)."""
+    if not workers and current is not None and current.copies:
+        # no worker has reported lately (a NATS outage, everything restarting): a plan for no workers would
+        # forget where the copies are, and the next one would place them afresh, moving them around
+        return current
     if not prewarm:
         forecasts = {}
     inputs = plan_inputs(catalog, workers, forecasts, holds, current, kv_reservation)

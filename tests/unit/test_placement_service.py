@@ -113,3 +113,18 @@ def test_requests_waiting_at_gateways_count_as_load():
     # mean over what the window has seen: 3 for 1 s, then 9 for 2 s = 7 > 0.9 x 4 -> ceil(7 / 3.6) = 2 instances
     assert state.step(full, now_s=103.0, gateway_load=gateways.current(103.0)).scale_up == {"a": 1}
     assert gateways.current(110.0) == {}  # reports expire: a gateway that went away adds nothing
+
+
+def test_with_no_live_worker_the_current_plan_is_kept_and_placement_resumes_where_it_was():
+    catalog = {"a": spec("a"), "b": spec("b")}
+    pins = [OperatorHold(kind="pin", target="a"), OperatorHold(kind="pin", target="b")]
+    current = plan(catalog, [worker("w0"), worker("w1")], {}, pins, None, PlacementConfig(), True, now_s=1.0)
+    assert len(current.copies) == 2
+    during = plan(catalog, [], {}, pins, current, PlacementConfig(), True, now_s=2.0)  # nobody reports
+    assert during is current
+    # the workers are back, one copy loaded already: nothing moves
+    first = current.copies[0]
+    back = [worker(w, *([(first.model, CopyState.PREWARMED, GB, 0)] if w == first.worker_id else []))
+            for w in ("w0", "w1")]
+    after = plan(catalog, back, {}, pins, during, PlacementConfig(), True, now_s=3.0)
+    assert after.same_copies(current)
