@@ -16,7 +16,7 @@ import numpy as np
 
 from loadtest.report import header, save
 from shared.policy.forecast import ForecastConfig, ModelForecaster, WindowObservation
-from shared.workload.series import SeriesSpec, build_series
+from tooling.workload.series import SeriesSpec, build_series
 
 OUT = Path("docs/benchmarks/forecast_speed.json")
 

@@ -23,7 +23,7 @@ import httpx
 
 from loadtest.report import header, save
 from shared import bus
-from shared.cli.main import _admin, _gateway_url, _nats_url
+from tooling.cli.client import _admin, _gateway_url, _nats_url
 from shared.messages import ChatMessage, InferChunk, InferRequest, SamplingParams
 from shared.subjects import INFER
 

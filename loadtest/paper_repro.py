@@ -1,7 +1,7 @@
 """The paper-reproduction benchmark in the simulator: four systems and the ablations on one workload.
 
 Setup (the WarmServe paper's): 2 nodes x 8 GPUs of 80 GB, PCIe 32 GB/s, Llama-2 7B / 13B / 70B at TP 1 / 2 / 4
-in fp16, power-law popularity, 20-minute replays of real traces (shared/workload, loadtest/sim/workload.py),
+in fp16, power-law popularity, 20-minute replays of real traces (tooling/workload, simulator/workload.py),
 SLO on TTFT. Writes docs/benchmarks/paper_repro.{json,md} and PNG plots.
 
     .venv/bin/python -m loadtest.paper_repro                       # the full run (a few minutes on 2 cores)
@@ -19,8 +19,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from loadtest.report import header
-from loadtest.sim.run import ABLATIONS, SYSTEMS, ClusterSpec, simulate
-from loadtest.sim.workload import WorkloadSpec, build
+from simulator.run import ABLATIONS, SYSTEMS, ClusterSpec, simulate
+from simulator.workload import WorkloadSpec, build
 from shared.perfmodel import GPU_A100_PCIE
 
 OUT = Path("docs/benchmarks")

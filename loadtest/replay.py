@@ -32,10 +32,10 @@ import httpx
 
 from loadtest.replay_client import Replay, ReplayRequest, error_counts, replay, summarise
 from loadtest.report import header, save
-from loadtest.sim.workload import Workload, WorkloadSpec, build
-from shared.localcluster.infra import StartError
-from shared.localcluster.launch import Launched, launch
-from shared.localcluster.up import DEMO_MODEL
+from simulator.workload import Workload, WorkloadSpec, build
+from tooling.localcluster.infra import StartError
+from tooling.localcluster.launch import Launched, launch
+from tooling.localcluster.up import DEMO_MODEL
 
 GiB = 2**30
 ROOT = Path(__file__).parents[1]
@@ -124,7 +124,8 @@ async def _admin(nats_url: str, calls: list[tuple[str, str, dict]], retry_s: flo
 def register_models(up: Launched, mode: str, wl: Workload, seed: int) -> None:
     """Real: one random-weight 5M-parameter Llama per model. Sim: one tokenizer folder shared by all,
     each registered with the weight size the sim engine emulates."""
-    from shared.modelgen import SIZES, create_tiny_llama, weight_bytes
+    from shared.model_folder import weight_bytes
+    from tooling.modelgen import SIZES, create_tiny_llama
     from shared.subjects import ADMIN
 
     models_dir = Path(up.env["WARMSERVE_STATE_DIR"]) / "models"

@@ -24,7 +24,8 @@ from services.gpu_worker.engines.vllm_engine import VllmEngine
 from services.gpu_worker.memory import MemoryPool
 from services.gpu_worker.worker import Worker
 from shared.messages import ChatMessage, InferRequest, ModelSpec, SamplingParams
-from shared.modelgen import SIZES, create_tiny_llama, max_context, weight_bytes
+from shared.model_folder import max_context, weight_bytes
+from tooling.modelgen import SIZES, create_tiny_llama
 
 GIB = 1024**3
 

@@ -34,7 +34,7 @@ _USER_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 def inbox_prefix_for(user: str | None) -> str:
     """Reply inboxes of a NATS user: ``_INBOX.<user>``, so the server can let each user subscribe to its
-    own replies only (shared/localcluster/nats_auth.py). Without a (plain) user name: ``_INBOX``."""
+    own replies only (tooling/localcluster/nats_auth.py). Without a (plain) user name: ``_INBOX``."""
     return f"{INBOX_PREFIX}.{user}" if user and _USER_RE.match(user) else INBOX_PREFIX
 
 

@@ -321,7 +321,8 @@ class OperatorHold(BusMessage):
 
 class PlannedCopy(BusMessage):
     model: str
-    worker_id: str
+    worker_id: str  # the device of a one-device copy; the first of a group's
+    devices: list[str] = Field(default_factory=list)  # a multi-device (TP) copy's whole group; empty: worker_id
 
 
 class PlacementPlan(BusMessage):
@@ -334,8 +335,8 @@ class PlacementPlan(BusMessage):
         return other is not None and sorted(self.copies, key=_copy_key) == sorted(other.copies, key=_copy_key)
 
 
-def _copy_key(c: PlannedCopy) -> tuple[str, str]:
-    return (c.model, c.worker_id)
+def _copy_key(c: PlannedCopy) -> tuple[str, str, list[str]]:
+    return (c.model, c.worker_id, c.devices)
 
 
 # ---------------------------------------------------------------- admin

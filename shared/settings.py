@@ -117,6 +117,8 @@ class PlacementSettings(CommonSettings):
         "evict-aware", description="evict-aware (DESIGN 2.3) or the paper's round-robin ablation")
     evict: bool = Field(True, description="evict lower-scored prewarmed copies when that raises the total score")
     kv_reservation: bool = Field(True, description="count KV memory running instances can give back as prewarm capacity")
+    idle_first: bool = Field(True, description="place each model's copies on idle workers first, and only then in KV that "
+                             "serving instances lend (a copy on a serving worker cannot become an instance until it stops)")
     prewarm: bool = Field(True, description="forecast-driven prewarming; false: only operator pins are prewarmed, "
                           "so scaling is reactive and a new instance loads from scratch (the load test's baseline)")
 

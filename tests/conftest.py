@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.localcluster.infra import EmbeddedPostgres, nats_server_binary
-from shared.localcluster.processes import free_port, wait_port
+from tooling.localcluster.infra import EmbeddedPostgres, nats_server_binary
+from tooling.localcluster.processes import free_port, wait_port
 
 
 class NatsServer:
@@ -89,7 +89,7 @@ def _drop(admin_url: str, name: str) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from shared.modelgen import TinyLlamaShape, create_tiny_llama
+    from tooling.modelgen import TinyLlamaShape, create_tiny_llama
 
     shape = TinyLlamaShape(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

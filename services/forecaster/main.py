@@ -20,16 +20,16 @@ from typing import Literal
 from nats.aio.msg import Msg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from services.forecaster.windows import WindowBook
+from services.forecaster.core import ForecastCore, ForecastRoundConfig
 from shared import bus
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
-from shared.messages import AdminReply, AdminRequest, DemandSample, ErrorInfo, Forecast, ForecastPoint, ModelSpec
-from shared.policy.forecast import ForecastConfig, ModelForecaster, SeriesForecast, WindowObservation
+from shared.messages import AdminReply, AdminRequest, DemandSample, ErrorInfo, Forecast, ModelSpec
+from shared.policy.forecast import ForecastConfig, WindowObservation
 from shared.service import brief, pause, run_service
 from shared.settings import ForecasterSettings, load_settings
 from shared.subjects import CATALOG_BUCKET, DEMAND, FORECAST, FORECAST_ADMIN
-from shared.workload.series import align_before, place_before
+from shared.policy.history import align_before, place_before
 
 log = logging.getLogger("warmserve.forecaster")
 
@@ -41,18 +41,6 @@ def forecast_config(s: ForecasterSettings) -> ForecastConfig:
     return ForecastConfig.for_window(s.window_s, horizon=s.horizon_windows, upper_quantile=s.upper_quantile,
                                      min_history=s.min_history_windows, score_windows=s.score_windows,
                                      methods=methods)
-
-
-def to_message(model: str, window_start_s: float, window_s: float, avg: SeriesForecast, peak: SeriesForecast,
-               made_at_s: float) -> Forecast:
-    points = [ForecastPoint(window_start_s=window_start_s + i * window_s, avg=a, avg_upper=au, peak=p, peak_upper=pu)
-              for i, (a, au, p, pu) in enumerate(zip(avg.point, avg.upper, peak.point, peak.upper))]
-    first = points[0]
-    return Forecast(model=model, window_start_s=window_start_s, window_s=window_s, predicted_avg=first.avg,
-                    predicted_avg_upper=first.avg_upper, predicted_peak=first.peak,
-                    predicted_peak_upper=first.peak_upper, method=peak.method, method_avg=avg.method,
-                    note=peak.note if peak.note == avg.note else f"peak: {peak.note}; avg: {avg.note}",
-                    history_windows=peak.history_windows, made_at_s=made_at_s, points=points)
 
 
 class ImportArgs(BaseModel):
@@ -97,12 +85,17 @@ class Outbox:
 
 
 class Forecaster:
+    """The shell: demand from JetStream into the core, its rounds' forecasts to NATS and history to Postgres."""
+
     def __init__(self, settings: ForecasterSettings):
         self.settings = settings
         self.config = forecast_config(settings)
-        self.book = WindowBook(settings.window_s, keep=self.config.fit_windows)
-        self.series: dict[str, ModelForecaster] = {}
-        self.latest: dict[str, Forecast] = {}
+        self.core = ForecastCore(ForecastRoundConfig(
+            forecast=self.config, window_s=settings.window_s, close_grace_s=settings.close_grace_s,
+            retry_interval_s=settings.retry_interval_s, startup_backtest_windows=settings.startup_backtest_windows))
+        self.book = self.core.book
+        self.series = self.core.series
+        self.latest = self.core.latest
         self.outbox = Outbox.empty()
         self.caught_up = asyncio.Event()
         self.busy = asyncio.Lock()  # rounds, imports and reloads take turns with the forecasters
@@ -111,7 +104,7 @@ class Forecaster:
     # ---- demand in -------------------------------------------------------------------------------
 
     async def on_demand(self, sample: DemandSample, msg: Msg) -> None:
-        self.book.add(sample)
+        self.core.add(sample)
         await msg.ack()
 
     # ---- history ---------------------------------------------------------------------------------
@@ -131,24 +124,9 @@ class Forecaster:
         return {}
 
     def rebuild(self, history: dict[str, list[WindowObservation]]) -> None:
-        """Forecasters for every model with history (gaps read as zero load), then a short backtest."""
-        w = self.settings.window_s
-        rebuilt = {}
-        for model, rows in history.items():
-            filled = _fill_gaps(rows, w)
-            rebuilt[model] = ModelForecaster.replay(self.config, filled, self.settings.startup_backtest_windows)
-            self.book.resume(model, filled[-1].start_s + w)
-        self.series.update(rebuilt)
+        self.core.rebuild(history)
 
     # ---- the round at every window boundary --------------------------------------------------------
-
-    def forecast_all(self, models: list[str], window_start_s: float, now: float) -> list[Forecast]:
-        out = []
-        for model in models:
-            pair = self.series.get(model) or self.series.setdefault(model, ModelForecaster.empty(self.config))
-            avg, peak = pair.forecast()
-            out.append(to_message(model, window_start_s, self.settings.window_s, avg, peak, now))
-        return out
 
     async def round(self, now: float) -> None:
         async with self.busy:
@@ -156,19 +134,11 @@ class Forecaster:
 
     async def _round(self, now: float) -> None:
         started = time.perf_counter()
-        closed = self.book.close(now, self.settings.close_grace_s)
-        known = self.catalog.items
+        models = sorted(self.catalog.items)
+        closed = self.core.close_windows(now, models)
         for model, obs in closed:
-            if model not in known:
-                continue
-            self.series.setdefault(model, ModelForecaster.empty(self.config)).observe(obs)
             self.outbox.observations[model].append(obs)
-        for model in [m for m in self.book.next_start if m not in known]:
-            self.book.forget(model)  # removed from the catalog
-            self.series.pop(model, None)
-        models = sorted(known)
-        forecasts = await asyncio.to_thread(self.forecast_all, models, self.book.window_of(now), now)
-        await self.publish(forecasts)
+        await self.publish(await asyncio.to_thread(self.core.forecast, models, now))
         elapsed = time.perf_counter() - started
         self.rounds.update(count=self.rounds["count"] + 1, last_s=round(elapsed, 3), last_at_s=now)
         if self.rounds["first_s"] is None:
@@ -178,7 +148,6 @@ class Forecaster:
 
     async def publish(self, forecasts: list[Forecast]) -> None:
         for fc in forecasts:
-            self.latest[fc.model] = fc
             try:
                 await bus.js_publish(self.js, FORECAST.format(model=fc.model), fc,
                                      msg_id=f"{fc.model}:{fc.window_start_s:.0f}:{fc.made_at_s:.3f}")
@@ -214,11 +183,10 @@ class Forecaster:
 
     async def first_forecasts(self) -> None:
         """Models new to the catalog get a forecast (the recent level, i.e. none yet) without waiting."""
-        new = sorted(set(self.catalog.items) - set(self.latest))
+        new = self.core.new_models(self.catalog.items)
         if new:
             async with self.busy:
-                now = time.time()
-                await self.publish(await asyncio.to_thread(self.forecast_all, new, self.book.window_of(now), now))
+                await self.publish(await asyncio.to_thread(self.core.forecast, new, time.time()))
 
     # ---- operator verbs ------------------------------------------------------------------------------
 
@@ -291,9 +259,8 @@ class Forecaster:
         if models is not None:
             history = {m: history[m] for m in models if m in history}
         await asyncio.to_thread(self.rebuild, history)
-        now = time.time()
         targets = sorted(self.catalog.items) if models is None else models
-        await self.publish(await asyncio.to_thread(self.forecast_all, targets, self.book.window_of(now), now))
+        await self.publish(await asyncio.to_thread(self.core.forecast, targets, time.time()))
         await self.flush()
         return {"models": len(history), "windows": sum(len(v) for v in history.values())}
 
@@ -323,25 +290,16 @@ class Forecaster:
                  time.strftime("%H:%M:%S", time.gmtime(resume)))
         while not stop.is_set() and not self.caught_up.is_set():
             await pause(stop, 0.2)
-        if not stop.is_set():
-            await self.round(time.time())  # windows closed while we were away, and a first forecast
-        # the next round is due when the current window has closed (plus grace); kept across the retry
-        # wake-ups in between, which would otherwise step over it whenever a window is no longer than
-        # the retry interval
-        boundary = self.book.window_of(time.time()) + s.window_s + s.close_grace_s
-        while not stop.is_set():
-            await pause(stop, max(0.0, min(boundary - time.time(), s.retry_interval_s)))
-            if stop.is_set():
-                break
+        while not stop.is_set():  # the first round (windows closed while we were away), then one per boundary
             try:
-                if time.time() >= boundary:
-                    boundary = self.book.window_of(time.time()) + s.window_s + s.close_grace_s
+                if self.core.due(time.time()):
                     await self.round(time.time())
                 else:
                     await self.first_forecasts()
                     await self.flush()
             except Exception as exc:
                 log.warning("forecast round failed: %s", brief(exc))
+            await pause(stop, max(0.0, self.core.wake_at(time.time()) - time.time()))
         await admin.unsubscribe()
         consumer.cancel()
         await asyncio.wait([consumer], timeout=3)
@@ -349,18 +307,6 @@ class Forecaster:
         await self.catalog.stop()
         await engine.dispose()
         await bus.close(self.nc)
-
-
-def _fill_gaps(rows: list[WindowObservation], window_s: float) -> list[WindowObservation]:
-    """Consecutive windows from stored rows; a missing window is read as no load."""
-    out = [rows[0]]
-    for row in rows[1:]:
-        t = out[-1].start_s + window_s
-        while row.start_s - t > window_s / 2:
-            out.append(WindowObservation(t, 0.0, 0.0, 0))
-            t += window_s
-        out.append(row)
-    return out
 
 
 def main() -> None:

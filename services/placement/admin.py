@@ -12,7 +12,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from shared.db import repo
 from shared.messages import AdminReply, AdminRequest, ErrorInfo, ModelSpec, ModelStatus, OperatorHold
-from shared.modelgen import max_context, weight_bytes
+from shared.model_folder import max_context, weight_bytes
 from shared.policy.cluster import live_workers
 from shared.subjects import check_token
 

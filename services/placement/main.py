@@ -9,13 +9,13 @@ import time
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
-from services.placement import planner
 from services.placement.admin import Admin
+from services.placement.core import PlacementCore, PlacementCoreConfig
 from shared import bus
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
 from shared.messages import ApiKeyRecord, Forecast, ModelSpec, OperatorHold, PlacementPlan, WorkerState
-from shared.policy.cluster import live_workers
+from shared.policy.cluster import ClusterView, live_workers
 from shared.policy.prewarm_placement import PlacementConfig
 from shared.service import brief, run_service
 from shared.settings import PlacementSettings, load_settings
@@ -30,8 +30,10 @@ class Placement:
     def __init__(self, settings: PlacementSettings):
         self.settings = settings
         self.forecasts: dict[str, Forecast] = {}
-        self.current: PlacementPlan | None = None  # the plan in force (published)
-        self.latest: PlacementPlan | None = None  # the newest computed (same copies as current, fresher inputs)
+        self.core = PlacementCore(PlacementCoreConfig(
+            placement=PlacementConfig(batch_capacity=settings.batch_capacity, h2d_bytes_per_s=settings.h2d_gbps * 1e9,
+                                      strategy=settings.placement_strategy, evict=settings.evict),
+            kv_reservation=settings.kv_reservation, prewarm=settings.prewarm, idle_first=settings.idle_first))
         self.changed = asyncio.Event()
         self.admin = Admin(self)
 
@@ -56,22 +58,23 @@ class Placement:
         for key_hash in set(self.keys.items) - set(rows):
             await self.keys_kv.delete(key_hash)
 
-    def config(self) -> PlacementConfig:
-        s = self.settings
-        return PlacementConfig(batch_capacity=s.batch_capacity, h2d_bytes_per_s=s.h2d_gbps * 1e9,
-                               strategy=s.placement_strategy, evict=s.evict)
+    @property
+    def current(self) -> PlacementPlan | None:  # the plan in force (published)
+        return self.core.current
+
+    @property
+    def latest(self) -> PlacementPlan | None:  # the newest computed, for `placement show`
+        return self.core.latest
 
     async def replan(self) -> None:
-        live = live_workers(self.workers.items.values(), time.time(), self.settings.heartbeat_timeout_s)
-        plan = planner.plan(self.catalog.items, live, self.forecasts, list(self.operator.items.values()),
-                            self.current, self.config(), self.settings.kv_reservation, time.time(),
-                            prewarm=self.settings.prewarm)
-        self.latest = plan  # for `placement show`: the newest inputs and scores, even when nothing moved
-        if plan.same_copies(self.current):
+        view = ClusterView.from_workers(
+            live_workers(self.workers.items.values(), time.time(), self.settings.heartbeat_timeout_s))
+        plan = self.core.plan(view, self.catalog.items, self.forecasts, list(self.operator.items.values()), time.time())
+        if not self.core.changed(plan):
             return
         await self.plan_kv.put(PLACEMENT_KEY, plan.encode())
         await bus.js_publish(self.js, PLACEMENT_PLAN.pattern, plan, msg_id=plan.plan_id)
-        self.current = plan
+        self.core.adopt(plan)
         log.info("new plan %s: %s%s", plan.plan_id[:8],
                  ", ".join(f"{c.model}@{c.worker_id}" for c in plan.copies) or "nothing",
                  f" (skipped: {plan.inputs['skipped']})" if plan.inputs.get("skipped") else "")
@@ -133,7 +136,7 @@ class Placement:
         await self.operator.ready.wait()
         try:  # the plan in force survives a restart: an unchanged replan writes no history
             entry = await self.plan_kv.get(PLACEMENT_KEY)
-            self.current = PlacementPlan.decode(entry.value) if entry and entry.value else None
+            self.core.adopt(PlacementPlan.decode(entry.value) if entry and entry.value else None)
         except Exception as exc:
             log.info("no current plan in KV (%s)", brief(exc))
         engine = create_engine(s.database_url)

@@ -9,18 +9,16 @@ import time
 from nats.js.api import DeliverPolicy
 from sqlalchemy.exc import IntegrityError
 
-from services.prewarm_orchestrator.autoscaler import AutoscalerState, GatewayLoad
+from services.prewarm_orchestrator.core import Command, OrchestratorConfig, OrchestratorCore
 from shared import bus
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
 from shared.messages import (
-    CommandKind, CommandResult, CopyState, DemandSample, ErrorInfo, ModelSpec, OperatorHold, Outcome, PlacementPlan, ScaleReply,
-    ScaleRequest, WorkerCommand, WorkerEvent, WorkerState,
+    CommandResult, DemandSample, ErrorInfo, ModelSpec, OperatorHold, PlacementPlan, ScaleReply, ScaleRequest, WorkerCommand,
+    WorkerEvent, WorkerState,
 )
 from shared.policy.autoscale import AutoscaleConfig
-from shared.policy.cluster import live_workers
-from shared.policy.reconcile import Action, reconcile
-from shared.policy.scaleup import choose_worker
+from shared.policy.cluster import ClusterView, live_workers
 from shared.service import brief, pause, run_service
 from shared.settings import OrchestratorSettings, load_settings
 from shared.subjects import (
@@ -32,19 +30,18 @@ log = logging.getLogger("warmserve.orchestrator")
 
 
 class Orchestrator:
+    """The shell: reads the cluster, plan and demand from NATS, asks the core, sends its commands."""
+
     def __init__(self, settings: OrchestratorSettings):
         self.settings = settings
-        self.busy: set[tuple[str, str]] = set()  # (worker, model) with a lifecycle command in flight
-        self.kv_busy: set[tuple[str, str]] = set()  # (worker, model) with a KV target in flight
-        self.retry_at: dict[tuple, tuple[float, float]] = {}  # (worker, model, kind) -> (not before, last delay)
-        self.gateway_load = GatewayLoad()
-        self.autoscaler = AutoscalerState(AutoscaleConfig(
-            window_s=settings.autoscale_window_s, up=settings.scale_up_threshold,
-            down=settings.scale_down_threshold, min_lifetime_s=settings.min_instance_lifetime_s,
-            batch_capacity=settings.batch_capacity, min_instances=settings.min_active_per_model),
-            kv_reservation=settings.kv_reservation)
+        self.core = OrchestratorCore(OrchestratorConfig(
+            autoscale=AutoscaleConfig(
+                window_s=settings.autoscale_window_s, up=settings.scale_up_threshold,
+                down=settings.scale_down_threshold, min_lifetime_s=settings.min_instance_lifetime_s,
+                batch_capacity=settings.batch_capacity, min_instances=settings.min_active_per_model),
+            kv_reservation=settings.kv_reservation, min_active=settings.min_active_per_model))
         self._tasks: set[asyncio.Task] = set()
-        self._scaling: dict[str, asyncio.Task] = {}
+        self._scaling: dict[str, asyncio.Task] = {}  # model -> the scale-up every asker awaits
         self.tracer = tracer("warmserve.orchestrator")
 
     def _spawn(self, coro) -> None:
@@ -52,53 +49,42 @@ class Orchestrator:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def live(self) -> list[WorkerState]:
-        return live_workers(self.workers.items.values(), time.time(), self.settings.heartbeat_timeout_s)
+    def view(self) -> ClusterView:
+        return ClusterView.from_workers(
+            live_workers(self.workers.items.values(), time.time(), self.settings.heartbeat_timeout_s))
 
-    async def reconcile_once(self) -> None:
+    def drained(self) -> set[str]:
+        return {h.target for h in self.operator.items.values() if h.kind == "drain"}
+
+    async def round_once(self) -> None:
+        """One round of the core: reconcile, autoscale, KV targets; commands run in their own tasks."""
         plan = self.plan.items.get(PLACEMENT_KEY)
-        actions = reconcile(plan.copies if plan else [], self.live(),
-                            min_active=self.settings.min_active_per_model, busy=self.busy)
-        for action in actions:
-            key = (action.worker_id, action.model)
-            if self._backing_off(action.worker_id, action.model, action.kind):
-                continue
-            spec = self.catalog.items.get(action.model)
-            self.busy.add(key)
-            self._spawn(self.execute(action, spec))
+        r = self.core.step(self.view(), plan.copies if plan else [], time.time(), drained=self.drained())
+        for cmd in r.commands:
+            self._spawn(self.command(cmd))
+        for model, n in r.scale_up.items():
+            if model not in self._scaling:
+                log.info("autoscaler: %s load %.2f, adding %d instance(s)", model, r.loads.get(model, 0.0), n)
+                self._start_scale_up(ScaleRequest(model=model, reason="at_capacity", waiting=0))
 
-    async def execute(self, action: Action, spec: ModelSpec | None) -> None:
-        cmd = WorkerCommand(kind=action.kind, model=action.model, spec=spec, reason="placement plan")
-        await self.command(action.worker_id, cmd, busy=self.busy)
-
-    async def command(self, worker_id: str, cmd: WorkerCommand, busy: set) -> CommandResult | None:
-        """Send one command; on failure back off for that (worker, model, kind) before trying again.
-        The caller put the key in ``busy``; it is released here."""
-        key = (worker_id, cmd.model)
-        retry_key = (worker_id, cmd.model, cmd.kind)
-        result = None
+    async def command(self, cmd: Command) -> CommandResult:
+        """Send one of the core's commands and report how it ended (the core backs off failures). A command
+        that got no answer ends as a failed result carrying the bus error."""
+        msg = WorkerCommand(kind=cmd.kind, model=cmd.model, spec=self.catalog.items.get(cmd.model), reason=cmd.reason,
+                            instance_id=cmd.instance_id, drain=cmd.drain, kv_free_blocks=cmd.kv_free_blocks)
         try:
-            result = await bus.request(self.nc, WORKER_CMD.format(worker=worker_id), cmd, CommandResult,
+            result = await bus.request(self.nc, WORKER_CMD.format(worker=cmd.worker_id), msg, CommandResult,
                                        timeout=self.settings.command_timeout_s)
-            ok, why = result.ok, (result.error.message if result.error else "")
-        except Exception as exc:  # bus errors, a reply that does not decode: retry later
-            ok, why = False, brief(exc)
-        finally:
-            busy.discard(key)
-        if ok:
-            self.retry_at.pop(retry_key, None)
-            log.info("%s %s on %s: done (%s)", cmd.kind.value, cmd.model, worker_id, cmd.reason)
+        except Exception as exc:  # no answer, or one that does not decode: retried after the back-off
+            code = exc.code if isinstance(exc, bus.BusError) else "bad_reply"
+            result = CommandResult(command_id=msg.command_id, ok=False, error=ErrorInfo(code=code, message=brief(exc)))
+        self.core.on_result(cmd, result.ok, time.time(), error_code=result.error.code if result.error else None)
+        if result.ok:
+            log.info("%s %s on %s: done (%s)", cmd.kind.value, cmd.model, cmd.worker_id, cmd.reason)
         else:
-            if result is not None and result.error and result.error.code == "unsupported" \
-                    and cmd.kind is CommandKind.SET_KV_TARGET:
-                self.autoscaler.kv_unsupported.add(worker_id)  # vLLM: KV is fixed; stop asking
-            delay = min(self.retry_at.get(retry_key, (0.0, 0.5))[1] * 2, 30.0)
-            self.retry_at[retry_key] = (time.monotonic() + delay, delay)
-            log.warning("%s %s on %s failed: %s (retry in %.0f s)", cmd.kind.value, cmd.model, worker_id, why, delay)
+            log.warning("%s %s on %s failed: %s (retry in %.0f s)", cmd.kind.value, cmd.model, cmd.worker_id,
+                        result.error.message if result.error else "", self.core.retry_in(cmd, time.time()))
         return result
-
-    def _backing_off(self, worker_id: str, model: str, kind: CommandKind) -> bool:
-        return self.retry_at.get((worker_id, model, kind), (0.0, 0.0))[0] > time.monotonic()
 
     async def on_demand(self, msg) -> None:
         """Gateways' per-second demand (in flight and queued): the autoscaler's view of waiting requests."""
@@ -106,40 +92,16 @@ class Orchestrator:
             sample = DemandSample.decode(msg.data)
         except ValueError:
             return
-        self.gateway_load.add(sample.model, sample.gateway_id, sample.start_s + sample.interval_s,
-                              sample.concurrency_avg)
+        self.core.on_demand(sample.model, sample.gateway_id, sample.start_s + sample.interval_s,
+                            sample.concurrency_avg)
 
-    def drained(self) -> set[str]:
-        return {h.target for h in self.operator.items.values() if h.kind == "drain"}
-
-    async def autoscale_once(self) -> None:
-        """Scale models to their load, stop idle or drained instances (drained first), push KV targets."""
-        now = time.time()
-        r = self.autoscaler.step(self.live(), now, drained=self.drained(),
-                                 busy_models={m for _, m in self.busy} | set(self._scaling),
-                                 gateway_load=self.gateway_load.current(now))
-        for model, n in r.scale_up.items():
-            if model not in self._scaling:
-                log.info("autoscaler: %s load %.2f, adding %d instance(s)", model, r.loads.get(model, 0.0), n)
-                task = asyncio.create_task(self.scale_up(ScaleRequest(model=model, reason="at_capacity", waiting=0)))
-                self._scaling[model] = task
-                task.add_done_callback(lambda _t, m=model: self._scaling.pop(m, None))
-        for stop in r.stops:
-            key = (stop.worker_id, stop.model)
-            if key in self.busy or self._backing_off(stop.worker_id, stop.model, CommandKind.DEACTIVATE):
-                continue
-            self.busy.add(key)
-            self._spawn(self.command(stop.worker_id, WorkerCommand(
-                kind=CommandKind.DEACTIVATE, model=stop.model, instance_id=stop.instance_id, drain=True,
-                reason=stop.reason), busy=self.busy))
-        for t in r.kv_targets:
-            key = (t.worker_id, t.model)
-            if key in self.kv_busy or self._backing_off(t.worker_id, t.model, CommandKind.SET_KV_TARGET):
-                continue
-            self.kv_busy.add(key)
-            self._spawn(self.command(t.worker_id, WorkerCommand(
-                kind=CommandKind.SET_KV_TARGET, model=t.model, kv_free_blocks=t.free_blocks,
-                reason="kv reservation"), busy=self.kv_busy))
+    def _start_scale_up(self, req: ScaleRequest) -> asyncio.Task:
+        task = self._scaling.get(req.model)
+        if task is None:
+            task = asyncio.create_task(self.scale_up(req))
+            self._scaling[req.model] = task
+            task.add_done_callback(lambda _t, m=req.model: self._scaling.pop(m, None))
+        return task
 
     async def on_scale(self, msg) -> None:
         """A gateway needs an instance: one scale-up per model at a time, shared by every asker."""
@@ -151,12 +113,7 @@ class Orchestrator:
         with self.tracer.start_as_current_span("orchestrator.scale_up", context=extract_context(msg.headers),
                                                attributes={"warmserve.model": req.model,
                                                            "warmserve.reason": req.reason}) as span:
-            task = self._scaling.get(req.model)
-            if task is None:
-                task = asyncio.create_task(self.scale_up(req))
-                self._scaling[req.model] = task
-                task.add_done_callback(lambda _t, m=req.model: self._scaling.pop(m, None))
-            reply = await asyncio.shield(task)
+            reply = await asyncio.shield(self._start_scale_up(req))
             span.set_attribute("warmserve.outcome", reply.outcome.value if reply.outcome else "none")
         await bus.reply(self.nc, msg, reply)
 
@@ -172,34 +129,20 @@ class Orchestrator:
         spec = self.catalog.items.get(req.model)
         if spec is None:
             return ScaleReply(ok=False, error=ErrorInfo(code="not_found", message=f"no model {req.model!r}"))
-        live = self.live()
-        if req.reason == "no_instance":  # someone else's scale-up may have landed meanwhile
-            for w in live:
-                c = w.copy_of(req.model)
-                if c is not None and c.state is CopyState.ACTIVE:
-                    return ScaleReply(ok=True, outcome=Outcome.WARM, worker_id=w.worker_id, instance_id=c.instance_id)
-        # a worker busy with this model (a prewarm in flight) may still be the best choice
-        choice = choose_worker(spec, live, busy={wid for wid, m in self.busy if m != req.model} | self.drained())
-        if choice is None:
-            return ScaleReply(ok=False, error=ErrorInfo(
-                code="no_capacity", message=f"no worker can take another instance of {req.model} now"))
-        key = (choice.worker_id, req.model)
-        self.busy.add(key)
-        try:
-            cmd = WorkerCommand(kind=CommandKind.ACTIVATE, model=req.model, spec=spec,
-                                reason=f"scale-up ({req.reason}, {req.waiting} waiting)")
-            result = await bus.request(self.nc, WORKER_CMD.format(worker=choice.worker_id), cmd, CommandResult,
-                                       timeout=self.settings.command_timeout_s)
-        except bus.BusError as exc:
-            return ScaleReply(ok=False, error=ErrorInfo(code=exc.code, message=str(exc)))
-        finally:
-            self.busy.discard(key)
-        log.info("scale-up %s on %s: %s (%s, %.2f s)", req.model, choice.worker_id,
+        answer = self.core.scale_up(self.view(), req.model, spec.tensor_parallel_size, spec.parameter_bytes,
+                                    time.time(), reason=req.reason, waiting=req.waiting, drained=self.drained())
+        if answer.command is None:
+            if answer.error_code:
+                return ScaleReply(ok=False, error=ErrorInfo(code=answer.error_code, message=answer.error))
+            return ScaleReply(ok=True, outcome=answer.outcome, worker_id=answer.worker_id,
+                              instance_id=answer.instance_id)
+        result = await self.command(answer.command)
+        log.info("scale-up %s on %s: %s (%s, %.2f s)", req.model, answer.worker_id,
                  "ok" if result.ok else (result.error.message if result.error else "failed"),
-                 choice.outcome.value, time.monotonic() - started)
+                 answer.outcome.value, time.monotonic() - started)
         if not result.ok:
             return ScaleReply(ok=False, error=result.error)
-        return ScaleReply(ok=True, outcome=choice.outcome, worker_id=choice.worker_id,
+        return ScaleReply(ok=True, outcome=answer.outcome, worker_id=answer.worker_id,
                           instance_id=result.instance_id, seconds=time.monotonic() - started)
 
     async def on_event(self, event: WorkerEvent, msg) -> None:
@@ -219,7 +162,7 @@ class Orchestrator:
         while True:
             try:
                 async with self.sessions() as session:
-                    for w in self.live():
+                    for w in live_workers(self.workers.items.values(), time.time(), self.settings.heartbeat_timeout_s):
                         await repo.touch_worker(session, w)
                     await session.commit()
             except Exception as exc:
@@ -250,8 +193,7 @@ class Orchestrator:
         while not stop.is_set():
             if all(m.ready.is_set() for m in (self.workers, self.plan, self.catalog, self.operator)):
                 try:
-                    await self.reconcile_once()
-                    await self.autoscale_once()
+                    await self.round_once()
                 except Exception as exc:
                     log.warning("reconcile round failed: %s", brief(exc))
             await pause(stop, s.reconcile_interval_s)

@@ -1,54 +1,61 @@
-"""What the orchestrator must do to turn reality into the plan (DESIGN 2.4)."""
+"""What the orchestrator must do to turn the cluster into the placement plan (docs/design.md, "Prewarming")."""
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from shared.messages import CommandKind, CopyState, PlannedCopy, WorkerState
+from shared.messages import CommandKind, PlannedCopy
+from shared.policy.cluster import ClusterView
 
 
 @dataclass(frozen=True)
 class Action:
     kind: CommandKind
-    worker_id: str
+    worker_id: str  # the group's first device
     model: str
+    devices: tuple[str, ...] = ()  # the whole group (empty: just ``worker_id``)
+
+    @property
+    def group(self) -> tuple[str, ...]:
+        return self.devices or (self.worker_id,)
 
 
-def reconcile(plan: Sequence[PlannedCopy], workers: Sequence[WorkerState], *, min_active: int,
+def reconcile(plan: Sequence[PlannedCopy], view: ClusterView, *, min_active: int,
               busy: Collection[tuple[str, str]] = ()) -> list[Action]:
-    """Commands that move ``workers`` toward ``plan``.
+    """Commands that move the cluster in ``view`` toward ``plan``.
 
-    - a planned copy that is absent is prewarmed;
-    - a prewarmed copy that is no longer planned is evicted (active ones are left to scaling);
-    - a planned model with fewer than ``min_active`` active instances is activated on a worker
-      that holds it prewarmed and serves nothing else (one instance per worker).
-    ``busy`` holds (worker, model) pairs with a command in flight; they are left alone.
+    - a planned copy whose model the group's first device does not hold is prewarmed;
+    - a prewarmed copy that is no longer planned is evicted (copies still loading finish first; instances
+      are left to scaling);
+    - a planned model with fewer than ``min_active`` instances is activated on a group that holds it
+      prewarmed and serves nothing else (one instance per device).
+    ``busy`` holds (device, model) pairs with a command in flight; they are left alone.
     """
-    by_id = {w.worker_id: w for w in workers}
-    planned = {(c.worker_id, c.model) for c in plan if c.worker_id in by_id}
+    planned: dict[tuple[str, str], tuple[str, ...]] = {}
+    for c in plan:
+        group = tuple(c.devices) or (c.worker_id,)
+        if all(view.device(g) is not None for g in group):
+            planned[(group[0], c.model)] = group
     actions: list[Action] = []
 
-    for worker_id, model in sorted(planned):
-        if (worker_id, model) not in busy and by_id[worker_id].copy_of(model) is None:
-            actions.append(Action(CommandKind.PREWARM, worker_id, model))
+    for (first, model), group in sorted(planned.items()):
+        if (first, model) not in busy and not view.holds(model, first):
+            actions.append(Action(CommandKind.PREWARM, first, model, group if len(group) > 1 else ()))
 
-    for w in workers:
-        for c in w.copies:
-            if c.state is CopyState.PREWARMED and (w.worker_id, c.model) not in planned \
-                    and (w.worker_id, c.model) not in busy:
-                actions.append(Action(CommandKind.EVICT, w.worker_id, c.model))
+    for c in view.copies:
+        key = (c.devices[0], c.model)
+        if c.ready and key not in planned and key not in busy:
+            actions.append(Action(CommandKind.EVICT, c.devices[0], c.model, c.devices if len(c.devices) > 1 else ()))
 
-    serving = {w.worker_id for w in workers if any(c.state is CopyState.ACTIVE for c in w.copies)}
-    serving |= {wid for wid, _ in busy}
+    serving = set(view.serving_devices) | {wid for wid, _ in busy}
     for model in sorted({m for _, m in planned}):
-        active = sum(1 for w in workers if (c := w.copy_of(model)) and c.state is CopyState.ACTIVE)
-        for w in workers:
+        active = len(view.instances_of(model))
+        for c in view.copies:
             if active >= min_active:
                 break
-            c = w.copy_of(model)
-            if c is not None and c.state is CopyState.PREWARMED and w.worker_id not in serving:
-                actions.append(Action(CommandKind.ACTIVATE, w.worker_id, model))
-                serving.add(w.worker_id)
+            if c.model == model and c.ready and not serving.intersection(c.devices):
+                actions.append(Action(CommandKind.ACTIVATE, c.devices[0], model, c.devices if len(c.devices) > 1 else ()))
+                serving.update(c.devices)
                 active += 1
     return actions

@@ -1,79 +1,62 @@
-"""Where a new instance of a model goes (DESIGN 2.4), in order of preference:
-a completed prewarmed copy on a worker that serves nothing (a prewarm hit); a copy still loading
-there; otherwise a free worker with room, holding the fewest prewarmed copies (a cold load)."""
+"""Where a new instance of a model goes (docs/design.md, "Scale-up"), in order of preference:
+
+1. a completed prewarmed copy whose devices all serve nothing (a prewarm hit);
+2. a copy still loading there (the instance is ready once it has loaded);
+3. otherwise the ``tp`` idle devices of one node with room for the weights and the KV cache, holding the
+   fewest prewarmed copies (a cold load). Other models' completed copies count as room: the worker evicts
+   them for the load. Copies still loading do not (a worker cannot evict them).
+
+One chooser for the orchestrator and the simulator; ``busy`` devices (a command in flight, drained by an
+operator) are left out.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass
 
-from shared.messages import CopyState, ModelSpec, Outcome, WorkerState
+from shared.messages import Outcome
+from shared.policy.cluster import ClusterView, Device
 
 
 @dataclass(frozen=True)
-class Placement:
-    worker_id: str
+class Choice:
+    devices: tuple[str, ...]
     outcome: Outcome
 
-
-def serving(w: WorkerState) -> bool:
-    return any(c.state in (CopyState.ACTIVE, CopyState.DRAINING) for c in w.copies)
-
-
-def choose_worker(spec: ModelSpec, workers: Sequence[WorkerState], busy: Collection[str] = ()) -> Placement | None:
-    """``workers`` are the live ones; ``busy`` are workers with a command in flight."""
-    idle = [w for w in workers if not serving(w) and w.worker_id not in busy]
-    for state, outcome in ((CopyState.PREWARMED, Outcome.PREWARM_HIT), (CopyState.LOADING, Outcome.COLD)):
-        holders = [w for w in idle if (c := w.copy_of(spec.slug)) is not None and c.state is state]
-        if holders:
-            return Placement(min(holders, key=lambda w: w.worker_id).worker_id, outcome)
-
-    def room(w: WorkerState) -> int:  # free memory plus what evicting its prewarmed copies would free
-        return w.free_bytes + sum(c.weight_bytes for c in w.copies if c.state is CopyState.PREWARMED)
-
-    fitting = [w for w in idle if room(w) >= spec.parameter_bytes + w.kv_cache_bytes and w.copy_of(spec.slug) is None]
-    if not fitting:
-        return None
-    best = min(fitting, key=lambda w: (sum(c.state is CopyState.PREWARMED for c in w.copies), -w.free_bytes,
-                                       w.worker_id))
-    return Placement(best.worker_id, Outcome.COLD)
+    @property
+    def worker_id(self) -> str:
+        return self.devices[0]
 
 
-@dataclass(frozen=True)
-class GpuView:
-    """One GPU as the group chooser sees it (the simulator builds these; a worker is one GPU)."""
+def choose_group(view: ClusterView, model: str, tp: int, shard_bytes: int,
+                 busy: Collection[str] = ()) -> Choice | None:
+    """Devices for a new TP-``tp`` instance of ``model`` whose weights take ``shard_bytes`` per device."""
+    order = {d.device_id: (d.node, d.index) for d in view.devices}
 
-    gpu_id: str
-    node: str
-    index: int
-    serving: bool  # an instance runs on it
-    free_bytes: int  # memory not held by anything
-    copies: tuple[tuple[str, int, bool], ...] = ()  # prewarmed copies on it: (model, shard bytes, ready)
+    def free(device_id: str) -> bool:
+        return device_id in order and not view.serving(device_id) and device_id not in busy
 
-
-def choose_group(model: str, tp: int, shard_bytes: int, gpus: Sequence[GpuView],
-                 copy_groups: Sequence[tuple[str, tuple[str, ...], bool]]) -> tuple[tuple[str, ...], Outcome] | None:
-    """Where a new TP-``tp`` instance of ``model`` goes, in the order of DESIGN 2.4: a completed prewarmed copy
-    whose GPUs all serve nothing (a prewarm hit); a copy still loading there (it waits for it); otherwise
-    the ``tp`` idle GPUs of one node with room (other models' prewarmed copies count as room: they are
-    evicted) holding the fewest prewarmed copies (a cold load). ``copy_groups``: (model, gpus, ready)."""
-    by_id = {g.gpu_id: g for g in gpus}
     for want_ready, outcome in ((True, Outcome.PREWARM_HIT), (False, Outcome.COLD)):
-        for m, group, ready in sorted(copy_groups, key=lambda c: [(by_id[g].node, by_id[g].index) for g in c[1]]):
-            if m == model and ready is want_ready and all(not by_id[g].serving for g in group):
-                return tuple(group), outcome
+        held = [c for c in view.copies if c.model == model and c.ready is want_ready and all(map(free, c.devices))]
+        if held:
+            best = min(held, key=lambda c: [order[g] for g in c.devices])
+            return Choice(tuple(best.devices), outcome)
+
+    def room(d: Device) -> int:
+        return d.free_bytes + sum(c.bytes for c in view.copies_on(d.device_id) if c.ready and c.model != model)
+
+    nodes: dict[str, list[Device]] = {}
+    for d in view.devices:
+        if free(d.device_id) and not view.holds(model, d.device_id) and room(d) >= shard_bytes + d.kv_cache_bytes:
+            nodes.setdefault(d.node, []).append(d)
     best = None
-    nodes: dict[str, list[GpuView]] = {}
-    for g in gpus:
-        room = g.free_bytes + sum(b for m, b, _ in g.copies if m != model)
-        if not g.serving and room >= shard_bytes:
-            nodes.setdefault(g.node, []).append(g)
     for node, idle in sorted(nodes.items()):
         if len(idle) < tp:
             continue
-        idle.sort(key=lambda g: (len(g.copies), -g.free_bytes, g.index))
+        idle.sort(key=lambda d: (len(view.copies_on(d.device_id)), -d.free_bytes, d.index, d.device_id))
         group = idle[:tp]
-        key = (sum(len(g.copies) for g in group), -sum(g.free_bytes for g in group), node)
+        key = (sum(len(view.copies_on(d.device_id)) for d in group), -sum(d.free_bytes for d in group), node)
         if best is None or key < best[0]:
-            best = (key, tuple(g.gpu_id for g in sorted(group, key=lambda g: g.index)))
-    return (best[1], Outcome.COLD) if best else None
+            best = (key, tuple(d.device_id for d in sorted(group, key=lambda d: d.index)))
+    return Choice(best[1], Outcome.COLD) if best else None

@@ -20,8 +20,8 @@ import psutil
 import pytest
 from openai import OpenAI
 
-from shared.localcluster.launch import ROOT, Launched
-from shared.localcluster.processes import die_with_parent
+from tooling.localcluster.launch import ROOT, Launched
+from tooling.localcluster.processes import die_with_parent
 from tests.e2e.conftest import start_cluster
 
 __all__ = ["ROOT", "Load", "cli", "ended_with_error", "service_process", "spawn_worker", "stream", "until",
@@ -29,7 +29,7 @@ __all__ = ["ROOT", "Load", "cli", "ended_with_error", "service_process", "spawn_
 
 
 def cli(env, *args, timeout=60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.cli.main", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tooling.cli.main", *args], env=env, capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
 
 

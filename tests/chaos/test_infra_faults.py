@@ -14,8 +14,8 @@ from sqlalchemy import text
 
 from shared import bus
 from shared.db.engine import create_engine, sessionmaker
-from shared.localcluster.infra import EmbeddedPostgres
-from shared.localcluster.processes import wait_port
+from tooling.localcluster.infra import EmbeddedPostgres
+from tooling.localcluster.processes import wait_port
 from shared.subjects import CATALOG_BUCKET, STREAMS
 from tests.chaos.conftest import (
     GATEWAY_GRACE_S, Load, cli, ended_with_error, service_process, stop_postgres, stream, until, workers,

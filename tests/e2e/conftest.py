@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.localcluster.infra import StartError
-from shared.localcluster.launch import ROOT, Launched, launch
+from tooling.localcluster.infra import StartError
+from tooling.localcluster.launch import ROOT, Launched, launch
 
 __all__ = ["ROOT", "start_cluster"]
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 
 
 def cli(env, *args):
-    return subprocess.run([sys.executable, "-m", "shared.cli.main", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tooling.cli.main", *args], env=env, capture_output=True,
                           text=True, timeout=60, cwd=ROOT)
 
 

@@ -85,7 +85,7 @@ def test_errors_reach_the_client_as_openai_errors(cluster):
 
 
 def test_cli_admin_commands_talk_to_the_cluster(cluster):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "shared.cli.main", *a], env=cluster["env"],
+    run = lambda *a: subprocess.run([sys.executable, "-m", "tooling.cli.main", *a], env=cluster["env"],
                                     capture_output=True, text=True, timeout=60)
     workers = run("workers")
     assert workers.returncode == 0, workers.stderr

@@ -22,7 +22,7 @@ B = 2  # requests per instance: a handful of streams needs both workers
 
 
 def cli(env, *args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "shared.cli.main", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tooling.cli.main", *args], env=env, capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
 
 

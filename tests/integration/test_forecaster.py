@@ -9,7 +9,7 @@ from sqlalchemy import text
 
 from services.forecaster.main import Forecaster
 from shared import bus
-from shared.cli.main import main as cli
+from tooling.cli.main import main as cli
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
 from shared.messages import AdminReply, AdminRequest, DemandSample, Forecast, ModelSpec

@@ -15,7 +15,7 @@ import uvicorn
 from services.gateway.app import create_app
 from shared import bus
 from shared.apikeys import hash_key, new_key
-from shared.localcluster.processes import free_port
+from tooling.localcluster.processes import free_port
 from shared.messages import (
     ApiKeyRecord, CancelRequest, CopyState, ErrorInfo, InferChunk, InferRequest, ModelCopy, ModelSpec, Usage, WorkerState,
 )

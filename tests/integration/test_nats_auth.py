@@ -23,11 +23,11 @@ import pytest
 from nats.js.api import DeliverPolicy
 
 from shared import bus
-from shared.localcluster.infra import nats_server_binary
-from shared.localcluster.nats_auth import (
+from tooling.localcluster.infra import nats_server_binary
+from tooling.localcluster.nats_auth import (
     OPERATOR, PERMISSIONS, USERS, NatsUsers, compose_config, server_config, with_user, without_user,
 )
-from shared.localcluster.processes import free_port, wait_port
+from tooling.localcluster.processes import free_port, wait_port
 from shared.messages import (
     AdminReply, AdminRequest, ApiKeyRecord, CommandKind, CommandResult, CopyState, DemandSample, Forecast, InferChunk,
     InferRequest, ModelSpec, OperatorHold, PlacementPlan, ScaleReply, ScaleRequest, WorkerCommand, WorkerEvent,
@@ -178,7 +178,7 @@ def test_who_may_use_a_subject(direction, subject, users):
 
 
 def test_the_durable_consumers_in_the_table_are_the_services_own():
-    from shared.localcluster.nats_auth import FORECASTER_DURABLE, ORCHESTRATOR_DURABLE, PLACEMENT_DURABLE
+    from tooling.localcluster.nats_auth import FORECASTER_DURABLE, ORCHESTRATOR_DURABLE, PLACEMENT_DURABLE
 
     root = Path(__file__).parents[2] / "services"
     for (subject, name), main, constant in ((FORECASTER_DURABLE, "forecaster", "DEMAND"),
@@ -370,7 +370,7 @@ async def test_each_service_can_do_its_job_with_its_own_user(secured):
 
 
 def test_the_local_cluster_starts_each_service_as_its_own_user(tmp_path):
-    from shared.localcluster.up import SERVICES, Cluster
+    from tooling.localcluster.up import SERVICES, Cluster
     from shared.settings import LocalClusterSettings
 
     users = NatsUsers.load_or_create(tmp_path / "users.json")
@@ -564,6 +564,6 @@ def test_credentials_never_appear_in_printed_urls():
 
 def test_compose_nats_config_is_generated_from_the_same_table():
     conf = (Path(__file__).parents[2] / "infra" / "nats" / "nats.conf").read_text()
-    assert conf == compose_config(), "regenerate: python -m shared.localcluster.nats_auth > infra/nats/nats.conf"
+    assert conf == compose_config(), "regenerate: python -m tooling.localcluster.nats_auth > infra/nats/nats.conf"
     for user in USERS:
         assert f"$WARMSERVE_NATS_{user.upper()}_PASSWORD" in conf

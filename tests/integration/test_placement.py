@@ -163,7 +163,7 @@ async def _has_workers(svc):
 
 
 def test_key_create_cli_sends_the_limits(monkeypatch):
-    from shared.cli import main as cli
+    from tooling.cli import main as cli
 
     sent = []
 

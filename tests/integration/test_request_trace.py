@@ -13,9 +13,9 @@ from services.prewarm_orchestrator.main import Orchestrator
 from shared import bus
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
-from shared.localcluster.processes import free_port
+from tooling.localcluster.processes import free_port
 from shared.messages import ModelSpec
-from shared.modelgen import max_context, weight_bytes
+from shared.model_folder import max_context, weight_bytes
 from shared.settings import GatewaySettings, OrchestratorSettings, WorkerSettings
 from shared.subjects import CATALOG_BUCKET
 

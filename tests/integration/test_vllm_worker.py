@@ -12,9 +12,10 @@ import uvicorn
 from services.gateway.app import create_app
 from services.gpu_worker.main import WorkerService
 from shared import bus
-from shared.localcluster.processes import free_port
+from tooling.localcluster.processes import free_port
 from shared.messages import CommandKind, CommandResult, CopyState, ModelSpec, WorkerCommand, WorkerEvent, WorkerState
-from shared.modelgen import TinyLlamaShape, create_tiny_llama, max_context, weight_bytes
+from shared.model_folder import max_context, weight_bytes
+from tooling.modelgen import TinyLlamaShape, create_tiny_llama
 from shared.settings import GatewaySettings, WorkerSettings
 from shared.subjects import CATALOG_BUCKET, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET
 

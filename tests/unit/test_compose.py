@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from shared.cli.main import SERVICE_MODULES, build_parser
+from tooling.cli.main import SERVICE_MODULES, build_parser
 
 ROOT = Path(__file__).parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -49,7 +49,7 @@ def test_migration_job_runs_cli_commands_that_exist():
 def test_each_service_connects_to_nats_as_its_own_user():
     from urllib.parse import urlsplit
 
-    from shared.localcluster.nats_auth import OPERATOR, SERVICE_USERS, USERS
+    from tooling.localcluster.nats_auth import OPERATOR, SERVICE_USERS, USERS
 
     services = yaml.safe_load(COMPOSE.read_text())["services"]
     nats_env = services["nats"]["environment"]

@@ -3,7 +3,7 @@
 import pytest
 
 from shared.messages import CommandKind, CopyState, ModelCopy, ModelSpec, ModelStatus, PlannedCopy, WorkerState
-from shared.policy.cluster import live_workers
+from shared.policy.cluster import ClusterView, live_workers
 from shared.policy.reconcile import Action, reconcile
 from shared.policy.routing import Route, active_routes, pick_route
 
@@ -58,25 +58,25 @@ def test_route_none_when_all_full_or_none_active():
 
 def test_reconcile_prewarms_then_activates_then_evicts():
     plan = [PlannedCopy(model="a", worker_id="w1")]
-    assert reconcile(plan, [worker("w1")], min_active=1) == [Action(CommandKind.PREWARM, "w1", "a")]
-    assert reconcile(plan, [worker("w1", ("a", CopyState.PREWARMED, 0))], min_active=1) == [
+    assert reconcile(plan, ClusterView.from_workers([worker("w1")]), min_active=1) == [Action(CommandKind.PREWARM, "w1", "a")]
+    assert reconcile(plan, ClusterView.from_workers([worker("w1", ("a", CopyState.PREWARMED, 0))]), min_active=1) == [
         Action(CommandKind.ACTIVATE, "w1", "a")]
-    assert reconcile(plan, [worker("w1", ("a", CopyState.ACTIVE, 0))], min_active=1) == []
+    assert reconcile(plan, ClusterView.from_workers([worker("w1", ("a", CopyState.ACTIVE, 0))]), min_active=1) == []
     stale = [worker("w1", ("a", CopyState.ACTIVE, 0), ("old", CopyState.PREWARMED, 0))]
-    assert reconcile(plan, stale, min_active=1) == [Action(CommandKind.EVICT, "w1", "old")]
+    assert reconcile(plan, ClusterView.from_workers(stale), min_active=1) == [Action(CommandKind.EVICT, "w1", "old")]
 
 
 def test_reconcile_one_instance_per_worker_and_respects_busy():
     plan = [PlannedCopy(model="a", worker_id="w1"), PlannedCopy(model="b", worker_id="w1")]
     ws = [worker("w1", ("a", CopyState.PREWARMED, 0), ("b", CopyState.PREWARMED, 0))]
-    actions = reconcile(plan, ws, min_active=1)
+    actions = reconcile(plan, ClusterView.from_workers(ws), min_active=1)
     assert [a.kind for a in actions] == [CommandKind.ACTIVATE]
-    assert reconcile(plan, ws, min_active=1, busy={("w1", "a")}) == []
-    assert reconcile(plan, ws, min_active=0) == []
+    assert reconcile(plan, ClusterView.from_workers(ws), min_active=1, busy={("w1", "a")}) == []
+    assert reconcile(plan, ClusterView.from_workers(ws), min_active=0) == []
 
 
 def test_reconcile_ignores_plan_entries_for_unknown_workers():
-    assert reconcile([PlannedCopy(model="a", worker_id="gone")], [worker("w1")], min_active=1) == []
+    assert reconcile([PlannedCopy(model="a", worker_id="gone")], ClusterView.from_workers([worker("w1")]), min_active=1) == []
 
 
 # ---------------------------------------------------------------- forecast
@@ -104,7 +104,13 @@ def test_kv_reservation_follows_load():
 # ---------------------------------------------------------------- scale-up placement
 
 from shared.messages import Outcome  # noqa: E402
-from shared.policy.scaleup import choose_worker  # noqa: E402
+from shared.policy.scaleup import choose_group  # noqa: E402
+
+
+def choose_worker(spec, workers, busy=()):
+    """The chooser on one-device workers, as the orchestrator calls it."""
+    return choose_group(ClusterView.from_workers(workers), spec.slug, spec.tensor_parallel_size, spec.parameter_bytes,
+                        busy=busy)
 
 
 def test_scale_up_prefers_prewarm_hits_then_loading_then_cold():

@@ -9,7 +9,7 @@ ROOT = Path(__file__).parents[2]
 
 SCRIPT = textwrap.dedent("""
     import subprocess, time, psutil
-    from shared.localcluster.processes import become_subreaper, kill_orphans
+    from tooling.localcluster.processes import become_subreaper, kill_orphans
     become_subreaper()
     kept = subprocess.Popen(["sleep", "60"])
     # a service that starts a helper and dies (as a SIGKILLed worker leaves its vLLM engine behind)

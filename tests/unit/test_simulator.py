@@ -4,10 +4,10 @@ from dataclasses import replace
 
 import pytest
 
-from loadtest.sim.engine import Simulator
-from loadtest.sim.run import SYSTEMS, ClusterSpec, simulate
-from loadtest.sim.systems import System
-from loadtest.sim.workload import LLAMA2, Request, SimModel, WorkloadSpec, build
+from simulator.engine import Simulator
+from simulator.run import SYSTEMS, ClusterSpec, simulate
+from simulator.systems import System
+from simulator.workload import LLAMA2, Request, SimModel, WorkloadSpec, build
 from shared.perfmodel import GPU_A100_PCIE as PERF
 from shared.policy.autoscale import AutoscaleConfig
 

@@ -9,7 +9,7 @@ from services.gpu_worker.engines.sim import SimEngine, SimProfile
 from services.gpu_worker.memory import PAGE_BYTES, MemoryPool
 from services.gpu_worker.worker import Worker
 from shared.messages import ChatMessage, CommandKind, CopyState, InferRequest, ModelSpec, Outcome, SamplingParams, WorkerCommand
-from shared.modelgen import max_context, weight_bytes
+from shared.model_folder import max_context, weight_bytes
 
 FAST = SimProfile(engine_start_s=0.0, decode_s_per_token_per_gb=0.0, prefill_s_per_token_per_gb=0.0,
                   min_step_s=0.0)

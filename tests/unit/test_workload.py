@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from shared.policy.concurrency import ConcurrencyTracker, concurrency_windows
-from shared.workload import traces
-from shared.workload.backtest import backtest, table
-from shared.workload.series import SeriesSpec, align_before, build_series, place_before
-from shared.workload.synth import gamma_arrivals
+from tooling.workload import traces
+from tooling.workload.backtest import backtest, table
+from shared.policy.history import align_before, place_before
+from tooling.workload.series import SeriesSpec, build_series
+from tooling.workload.synth import gamma_arrivals
 from shared.policy.forecast import ForecastConfig, WindowObservation
 
 
@@ -108,7 +109,7 @@ def test_place_before_keeps_the_order_and_ends_at_the_boundary():
 
 
 def _run_cli(argv):
-    from shared.cli.main import main
+    from tooling.cli.main import main
 
     with pytest.raises(SystemExit) as exit_:
         main(argv)

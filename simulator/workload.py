@@ -1,4 +1,4 @@
-"""Multi-model workloads from the shipped traces (the recipe in shared/traces/README.md).
+"""Multi-model workloads from the shipped traces (the recipe in tooling/traces/README.md).
 
 Model i gets a share of the total rate proportional to (i+1)^-alpha and its own phase-shifted copy of a
 real daily curve (ServeGen's per-model rates, normalised to mean 1). The day is compressed by
@@ -16,8 +16,8 @@ import numpy as np
 from shared.perfmodel import GPU_A100_PCIE as perf
 from shared.policy.concurrency import concurrency_windows
 from shared.policy.forecast import WindowObservation
-from shared.workload import traces
-from shared.workload.synth import gamma_arrivals
+from tooling.workload import traces
+from tooling.workload.synth import gamma_arrivals
 
 LLAMA2 = {  # fp16 weights, tensor parallelism, KV bytes per token (2 x layers x kv heads x head dim x 2)
     "7b": (13.5e9, 1, 2 * 32 * 32 * 128 * 2),

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import httpx
 
-from shared.localcluster.infra import EmbeddedPostgres, StartError, start_nats
-from shared.localcluster.nats_auth import OPERATOR, SERVICE_USERS, USERS, without_user
-from shared.localcluster.processes import become_subreaper, env_with, kill_orphans, port_free, spawn, stop_all, tail
+from tooling.localcluster.infra import EmbeddedPostgres, StartError, start_nats
+from tooling.localcluster.nats_auth import OPERATOR, SERVICE_USERS, USERS, without_user
+from tooling.localcluster.processes import become_subreaper, env_with, kill_orphans, port_free, spawn, stop_all, tail
 from shared.settings import LocalClusterSettings
 
 DEMO_MODEL = "tiny-llama"
@@ -150,7 +150,8 @@ async def ensure_demo_model(database_url: str, path: Path) -> Path:
     from shared.db import repo
     from shared.db.engine import create_engine, sessionmaker
     from shared.messages import ModelSpec
-    from shared.modelgen import create_tiny_llama, max_context, weight_bytes
+    from shared.model_folder import max_context, weight_bytes
+    from tooling.modelgen import create_tiny_llama
 
     path = create_tiny_llama(path)
     engine = create_engine(database_url)

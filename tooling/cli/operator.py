@@ -8,7 +8,7 @@ import time
 
 
 def _admin(verb: str, args: dict):
-    from shared.cli.main import _admin as request
+    from tooling.cli.client import _admin as request
 
     return asyncio.run(request(verb, args))
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.model_folder import is_model_folder
+
 log = logging.getLogger(__name__)
 
 CHAT_TEMPLATE = (
@@ -154,17 +156,3 @@ def create_tiny_llama(path: str | os.PathLike, shape: TinyLlamaShape = TinyLlama
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "warmserve.json").write_text(json.dumps({"shape": asdict(shape), "seed": seed}, indent=2))
     return out
-
-
-def is_model_folder(path: Path) -> bool:
-    return all((path / f).exists() for f in ("config.json", "tokenizer.json", "model.safetensors"))
-
-
-def weight_bytes(path: str | os.PathLike) -> int:
-    """Bytes of the model's weights on disk (what a prewarmed copy occupies in device memory)."""
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-
-
-def max_context(path: str | os.PathLike) -> int:
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    return int(cfg.get("max_position_embeddings", 2048))

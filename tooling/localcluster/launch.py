@@ -16,8 +16,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.localcluster.infra import StartError
-from shared.localcluster.processes import die_with_parent, free_port
+from tooling.localcluster.infra import StartError
+from tooling.localcluster.processes import die_with_parent, free_port
 
 ROOT = Path(__file__).parents[2]
 
@@ -61,7 +61,7 @@ def launch(state: Path, *args: str, extra_env: dict[str, str] | None = None, tim
     for k in ("WARMSERVE_NATS_URL", "WARMSERVE_DATABASE_URL"):  # embedded servers, not the machine's
         env.pop(k, None)
     # it gets SIGTERM (and stops its cluster) if the caller dies, however it dies
-    proc = subprocess.Popen([sys.executable, "-m", "shared.cli.main", "up", *args], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "tooling.cli.main", "up", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=ROOT, preexec_fn=die_with_parent)
     out: list[str] = []
     timer = _kill_after(proc, timeout_s)

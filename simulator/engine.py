@@ -18,7 +18,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from loadtest.sim.workload import Request, SimModel
+from simulator.workload import Request, SimModel
 from shared.perfmodel import PerfModel
 
 
@@ -50,6 +50,7 @@ class Instance:
     running: dict[int, int] = field(default_factory=dict)  # request id -> KV tokens it holds
     draining: bool = False
     kv_max: int = 0  # the KV cache it had when it started (per GPU): the base of its reservation target
+    kv_target: int | None = None  # free KV blocks to keep, as the orchestrator last set it (None: not set)
 
     def kv_tokens(self, kv_bytes: int | None = None) -> int:
         kv = self.kv_bytes if kv_bytes is None else kv_bytes

@@ -1,4 +1,4 @@
-"""Request arrivals and service times synthesised from rate traces (the recipe in shared/traces/README.md).
+"""Request arrivals and service times synthesised from rate traces (the recipe in tooling/traces/README.md).
 
 Arrivals in each window are a renewal process with Gamma inter-arrival times of the window's mean rate
 and CV (CV 1 = Poisson). Everything random comes from the ``numpy.random.Generator`` passed in, so a
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.workload.traces import RateSeries, Requests, TokenHistogram
+from tooling.workload.traces import RateSeries, Requests, TokenHistogram
 
 
 def gamma_arrivals(series: RateSeries, rng: np.random.Generator, rate_scale: float = 1.0) -> np.ndarray:

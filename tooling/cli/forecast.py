@@ -20,13 +20,13 @@ def _source(a) -> str:
 
 
 def _spec(a, window_s: float):
-    from shared.workload.series import SeriesSpec
+    from tooling.workload.series import SeriesSpec
 
     return SeriesSpec(source=_source(a), window_s=window_s, seed=a.seed, rate_scale=a.rate_scale)
 
 
 async def _forecaster(verb: str, args: dict) -> object:
-    from shared.cli.main import _admin
+    from tooling.cli.client import _admin
     from shared.subjects import FORECAST_ADMIN
 
     return await _admin(verb, args, subject=FORECAST_ADMIN, timeout=120)
@@ -51,7 +51,7 @@ def cmd_status(a) -> int:
 
 
 def cmd_import(a) -> int:
-    from shared.workload.series import build_series
+    from tooling.workload.series import build_series
 
     status = asyncio.run(_forecaster("status", {}))
     window_s = status["window_s"]
@@ -73,7 +73,7 @@ def cmd_import(a) -> int:
 
 
 def cmd_accuracy(a) -> int:
-    from shared.cli.main import _database_url
+    from tooling.cli.client import _database_url
     from shared.db import repo
     from shared.db.engine import create_engine, sessionmaker
     from shared.policy.forecast import accuracy
@@ -111,8 +111,8 @@ def _pct(x: float) -> str:
 
 def cmd_backtest(a) -> int:
     from shared.policy.forecast import ForecastConfig
-    from shared.workload.backtest import backtest, plot, table
-    from shared.workload.series import build_series
+    from tooling.workload.backtest import backtest, plot, table
+    from tooling.workload.series import build_series
 
     spec = _spec(a, a.window_s)
     print(f"building {a.window_s:g} s windows from {spec.source} (seed {a.seed}) ...", flush=True)
@@ -133,10 +133,10 @@ def cmd_backtest(a) -> int:
 
 
 def _add_source(p: argparse.ArgumentParser) -> None:
-    from shared.workload.series import SOURCES
+    from tooling.workload.series import SOURCES
 
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--trace", choices=SOURCES, default="servegen", help="a trace shipped in shared/traces")
+    src.add_argument("--trace", choices=SOURCES, default="servegen", help="a trace shipped in tooling/traces")
     src.add_argument("--rates", help="a per-model rate file (ServeGen format: model,t_start_s,rate_rps[,cv])")
     src.add_argument("--requests", help="a request trace (Azure format: TIMESTAMP,ContextTokens,GeneratedTokens)")
     p.add_argument("--seed", type=int, default=0, help="seed for the synthesised arrivals and lengths")

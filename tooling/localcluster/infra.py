@@ -11,8 +11,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from shared.localcluster.nats_auth import NatsUsers, server_config
-from shared.localcluster.processes import port_free, spawn, tail, wait_port
+from tooling.localcluster.nats_auth import NatsUsers, server_config
+from tooling.localcluster.processes import port_free, spawn, tail, wait_port
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def start_nats(state_dir: Path, port: int) -> tuple[subprocess.Popen, str, NatsU
         raise StartError(f"port {port} is taken, so the embedded nats-server cannot start: "
                          "stop what uses it or set WARMSERVE_NATS_PORT (0 picks a free port)")
     if port == 0:
-        from shared.localcluster.processes import free_port
+        from tooling.localcluster.processes import free_port
 
         port = free_port()
     data = state_dir / "nats"

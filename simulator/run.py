@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loadtest.sim.engine import Simulator
-from loadtest.sim.systems import Autoscaling, GpuSharing, WarmServe, WarmServeConfig
-from loadtest.sim.workload import Workload
+from simulator.engine import Simulator
+from simulator.systems import Autoscaling, GpuSharing, WarmServe, WarmServeConfig
+from simulator.workload import Workload
 from shared.perfmodel import GPU_A100_PCIE, PerfModel
 from shared.policy.autoscale import AutoscaleConfig
 from shared.policy.prewarm_placement import PlacementConfig

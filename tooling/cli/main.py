@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from tooling.cli.client import _admin, _cluster_file, _gateway_url, _nats_url
+
 SERVICE_MODULES = {
     "gateway": "services.gateway.main", "forecaster": "services.forecaster.main",
     "placement": "services.placement.main", "prewarm-orchestrator": "services.prewarm_orchestrator.main",
@@ -16,53 +18,12 @@ SERVICE_MODULES = {
 }
 
 
-def _cluster_file() -> dict:
-    """What a running ``warmserve up`` wrote about itself (URLs), if anything."""
-    state = Path(os.environ.get("WARMSERVE_STATE_DIR", ".warmserve"))
-    try:
-        return json.loads((state / "cluster.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _nats_url() -> str:
-    """Operator credentials first: admin subjects refuse service users."""
-    return (os.environ.get("WARMSERVE_OPERATOR_NATS_URL") or os.environ.get("WARMSERVE_NATS_URL")
-            or _cluster_file().get("nats_url") or "nats://127.0.0.1:4222")
-
-
-def _database_url() -> str:
-    return (os.environ.get("WARMSERVE_DATABASE_URL") or _cluster_file().get("database_url")
-            or "postgresql://postgres@127.0.0.1:5432/warmserve")
-
-
-def _gateway_url() -> str:
-    return os.environ.get("WARMSERVE_GATEWAY_URL") or _cluster_file().get("gateway_url") or "http://127.0.0.1:8080"
-
-
-async def _admin(verb: str, args: dict, subject=None, timeout: float = 15) -> object:
-    """An admin request (placement's verbs unless ``subject`` names another); errors exit clearly."""
-    from shared import bus
-    from shared.messages import AdminReply, AdminRequest
-    from shared.subjects import ADMIN
-
-    nc = await bus.connect(_nats_url(), "warmserve-cli", deadline_s=5)
-    try:
-        reply = await bus.request(nc, (subject or ADMIN).format(verb=verb), AdminRequest(args=args), AdminReply,
-                                  timeout=timeout)
-    finally:
-        await nc.close()
-    if not reply.ok:
-        raise SystemExit(f"error ({reply.error.code}): {reply.error.message}")
-    return reply.result
-
-
 def _print(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
 def cmd_up(a) -> int:
-    from shared.localcluster.up import up
+    from tooling.localcluster.up import up
     from shared.settings import LocalClusterSettings, load_settings
 
     overrides = {k: v for k, v in {"state_dir": a.state_dir, "workers": a.workers, "engine": a.engine,
@@ -88,7 +49,7 @@ def cmd_migrate(a) -> int:
 
 
 def cmd_demo_model(a) -> int:
-    from shared.localcluster.up import DEMO_MODEL, ensure_demo_model
+    from tooling.localcluster.up import DEMO_MODEL, ensure_demo_model
     from shared.settings import CommonSettings, load_settings
 
     path = asyncio.run(ensure_demo_model(load_settings(CommonSettings).database_url, a.path))
@@ -105,7 +66,8 @@ def cmd_settings_doc(a) -> int:
 
 def cmd_model(a) -> int:
     if a.action == "make-tiny":
-        from shared.modelgen import SIZES, create_tiny_llama, weight_bytes
+        from shared.model_folder import weight_bytes
+        from tooling.modelgen import SIZES, create_tiny_llama
 
         state = Path(os.environ.get("WARMSERVE_STATE_DIR", ".warmserve"))
         path = create_tiny_llama((a.dir or state / "models") / a.slug, SIZES[a.size], seed=a.seed)
@@ -257,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--limit", type=int, default=5)
     pl.set_defaults(func=cmd_placement)
 
-    from shared.cli import operator
+    from tooling.cli import operator
 
     operator.add_parsers(sub)
 
@@ -269,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--base-url", help="gateway URL (default: the running local cluster)")
     chat.set_defaults(func=cmd_chat)
 
-    from shared.cli import forecast
+    from tooling.cli import forecast
 
     forecast.add_parser(sub)
     return p
@@ -294,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         import openai
 
-        from shared.workload.traces import TraceFormatError
+        from tooling.workload.traces import TraceFormatError
 
         if isinstance(exc, TraceFormatError):
             sys.exit(f"error: {exc}")

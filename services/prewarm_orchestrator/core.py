@@ -1,0 +1,226 @@
+"""The orchestrator's decisions, free of I/O: the service (``main.py``) and the simulator both drive it.
+
+Every round (``step``) it compares the cluster with the placement plan (prewarm, evict, keep ``min_active``
+instances), runs the autoscaler over each model's load (the larger of the instances' in-flight requests and
+what the gateways report, queued requests included) and pushes KV reservation targets. ``scale_up`` picks
+where a new instance goes (``shared.policy.scaleup``, one chooser for everyone). Every command it hands out
+marks its (device, model) busy until ``on_result`` reports how it ended; a failed command is not retried on
+that (device, model, kind) before a doubling back-off (1 s to 30 s). Time is passed in; nothing here
+sleeps, sends or stores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from shared.messages import CommandKind, Outcome, PlannedCopy
+from shared.policy.autoscale import AutoscaleConfig, InstanceView as AutoscaleInstance, LoadWindow, decide
+from shared.policy.cluster import ClusterView
+from shared.policy.kv import next_kv_target
+from shared.policy.reconcile import reconcile
+from shared.policy.scaleup import choose_group
+
+RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0
+
+
+@dataclass(frozen=True)
+class OrchestratorConfig:
+    autoscale: AutoscaleConfig = AutoscaleConfig()
+    kv_reservation: bool = True
+    min_active: int = 0  # instances kept per planned model whatever the load
+    gateway_load_max_age_s: float = 3.0  # a gateway's report older than this no longer counts
+
+
+@dataclass(frozen=True)
+class Command:
+    """One worker command as data; the shell turns it into a ``WorkerCommand`` (or the simulator acts on it)."""
+
+    kind: CommandKind
+    model: str
+    devices: tuple[str, ...]
+    reason: str = ""
+    instance_id: str | None = None  # deactivate: the instance meant
+    drain: bool = True
+    kv_free_blocks: int | None = None  # set_kv_target
+    outcome: Outcome | None = None  # activate: how the instance is made (prewarm_hit or cold)
+
+    @property
+    def worker_id(self) -> str:
+        return self.devices[0]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.devices[0], self.model)
+
+
+@dataclass(frozen=True)
+class ScaleAnswer:
+    """What a scale-up ask gets: a command to send, an instance that already runs, or a refusal."""
+
+    command: Command | None = None
+    outcome: Outcome | None = None
+    worker_id: str | None = None
+    instance_id: str | None = None  # an instance that is already active (outcome warm)
+    error_code: str | None = None
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Round:
+    commands: list[Command]  # send these now
+    scale_up: dict[str, int]  # model -> instances to add (through ``scale_up``, one at a time)
+    loads: dict[str, float]
+
+
+@dataclass
+class GatewayLoad:
+    """Each gateway's latest concurrency per model (in flight *and* queued): the load instances cannot see
+    when they are full."""
+
+    max_age_s: float = 3.0
+    reports: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)  # model -> gateway -> (t, c)
+
+    def add(self, model: str, gateway: str, at_s: float, concurrency: float) -> None:
+        self.reports.setdefault(model, {})[gateway] = (at_s, concurrency)
+
+    def current(self, now_s: float) -> dict[str, float]:
+        out = {}
+        for model, by_gw in self.reports.items():
+            fresh = [c for t, c in by_gw.values() if now_s - t <= self.max_age_s]
+            if fresh:
+                out[model] = sum(fresh)
+        return out
+
+
+class OrchestratorCore:
+    def __init__(self, config: OrchestratorConfig = OrchestratorConfig()):
+        self.config = config
+        self.busy: dict[tuple[str, str], Command] = {}  # (device, model) -> lifecycle command in flight
+        self.kv_busy: dict[tuple[str, str], Command] = {}  # (device, model) -> KV target in flight
+        self.retry_at: dict[tuple[str, str, CommandKind], tuple[float, float]] = {}  # -> (not before, delay)
+        self.kv_unsupported: set[str] = set()  # devices whose engine cannot resize KV (vLLM)
+        self.windows: dict[str, LoadWindow] = {}
+        self.gateway_load = GatewayLoad(config.gateway_load_max_age_s)
+
+    # ---- inputs ---------------------------------------------------------------------------------------
+
+    def on_demand(self, model: str, gateway: str, at_s: float, concurrency: float) -> None:
+        self.gateway_load.add(model, gateway, at_s, concurrency)
+
+    def on_result(self, command: Command, ok: bool, now_s: float, error_code: str | None = None) -> None:
+        """How a command ended: frees its (device, model) and sets or clears its back-off."""
+        table = self.kv_busy if command.kind is CommandKind.SET_KV_TARGET else self.busy
+        if table.get(command.key) is command:
+            del table[command.key]
+        retry_key = (command.devices[0], command.model, command.kind)
+        if ok:
+            self.retry_at.pop(retry_key, None)
+            return
+        if error_code == "unsupported" and command.kind is CommandKind.SET_KV_TARGET:
+            self.kv_unsupported.add(command.devices[0])  # vLLM: KV is fixed; stop asking
+        delay = min(self.retry_at.get(retry_key, (0.0, RETRY_MIN_S / 2))[1] * 2, RETRY_MAX_S)
+        self.retry_at[retry_key] = (now_s + delay, delay)
+
+    def retry_in(self, command: Command, now_s: float) -> float:
+        return max(self.retry_at.get((command.devices[0], command.model, command.kind), (now_s, 0.0))[0] - now_s, 0.0)
+
+    @property
+    def scaling(self) -> set[str]:
+        """Models with an activation in flight."""
+        return {c.model for c in self.busy.values() if c.kind is CommandKind.ACTIVATE}
+
+    # ---- the round --------------------------------------------------------------------------------------
+
+    def step(self, view: ClusterView, plan: Sequence[PlannedCopy], now_s: float,
+             drained: Collection[str] = ()) -> Round:
+        """Reconcile with the plan, then autoscale and push KV targets. ``drained``: devices an operator
+        drains (their instances stop whatever the load; nothing new goes there)."""
+        commands: list[Command] = []
+        for a in reconcile(plan, view, min_active=self.config.min_active, busy=self.busy):
+            cmd = Command(a.kind, a.model, a.group, reason="placement plan")
+            if self._issue(cmd, now_s):
+                commands.append(cmd)
+        scale_up, loads = self._autoscale(view, now_s, drained, commands)
+        return Round(commands, scale_up, loads)
+
+    def _issue(self, cmd: Command, now_s: float) -> bool:
+        """Mark ``cmd`` in flight unless its (device, model) is busy or backing off."""
+        table = self.kv_busy if cmd.kind is CommandKind.SET_KV_TARGET else self.busy
+        if cmd.key in table or self.retry_at.get((cmd.devices[0], cmd.model, cmd.kind), (0.0, 0.0))[0] > now_s:
+            return False
+        table[cmd.key] = cmd
+        return True
+
+    def _autoscale(self, view: ClusterView, now_s: float, drained: Collection[str],
+                   commands: list[Command]) -> tuple[dict[str, int], dict[str, float]]:
+        cfg = self.config.autoscale
+        instances: dict[str, list[AutoscaleInstance]] = {}
+        groups = {i.instance_id: i.devices for i in view.instances}
+        in_flight: dict[str, int] = {}
+        for inst in view.instances:
+            if inst.draining:
+                continue
+            in_flight[inst.model] = in_flight.get(inst.model, 0) + inst.in_flight
+            if drained and set(inst.devices) & set(drained):
+                cmd = Command(CommandKind.DEACTIVATE, inst.model, inst.devices, reason="worker drained by an operator",
+                              instance_id=inst.instance_id)
+                if self._issue(cmd, now_s):
+                    commands.append(cmd)
+                continue
+            instances.setdefault(inst.model, []).append(
+                AutoscaleInstance(inst.instance_id, inst.devices[0], inst.started_at_s, inst.in_flight))
+            if self.config.kv_reservation and inst.kv_total_blocks > 0 and inst.devices[0] not in self.kv_unsupported:
+                device = view.device(inst.devices[0])
+                target = next_kv_target(inst.kv_target_free_blocks, inst.kv_total_blocks, inst.in_flight,
+                                        (device.batch_capacity if device else 0) or cfg.batch_capacity)
+                if target is not None:
+                    cmd = Command(CommandKind.SET_KV_TARGET, inst.model, inst.devices, reason="kv reservation",
+                                  kv_free_blocks=target)
+                    if self._issue(cmd, now_s):
+                        commands.append(cmd)
+        gateway = self.gateway_load.current(now_s)
+        for model in set(in_flight) | set(self.windows) | {m for m, v in gateway.items() if v > 0}:
+            load = max(in_flight.get(model, 0), gateway.get(model, 0.0))
+            self.windows.setdefault(model, LoadWindow(cfg.window_s)).add(now_s, load)
+        busy_models = {m for _, m in self.busy}
+        scale_up, loads = {}, {}
+        for model, window in list(self.windows.items()):
+            load = window.mean(now_s)
+            loads[model] = round(load, 3)
+            ins = instances.get(model, [])
+            if not ins and load == 0 and model not in in_flight and not gateway.get(model):
+                del self.windows[model]  # idle and gone: forget it
+                continue
+            if model in busy_models:
+                continue  # a scale-up or stop is under way: decide again once it lands
+            d = decide(load, ins, now_s, cfg, window_full=window.full(now_s))
+            if d.add and ins:  # a model with no instance is started by the gateway's request (it knows the wait)
+                scale_up[model] = d.add
+            for i in d.stop:
+                cmd = Command(CommandKind.DEACTIVATE, model, groups[i.instance_id], reason=f"autoscaler: {d.reason}",
+                              instance_id=i.instance_id)
+                if self._issue(cmd, now_s):
+                    commands.append(cmd)
+        return scale_up, loads
+
+    # ---- scale-up -----------------------------------------------------------------------------------------
+
+    def scale_up(self, view: ClusterView, model: str, tp: int, shard_bytes: int, now_s: float, *,
+                 reason: str = "at_capacity", waiting: int = 0, drained: Collection[str] = ()) -> ScaleAnswer:
+        """Where another instance of ``model`` goes. ``reason`` ``no_instance``: an instance that became
+        active meanwhile answers (warm). The activation's devices are busy until ``on_result``."""
+        if reason == "no_instance":
+            running = view.instances_of(model)
+            if running:
+                return ScaleAnswer(outcome=Outcome.WARM, worker_id=running[0].worker_id,
+                                   instance_id=running[0].instance_id)
+        # a device busy with this model (a prewarm in flight) may still be the best choice
+        busy = {device for device, m in self.busy if m != model} | set(drained)
+        choice = choose_group(view, model, tp, shard_bytes, busy=busy)
+        if choice is None:
+            return ScaleAnswer(error_code="no_capacity", error=f"no worker can take another instance of {model} now")
+        cmd = Command(CommandKind.ACTIVATE, model, choice.devices, reason=f"scale-up ({reason}, {waiting} waiting)",
+                      outcome=choice.outcome)
+        self.busy[cmd.key] = cmd
+        return ScaleAnswer(command=cmd, outcome=choice.outcome, worker_id=choice.worker_id)

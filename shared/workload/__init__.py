@@ -1,1 +1,0 @@
-"""Workloads built from the real traces the project ships (``shared/traces``): loaders and synthesis."""

@@ -1,0 +1,107 @@
+"""The orchestrator core on hand-built views: reconcile, autoscaler rounds, KV targets, scale-up choice, the busy
+table and back-off, all with the clock passed in."""
+
+from services.prewarm_orchestrator.core import OrchestratorConfig, OrchestratorCore
+from shared.messages import CommandKind, CopyState, Outcome, PlannedCopy
+from shared.policy.autoscale import AutoscaleConfig
+from tests.factories import GB, copy, view, worker
+
+
+def core(**autoscale) -> OrchestratorCore:
+    return OrchestratorCore(OrchestratorConfig(autoscale=AutoscaleConfig(**{"batch_capacity": 4, **autoscale})))
+
+
+def kinds(commands):
+    return [(c.kind, c.model, c.worker_id) for c in commands]
+
+
+def test_a_round_stops_idle_and_drained_instances_and_sets_kv_targets():
+    c = core(window_s=5.0, min_lifetime_s=5.0)
+    v = view(worker("w0", ("a", CopyState.ACTIVE, GB, 0), batch_capacity=4),
+             worker("w1", ("b", CopyState.ACTIVE, GB, 3), batch_capacity=4))
+    first = c.step(v, [], now_s=100.0, drained={"w1"})
+    assert (CommandKind.DEACTIVATE, "b", "w1") in kinds(first.commands)  # drained: stop whatever the load
+    kv = [cmd for cmd in first.commands if cmd.kind is CommandKind.SET_KV_TARGET]
+    assert [(k.model, k.kv_free_blocks) for k in kv] == [("a", 25)]  # ceil(100 x max(0, 1) / 4)
+    for cmd in first.commands:
+        c.on_result(cmd, True, 100.1)
+    later = c.step(v, [], now_s=106.0)  # a has been idle for the whole window
+    stops = [cmd for cmd in later.commands if cmd.kind is CommandKind.DEACTIVATE]
+    assert ("a", "w0") in [(s.model, s.worker_id) for s in stops] and "autoscaler" in stops[0].reason
+
+
+def test_an_engine_that_cannot_resize_kv_is_asked_once():
+    c = core()
+    v = view(worker("w0", ("a", CopyState.ACTIVE, GB, 0)))
+    [kv] = [cmd for cmd in c.step(v, [], now_s=1.0).commands if cmd.kind is CommandKind.SET_KV_TARGET]
+    assert c.step(v, [], now_s=1.5).commands == []  # in flight: not asked twice
+    c.on_result(kv, False, 2.0, error_code="unsupported")
+    assert [cmd for cmd in c.step(v, [], now_s=60.0).commands if cmd.kind is CommandKind.SET_KV_TARGET] == []
+
+
+def test_the_autoscaler_adds_instances_above_the_threshold_but_not_while_a_scale_up_is_in_flight():
+    c = core()
+    full = view(worker("w0", ("a", CopyState.ACTIVE, GB, 4)), worker("w1", ("a", CopyState.PREWARMED)))
+    plan = [PlannedCopy(model="a", worker_id="w1")]
+    assert c.step(full, [], now_s=99.0).scale_up == {}  # evicting the unplanned copy: the model is busy
+    c = core()
+    assert c.step(full, plan, now_s=100.0).scale_up == {"a": 1}  # 4 > 0.8 x 4
+    answer = c.scale_up(full, "a", 1, GB, now_s=100.0)
+    assert (answer.outcome, answer.worker_id, answer.command.kind) == (Outcome.PREWARM_HIT, "w1", CommandKind.ACTIVATE)
+    assert c.scaling == {"a"} and c.step(full, plan, now_s=101.0).scale_up == {}
+    c.on_result(answer.command, True, 102.0)
+    assert c.scaling == set() and c.step(full, plan, now_s=102.5).scale_up == {"a": 1}
+
+
+def test_requests_waiting_at_gateways_count_as_load():
+    """An instance full of long requests reports in_flight = B; the queue at the gateway is what tells the
+    autoscaler it needs more, and it must not take the queue for idleness either."""
+    c = core(up=0.9)
+    full = view(worker("w0", ("a", CopyState.ACTIVE, GB, 3)))  # 3 of 4 in flight: within the band alone
+    assert c.step(full, [], now_s=100.0).scale_up == {}
+    c.on_demand("a", "gw-1", at_s=100.5, concurrency=5.0)  # 3 in flight + 2 waiting at one gateway
+    c.on_demand("a", "gw-2", at_s=100.5, concurrency=4.0)
+    assert c.gateway_load.current(101.0) == {"a": 9.0}
+    c.step(full, [], now_s=101.0)
+    c.on_demand("a", "gw-1", at_s=102.5, concurrency=5.0)
+    c.on_demand("a", "gw-2", at_s=102.5, concurrency=4.0)
+    # mean over what the window has seen: 3 for 1 s, then 9 for 2 s = 7 > 0.9 x 4 -> ceil(7 / 3.6) = 2 instances
+    assert c.step(full, [], now_s=103.0).scale_up == {"a": 1}
+    assert c.gateway_load.current(110.0) == {}  # reports expire: a gateway that went away adds nothing
+
+
+def test_reconcile_commands_are_sent_once_and_a_failure_backs_off_doubling():
+    c = core()
+    plan = [PlannedCopy(model="a", worker_id="w0")]
+    v = view(worker("w0"))
+    [prewarm] = c.step(v, plan, now_s=10.0).commands
+    assert prewarm.kind is CommandKind.PREWARM and prewarm.reason == "placement plan"
+    assert c.step(v, plan, now_s=10.5).commands == []  # in flight
+    c.on_result(prewarm, False, 11.0, error_code="no_memory")
+    assert c.retry_in(prewarm, 11.0) == 1.0 and c.step(v, plan, now_s=11.5).commands == []
+    [again] = c.step(v, plan, now_s=12.0).commands
+    c.on_result(again, False, 12.0)
+    assert c.retry_in(again, 12.0) == 2.0  # doubled
+    [third] = c.step(v, plan, now_s=14.0).commands
+    c.on_result(third, True, 15.0)
+    assert c.retry_in(third, 15.0) == 0.0  # a success clears the back-off
+
+
+def test_scale_up_answers_warm_when_an_instance_appeared_and_refuses_clearly_when_nothing_fits():
+    c = core()
+    running = view(worker("w0", copy("a", CopyState.ACTIVE, worker_id="w0")))
+    answer = c.scale_up(running, "a", 1, GB, now_s=1.0, reason="no_instance")
+    assert (answer.command, answer.outcome, answer.instance_id) == (None, Outcome.WARM, "w0-a")
+    full = view(worker("w0", ("x", CopyState.ACTIVE)), worker("w1", budget=GB // 2))
+    refused = c.scale_up(full, "a", 1, GB, now_s=1.0)
+    assert refused.command is None and refused.error_code == "no_capacity" and "a" in refused.error
+
+
+def test_scale_up_skips_devices_busy_with_another_model_and_drained_ones():
+    c = core()
+    v = view(worker("w0", ("a", CopyState.PREWARMED)), worker("w1"), worker("w2"))
+    [prewarm] = c.step(v, [PlannedCopy(model="b", worker_id="w0"), PlannedCopy(model="a", worker_id="w0")],
+                       now_s=1.0).commands
+    assert (prewarm.kind, prewarm.model) == (CommandKind.PREWARM, "b")
+    answer = c.scale_up(v, "a", 1, GB, now_s=1.0, drained={"w1"})
+    assert (answer.worker_id, answer.outcome) == ("w2", Outcome.COLD)  # w0 is loading b, w1 is drained

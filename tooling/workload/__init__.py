@@ -1,0 +1,1 @@
+"""Workloads built from the real traces the project ships (``tooling/traces``): loaders and synthesis."""
