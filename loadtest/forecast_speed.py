@@ -1,4 +1,4 @@
-"""Forecasting cost for many models: startup rebuild, first round, steady rounds (DESIGN 5, issue 5).
+"""Forecasting cost for many models: startup rebuild, first round, steady rounds (docs/design.md, "Benchmarks").
 
 Series: each model gets 7 days of 5-minute windows made from the real ServeGen day (mm-image's peak and
 average concurrency), phase-shifted per model and scaled by Gamma noise, so every series is different.

@@ -1,4 +1,4 @@
-"""Cost of one prewarm placement round on a large cluster (DESIGN 2.3): evict-aware vs round-robin.
+"""Cost of one prewarm placement round on a large cluster (docs/design.md, "Placement"): evict-aware vs round-robin.
 
 Cluster: 128 nodes x 8 GPUs of 80 GB. Models: 256 Llama-2 7B/13B/70B at TP 1/2/4 (60/30/10%), power-law
 popularity share_i ~ (i+1)^-alpha, total load scaled so the replicas wanted at peak fill the cluster

@@ -123,7 +123,7 @@ class InferChunk(BusMessage):
 
 
 class CopyState(str, enum.Enum):
-    """Lifecycle of one model copy on a worker (DESIGN 2.1)."""
+    """Lifecycle of one model copy on a worker (docs/design.md, "Model states")."""
 
     LOADING = "loading"
     PREWARMED = "prewarmed"
@@ -214,7 +214,7 @@ class CommandResult(BusMessage):
 
 
 class WorkerEvent(BusMessage):
-    """A copy's transition, with what it cost (DESIGN 2.1: measured, never assumed)."""
+    """A copy's transition, with what it cost (docs/design.md, "Model states": measured, never assumed)."""
 
     event_id: str = Field(default_factory=new_id)
     worker_id: str
@@ -228,7 +228,7 @@ class WorkerEvent(BusMessage):
 
 
 class Outcome(str, enum.Enum):
-    """How a request found its instance (DESIGN 3)."""
+    """How a request found its instance (docs/design.md, "Requests")."""
 
     WARM = "warm"  # an instance was active
     PREWARM_HIT = "prewarm_hit"  # an instance was made from a prewarmed copy

@@ -96,7 +96,7 @@ class WorkerSettings(CommonSettings):
 
 
 class ForecasterSettings(CommonSettings):
-    window_s: float = Field(300.0, gt=0, description="forecast window (DESIGN 2.2: 300 s)")
+    window_s: float = Field(300.0, gt=0, description="forecast window (docs/design.md, 'Forecasting': 300 s)")
     horizon_windows: int = Field(3, ge=1, le=288, description="windows forecast at each window boundary")
     upper_quantile: float = Field(0.9, gt=0, lt=1, description="quantile of recent errors added for the upper forecast")
     min_history_windows: int = Field(12, ge=1, description="history needed before models are fitted (fewer: recent level)")
@@ -111,10 +111,10 @@ class ForecasterSettings(CommonSettings):
 class PlacementSettings(CommonSettings):
     replan_interval_s: float = Field(5.0, gt=0, description="replan at least this often (and on every change)")
     catalog_sync_interval_s: float = Field(10.0, gt=0, description="Postgres catalog -> KV resync period")
-    batch_capacity: int = Field(32, ge=1, description="B: concurrent requests one instance serves (DESIGN 2.3)")
+    batch_capacity: int = Field(32, ge=1, description="B: concurrent requests one instance serves (docs/design.md, 'Placement')")
     h2d_gbps: float = Field(25.0, gt=0, description="host-to-device GB/s used to score load time (PCIe Gen4 x16)")
     placement_strategy: Literal["evict-aware", "round-robin"] = Field(
-        "evict-aware", description="evict-aware (DESIGN 2.3) or the paper's round-robin ablation")
+        "evict-aware", description="evict-aware (docs/design.md, 'Placement') or the paper's round-robin ablation")
     evict: bool = Field(True, description="evict lower-scored prewarmed copies when that raises the total score")
     kv_reservation: bool = Field(True, description="count KV memory running instances can give back as prewarm capacity")
     idle_first: bool = Field(True, description="place each model's copies on idle workers first, and only then in KV that "
@@ -124,7 +124,7 @@ class PlacementSettings(CommonSettings):
 
 
 class OrchestratorSettings(CommonSettings):
-    reconcile_interval_s: float = Field(0.5, gt=0, description="DESIGN 2.4: about every 0.5 s")
+    reconcile_interval_s: float = Field(0.5, gt=0, description="about every 0.5 s (docs/design.md, 'Prewarming and scaling')")
     command_timeout_s: float = Field(120.0, gt=0, description="longest a prewarm/activate may take")
     min_active_per_model: int = Field(0, ge=0, description="instances kept active per model however idle (0: scale to zero, the next request is a prewarm hit)")
     autoscale_window_s: float = Field(5.0, gt=0, description="load = mean concurrency over this window")

@@ -50,7 +50,7 @@ class TinyLlamaShape:
 
 
 # Named sizes for `warmserve models make-tiny --size ...`: a fast one for tests, one like the
-# ~300M model whose CPU timings DESIGN.md section 4.1 reports.
+# ~300M model whose CPU timings docs/design.md ("On a CPU") reports.
 SIZES: dict[str, TinyLlamaShape] = {
     "5m": TinyLlamaShape(),
     "300m": TinyLlamaShape(hidden_size=1024, intermediate_size=2816, num_hidden_layers=26,

@@ -11,77 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
-from collections import defaultdict
-from dataclasses import dataclass
-from typing import Literal
 
 from nats.aio.msg import Msg
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from services.forecaster.admin import ForecasterAdmin
 from services.forecaster.core import ForecastCore, ForecastRoundConfig
+from services.forecaster.outbox import Outbox
 from shared import bus
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
-from shared.messages import AdminReply, AdminRequest, DemandSample, ErrorInfo, Forecast, ModelSpec
+from shared.messages import DemandSample, Forecast, ModelSpec
 from shared.policy.forecast import ForecastConfig, WindowObservation
 from shared.service import brief, pause, run_service
 from shared.settings import ForecasterSettings, load_settings
 from shared.subjects import CATALOG_BUCKET, DEMAND, FORECAST, FORECAST_ADMIN
-from shared.policy.history import align_before, place_before
 
 log = logging.getLogger("warmserve.forecaster")
-
-MAX_OUTBOX = 200_000  # pending rows kept while Postgres is away (about a day of 256 models)
-
 
 def forecast_config(s: ForecasterSettings) -> ForecastConfig:
     methods = tuple(m.strip() for m in s.forecast_methods.split(",") if m.strip())
     return ForecastConfig.for_window(s.window_s, horizon=s.horizon_windows, upper_quantile=s.upper_quantile,
                                      min_history=s.min_history_windows, score_windows=s.score_windows,
                                      methods=methods)
-
-
-class ImportArgs(BaseModel):
-    """``warmserve forecast import``: one model's windows from a trace, oldest first, from the trace's t=0."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str
-    window_s: float = Field(gt=0)
-    windows: list[tuple[float, float, int]] = Field(min_length=1, max_length=14 * 288)  # (avg, peak, arrivals)
-    source: str = Field("trace", max_length=200)
-    align: Literal["time-of-day", "end"] = Field(
-        "time-of-day", description="time-of-day: rotate a whole-day trace to keep each window's time of day; "
-                                   "end: keep the order, the last window just before the current one")
-
-    @field_validator("windows")
-    @classmethod
-    def _finite(cls, v: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
-        if any(not (math.isfinite(a) and math.isfinite(p)) or a < 0 or p < 0 or n < 0 for a, p, n in v):
-            raise ValueError("window values must be finite and non-negative")
-        return v
-
-
-@dataclass
-class Outbox:
-    """History writes waiting for Postgres: observed windows per model and forecasts."""
-
-    observations: dict[str, list[WindowObservation]]
-    forecasts: list[Forecast]
-    dropped: int = 0
-
-    @classmethod
-    def empty(cls) -> Outbox:
-        return cls(defaultdict(list), [])
-
-    def __len__(self) -> int:
-        return sum(len(v) for v in self.observations.values()) + len(self.forecasts)
-
-    def bound(self) -> None:
-        while len(self) > MAX_OUTBOX and self.forecasts:  # forecasts are the cheaper loss
-            self.forecasts.pop(0)
-            self.dropped += 1
 
 
 class Forecaster:
@@ -100,6 +52,7 @@ class Forecaster:
         self.caught_up = asyncio.Event()
         self.busy = asyncio.Lock()  # rounds, imports and reloads take turns with the forecasters
         self.rounds = {"count": 0, "last_s": None, "first_s": None, "last_at_s": None}
+        self.admin = ForecasterAdmin(self)
 
     # ---- demand in -------------------------------------------------------------------------------
 
@@ -188,82 +141,6 @@ class Forecaster:
             async with self.busy:
                 await self.publish(await asyncio.to_thread(self.core.forecast, new, time.time()))
 
-    # ---- operator verbs ------------------------------------------------------------------------------
-
-    async def on_admin(self, msg: Msg) -> None:
-        verb = msg.subject.rsplit(".", 1)[-1]
-        try:
-            if verb == "status":
-                reply = AdminReply(ok=True, result=self.status())
-            elif verb == "reload":
-                async with self.busy:
-                    reply = AdminReply(ok=True, result=await self.reload())
-            elif verb == "import":
-                args = ImportArgs.model_validate(AdminRequest.decode(msg.data).args)
-                async with self.busy:
-                    reply = AdminReply(ok=True, result=await self.import_history(args))
-            else:
-                reply = AdminReply(ok=False, error=ErrorInfo(
-                    code="unknown_verb", message=f"unknown forecaster verb {verb!r}; known: import, reload, status"))
-        except (ValidationError, ValueError) as exc:
-            reply = AdminReply(ok=False, error=ErrorInfo(code="bad_request", message=brief(exc)))
-        except Exception as exc:
-            log.warning("admin %s failed: %s", verb, brief(exc))
-            reply = AdminReply(ok=False, error=ErrorInfo(code="failed", message=brief(exc)))
-        await bus.reply(self.nc, msg, reply)
-
-    def status(self) -> dict:
-        models = []
-        for model in sorted(set(self.catalog.items) | set(self.series)):
-            fc = self.latest.get(model)
-            pair = self.series.get(model)
-            models.append({
-                "model": model, "history_windows": len(pair.peak.history) if pair else 0,
-                "method": fc.method if fc else None, "method_avg": fc.method_avg if fc else None,
-                "note": fc.note if fc else "no forecast yet",
-                "next": fc.points[0].model_dump() if fc and fc.points else None,
-                "peak_errors": pair.peak.errors() if pair else {},
-            })
-        return {"window_s": self.settings.window_s, "caught_up": self.caught_up.is_set(),
-                "late_samples": self.book.late, "pending_writes": len(self.outbox), "rounds": self.rounds,
-                "models": models}
-
-    async def import_history(self, args: ImportArgs) -> dict:
-        """Seed a model's history from a trace: the trace's windows go right before its oldest stored
-        window (or before the current window), keeping time of day; nothing stored is overwritten."""
-        if args.model not in self.catalog.items:
-            raise ValueError(f"model {args.model!r} is not in the catalog (warmserve model list)")
-        if abs(args.window_s - self.settings.window_s) > 1e-6:
-            raise ValueError(f"the trace was cut into {args.window_s:g} s windows; this forecaster uses "
-                             f"{self.settings.window_s:g} s (WARMSERVE_WINDOW_S)")
-        w = self.settings.window_s
-        async with self.sessions() as session:
-            first = await repo.first_observed(session, args.model)
-        end = first if first is not None else self.book.next_start.get(args.model, self.book.window_of(time.time()))
-        series = [WindowObservation(i * w, a, p, n) for i, (a, p, n) in enumerate(args.windows)]
-        aligned = (place_before if args.align == "end" else align_before)(series, w, end)
-        async with self.sessions() as session:
-            written = await repo.record_observations(session, args.model, w, aligned, source="import")
-            await session.commit()
-        self.book.resume(args.model, end)  # live samples before the imported history are not expected
-        rebuilt = await self.reload([args.model])
-        return {"model": args.model, "windows_written": written, "from_s": aligned[0].start_s,
-                "to_s": aligned[-1].start_s + w, "source": args.source, **rebuilt}
-
-    async def reload(self, models: list[str] | None = None) -> dict:
-        """Re-read history (after ``warmserve forecast import``) and rebuild every model's forecaster."""
-        await self.flush()
-        if len(self.outbox):
-            raise RuntimeError("Postgres is not taking writes; reload would lose queued windows")
-        history = await self.load_history(asyncio.Event())
-        if models is not None:
-            history = {m: history[m] for m in models if m in history}
-        await asyncio.to_thread(self.rebuild, history)
-        targets = sorted(self.catalog.items) if models is None else models
-        await self.publish(await asyncio.to_thread(self.core.forecast, targets, time.time()))
-        await self.flush()
-        return {"models": len(history), "windows": sum(len(v) for v in history.values())}
-
     # ---- main loop -----------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -284,7 +161,7 @@ class Forecaster:
         consumer = asyncio.create_task(bus.consume(
             self.js, DEMAND.wildcard, "forecaster", DemandSample, self.on_demand, batch=512,
             max_ack_pending=100_000, start_s=resume - 5.0, caught_up=self.caught_up))
-        admin = await self.nc.subscribe(FORECAST_ADMIN.wildcard, queue="forecaster", cb=self.on_admin)
+        admin = await self.nc.subscribe(FORECAST_ADMIN.wildcard, queue="forecaster", cb=self.admin.on_admin)
         log.info("forecaster up: window %.0f s, horizon %d, methods %s; replaying demand since %s",
                  s.window_s, self.config.horizon, ",".join(self.config.methods),
                  time.strftime("%H:%M:%S", time.gmtime(resume)))

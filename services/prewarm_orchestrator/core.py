@@ -11,7 +11,7 @@ sleeps, sends or stores.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from shared.messages import CommandKind, Outcome, PlannedCopy

@@ -1,4 +1,4 @@
-"""Autoscaling of a model's instances (DESIGN 2.4), with the paper's defaults.
+"""Autoscaling of a model's instances (docs/design.md, "Prewarming and scaling"), with the paper's defaults.
 
 Load is the time-weighted mean concurrency of the model over the last ``window_s`` (5 s); capacity is
 instances x B. Above ``up`` x capacity the model scales to ``ceil(load / up / B)`` instances; below

@@ -1,4 +1,4 @@
-"""Time-weighted concurrency of a model (the quantity that sizes instances, DESIGN 2.2).
+"""Time-weighted concurrency of a model (the quantity that sizes instances, docs/design.md, "Forecasting").
 
 The caller passes every timestamp in, so the same tracker works live and in the simulator.
 """

@@ -1,4 +1,4 @@
-"""Per-series load forecasting with per-series method selection by rolling backtest (DESIGN 2.2).
+"""Per-series load forecasting with per-series method selection by rolling backtest (docs/design.md, "Forecasting").
 
 A ``SeriesForecaster`` holds one series (a model's average or peak concurrency per window). Each time a
 window closes it is told the observed value (``observe``): every method's pending one-step prediction is

@@ -1,4 +1,4 @@
-"""KV reservation (DESIGN 2.4): an instance keeps at most ``total_blocks x in_flight / B`` free KV
+"""KV reservation (docs/design.md, "Prewarming and scaling"): an instance keeps at most ``total_blocks x in_flight / B`` free KV
 blocks; memory beyond that goes back to the worker's pool as prewarm capacity, and comes back when
 load rises."""
 

@@ -1,4 +1,4 @@
-"""Evict-aware placement of prewarmed copies (DESIGN.md 2.3): which models to prewarm on which GPUs.
+"""Evict-aware placement of prewarmed copies (docs/design.md, "Placement"): which models to prewarm on which GPUs.
 
 Pure: a function of its inputs, no I/O, no clock, no randomness; the placement service, the simulator and
 the unit tests share it. Units: bytes and seconds.

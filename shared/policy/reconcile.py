@@ -1,4 +1,4 @@
-"""What the orchestrator must do to turn the cluster into the placement plan (docs/design.md, "Prewarming")."""
+"""What the orchestrator must do to turn the cluster into the placement plan (docs/design.md, "Prewarming and scaling")."""
 
 from __future__ import annotations
 

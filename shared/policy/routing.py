@@ -1,4 +1,4 @@
-"""Which active instance gets a request (DESIGN 3: least-loaded active instance)."""
+"""Which active instance gets a request (docs/design.md, "Requests": least-loaded active instance)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Where a new instance of a model goes (docs/design.md, "Scale-up"), in order of preference:
+"""Where a new instance of a model goes (docs/design.md, "Prewarming and scaling"), in order of preference:
 
 1. a completed prewarmed copy whose devices all serve nothing (a prewarm hit);
 2. a copy still loading there (the instance is ready once it has loaded);

@@ -1,4 +1,4 @@
-"""Evict-aware prewarm placement (DESIGN 2.3) on small hand-built clusters with known answers.
+"""Evict-aware prewarm placement (docs/design.md, "Placement") on small hand-built clusters with known answers.
 
 Units in these tests: shards are whole or simple fractions of GiB and the host-to-device bandwidth is
 1 GiB/s, so one replica of a model whose shard is x GiB scores x (its load time), as long as it is the only

@@ -1,0 +1,123 @@
+"""Forecaster verbs on ``warmserve.admin.forecast.<verb>``: status, import (seed a model's history from a
+trace) and reload (rebuild every forecaster from stored history)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Literal
+
+from nats.aio.msg import Msg
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shared import bus
+from shared.db import repo
+from shared.messages import AdminReply, AdminRequest, ErrorInfo
+from shared.policy.forecast import WindowObservation
+from shared.policy.history import align_before, place_before
+from shared.service import brief
+
+log = logging.getLogger("warmserve.forecaster")
+
+
+class ImportArgs(BaseModel):
+    """``warmserve forecast import``: one model's windows from a trace, oldest first, from the trace's t=0."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    window_s: float = Field(gt=0)
+    windows: list[tuple[float, float, int]] = Field(min_length=1, max_length=14 * 288)  # (avg, peak, arrivals)
+    source: str = Field("trace", max_length=200)
+    align: Literal["time-of-day", "end"] = Field(
+        "time-of-day", description="time-of-day: rotate a whole-day trace to keep each window's time of day; "
+                                   "end: keep the order, the last window just before the current one")
+
+    @field_validator("windows")
+    @classmethod
+    def _finite(cls, v: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+        if any(not (math.isfinite(a) and math.isfinite(p)) or a < 0 or p < 0 or n < 0 for a, p, n in v):
+            raise ValueError("window values must be finite and non-negative")
+        return v
+
+
+class ForecasterAdmin:
+    """The verbs, over the service's core, history and publishing (``svc`` is the ``Forecaster`` shell)."""
+
+    def __init__(self, svc):
+        self.svc = svc
+
+    async def on_admin(self, msg: Msg) -> None:
+        verb = msg.subject.rsplit(".", 1)[-1]
+        try:
+            if verb == "status":
+                reply = AdminReply(ok=True, result=self.status())
+            elif verb == "reload":
+                async with self.svc.busy:
+                    reply = AdminReply(ok=True, result=await self.reload())
+            elif verb == "import":
+                args = ImportArgs.model_validate(AdminRequest.decode(msg.data).args)
+                async with self.svc.busy:
+                    reply = AdminReply(ok=True, result=await self.import_history(args))
+            else:
+                reply = AdminReply(ok=False, error=ErrorInfo(
+                    code="unknown_verb", message=f"unknown forecaster verb {verb!r}; known: import, reload, status"))
+        except (ValidationError, ValueError) as exc:
+            reply = AdminReply(ok=False, error=ErrorInfo(code="bad_request", message=brief(exc)))
+        except Exception as exc:
+            log.warning("admin %s failed: %s", verb, brief(exc))
+            reply = AdminReply(ok=False, error=ErrorInfo(code="failed", message=brief(exc)))
+        await bus.reply(self.svc.nc, msg, reply)
+
+    def status(self) -> dict:
+        models = []
+        for model in sorted(set(self.svc.catalog.items) | set(self.svc.series)):
+            fc = self.svc.latest.get(model)
+            pair = self.svc.series.get(model)
+            models.append({
+                "model": model, "history_windows": len(pair.peak.history) if pair else 0,
+                "method": fc.method if fc else None, "method_avg": fc.method_avg if fc else None,
+                "note": fc.note if fc else "no forecast yet",
+                "next": fc.points[0].model_dump() if fc and fc.points else None,
+                "peak_errors": pair.peak.errors() if pair else {},
+            })
+        return {"window_s": self.svc.settings.window_s, "caught_up": self.svc.caught_up.is_set(),
+                "late_samples": self.svc.book.late, "pending_writes": len(self.svc.outbox), "rounds": self.svc.rounds,
+                "models": models}
+
+    async def import_history(self, args: ImportArgs) -> dict:
+        """Seed a model's history from a trace: the trace's windows go right before its oldest stored
+        window (or before the current window), keeping time of day; nothing stored is overwritten."""
+        if args.model not in self.svc.catalog.items:
+            raise ValueError(f"model {args.model!r} is not in the catalog (warmserve model list)")
+        if abs(args.window_s - self.svc.settings.window_s) > 1e-6:
+            raise ValueError(f"the trace was cut into {args.window_s:g} s windows; this forecaster uses "
+                             f"{self.svc.settings.window_s:g} s (WARMSERVE_WINDOW_S)")
+        w = self.svc.settings.window_s
+        async with self.svc.sessions() as session:
+            first = await repo.first_observed(session, args.model)
+        end = first if first is not None else self.svc.book.next_start.get(args.model, self.svc.book.window_of(time.time()))
+        series = [WindowObservation(i * w, a, p, n) for i, (a, p, n) in enumerate(args.windows)]
+        aligned = (place_before if args.align == "end" else align_before)(series, w, end)
+        async with self.svc.sessions() as session:
+            written = await repo.record_observations(session, args.model, w, aligned, source="import")
+            await session.commit()
+        self.svc.book.resume(args.model, end)  # live samples before the imported history are not expected
+        rebuilt = await self.reload([args.model])
+        return {"model": args.model, "windows_written": written, "from_s": aligned[0].start_s,
+                "to_s": aligned[-1].start_s + w, "source": args.source, **rebuilt}
+
+    async def reload(self, models: list[str] | None = None) -> dict:
+        """Re-read history (after ``warmserve forecast import``) and rebuild every model's forecaster."""
+        await self.svc.flush()
+        if len(self.svc.outbox):
+            raise RuntimeError("Postgres is not taking writes; reload would lose queued windows")
+        history = await self.svc.load_history(asyncio.Event())
+        if models is not None:
+            history = {m: history[m] for m in models if m in history}
+        await asyncio.to_thread(self.svc.rebuild, history)
+        targets = sorted(self.svc.catalog.items) if models is None else models
+        await self.svc.publish(await asyncio.to_thread(self.svc.core.forecast, targets, time.time()))
+        await self.svc.flush()
+        return {"models": len(history), "windows": sum(len(v) for v in history.values())}
