@@ -1,8 +1,11 @@
-"""The one table of NATS subjects, streams and KV buckets.
+"""The one table of NATS subjects, streams and KV buckets, and who may use each.
 
-Every subject a service publishes or subscribes to is declared here with its message type and
-durability, so the contract between services is readable in one place. Identifiers come last
-in a subject and are catalog slugs or worker ids (``[a-z0-9-]``): a ``.`` would split a token.
+Every subject a service publishes or subscribes to is declared here with its message type, durability,
+publishers and subscribers (NATS users), and every KV bucket with its writers and readers, so the contract
+between services is readable in one place. The NATS permissions of each user are generated from this table
+(``tooling/localcluster/nats_auth.py`` renders them for ``warmserve up`` and ``infra/nats/nats.conf``).
+Identifiers come last in a subject and are catalog slugs or worker ids (``[a-z0-9-]``): a ``.`` would split
+a token.
 """
 
 from __future__ import annotations
@@ -15,6 +18,15 @@ from dataclasses import dataclass
 from shared import messages as m
 
 SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
+
+# NATS users: one per service, and the operator (the CLI, ``warmserve up``, tests), who may do anything
+GATEWAY, FORECASTER, PLACEMENT, ORCHESTRATOR, WORKER, OPERATOR = (
+    "gateway", "forecaster", "placement", "orchestrator", "worker", "operator")
+SERVICE_USERS = {  # the package under services/ -> the user its process connects as
+    "gateway": GATEWAY, "forecaster": FORECASTER, "placement": PLACEMENT, "prewarm_orchestrator": ORCHESTRATOR,
+    "gpu_worker": WORKER,
+}
+USERS = (GATEWAY, FORECASTER, PLACEMENT, ORCHESTRATOR, WORKER, OPERATOR)
 
 
 class Durability(str, enum.Enum):
@@ -36,13 +48,22 @@ def check_token(value: str, what: str = "identifier") -> str:
 
 @dataclass(frozen=True)
 class Subject:
-    """A subject pattern such as ``warmserve.infer.{worker}`` and the message it carries."""
+    """A subject pattern such as ``warmserve.infer.{worker}``, the message it carries and who uses it.
+
+    ``publishers`` send on it (requests, events); ``subscribers`` receive it on core NATS and, for a
+    request, reply into the publishers' inboxes; ``readers`` read its stream with ordered consumers;
+    ``durables`` are (user, consumer name) pairs that read its stream with a durable consumer. The operator
+    may use every subject and is listed only where a service replies to it."""
 
     pattern: str
     message: type
     durability: Durability
     doc: str
     reply: type | None = None
+    publishers: tuple[str, ...] = ()
+    subscribers: tuple[str, ...] = ()
+    readers: tuple[str, ...] = ()
+    durables: tuple[tuple[str, str], ...] = ()
 
     @property
     def tokens(self) -> tuple[str, ...]:
@@ -64,49 +85,54 @@ class Subject:
 INFER = Subject(
     "warmserve.infer.{worker}", m.InferRequest, Durability.CORE,
     "Inference on a worker; replies are a stream of InferChunk on the request's reply inbox.",
-    reply=m.InferChunk,
+    reply=m.InferChunk, publishers=(GATEWAY, OPERATOR), subscribers=(WORKER,),
 )
 WORKER_CMD = Subject(
     "warmserve.worker.{worker}.cmd", m.WorkerCommand, Durability.CORE,
     "Lifecycle command to one worker (prewarm, evict, activate, deactivate); idempotent by command_id.",
-    reply=m.CommandResult,
+    reply=m.CommandResult, publishers=(ORCHESTRATOR, OPERATOR), subscribers=(WORKER,),
 )
 CANCEL = Subject(
     "warmserve.cancel.{worker}", m.CancelRequest, Durability.CORE,
     "The client of a request went away; the worker aborts its generation.",
+    publishers=(GATEWAY,), subscribers=(WORKER,),
 )
 SCALE = Subject(
     "warmserve.scale.{model}", m.ScaleRequest, Durability.CORE,
     "A gateway needs an instance of a model; the orchestrator activates one and replies how.",
-    reply=m.ScaleReply,
+    reply=m.ScaleReply, publishers=(GATEWAY,), subscribers=(ORCHESTRATOR,),
 )
 WORKER_EVENT = Subject(
     "warmserve.event.worker.{worker}", m.WorkerEvent, Durability.STREAM,
     "A model copy changed state on a worker (bytes, seconds, reason); persisted as history.",
+    publishers=(WORKER,), durables=((ORCHESTRATOR, "orchestrator-events"),),
 )
 DEMAND = Subject(
     "warmserve.demand.{model}", m.DemandSample, Durability.STREAM,
     "Per-model arrivals and concurrency, aggregated per second by each gateway.",
+    publishers=(GATEWAY,), readers=(ORCHESTRATOR,), durables=((FORECASTER, "forecaster"),),
 )
 FORECAST = Subject(
     "warmserve.forecast.{model}", m.Forecast, Durability.STREAM,
     "Predicted average and peak concurrency of a model for the next window.",
+    publishers=(FORECASTER,), readers=(PLACEMENT,),
 )
 PLACEMENT_PLAN = Subject(
     "warmserve.placement.plan", m.PlacementPlan, Durability.STREAM,
     "A new desired set of prewarmed copies (also kept current in the placement KV bucket).",
+    publishers=(PLACEMENT,), durables=((PLACEMENT, "placement-history"),),
 )
 ADMIN = Subject(
     "warmserve.admin.{verb}", m.AdminRequest, Durability.CORE,
     "Operator commands (models, workers, placement history, API keys); request-reply.",
-    reply=m.AdminReply,
+    reply=m.AdminReply, publishers=(OPERATOR,), subscribers=(PLACEMENT,),
 )
 
 FORECAST_ADMIN = Subject(
     "warmserve.admin.forecast.{verb}", m.AdminRequest, Durability.CORE,
     "Operator commands answered by the forecaster (status, reload); request-reply. Not matched by "
     "warmserve.admin.* (one token deeper), so placement's verbs and these never collide.",
-    reply=m.AdminReply,
+    reply=m.AdminReply, publishers=(OPERATOR,), subscribers=(FORECASTER,),
 )
 
 SUBJECTS: tuple[Subject, ...] = (
@@ -134,33 +160,40 @@ STREAMS: tuple[StreamSpec, ...] = (
 
 @dataclass(frozen=True)
 class BucketSpec:
-    """A KV bucket holding current state (latest value per key)."""
+    """A KV bucket holding current state (latest value per key), who writes it and who mirrors it."""
 
     name: str
     value: type
     ttl_s: float | None
     doc: str
+    writers: tuple[str, ...] = ()
+    readers: tuple[str, ...] = ()
 
 
 WORKERS_BUCKET = BucketSpec(
     "warmserve-workers", m.WorkerState, 60.0,
     "key = worker id; the worker's state, rewritten every heartbeat. Stale after heartbeat_timeout_s.",
+    writers=(WORKER,), readers=(GATEWAY, PLACEMENT, ORCHESTRATOR),
 )
 CATALOG_BUCKET = BucketSpec(
     "warmserve-catalog", m.ModelSpec, None,
     "key = model slug; the catalog as the data plane sees it (Postgres is the system of record).",
+    writers=(PLACEMENT,), readers=(GATEWAY, FORECASTER, PLACEMENT, ORCHESTRATOR),
 )
 PLACEMENT_BUCKET = BucketSpec(
     "warmserve-placement", m.PlacementPlan, None,
     "key = 'current'; the desired prewarmed copies.",
+    writers=(PLACEMENT,), readers=(PLACEMENT, ORCHESTRATOR),
 )
 APIKEYS_BUCKET = BucketSpec(
     "warmserve-apikeys", m.ApiKeyRecord, None,
     "key = SHA-256 of an API key; its name, whether it is disabled, its rate limit (Postgres is the record).",
+    writers=(PLACEMENT,), readers=(GATEWAY, PLACEMENT),
 )
 OPERATOR_BUCKET = BucketSpec(
     "warmserve-operator", m.OperatorHold, None,
     "key = 'drain.<worker>' or 'pin.<model>'; operators' standing instructions (worker drain, prewarm pin).",
+    writers=(PLACEMENT,), readers=(PLACEMENT, ORCHESTRATOR),
 )
 
 BUCKETS: tuple[BucketSpec, ...] = (WORKERS_BUCKET, CATALOG_BUCKET, PLACEMENT_BUCKET, APIKEYS_BUCKET, OPERATOR_BUCKET)

@@ -51,3 +51,30 @@ def test_bucket_names_are_valid_kv_names():
 
     for b in BUCKETS:
         assert re.fullmatch(r"[a-zA-Z0-9_-]+", b.name)
+
+
+def test_every_subject_and_bucket_says_who_uses_it():
+    from shared.subjects import OPERATOR, USERS
+
+    for s in SUBJECTS:
+        assert s.publishers, f"{s.pattern}: nobody publishes it"
+        consumers = set(s.subscribers) | set(s.readers) | {u for u, _ in s.durables}
+        assert consumers, f"{s.pattern}: nobody reads it"
+        assert set(s.publishers) | consumers <= set(USERS), s.pattern
+        assert (s.durability is Durability.CORE) == (not s.readers and not s.durables), s.pattern
+        assert OPERATOR not in s.subscribers  # the operator is everywhere; listed only where services answer it
+    for b in BUCKETS:
+        assert len(b.writers) == 1 and b.readers, f"{b.name}: one owner writes it, someone reads it"
+
+
+def test_permissions_are_generated_from_the_subject_table():
+    from tooling.localcluster.nats_auth import PERMISSIONS, inbox
+
+    gw, worker, orch = PERMISSIONS["gateway"], PERMISSIONS["worker"], PERMISSIONS["orchestrator"]
+    assert INFER.wildcard in gw["publish"]["allow"] and INFER.wildcard in worker["subscribe"]["allow"]
+    assert WORKER_CMD.wildcard in orch["publish"]["allow"] and WORKER_CMD.wildcard not in gw["publish"]["allow"]
+    # a responder may answer into the inboxes of the users that ask it, and only those
+    assert {inbox("gateway"), inbox("orchestrator"), inbox("operator")} <= set(worker["publish"]["allow"])
+    assert inbox("worker") not in orch["publish"]["allow"]
+    assert "$KV.warmserve-workers.>" in worker["publish"]["allow"]
+    assert not any(p.startswith("$KV.") for p in gw["publish"]["allow"])  # the gateway writes no bucket

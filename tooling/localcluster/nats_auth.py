@@ -1,7 +1,8 @@
 """NATS users for a cluster: one user per service, each allowed only the subjects it uses.
 
-``PERMISSIONS`` is the table (user -> publish / subscribe allow and deny lists), built from the subject,
-stream and bucket table in ``shared/subjects.py``; ``authorization_block`` renders it into a nats-server
+``PERMISSIONS`` (user -> publish / subscribe allow and deny lists) is generated from the subject, stream
+and bucket table in ``shared/subjects.py``, which says for every subject who publishes and who subscribes
+and for every bucket who writes and who reads; ``authorization_block`` renders it into a nats-server
 ``authorization`` section. The local cluster (``warmserve up``) writes it with generated passwords kept
 in its state folder; ``infra/nats/nats.conf`` (docker compose) is the same block with ``$ENV`` password
 references (regenerate it with ``python -m tooling.localcluster.nats_auth > infra/nats/nats.conf``; a test
@@ -33,26 +34,10 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from shared.bus import INBOX_PREFIX, inbox_prefix_for
-from shared.subjects import (
-    ADMIN, APIKEYS_BUCKET, BUCKETS, CANCEL, CATALOG_BUCKET, DEMAND, FORECAST, FORECAST_ADMIN, INFER, OPERATOR_BUCKET,
-    PLACEMENT_BUCKET, PLACEMENT_PLAN, SCALE, STREAMS, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET, BucketSpec, Subject,
-)
+from shared.subjects import ADMIN, BUCKETS, OPERATOR, PLACEMENT, SERVICE_USERS, STREAMS, SUBJECTS, USERS, BucketSpec, Subject
 
 ADMIN_SUBJECTS = ADMIN.pattern.split("{", 1)[0] + ">"  # warmserve.admin.> (forecaster verbs included)
 JS_API = "$JS.API"
-
-# which user each service process connects as (keys: the module under services/)
-SERVICE_USERS = {
-    "gateway": "gateway", "forecaster": "forecaster", "placement": "placement",
-    "prewarm_orchestrator": "orchestrator", "gpu_worker": "worker",
-}
-OPERATOR = "operator"
-USERS = ("gateway", "forecaster", "placement", "orchestrator", "worker", OPERATOR)
-
-# durable consumers (shared.bus.consume): the stream's subject and the durable's name, per owner
-FORECASTER_DURABLE = (DEMAND, "forecaster")
-ORCHESTRATOR_DURABLE = (WORKER_EVENT, "orchestrator-events")
-PLACEMENT_DURABLE = (PLACEMENT_PLAN, "placement-history")  # plans -> Postgres history
 
 
 # ---- building blocks ---------------------------------------------------------------------------------
@@ -120,38 +105,35 @@ def _perms(publish: list[str], subscribe: list[str], publish_deny: list[str] | N
 # ---- the table ---------------------------------------------------------------------------------------
 
 NOT_ADMIN = [ADMIN_SUBJECTS]  # explicit for every service user: only operator publishes admin requests
-
-PERMISSIONS: dict[str, dict] = {
-    "gateway": _perms(
-        [INFER.wildcard, CANCEL.wildcard, SCALE.wildcard, DEMAND.wildcard, *_ensure_all(),
-         *_read_kv(CATALOG_BUCKET), *_read_kv(WORKERS_BUCKET), *_read_kv(APIKEYS_BUCKET)],
-        [inbox("gateway")], NOT_ADMIN),
-    "forecaster": _perms(
-        [FORECAST.wildcard, inbox(OPERATOR), *_ensure_all(), *_durable(*FORECASTER_DURABLE),
-         *_read_kv(CATALOG_BUCKET)],
-        [FORECAST_ADMIN.wildcard, inbox("forecaster")], NOT_ADMIN),
-    "placement": _perms(
-        [PLACEMENT_PLAN.pattern, inbox(OPERATOR), *_ensure_all(),
-         *[f"{JS_API}.STREAM.UPDATE.{s.name}" for s in STREAMS],
-         *_read_stream(stream_of(FORECAST)), *_durable(*PLACEMENT_DURABLE),
-         *_read_kv(CATALOG_BUCKET), *_read_kv(WORKERS_BUCKET), *_read_kv(APIKEYS_BUCKET),
-         *_read_kv(OPERATOR_BUCKET), *_read_kv(PLACEMENT_BUCKET),
-         *_write_kv(CATALOG_BUCKET), *_write_kv(APIKEYS_BUCKET), *_write_kv(OPERATOR_BUCKET),
-         *_write_kv(PLACEMENT_BUCKET)],
-        [ADMIN.wildcard, inbox("placement")], NOT_ADMIN),
-    "orchestrator": _perms(
-        [WORKER_CMD.wildcard, inbox("gateway"), *_ensure_all(), *_durable(*ORCHESTRATOR_DURABLE),
-         *_read_stream(stream_of(DEMAND)),
-         *_read_kv(WORKERS_BUCKET), *_read_kv(PLACEMENT_BUCKET), *_read_kv(CATALOG_BUCKET),
-         *_read_kv(OPERATOR_BUCKET)],
-        [SCALE.wildcard, inbox("orchestrator")], NOT_ADMIN),
-    "worker": _perms(
-        # operator: an operator may ask a worker directly (loadtest/gateway_overhead.py, debugging)
-        [WORKER_EVENT.wildcard, inbox("gateway"), inbox("orchestrator"), inbox(OPERATOR), *_ensure_all(),
-         *_write_kv(WORKERS_BUCKET)],
-        [WORKER_CMD.wildcard, INFER.wildcard, CANCEL.wildcard, inbox("worker")], NOT_ADMIN),
-    OPERATOR: _perms([">"], [">"]),
+EXTRA_PUBLISH = {  # beyond the table: placement may update a stream whose configuration changed
+    PLACEMENT: [f"{JS_API}.STREAM.UPDATE.{s.name}" for s in STREAMS],
 }
+
+
+def _name(subject: Subject) -> str:
+    return subject.wildcard if subject.tokens else subject.pattern
+
+
+def permissions_of(user: str) -> dict:
+    """A service user's permissions, from who publishes and subscribes what in ``shared/subjects.py``."""
+    publish = [_name(s) for s in SUBJECTS if user in s.publishers]
+    subscribe = [_name(s) for s in SUBJECTS if user in s.subscribers]
+    for s in SUBJECTS:  # a responder answers into the inboxes of whoever asks it
+        if s.reply is not None and user in s.subscribers:
+            publish += [inbox(p) for p in s.publishers]
+    publish += _ensure_all()
+    for s in SUBJECTS:
+        publish += [p for owner, name in s.durables if owner == user for p in _durable(s, name)]
+        if user in s.readers:
+            publish += _read_stream(stream_of(s))
+    publish += [p for b in BUCKETS if user in b.readers for p in _read_kv(b)]
+    publish += [p for b in BUCKETS if user in b.writers for p in _write_kv(b)]
+    publish += EXTRA_PUBLISH.get(user, [])
+    return _perms(publish, subscribe + [inbox(user)], NOT_ADMIN)
+
+
+PERMISSIONS: dict[str, dict] = {**{u: permissions_of(u) for u in USERS if u != OPERATOR},
+                                OPERATOR: _perms([">"], [">"])}
 
 WHY = {
     "gateway": "sends inference (streamed replies), cancel and scale requests and demand samples; mirrors the "
