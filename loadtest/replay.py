@@ -95,26 +95,24 @@ def requests_of(mode: str, wl: Workload) -> list[ReplayRequest]:
 # ---- one run: a cluster of its own, prepared, replayed, stopped -----------------------------------------
 
 
-async def _admin(nats_url: str, calls: list[tuple[str, str, dict]], retry_s: float = 60.0) -> list[dict]:
-    """Admin requests as an operator (placement's and the forecaster's verbs); a verb whose target is
-    not there yet (a model the catalog sync has not shown a service) is retried for ``retry_s``."""
+async def _admin(nats_url: str, calls: list[tuple[bool, str, dict]], retry_s: float = 60.0) -> list[dict]:
+    """Admin requests as an operator: (forecaster verb?, verb, args). A verb whose target is not there yet (a
+    model the catalog sync has not shown a service) is retried for ``retry_s``."""
     from shared import bus
-    from shared.messages import AdminReply, AdminRequest
+    from shared.admin import AdminClient, AdminError
 
     nc = await bus.connect(nats_url, "warmserve-loadtest", deadline_s=10)
-    out = []
+    client, out = AdminClient(nc), []
     try:
-        for subject, verb, args in calls:
+        for forecaster, verb, args in calls:
             deadline = time.monotonic() + retry_s
             while True:
-                reply = await bus.request(nc, subject.format(verb=verb), AdminRequest(args=args), AdminReply,
-                                          timeout=120)
-                if reply.ok:
-                    out.append(reply.result)
+                try:
+                    out.append(await client.call(verb, args, forecaster=forecaster, timeout=120))
                     break
-                if time.monotonic() > deadline or "catalog" not in reply.error.message and \
-                        reply.error.code != "not_found":
-                    raise RuntimeError(f"{verb} {args.get('model') or args.get('slug')}: {reply.error.message}")
+                except AdminError as exc:
+                    if time.monotonic() > deadline or "catalog" not in str(exc) and exc.code != "not_found":
+                        raise RuntimeError(f"{verb} {args.get('model') or args.get('slug')}: {exc}") from None
                 await asyncio.sleep(0.5)
     finally:
         await nc.close()
@@ -126,7 +124,6 @@ def register_models(up: Launched, mode: str, wl: Workload, seed: int) -> None:
     each registered with the weight size the sim engine emulates."""
     from shared.model_folder import weight_bytes
     from tooling.modelgen import SIZES, create_tiny_llama
-    from shared.subjects import ADMIN
 
     models_dir = Path(up.env["WARMSERVE_STATE_DIR"]) / "models"
     shared_folder = None if mode == "real" else create_tiny_llama(models_dir / "sim-tokenizer", SIZES["5m"], seed=seed)
@@ -135,11 +132,11 @@ def register_models(up: Launched, mode: str, wl: Workload, seed: int) -> None:
         slug = slug_of(mode, m.name)
         if mode == "real":
             path = create_tiny_llama(models_dir / slug, SIZES["5m"], seed=seed + i)
-            calls.append((ADMIN, "model-register", {"slug": slug, "path": str(path.resolve())}))
+            calls.append((False, "model-register", {"slug": slug, "path": str(path.resolve())}))
         else:  # the sim engine times loads, prefill and decode by these bytes (shared/perfmodel.py)
-            calls.append((ADMIN, "model-register", {"slug": slug, "path": str(shared_folder.resolve()),
+            calls.append((False, "model-register", {"slug": slug, "path": str(shared_folder.resolve()),
                                                     "parameter_bytes": int(m.weight_bytes)}))
-    calls.append((ADMIN, "prewarm-unpin", {"slug": DEMO_MODEL}))  # the demo model would hold a slot in both runs
+    calls.append((False, "prewarm-unpin", {"slug": DEMO_MODEL}))  # the demo model would hold a slot in both runs
     asyncio.run(_admin(up.info["nats_url"], calls))
     if mode == "real":
         print(f"  {len(wl.models)} models of {weight_bytes(path) / 2**20:.0f} MiB each registered", flush=True)
@@ -147,9 +144,8 @@ def register_models(up: Launched, mode: str, wl: Workload, seed: int) -> None:
 
 def import_history(up: Launched, mode: str, wl: Workload) -> None:
     """The workload's own past (what the forecaster would have seen), ending at the current window."""
-    from shared.subjects import FORECAST_ADMIN
 
-    calls = [(FORECAST_ADMIN, "import", {
+    calls = [(True, "import", {
         "model": slug_of(mode, name), "window_s": wl.spec.window_s, "align": "end",
         "source": f"loadtest replay history (seed {wl.spec.seed})",
         "windows": [(o.avg, o.peak, o.arrivals) for o in hist]}) for name, hist in wl.history.items()]

@@ -5,41 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
-from typing import Literal
 
 from nats.aio.msg import Msg
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared import bus
+from shared.admin import FORECASTER_VERBS, Dispatcher, ImportArgs, NoArgs
 from shared.db import repo
-from shared.messages import AdminReply, AdminRequest, ErrorInfo
 from shared.policy.forecast import WindowObservation
 from shared.policy.history import align_before, place_before
-from shared.service import brief
 
 log = logging.getLogger("warmserve.forecaster")
-
-
-class ImportArgs(BaseModel):
-    """``warmserve forecast import``: one model's windows from a trace, oldest first, from the trace's t=0."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str
-    window_s: float = Field(gt=0)
-    windows: list[tuple[float, float, int]] = Field(min_length=1, max_length=14 * 288)  # (avg, peak, arrivals)
-    source: str = Field("trace", max_length=200)
-    align: Literal["time-of-day", "end"] = Field(
-        "time-of-day", description="time-of-day: rotate a whole-day trace to keep each window's time of day; "
-                                   "end: keep the order, the last window just before the current one")
-
-    @field_validator("windows")
-    @classmethod
-    def _finite(cls, v: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
-        if any(not (math.isfinite(a) and math.isfinite(p)) or a < 0 or p < 0 or n < 0 for a, p, n in v):
-            raise ValueError("window values must be finite and non-negative")
-        return v
 
 
 class ForecasterAdmin:
@@ -47,28 +22,22 @@ class ForecasterAdmin:
 
     def __init__(self, svc):
         self.svc = svc
+        self.dispatcher = Dispatcher(FORECASTER_VERBS, {"status": self._status, "reload": self._reload,
+                                                        "import": self._import})
 
     async def on_admin(self, msg: Msg) -> None:
-        verb = msg.subject.rsplit(".", 1)[-1]
-        try:
-            if verb == "status":
-                reply = AdminReply(ok=True, result=self.status())
-            elif verb == "reload":
-                async with self.svc.busy:
-                    reply = AdminReply(ok=True, result=await self.reload())
-            elif verb == "import":
-                args = ImportArgs.model_validate(AdminRequest.decode(msg.data).args)
-                async with self.svc.busy:
-                    reply = AdminReply(ok=True, result=await self.import_history(args))
-            else:
-                reply = AdminReply(ok=False, error=ErrorInfo(
-                    code="unknown_verb", message=f"unknown forecaster verb {verb!r}; known: import, reload, status"))
-        except (ValidationError, ValueError) as exc:
-            reply = AdminReply(ok=False, error=ErrorInfo(code="bad_request", message=brief(exc)))
-        except Exception as exc:
-            log.warning("admin %s failed: %s", verb, brief(exc))
-            reply = AdminReply(ok=False, error=ErrorInfo(code="failed", message=brief(exc)))
-        await bus.reply(self.svc.nc, msg, reply)
+        await self.dispatcher.on_message(self.svc.nc, msg)
+
+    async def _status(self, _: NoArgs) -> dict:
+        return self.status()
+
+    async def _reload(self, _: NoArgs) -> dict:
+        async with self.svc.busy:
+            return await self.reload()
+
+    async def _import(self, args: ImportArgs) -> dict:
+        async with self.svc.busy:
+            return await self.import_history(args)
 
     def status(self) -> dict:
         models = []

@@ -114,8 +114,7 @@ class Placement:
             self.changed.set()
 
     async def on_admin(self, msg: Msg) -> None:
-        verb = msg.subject.rsplit(".", 1)[-1]
-        await bus.reply(self.nc, msg, await self.admin.handle(verb, msg.data))
+        await self.admin.dispatcher.on_message(self.nc, msg)
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings

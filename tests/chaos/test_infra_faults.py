@@ -54,6 +54,24 @@ def model_path(cluster) -> str:
     return str(cluster["state"] / "models" / "tiny-llama")
 
 
+def in_flight_at_gateway(url: str, model: str = "tiny-llama") -> float:
+    """Requests the gateway holds, queued or being served (its ``warmserve_in_flight_requests`` gauge)."""
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith(f'warmserve_in_flight_requests{{model="{model}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def events_consumed(nats_url: str) -> bool:
+    """Whether the orchestrator's durable consumer has every worker event delivered and acknowledged."""
+    nc = await bus.connect(nats_url, "chaos-observer", deadline_s=5)
+    try:
+        info = await nc.jetstream().consumer_info("WARMSERVE_EVENTS", "orchestrator-events")
+        return info.num_pending == 0 and info.num_ack_pending == 0
+    finally:
+        await nc.close()
+
+
 def prewarm_loads(cluster, model: str) -> list:
     return query(cluster["database_url"], "select worker_id from model_events where model = :m and "
                  "from_state = 'loading' and to_state = 'prewarmed'", m=model)
@@ -88,7 +106,9 @@ def test_nats_restart_every_service_reconnects_and_state_survives(cluster):
         assert after["catalog_keys"] >= 2
         # events reach Postgres through the orchestrator's durable consumer, which resumes after the restart
         until(lambda: prewarm_loads(cluster, "after-nats"), timeout=30, what="the prewarm event stored")
-        time.sleep(2)
+        # every event published so far is stored (the orchestrator acknowledges an event once it is in
+        # Postgres): a duplicate load would be in the table by now
+        until(lambda: asyncio.run(events_consumed(cluster["nats_url"])), timeout=30, what="every worker event stored")
         history = query(cluster["database_url"], "select worker_id, from_state, to_state, reason from model_events "
                         "where model = 'after-nats' order by at")
         assert len(prewarm_loads(cluster, "after-nats")) == 1, history  # applied once, not lost
@@ -210,7 +230,8 @@ def test_gateway_stop_ends_long_requests_with_a_clear_error(cluster):
     for t in threads:
         t.start()
     until(lambda: streamed.get("lines"), timeout=30, every=0.1, what="the stream's first token")
-    time.sleep(0.3)  # the other request is in flight too (generating, or waiting for an instance)
+    # the other request is in flight too (generating, or waiting for an instance)
+    until(lambda: in_flight_at_gateway(url) >= 2, timeout=30, every=0.1, what="both requests at the gateway")
     gateway = service_process(up, "gateway")
     gateway.send_signal(signal.SIGTERM)
     stopped = time.monotonic()

@@ -77,7 +77,11 @@ async def test_restart_loses_nothing_and_counts_nothing_twice(nats_url, database
 
     future = (time.time() // W) * W + 4 * W
     await demand(js, "fc-restart", future + 0.1, area=3.0)  # seen by the first run, only in memory
-    await asyncio.sleep(0.5)
+
+    async def counted():
+        return ("fc-restart", future) in svc.book.open
+
+    await eventually(counted, timeout=10, every=0.05, what="the sample in the first run's open window")
     stop.set()
     await asyncio.wait_for(task, 20)
     await demand(js, "fc-restart", future + 0.7, area=5.0, gw="gw-b")  # arrives while the forecaster is down

@@ -393,6 +393,13 @@ def _commands(cluster) -> dict:
 
 # ---- on a real server: what each user may not do ----------------------------------------------------------
 
+async def _until(check, timeout: float = 5.0, what: str = "a condition") -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
 class Listener:
     """The operator listening on a subject: what arrives there."""
 
@@ -420,8 +427,13 @@ async def publish_is_dropped(secured: Secured, offender, user: str, subject: str
             await offender.request(subject, b"forbidden", timeout=QUIET_S)
         await offender.flush()
         await secured.refused(user, "Publish", subject)
-        await asyncio.sleep(QUIET_S)
-        assert listener.got == [], f"{user} reached {subject}"
+        # the server refuses a message before routing it: once the refusal is logged it can never arrive.
+        # A message the operator sends afterwards through the same listener is the barrier that proves it.
+        barrier = subject.replace("*", "barrier").replace(">", "barrier")
+        await op.publish(barrier, b"barrier")
+        await op.flush()
+        await _until(lambda: barrier in listener.got, what="the operator's barrier message")
+        assert listener.got == [barrier], f"{user} reached {subject}"
     finally:
         await bus.close(op)
 
@@ -437,9 +449,16 @@ async def subscription_gets_nothing(secured: Secured, offender, user: str, subje
         await offender.subscribe(subject, cb=cb)
         await offender.flush()
         await secured.refused(user, "Subscription", subject)
-        await op.publish(subject.replace("*", "w1").replace(">", "x"), b"secret")
+        # the operator listens too: once its own copy of the secret has arrived, the server has delivered it
+        # to every subscription it accepted; a round trip on the offender's connection then flushes anything
+        # the server had sent it
+        seen = await Listener(op).on(subject)
+        secret = subject.replace("*", "w1").replace(">", "x")
+        await op.publish(secret, b"secret")
         await op.flush()
-        await asyncio.sleep(QUIET_S)
+        await _until(lambda: secret in seen.got, what="the operator's own copy of the secret")
+        await offender.flush()
+        await asyncio.sleep(0)  # callbacks of messages read before the round trip's answer run first
         assert got == [], f"{user} received {subject}"
     finally:
         await bus.close(op)

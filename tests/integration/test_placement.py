@@ -93,9 +93,17 @@ async def test_plans_follow_forecasts_and_history_is_written_once(nats_url, data
 
     svc, stop, task = await start(nats_url, database_url)  # restarted: same inputs, same plan, no new history
     try:
-        await bus.js_publish(js, FORECAST.format(model="pl-hot"), fc.model_copy(update={"made_at_s": time.time()}),
+        replayed = fc.model_copy(update={"made_at_s": time.time()})
+        await bus.js_publish(js, FORECAST.format(model="pl-hot"), replayed,
                              msg_id="pl-hot-2")  # a replayed forecast with the same numbers
-        await asyncio.sleep(1.5)
+
+        async def replanned():  # placement has the replayed forecast and has planned again since
+            seen = svc.forecasts.get("pl-hot")
+            return (seen is not None and seen.made_at_s == replayed.made_at_s and svc.latest is not None
+                    and svc.latest.created_at_s > replayed.made_at_s)
+
+        await eventually(replanned, timeout=10, every=0.05, what="a replan on the replayed forecast")
+        assert svc.latest.same_copies(svc.current)  # same inputs, same copies: nothing to publish or store
         assert len(await rows(database_url, "select id from placement_decisions")) == 1
 
         # an operator drains a worker: its copy leaves the plan; undrain brings it back

@@ -18,6 +18,7 @@ from shared.messages import ModelSpec
 from shared.model_folder import max_context, weight_bytes
 from shared.settings import GatewaySettings, OrchestratorSettings, WorkerSettings
 from shared.subjects import CATALOG_BUCKET
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +61,15 @@ async def test_scale_up_request_is_one_trace(spans, nats_url, database_url, tiny
         assert resp.status_code == 200, resp.text
         assert resp.headers["x-warmserve-outcome"] == "cold"  # nothing was prewarmed: weights had to load
         request_id = resp.json()["id"]
-        await asyncio.sleep(0.5)
+
+        async def ended():  # the gateway's root span and the worker's generation span of that trace have ended
+            done = spans.get_finished_spans()
+            roots = [s for s in done if s.name == "gateway.request"
+                     and s.attributes.get("warmserve.request_id") == request_id]
+            return roots and any(s.name == "worker.generate" and s.context.trace_id == roots[0].context.trace_id
+                                 for s in done)
+
+        await eventually(ended, timeout=10, every=0.05, what="the request's spans to end")
         finished = spans.get_finished_spans()
         root = next(s for s in finished if s.name == "gateway.request"
                     and s.attributes.get("warmserve.request_id") == request_id)

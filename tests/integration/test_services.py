@@ -18,6 +18,7 @@ from shared.messages import (
 from shared.model_folder import max_context, weight_bytes
 from shared.settings import GatewaySettings, WorkerSettings
 from shared.subjects import CATALOG_BUCKET, INFER, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -36,11 +37,17 @@ async def worker(nats_url, request):
                                            heartbeat_interval_s=0.2))
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
-    for _ in range(100):
-        if getattr(service, "kv", None) is not None:
-            break
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.3)
+    probe = await bus.connect(nats_url, "svc-test-probe")
+
+    async def answering():  # the worker has subscribed to its command subject (a malformed command is refused)
+        try:
+            await probe.request(WORKER_CMD.format(worker=wid), b"{}", timeout=1)
+            return getattr(service, "kv", None) is not None
+        except Exception:
+            return False
+
+    await eventually(answering, timeout=10, every=0.05, what="the worker answering commands")
+    await probe.close()
     yield service
     stop.set()
     await asyncio.wait_for(task, 40)

@@ -18,6 +18,7 @@ from shared.model_folder import max_context, weight_bytes
 from tooling.modelgen import TinyLlamaShape, create_tiny_llama
 from shared.settings import GatewaySettings, WorkerSettings
 from shared.subjects import CATALOG_BUCKET, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET
+from tests.helpers import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")]
@@ -50,7 +51,17 @@ async def test_prewarm_activate_serve_switch_serve(nats_url, specs):
                                            kv_cache_bytes=KV, heartbeat_interval_s=0.2))
     stop = asyncio.Event()
     worker_task = asyncio.create_task(service.run(stop))
-    await asyncio.sleep(1.0)  # the worker has created the streams and buckets
+
+    async def created():  # the worker creates the streams and buckets at start
+        try:
+            await js.key_value(CATALOG_BUCKET.name)
+            await js.key_value(WORKERS_BUCKET.name)
+            await js.stream_info("WARMSERVE_EVENTS")
+            return True
+        except Exception:
+            return False
+
+    await eventually(created, timeout=30, every=0.1, what="the worker's streams and buckets")
     catalog = await js.key_value(CATALOG_BUCKET.name)
     for spec in specs.values():
         await catalog.put(spec.slug, spec.encode())

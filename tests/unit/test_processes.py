@@ -15,7 +15,9 @@ SCRIPT = textwrap.dedent("""
     # a service that starts a helper and dies (as a SIGKILLed worker leaves its vLLM engine behind)
     subprocess.run(["sh", "-c", "sleep 61 & echo $!"], check=True, stdout=open("orphan.pid", "w"))
     orphan = int(open("orphan.pid").read())
-    time.sleep(0.2)
+    deadline = time.monotonic() + 5
+    while psutil.Process(orphan).ppid() != psutil.Process().pid and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert psutil.Process(orphan).ppid() == psutil.Process().pid, "not re-parented here"
     print(kill_orphans({kept.pid}))
     assert not psutil.pid_exists(orphan) or psutil.Process(orphan).status() == psutil.STATUS_ZOMBIE

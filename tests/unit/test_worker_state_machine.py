@@ -153,7 +153,11 @@ async def test_concurrent_prewarms_load_once_and_account_once(spec):
     w, engine = gated_worker()
     a = asyncio.create_task(w.prewarm(spec))
     b = asyncio.create_task(w.prewarm(spec))
-    await asyncio.sleep(0.05)
+    while engine.loads < 1:  # the first load has started; the second prewarm runs up to its wait for it
+        await asyncio.sleep(0)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not a.done() and not b.done()
     engine.gate.set()
     first, second = await asyncio.gather(a, b)
     assert first is second and engine.loads == 1

@@ -32,18 +32,15 @@ def _gateway_url() -> str:
     return os.environ.get("WARMSERVE_GATEWAY_URL") or _cluster_file().get("gateway_url") or "http://127.0.0.1:8080"
 
 
-async def _admin(verb: str, args: dict, subject=None, timeout: float = 15) -> object:
-    """An admin request (placement's verbs unless ``subject`` names another); errors exit clearly."""
+async def _admin(verb: str, args: dict, forecaster: bool = False, timeout: float = 15) -> object:
+    """An admin request (placement's verbs, or the forecaster's); errors exit with the reply's code."""
     from shared import bus
-    from shared.messages import AdminReply, AdminRequest
-    from shared.subjects import ADMIN
+    from shared.admin import AdminClient, AdminError
 
     nc = await bus.connect(_nats_url(), "warmserve-cli", deadline_s=5)
     try:
-        reply = await bus.request(nc, (subject or ADMIN).format(verb=verb), AdminRequest(args=args), AdminReply,
-                                  timeout=timeout)
+        return await AdminClient(nc).call(verb, args, forecaster=forecaster, timeout=timeout)
+    except AdminError as exc:
+        raise SystemExit(f"error ({exc.code}): {exc}") from None
     finally:
         await nc.close()
-    if not reply.ok:
-        raise SystemExit(f"error ({reply.error.code}): {reply.error.message}")
-    return reply.result

@@ -27,9 +27,8 @@ def _spec(a, window_s: float):
 
 async def _forecaster(verb: str, args: dict) -> object:
     from tooling.cli.client import _admin
-    from shared.subjects import FORECAST_ADMIN
 
-    return await _admin(verb, args, subject=FORECAST_ADMIN, timeout=120)
+    return await _admin(verb, args, forecaster=True, timeout=120)
 
 
 def cmd_status(a) -> int:

@@ -197,8 +197,7 @@ async def _wait_workers(nats_url: str, expected: int, timeout_s: float) -> None:
     """Until every worker has reported its state: a cluster that says it is up has all its capacity
     (a scale-up with a worker still starting would be refused)."""
     from shared import bus
-    from shared.messages import AdminReply, AdminRequest
-    from shared.subjects import ADMIN
+    from shared.admin import AdminClient, AdminError
 
     nc = await bus.connect(nats_url, "warmserve-up", deadline_s=10)
     try:
@@ -206,10 +205,8 @@ async def _wait_workers(nats_url: str, expected: int, timeout_s: float) -> None:
         live: list = []
         while time.monotonic() < deadline:
             try:
-                reply = await bus.request(nc, ADMIN.format(verb="worker-list"), AdminRequest(args={}), AdminReply,
-                                          timeout=15)
-                live = reply.result if reply.ok else []
-            except bus.BusError:  # placement restarting: ask again
+                live = await AdminClient(nc).call("worker-list", timeout=15)
+            except (bus.BusError, AdminError):  # placement restarting: ask again
                 live = []
             if len(live) >= expected:
                 return
@@ -224,36 +221,35 @@ async def local_api_key(nats_url: str) -> str:
     that keeps the demo model prewarmed: with no load history its forecast is zero, and placement
     prewarms what forecasts ask for (the first request is then a prewarm hit, not a cold start)."""
     from shared import bus
-    from shared.messages import AdminReply, AdminRequest
-    from shared.subjects import ADMIN
+    from shared.admin import AdminClient, AdminError, KeyArgs, PinArgs
 
     nc = await bus.connect(nats_url, "warmserve-up", deadline_s=10)
+    client = AdminClient(nc)
     try:
         name = f"local-{int(time.time())}"
         deadline = time.monotonic() + 60
         while True:  # placement answers admin verbs once it has started
             try:
-                reply = await bus.request(nc, ADMIN.format(verb="key-create"), AdminRequest(args={"name": name}),
-                                          AdminReply, timeout=15)
+                key = await client.call("key-create", KeyArgs(name=name), timeout=15)
                 break
             except bus.BusError:
                 if time.monotonic() > deadline:
                     raise StartError("placement did not answer admin requests within 60 s") from None
                 await asyncio.sleep(0.25)
+            except AdminError as exc:
+                raise StartError(f"could not create an API key: {exc}") from None
+        pin = PinArgs(slug=DEMO_MODEL, copies=1, reason="warmserve up keeps the demo model prewarmed")
         while True:  # placement pins a model once its catalog sync has seen it
-            pin = await bus.request(nc, ADMIN.format(verb="prewarm-pin"), AdminRequest(args={
-                "slug": DEMO_MODEL, "copies": 1, "reason": "warmserve up keeps the demo model prewarmed"}),
-                AdminReply, timeout=15)
-            if pin.ok or pin.error.code != "not_found" or time.monotonic() > deadline:
+            try:
+                await client.call("prewarm-pin", pin, timeout=15)
                 break
+            except AdminError as exc:
+                if exc.code != "not_found" or time.monotonic() > deadline:
+                    raise StartError(f"could not pin {DEMO_MODEL}: {exc}") from None
             await asyncio.sleep(0.25)
     finally:
         await nc.close()
-    if not reply.ok:
-        raise StartError(f"could not create an API key: {reply.error.message}")
-    if not pin.ok:
-        raise StartError(f"could not pin {DEMO_MODEL}: {pin.error.message}")
-    return reply.result["key"]
+    return key["key"]
 
 
 def smoke_request(gateway_url: str, api_key: str, model: str = DEMO_MODEL) -> str:

@@ -1,0 +1,216 @@
+"""The admin protocol: every operator verb with its typed arguments, one dispatcher for the services that
+answer them, and one client for everyone who asks (the CLI, ``warmserve up``, the load tests, the tests).
+
+A verb is a request on ``warmserve.admin.<verb>`` (placement answers) or ``warmserve.admin.forecast.<verb>``
+(the forecaster answers) carrying an ``AdminRequest`` whose ``args`` are validated against the verb's model on
+both ends: the client refuses bad arguments before sending, the service again on receipt (a client may be
+anything that speaks NATS). The reply is an ``AdminReply``: ``ok`` with a result, or an error with a code
+(``bad_request``, ``not_found``, ``conflict``, ``unknown_verb``, ``internal``, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shared import bus
+from shared.messages import AdminReply, AdminRequest, ErrorInfo, ModelStatus
+from shared.subjects import ADMIN, FORECAST_ADMIN, Subject, check_token
+
+# identifiers that end up in NATS subjects and KV keys: validated once, here
+Slug = Annotated[str, AfterValidator(lambda v: check_token(v, "model slug"))]
+WorkerId = Annotated[str, AfterValidator(lambda v: check_token(v, "worker id"))]
+
+
+class Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NoArgs(Args):
+    pass
+
+
+class RegisterArgs(Args):
+    slug: Slug
+    path: str
+    parameter_bytes: int | None = Field(None, gt=0)
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    max_context_tokens: int | None = Field(None, ge=16)
+    status: ModelStatus = ModelStatus.ACTIVE
+
+
+class SlugArgs(Args):
+    slug: str
+
+
+class PinArgs(Args):
+    slug: Slug
+    copies: int = Field(1, ge=1, le=64)
+    reason: str = Field("", max_length=200)
+
+
+class UnpinArgs(Args):
+    slug: Slug
+
+
+class WorkerArgs(Args):
+    worker_id: WorkerId
+    reason: str = Field("", max_length=200)
+
+
+class KeyArgs(Args):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    rate_limit_rps: float | None = Field(None, gt=0)
+    max_concurrency: int | None = Field(None, ge=1, le=100_000)
+
+
+class KeyNameArgs(Args):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+
+
+class HistoryArgs(Args):
+    limit: int = Field(10, ge=1, le=100)
+
+
+class ImportArgs(Args):
+    """``warmserve forecast import``: one model's windows from a trace, oldest first, from the trace's t=0."""
+
+    model: str
+    window_s: float = Field(gt=0)
+    windows: list[tuple[float, float, int]] = Field(min_length=1, max_length=14 * 288)  # (avg, peak, arrivals)
+    source: str = Field("trace", max_length=200)
+    align: Literal["time-of-day", "end"] = Field(
+        "time-of-day", description="time-of-day: rotate a whole-day trace to keep each window's time of day; "
+                                   "end: keep the order, the last window just before the current one")
+
+    @field_validator("windows")
+    @classmethod
+    def _finite(cls, v: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+        if any(not (math.isfinite(a) and math.isfinite(p)) or a < 0 or p < 0 or n < 0 for a, p, n in v):
+            raise ValueError("window values must be finite and non-negative")
+        return v
+
+
+@dataclass(frozen=True)
+class Verb:
+    name: str
+    args: type[Args]
+    subject: Subject
+    doc: str
+
+
+def _verbs(subject: Subject, *verbs: tuple[str, type[Args], str]) -> dict[str, Verb]:
+    return {name: Verb(name, args, subject, doc) for name, args, doc in verbs}
+
+
+PLACEMENT_VERBS = _verbs(
+    ADMIN,
+    ("model-register", RegisterArgs, "add or update a catalog model (sizes read from its folder if not given)"),
+    ("model-list", NoArgs, "the catalog"),
+    ("model-remove", SlugArgs, "remove a model from the catalog"),
+    ("worker-list", NoArgs, "live workers and what each holds"),
+    ("worker-drain", WorkerArgs, "no new work on a worker; its instances drain, its copies are evicted"),
+    ("worker-undrain", WorkerArgs, "put a drained worker back"),
+    ("prewarm-pin", PinArgs, "keep N prewarmed copies of a model whatever its forecast"),
+    ("prewarm-unpin", UnpinArgs, "release a pin"),
+    ("hold-list", NoArgs, "operators' drains and pins"),
+    ("placement-show", NoArgs, "the plan in force with its newest inputs and scores"),
+    ("placement-history", HistoryArgs, "recent plans"),
+    ("key-create", KeyArgs, "a new API key (shown once)"),
+    ("key-list", NoArgs, "API keys (never the keys themselves)"),
+    ("key-disable", KeyNameArgs, "refuse a key"),
+    ("key-enable", KeyNameArgs, "accept a disabled key again"),
+)
+FORECASTER_VERBS = _verbs(
+    FORECAST_ADMIN,
+    ("status", NoArgs, "per-model forecasts, methods, errors and the forecaster's rounds"),
+    ("reload", NoArgs, "rebuild every forecaster from stored history"),
+    ("import", ImportArgs, "seed a model's history from a trace"),
+)
+VERBS: dict[tuple[str, str], Verb] = {(v.subject.pattern, v.name): v
+                                      for v in (*PLACEMENT_VERBS.values(), *FORECASTER_VERBS.values())}
+
+
+class AdminError(Exception):
+    """An admin verb failed; ``code`` says how (the reply's error code)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _error(code: str, message: str) -> AdminReply:
+    return AdminReply(ok=False, error=ErrorInfo(code=code, message=message))
+
+
+def _validation_message(verb: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{verb}: {where + ': ' if where else ''}{err['msg']}"
+
+
+Handler = Callable[[Any], Awaitable[Any]]
+
+
+class Dispatcher:
+    """Answers the verbs of one subject: decode, validate the arguments, call the handler, map errors to codes.
+    Every request gets an answer, whatever goes wrong."""
+
+    def __init__(self, verbs: dict[str, Verb], handlers: dict[str, Handler]):
+        missing = set(verbs) ^ set(handlers)
+        if missing:
+            raise ValueError(f"verbs and handlers differ: {sorted(missing)}")
+        self.verbs = verbs
+        self.handlers = handlers
+
+    async def handle(self, verb: str, data: bytes) -> AdminReply:
+        spec = self.verbs.get(verb)
+        if spec is None:
+            return _error("unknown_verb", f"unknown admin verb {verb!r}; known: {', '.join(sorted(self.verbs))}")
+        try:
+            req = AdminRequest.decode(data) if data else AdminRequest()
+            args = spec.args.model_validate(req.args)
+            return AdminReply(ok=True, result=await self.handlers[verb](args))
+        except ValidationError as exc:
+            return _error("bad_request", _validation_message(verb, exc))
+        except ValueError as exc:
+            return _error("bad_request", f"{verb}: {exc}")
+        except AdminError as exc:
+            return _error(exc.code, str(exc))
+        except Exception as exc:  # Postgres away, unreadable folder...: answer, never leave the caller waiting
+            return _error("internal", f"{verb} failed: {str(exc).splitlines()[0] if str(exc) else repr(exc)}")
+
+    async def on_message(self, nc, msg) -> None:
+        """A NATS callback body: the verb is the subject's last token."""
+        await bus.reply(nc, msg, await self.handle(msg.subject.rsplit(".", 1)[-1], msg.data))
+
+
+class AdminClient:
+    """Asks admin verbs over a NATS connection: arguments are checked before they are sent, an error reply
+    raises ``AdminError``."""
+
+    def __init__(self, nc):
+        self.nc = nc
+
+    async def call(self, verb: str, args: Args | dict | None = None, *, forecaster: bool = False,
+                   timeout: float = 15.0) -> Any:
+        subject = FORECAST_ADMIN if forecaster else ADMIN
+        spec = VERBS.get((subject.pattern, verb))
+        if spec is None:
+            known = FORECASTER_VERBS if forecaster else PLACEMENT_VERBS
+            raise AdminError("unknown_verb", f"unknown admin verb {verb!r}; known: {', '.join(sorted(known))}")
+        try:
+            typed = args if isinstance(args, spec.args) else spec.args.model_validate(args or {})
+        except ValidationError as exc:
+            raise AdminError("bad_request", _validation_message(verb, exc)) from None
+        reply = await bus.request(self.nc, subject.format(verb=verb),
+                                  AdminRequest(args=typed.model_dump(mode="json", exclude_unset=True)),
+                                  AdminReply, timeout=timeout)
+        if not reply.ok:
+            raise AdminError(reply.error.code if reply.error else "failed",
+                             reply.error.message if reply.error else f"{verb} failed")
+        return reply.result

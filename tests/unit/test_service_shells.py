@@ -1,0 +1,131 @@
+"""Service shells at the handler level, on the in-memory bus: the admin protocol end to end (client, subject,
+dispatcher, error codes) and the orchestrator's scale-up path (request -> core -> worker command -> reply)."""
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from services.prewarm_orchestrator.main import Orchestrator
+from shared import bus
+from shared.admin import FORECASTER_VERBS, PLACEMENT_VERBS, AdminClient, AdminError, Dispatcher, PinArgs
+from shared.messages import (
+    AdminReply, AdminRequest, CommandKind, CommandResult, CopyState, Outcome, ScaleReply, ScaleRequest, WorkerCommand,
+)
+from shared.settings import OrchestratorSettings
+from shared.subjects import ADMIN, FORECAST_ADMIN, SCALE, WORKER_CMD
+from tests.factories import model, worker
+from tests.inmemory_bus import InMemoryNats
+
+
+async def serve_admin(nc, subject, verbs, **handlers):
+    async def default(args):
+        return {"args": args.model_dump(mode="json")}
+
+    dispatcher = Dispatcher(verbs, {v: handlers.get(v.replace("-", "_"), default) for v in verbs})
+    await nc.subscribe(subject.wildcard, queue="svc", cb=lambda msg: dispatcher.on_message(nc, msg))
+    return dispatcher
+
+
+async def test_admin_verbs_travel_typed_and_errors_come_back_with_their_code():
+    nc = InMemoryNats()
+
+    async def prewarm_pin(args: PinArgs):
+        if args.slug == "gone":
+            raise AdminError("not_found", "no model 'gone' in the catalog")
+        return {"pinned": args.slug, "copies": args.copies}
+
+    async def model_list(_):
+        raise RuntimeError("Postgres is away\nwith details")
+
+    await serve_admin(nc, ADMIN, PLACEMENT_VERBS, prewarm_pin=prewarm_pin, model_list=model_list)
+    client = AdminClient(nc)
+    assert await client.call("prewarm-pin", {"slug": "m", "copies": 2}) == {"pinned": "m", "copies": 2}
+    with pytest.raises(AdminError) as e:
+        await client.call("prewarm-pin", {"slug": "gone"})
+    assert e.value.code == "not_found"
+    with pytest.raises(AdminError) as e:
+        await client.call("model-list")
+    assert e.value.code == "internal" and str(e.value) == "model-list failed: Postgres is away"
+
+
+async def test_the_client_refuses_bad_arguments_before_sending_and_the_dispatcher_again_on_receipt():
+    nc = InMemoryNats()
+    await serve_admin(nc, ADMIN, PLACEMENT_VERBS)
+    client = AdminClient(nc)
+    for verb, args in (("prewarm-pin", {"slug": "Bad.Slug"}), ("key-create", {"name": "x", "extra": 1}),
+                       ("placement-history", {"limit": 0}), ("no-such-verb", {})):
+        with pytest.raises(AdminError) as e:
+            await client.call(verb, args)
+        assert e.value.code in ("bad_request", "unknown_verb"), (verb, e.value)
+    assert nc.published == []  # nothing went out
+    # a client that is not ours sends whatever it likes: the service answers, with the same codes
+    for subject, data, code in ((ADMIN.format(verb="prewarm-pin"), AdminRequest(args={"slug": "a.b"}).encode(),
+                                 "bad_request"),
+                                (ADMIN.format(verb="model-register"), b"{not json", "bad_request"),
+                                (ADMIN.format(verb="explode"), b"", "unknown_verb")):
+        reply = AdminReply.decode((await nc.request(subject, data)).data)
+        assert not reply.ok and reply.error.code == code, (subject, reply)
+
+
+async def test_forecaster_verbs_go_to_the_forecaster_subject():
+    nc = InMemoryNats()
+    await serve_admin(nc, FORECAST_ADMIN, FORECASTER_VERBS)
+    assert await AdminClient(nc).call("status", forecaster=True) == {"args": {}}
+    with pytest.raises(bus.BusError):  # placement's verbs are not answered there
+        await AdminClient(nc).call("model-list")
+
+
+def test_a_dispatcher_must_handle_exactly_its_verbs():
+    with pytest.raises(ValueError, match="differ"):
+        Dispatcher(FORECASTER_VERBS, {"status": None})
+
+
+def orchestrator(nc, workers, catalog) -> Orchestrator:
+    o = Orchestrator(OrchestratorSettings(heartbeat_timeout_s=1e9))
+    o.nc = nc
+    o.workers = SimpleNamespace(items={w.worker_id: w for w in workers})
+    o.catalog = SimpleNamespace(items={m.slug: m for m in catalog})
+    o.operator = SimpleNamespace(items={})
+    o.plan = SimpleNamespace(items={})
+    return o
+
+
+async def test_a_scale_request_becomes_one_activate_command_and_one_reply_for_every_asker():
+    nc = InMemoryNats()
+    now = time.time()
+    o = orchestrator(nc, [worker("w0", ("m", CopyState.PREWARMED), heartbeat_s=now), worker("w1", heartbeat_s=now)],
+                     [model("m")])
+    commands, release = [], asyncio.Event()
+
+    async def fake_worker(msg):
+        cmd = WorkerCommand.decode(msg.data)
+        commands.append((msg.subject, cmd.kind, cmd.model))
+        await release.wait()  # the activation takes a while: both asks arrive meanwhile
+        await nc.publish(msg.reply, CommandResult(command_id=cmd.command_id, ok=True, instance_id="i-1").encode())
+
+    await nc.subscribe(WORKER_CMD.wildcard, cb=fake_worker)
+    await nc.subscribe(SCALE.wildcard, queue="orchestrator", cb=lambda msg: o.on_scale(msg))
+    asks = [asyncio.ensure_future(bus.request(nc, SCALE.format(model="m"), ScaleRequest(model="m", reason="no_instance",
+                                                                                         waiting=1), ScaleReply, 5))
+            for _ in range(2)]
+    while not commands:
+        await asyncio.sleep(0.01)
+    assert o.core.scaling == {"m"}  # the core holds the worker while the command is out
+    release.set()
+    replies = await asyncio.gather(*asks)
+    assert commands == [(WORKER_CMD.format(worker="w0"), CommandKind.ACTIVATE, "m")]  # one command, a prewarm hit
+    assert all(r.ok and r.outcome is Outcome.PREWARM_HIT and r.instance_id == "i-1" for r in replies)
+    assert o.core.busy == {}
+
+
+async def test_a_worker_that_does_not_answer_fails_the_ask_clearly_and_backs_off():
+    nc = InMemoryNats()
+    now = time.time()
+    o = orchestrator(nc, [worker("w0", heartbeat_s=now)], [model("m")])
+    o.settings = o.settings.model_copy(update={"command_timeout_s": 0.05})
+    await nc.subscribe(WORKER_CMD.wildcard, cb=lambda msg: asyncio.sleep(0))  # never replies
+    reply = await o.scale_up(ScaleRequest(model="m", reason="no_instance", waiting=1))
+    assert not reply.ok and reply.error.code == "timeout"
+    assert o.core.busy == {} and o.core.retry_at  # freed, and not asked again at once
