@@ -89,7 +89,7 @@ class PlacementCore:
                 skipped[slug] = (f"tensor parallel size {spec.tensor_parallel_size}: each worker drives one device, "
                                  "multi-device groups are not supported by the worker")
                 continue
-            fc = self.config.prewarm and forecasts.get(slug)
+            fc = forecasts.get(slug) if self.config.prewarm else None
             peak = (fc.predicted_peak_upper if self.config.peak == "upper" else fc.predicted_peak) if fc else 0.0
             running = sum(1 for i in view.instances_of(slug) if usable.issuperset(i.devices))
             demands.append(ModelDemand(model=slug, weight_bytes=footprint(spec, view, catalog),
