@@ -46,6 +46,17 @@ def check_token(value: str, what: str = "identifier") -> str:
     return value
 
 
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Whether NATS delivers ``subject`` to a subscription on ``pattern`` (``*`` one token, ``>`` the rest)."""
+    p, s = pattern.split("."), subject.split(".")
+    for i, token in enumerate(p):
+        if token == ">":
+            return len(s) > i
+        if i >= len(s) or (token != "*" and token != s[i]):
+            return False
+    return len(p) == len(s)
+
+
 @dataclass(frozen=True)
 class Subject:
     """A subject pattern such as ``warmserve.infer.{worker}``, the message it carries and who uses it.

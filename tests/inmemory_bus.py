@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import nats.errors
 
+from shared.subjects import subject_matches as matches
+
 
 @dataclass
 class Msg:
@@ -20,16 +22,6 @@ class Msg:
     data: bytes
     reply: str = ""
     headers: dict | None = None
-
-
-def matches(pattern: str, subject: str) -> bool:
-    p, s = pattern.split("."), subject.split(".")
-    for i, token in enumerate(p):
-        if token == ">":
-            return len(s) > i
-        if i >= len(s) or (token != "*" and token != s[i]):
-            return False
-    return len(p) == len(s)
 
 
 @dataclass

@@ -35,7 +35,7 @@ from shared.messages import (
 )
 from shared.subjects import (
     ADMIN, APIKEYS_BUCKET, CANCEL, CATALOG_BUCKET, DEMAND, FORECAST, FORECAST_ADMIN, INFER, OPERATOR_BUCKET,
-    PLACEMENT_BUCKET, PLACEMENT_KEY, PLACEMENT_PLAN, SCALE, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET,
+    PLACEMENT_BUCKET, PLACEMENT_KEY, PLACEMENT_PLAN, SCALE, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET, subject_matches,
 )
 from tests.helpers import eventually
 
@@ -117,20 +117,10 @@ def test_an_older_users_file_is_regenerated(tmp_path):
 
 # ---- the table, statically -----------------------------------------------------------------------------
 
-def _matches(pattern: str, subject: str) -> bool:
-    p, s = pattern.split("."), subject.split(".")
-    for i, token in enumerate(p):
-        if token == ">":
-            return len(s) > i
-        if i >= len(s) or (token != "*" and token != s[i]):
-            return False
-    return len(p) == len(s)
-
-
 def may(user: str, direction: str, subject: str) -> bool:
     rule = PERMISSIONS[user][direction]
-    return (any(_matches(p, subject) for p in rule["allow"])
-            and not any(_matches(p, subject) for p in rule.get("deny", [])))
+    return (any(subject_matches(p, subject) for p in rule["allow"])
+            and not any(subject_matches(p, subject) for p in rule.get("deny", [])))
 
 
 def who_may(direction: str, subject: str) -> set[str]:

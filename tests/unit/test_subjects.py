@@ -78,3 +78,13 @@ def test_permissions_are_generated_from_the_subject_table():
     assert inbox("worker") not in orch["publish"]["allow"]
     assert "$KV.warmserve-workers.>" in worker["publish"]["allow"]
     assert not any(p.startswith("$KV.") for p in gw["publish"]["allow"])  # the gateway writes no bucket
+
+
+def test_subject_matching_follows_nats_wildcards():
+    from shared.subjects import subject_matches
+
+    assert subject_matches("warmserve.infer.*", "warmserve.infer.w1")
+    assert not subject_matches("warmserve.infer.*", "warmserve.infer.w1.x")
+    assert subject_matches("warmserve.admin.>", "warmserve.admin.forecast.status")
+    assert not subject_matches("warmserve.admin.>", "warmserve.admin")
+    assert not subject_matches("warmserve.a", "warmserve.b")
