@@ -84,7 +84,7 @@ async def record_event(session: AsyncSession, event: WorkerEvent) -> None:
 async def record_plan(session: AsyncSession, plan: PlacementPlan) -> None:
     stmt = insert(PlacementDecision).values(
         plan_id=plan.plan_id, created_at=_ts(plan.created_at_s), inputs=plan.inputs,
-        prewarm_set=[c.model_dump() for c in plan.copies],
+        prewarm_set=[c.model_dump(exclude_defaults=True) for c in plan.copies],  # devices only for groups
     ).on_conflict_do_nothing(index_elements=[PlacementDecision.plan_id])
     await session.execute(stmt)
 
