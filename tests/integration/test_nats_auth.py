@@ -168,15 +168,19 @@ def test_who_may_use_a_subject(direction, subject, users):
 
 
 def test_the_durable_consumers_in_the_table_are_the_services_own():
-    from tooling.localcluster.nats_auth import FORECASTER_DURABLE, ORCHESTRATOR_DURABLE, PLACEMENT_DURABLE
+    """Each durable the subject table grants is the one its service's main.py runs, on that subject."""
+    from shared.subjects import SERVICE_USERS, SUBJECTS
 
     root = Path(__file__).parents[2] / "services"
-    for (subject, name), main, constant in ((FORECASTER_DURABLE, "forecaster", "DEMAND"),
-                                            (ORCHESTRATOR_DURABLE, "prewarm_orchestrator", "WORKER_EVENT"),
-                                            (PLACEMENT_DURABLE, "placement", "PLACEMENT_PLAN")):
-        assert subject is {"DEMAND": DEMAND, "WORKER_EVENT": WORKER_EVENT, "PLACEMENT_PLAN": PLACEMENT_PLAN}[constant]
-        code = (root / main / "main.py").read_text()
-        assert re.search(rf'bus\.consume\(\s*self\.js,\s*{constant}\.(wildcard|pattern),\s*"{name}"', code), main
+    package_of = {user: package for package, user in SERVICE_USERS.items()}
+    constants = {"DEMAND": DEMAND, "WORKER_EVENT": WORKER_EVENT, "PLACEMENT_PLAN": PLACEMENT_PLAN}
+    granted = [(s, user, name) for s in SUBJECTS for user, name in s.durables]
+    assert {(user, name) for _, user, name in granted} == {
+        ("forecaster", "forecaster"), ("orchestrator", "orchestrator-events"), ("placement", "placement-history")}
+    for subject, user, name in granted:
+        constant = next(c for c, s in constants.items() if s is subject)
+        code = (root / package_of[user] / "main.py").read_text()
+        assert re.search(rf'bus\.consume\(\s*self\.js,\s*{constant}\.(wildcard|pattern),\s*"{name}"', code), user
 
 
 def test_only_the_operator_may_do_anything():

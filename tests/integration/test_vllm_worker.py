@@ -52,16 +52,17 @@ async def test_prewarm_activate_serve_switch_serve(nats_url, specs):
     stop = asyncio.Event()
     worker_task = asyncio.create_task(service.run(stop))
 
-    async def created():  # the worker creates the streams and buckets at start
+    async def created():  # the worker creates the streams and buckets, then answers commands (a bad one: refused)
         try:
             await js.key_value(CATALOG_BUCKET.name)
             await js.key_value(WORKERS_BUCKET.name)
             await js.stream_info("WARMSERVE_EVENTS")
+            await nc.request(WORKER_CMD.format(worker=wid), b"{}", timeout=1)
             return True
         except Exception:
             return False
 
-    await eventually(created, timeout=30, every=0.1, what="the worker's streams and buckets")
+    await eventually(created, timeout=30, every=0.1, what="the worker's streams, buckets and command subject")
     catalog = await js.key_value(CATALOG_BUCKET.name)
     for spec in specs.values():
         await catalog.put(spec.slug, spec.encode())

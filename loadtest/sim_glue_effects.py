@@ -1,0 +1,100 @@
+"""Counterfactuals: how much each behaviour of the services' decision glue moves the simulator's numbers.
+
+The simulator runs the services' cores. This script turns single behaviours of those cores back to what the
+simulator's old copy of the glue did, one at a time, and reports attainment and P99 TTFT over several seeds,
+so a change in the headline numbers can be traced to its cause. The toggles patch the cores in this process
+only; nothing here is a setting of the services.
+
+    .venv/bin/python -m loadtest.sim_glue_effects --seeds 0 1 2       # about two minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from contextlib import contextmanager
+from dataclasses import replace
+
+import services.gateway.admission_core as admission
+from services.prewarm_orchestrator.core import OrchestratorCore
+from shared.messages import CommandKind
+from simulator.run import SYSTEMS, simulate
+from simulator.workload import WorkloadSpec, build
+
+
+@contextmanager
+def nothing():
+    yield
+
+
+@contextmanager
+def ask_without_backoff():
+    """The gateway asks again every 0.5 s after a refused ask (no doubling up to 8 s)."""
+    saved = admission.ASK_DELAY_MAX_S
+    admission.ASK_DELAY_MAX_S = admission.ASK_DELAY_MIN_S
+    try:
+        yield
+    finally:
+        admission.ASK_DELAY_MAX_S = saved
+
+
+@contextmanager
+def offer_prewarming_devices():
+    """A device with a prewarm in flight is offered for a scale-up like an idle one."""
+    original = OrchestratorCore.scale_up
+
+    def scale_up(self, view, model, tp, shard_bytes, now_s, **kw):
+        saved = self.busy
+        self.busy = {k: c for k, c in saved.items() if c.kind is not CommandKind.PREWARM}
+        try:
+            return original(self, view, model, tp, shard_bytes, now_s, **kw)
+        finally:
+            self.busy = {**saved, **{k: c for k, c in self.busy.items() if k not in saved}}
+
+    OrchestratorCore.scale_up = scale_up
+    try:
+        yield
+    finally:
+        OrchestratorCore.scale_up = original
+
+
+@contextmanager
+def paper_with_two_way_kv():
+    """The paper's configuration, but an instance may take back the KV it lent to prewarmed copies."""
+    saved = SYSTEMS["warmserve-paper"]
+    SYSTEMS["warmserve-paper"] = replace(saved, kv_mode="two-way")
+    try:
+        yield
+    finally:
+        SYSTEMS["warmserve-paper"] = saved
+
+
+VARIANTS = {
+    "as the services run": nothing,
+    "ask without back-off": ask_without_backoff,
+    "offer prewarming devices": offer_prewarming_devices,
+    "paper with two-way KV": paper_with_two_way_kv,
+}
+SYSTEM_NAMES = ("autoscaling", "warmserve-paper", "warmserve")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--rps", type=float, default=4.0)
+    a = p.parse_args()
+    workloads = [build(WorkloadSpec(total_rps=a.rps, seed=s)) for s in a.seeds]
+    print(f"| variant | system | SLO attainment (mean of {len(a.seeds)} seeds) | P99 TTFT (mean) | per seed |")
+    print("|---|---|---|---|---|")
+    for variant, toggle in VARIANTS.items():
+        with toggle():
+            for name in SYSTEM_NAMES:
+                runs = [simulate(name, w) for w in workloads]
+                slo = [r["slo_attainment"] for r in runs]
+                p99 = [r["ttft_p99_s"] for r in runs]
+                print(f"| {variant} | {name} | {statistics.mean(slo):.1%} | {statistics.mean(p99):.1f} s | "
+                      + ", ".join(f"{x:.1%} / {y:.1f} s" for x, y in zip(slo, p99)) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
