@@ -30,11 +30,11 @@ class Admission:
     """The shell around ``AdmissionCore``: waits on the routing table, runs the asks, traces the wait."""
 
     def __init__(self, table: RoutingTable, scaler: Scaler, *, wait_s: float, queue_size: int,
-                 on_queue_change: Callable[[str, int], None] = lambda m, n: None):
+                 on_queue_change: Callable[[str, int], None] = lambda m, n: None, core: AdmissionCore | None = None):
         self.table = table
         self.scaler = scaler
         self.wait_s = wait_s
-        self.core = AdmissionCore(queue_size)
+        self.core = core or AdmissionCore(queue_size)
         self._scaling: dict[str, asyncio.Task[ScaleReply]] = {}  # model -> the latest ask
         self._changed = asyncio.Event()
         self._on_queue_change = on_queue_change

@@ -1,5 +1,8 @@
 """Admission's decisions, free of I/O: the gateway (``admission.py``) and the simulator both drive it.
 
+- **Route.** A request goes to the least-loaded active instance with room. The load is the instance's
+  in-flight requests as its worker last reported them, minus the ones this gateway has sent since (they are
+  counted exactly, from ``pending``), so a burst between two heartbeats spreads out.
 - **Queue.** A request no active instance has room for waits in a bounded per-model queue.
 - **Asks.** The orchestrator is asked for an instance once per model at a time; after a failed ask not
   again before a growing delay (0.5 s doubling to 8 s), so waiters cannot storm it. A successful ask resets
@@ -13,9 +16,11 @@ Time is passed in.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from dataclasses import replace
 
 from shared.messages import Outcome
+from shared.policy.routing import Route, pick_route
 
 ASK_DELAY_MIN_S, ASK_DELAY_MAX_S = 0.5, 8.0
 CREATED_KEPT = 4096  # instances whose making we remember (for requests still waiting on them)
@@ -29,6 +34,27 @@ class AdmissionCore:
         self.asking: set[str] = set()  # models with an ask out
         self.next_ask_s: dict[str, float] = {}
         self.ask_delay_s: dict[str, float] = {}
+        self.pending: dict[str, int] = {}  # instance -> requests this gateway sent that have not finished
+
+    # ---- routes ------------------------------------------------------------------------------------------
+
+    def choose_route(self, routes: Sequence[Route], exclude: Collection[str] = ()) -> Route | None:
+        """The least-loaded of ``routes`` with room (``exclude``: instances this request has tried)."""
+        candidates = [r for r in routes if r.instance_id not in exclude]
+        # a worker's report already counts (most of) our pending requests: subtract them so the load is
+        # "others' requests as last reported + ours exactly"
+        others = [replace(r, in_flight=max(r.in_flight - self.pending.get(r.instance_id, 0), 0)) for r in candidates]
+        return pick_route(others, self.pending)
+
+    def started(self, route: Route) -> None:
+        self.pending[route.instance_id] = self.pending.get(route.instance_id, 0) + 1
+
+    def finished(self, route: Route) -> None:
+        left = self.pending.get(route.instance_id, 0) - 1
+        if left > 0:
+            self.pending[route.instance_id] = left
+        else:
+            self.pending.pop(route.instance_id, None)
 
     # ---- the queue ------------------------------------------------------------------------------------
 

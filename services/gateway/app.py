@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.gateway import errors
 from services.gateway.admission import Admission
+from services.gateway.admission_core import AdmissionCore
 from services.gateway.api_types import ChatCompletionRequest, CompletionRequest
 from services.gateway.demand import DemandPublisher
 from services.gateway.errors import ApiError
@@ -62,9 +63,10 @@ class Gateway:
         self.catalog = bus.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
         self.workers = bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState, on_change=self._workers_changed).start()
         self.keys = bus.KvMirror(buckets[APIKEYS_BUCKET.name], ApiKeyRecord).start()
-        self.table = RoutingTable(self.catalog, self.workers, s.heartbeat_timeout_s)
+        core = AdmissionCore(s.queue_size)
+        self.table = RoutingTable(self.catalog, self.workers, s.heartbeat_timeout_s, core)
         self.admission = Admission(self.table, self._scale, wait_s=s.queue_wait_s, queue_size=s.queue_size,
-                                   on_queue_change=lambda m, n: self.metrics.queue_depth.labels(m).set(n))
+                                   on_queue_change=lambda m, n: self.metrics.queue_depth.labels(m).set(n), core=core)
         self._demand_task = asyncio.create_task(self.demand.run(self.js))
 
     async def stop(self) -> None:

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection
-from dataclasses import replace
 
+from services.gateway.admission_core import AdmissionCore
 from services.gateway.errors import ApiError
 from shared.bus import KvMirror
 from shared.messages import CopyState, ModelSpec, ModelStatus, WorkerState
 from shared.policy.cluster import live_workers
-from shared.policy.routing import Route, active_routes, pick_route
+from shared.policy.routing import Route, active_routes
 
 
 class RoutingTable:
-    def __init__(self, catalog: KvMirror[ModelSpec], workers: KvMirror[WorkerState], heartbeat_timeout_s: float):
+    def __init__(self, catalog: KvMirror[ModelSpec], workers: KvMirror[WorkerState], heartbeat_timeout_s: float,
+                 core: AdmissionCore):
         self.catalog = catalog
         self.workers = workers
         self.heartbeat_timeout_s = heartbeat_timeout_s
-        self.pending: dict[str, int] = {}  # instance -> requests sent and not yet finished
+        self.core = core  # the routing decision and this gateway's pending requests
 
     @property
     def ready(self) -> bool:
@@ -41,25 +42,17 @@ class RoutingTable:
 
     def try_route(self, slug: str, exclude: Collection[str] = ()) -> Route | None:
         """The least-loaded active instance of ``slug`` with room, or None."""
-        routes = [r for r in self.routes(slug) if r.instance_id not in exclude]
-        # a worker's report already counts (most of) our pending requests: subtract them so the
-        # load is "others' requests as last reported + ours exactly"
-        others = [replace(r, in_flight=max(r.in_flight - self.pending.get(r.instance_id, 0), 0)) for r in routes]
-        return pick_route(others, self.pending)
+        return self.core.choose_route(self.routes(slug), exclude)
 
     def alive(self, route: Route) -> bool:
         """Whether the worker process that holds ``route`` still heart-beats (a restart is a new one)."""
         return any(w.worker_id == route.worker_id and w.started_at_s == route.incarnation for w in self.live())
 
     def started(self, route: Route) -> None:
-        self.pending[route.instance_id] = self.pending.get(route.instance_id, 0) + 1
+        self.core.started(route)
 
     def finished(self, route: Route) -> None:
-        left = self.pending.get(route.instance_id, 0) - 1
-        if left > 0:
-            self.pending[route.instance_id] = left
-        else:
-            self.pending.pop(route.instance_id, None)
+        self.core.finished(route)
 
     def model_cards(self) -> list[dict]:
         workers = self.live()

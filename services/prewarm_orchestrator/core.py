@@ -215,8 +215,10 @@ class OrchestratorCore:
             if running:
                 return ScaleAnswer(outcome=Outcome.WARM, worker_id=running[0].worker_id,
                                    instance_id=running[0].instance_id)
-        # a device busy with this model (a prewarm in flight) may still be the best choice
-        busy = {device for device, m in self.busy if m != model} | set(drained)
+        # a device busy with this model's prewarm may still be the best choice; one it is being activated on
+        # (an earlier scale-up of the same round) is not
+        busy = {device for (device, m), c in self.busy.items() if m != model or c.kind is CommandKind.ACTIVATE}
+        busy |= set(drained)
         choice = choose_group(view, model, tp, shard_bytes, busy=busy)
         if choice is None:
             return ScaleAnswer(error_code="no_capacity", error=f"no worker can take another instance of {model} now")

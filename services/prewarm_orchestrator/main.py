@@ -65,7 +65,10 @@ class Orchestrator:
         for model, n in r.scale_up.items():
             if model not in self._scaling:
                 log.info("autoscaler: %s load %.2f, adding %d instance(s)", model, r.loads.get(model, 0.0), n)
-                self._start_scale_up(ScaleRequest(model=model, reason="at_capacity", waiting=0))
+                req = ScaleRequest(model=model, reason="at_capacity", waiting=0)
+                self._start_scale_up(req)  # the one gateways' asks share
+                for _ in range(n - 1):  # the rest at the same time, each on devices of its own
+                    self._spawn(self.scale_up(req))
 
     async def command(self, cmd: Command) -> CommandResult:
         """Send one of the core's commands and report how it ended (the core backs off failures). A command

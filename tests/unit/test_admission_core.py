@@ -3,6 +3,7 @@ how a request that waited is labelled (the autoscaler/gateway outcome race)."""
 
 from services.gateway.admission_core import ASK_DELAY_MAX_S, AdmissionCore
 from shared.messages import Outcome
+from shared.policy.routing import Route
 
 
 def test_one_ask_per_model_at_a_time_and_a_doubling_delay_after_failures():
@@ -47,3 +48,23 @@ def test_an_instance_the_autoscaler_made_while_our_ask_was_out_is_labelled_by_th
     # a reply that never says: after waiting once, the request is not held any longer
     assert c.should_ask("b", 0.0)
     assert c.label("b", "x", existing=set(), made=None, waited_for_reply=True) is Outcome.WARM
+
+
+def test_routes_count_this_gateways_requests_exactly_so_a_burst_spreads_between_heartbeats():
+    c = AdmissionCore(queue_size=4)
+    a, b = Route("w1", "a", in_flight=0, capacity=2), Route("w2", "b", in_flight=0, capacity=2)
+    chosen = []
+    for _ in range(5):  # no heartbeat in between: the reports stay at 0
+        r = c.choose_route([a, b])
+        chosen.append(r.instance_id if r else None)
+        if r:
+            c.started(r)
+    assert chosen == ["a", "b", "a", "b", None]  # spread, then full
+    # the next reports already count our requests: they are not counted twice
+    a2, b2 = Route("w1", "a", in_flight=2, capacity=2), Route("w2", "b", in_flight=1, capacity=2)
+    c.finished(b)
+    assert c.choose_route([a2, b2]).instance_id == "b"
+    assert c.choose_route([a2, b2], exclude={"b"}) is None  # tried already; a is full
+    for r in (a, a, b):
+        c.finished(r)
+    assert c.pending == {}

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from services.gateway import errors
 from services.gateway.api_types import ChatCompletionRequest
 from services.gateway.app import create_app
+from services.gateway.admission_core import AdmissionCore
 from services.gateway.routing import RoutingTable
 from shared.messages import ModelSpec
 from shared.settings import GatewaySettings
@@ -67,7 +68,8 @@ LIMITS = dict(max_body_bytes=4096, max_messages=3, max_prompt_chars=100)
 def gateway():
     app = create_app(GatewaySettings(require_api_key=False, **LIMITS))
     spec = ModelSpec(slug="m", path="/m", parameter_bytes=1, max_context_tokens=CONTEXT)
-    app.state.gateway.table = RoutingTable(SimpleNamespace(items={"m": spec}), SimpleNamespace(items={}), 5)
+    app.state.gateway.table = RoutingTable(SimpleNamespace(items={"m": spec}), SimpleNamespace(items={}), 5,
+                                           AdmissionCore(queue_size=4))
     return TestClient(app, raise_server_exceptions=False)
 
 

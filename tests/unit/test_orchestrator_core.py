@@ -97,6 +97,15 @@ def test_scale_up_answers_warm_when_an_instance_appeared_and_refuses_clearly_whe
     assert refused.command is None and refused.error_code == "no_capacity" and "a" in refused.error
 
 
+def test_scale_ups_of_one_model_in_one_round_go_to_different_devices():
+    c = core()
+    v = view(worker("w0", ("a", CopyState.PREWARMED)), worker("w1", ("a", CopyState.PREWARMED)), worker("w2"))
+    chosen = [c.scale_up(v, "a", 1, GB, now_s=1.0) for _ in range(4)]
+    assert [(x.worker_id, x.outcome) for x in chosen[:3]] == [
+        ("w0", Outcome.PREWARM_HIT), ("w1", Outcome.PREWARM_HIT), ("w2", Outcome.COLD)]
+    assert chosen[3].command is None and chosen[3].error_code == "no_capacity"  # every device is taken
+
+
 def test_scale_up_skips_devices_busy_with_another_model_and_drained_ones():
     c = core()
     v = view(worker("w0", ("a", CopyState.PREWARMED)), worker("w1"), worker("w2"))
