@@ -180,7 +180,7 @@ class OrchestratorCore:
                     if self._issue(cmd, now_s):
                         commands.append(cmd)
         gateway = self.gateway_load.current(now_s)
-        for model in set(in_flight) | set(self.windows) | {m for m, v in gateway.items() if v > 0}:
+        for model in sorted(set(in_flight) | set(self.windows) | {m for m, v in gateway.items() if v > 0}):
             load = max(in_flight.get(model, 0), gateway.get(model, 0.0))
             self.windows.setdefault(model, LoadWindow(cfg.window_s)).add(now_s, load)
         busy_models = {m for _, m in self.busy}
