@@ -43,6 +43,14 @@ def until(check, timeout=60.0, every=0.5, what=""):
     raise AssertionError(f"timed out after {timeout:.0f} s: {what}")
 
 
+def gateway_gauge(url: str, name: str, model: str = "tiny-llama") -> float:
+    """A per-model gauge from the gateway's /metrics (0 when it has no sample yet)."""
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith(f'{name}{{model="{model}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def workers(env) -> dict[str, dict[str, str]]:
     """Live workers and what each holds: {worker_id: {model: state}}."""
     out = cli(env, "workers", "--json")

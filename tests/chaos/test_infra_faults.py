@@ -18,7 +18,8 @@ from tooling.localcluster.infra import EmbeddedPostgres
 from tooling.localcluster.processes import wait_port
 from shared.subjects import CATALOG_BUCKET, STREAMS
 from tests.chaos.conftest import (
-    GATEWAY_GRACE_S, Load, cli, ended_with_error, service_process, stop_postgres, stream, until, workers,
+    GATEWAY_GRACE_S, Load, cli, ended_with_error, gateway_gauge, service_process, stop_postgres, stream, until,
+    workers,
 )
 
 pytestmark = pytest.mark.chaos
@@ -52,14 +53,6 @@ async def stream_counts(nats_url: str) -> dict[str, int]:
 
 def model_path(cluster) -> str:
     return str(cluster["state"] / "models" / "tiny-llama")
-
-
-def in_flight_at_gateway(url: str, model: str = "tiny-llama") -> float:
-    """Requests the gateway holds, queued or being served (its ``warmserve_in_flight_requests`` gauge)."""
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        if line.startswith(f'warmserve_in_flight_requests{{model="{model}"}}'):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 async def events_consumed(nats_url: str) -> bool:
@@ -231,7 +224,8 @@ def test_gateway_stop_ends_long_requests_with_a_clear_error(cluster):
         t.start()
     until(lambda: streamed.get("lines"), timeout=30, every=0.1, what="the stream's first token")
     # the other request is in flight too (generating, or waiting for an instance)
-    until(lambda: in_flight_at_gateway(url) >= 2, timeout=30, every=0.1, what="both requests at the gateway")
+    until(lambda: gateway_gauge(url, "warmserve_in_flight_requests") >= 2, timeout=30, every=0.1,
+          what="both requests at the gateway")
     gateway = service_process(up, "gateway")
     gateway.send_signal(signal.SIGTERM)
     stopped = time.monotonic()

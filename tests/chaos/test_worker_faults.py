@@ -10,19 +10,13 @@ import httpx
 import pytest
 
 from shared import bus
-from tests.chaos.conftest import cli, ended_with_error, service_process, spawn_worker, stream, until, workers
+from tests.chaos.conftest import (
+    cli, ended_with_error, gateway_gauge, service_process, spawn_worker, stream, until, workers,
+)
 
 pytestmark = pytest.mark.chaos
 
 HEARTBEAT_TIMEOUT_S = 3  # the cluster fixture's
-
-
-def waiting_at_gateway(url: str, model: str = "tiny-llama") -> float:
-    """Requests queued for an instance at the gateway (its ``warmserve_queue_depth`` gauge)."""
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        if line.startswith(f'warmserve_queue_depth{{model="{model}"}}'):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def plain(url: str, key: str, out: list) -> None:
@@ -78,7 +72,8 @@ def test_worker_killed_mid_stream(cluster):
         waiters = [threading.Thread(target=plain, args=(url, key, queued)) for _ in range(2)]
         for t in waiters:  # one request per instance: these wait behind the stream
             t.start()
-        until(lambda: waiting_at_gateway(url) >= 2, timeout=30, every=0.1, what="both requests queued at the gateway")
+        until(lambda: gateway_gauge(url, "warmserve_queue_depth") >= 2, timeout=30, every=0.1,
+              what="both requests queued at the gateway")
         for w in ("worker-0", "worker-1"):
             assert cli(env, "worker", "undrain", w).returncode == 0
         lost.kill()
