@@ -174,8 +174,9 @@ class Forecaster:
                 else:
                     await self.first_forecasts()
                     await self.flush()
-            except Exception as exc:
+            except Exception as exc:  # a round that keeps failing is retried, never in a tight loop
                 log.warning("forecast round failed: %s", brief(exc))
+                await pause(stop, 1.0)
             await pause(stop, max(0.0, self.core.wake_at(time.time()) - time.time()))
         await admin.unsubscribe()
         consumer.cancel()
