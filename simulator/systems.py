@@ -55,6 +55,7 @@ class System:
         self.scores: dict[str, float] = {}  # "model@gpus" -> the plan's score of that copy
         self.trackers: dict[str, ConcurrencyTracker] = {}
         self.next_sample_s: float | None = None
+        self.stopping: dict[int, Command] = {}  # instance -> its deactivate, answered once it has drained
 
     # ---- hooks the simulator calls ---------------------------------------------------------------------
 
@@ -133,6 +134,10 @@ class System:
     # ---- the orchestrator's decisions, executed by the simulated workers ----------------------------
 
     def orchestrate(self, sim: Simulator) -> None:
+        for iid, cmd in list(self.stopping.items()):  # drained instances: their deactivates are done
+            if iid not in sim.instances:
+                del self.stopping[iid]
+                self.orchestrator.on_result(cmd, True, sim.now)
         r = self.orchestrator.step(self.view(sim), self.plan, sim.now)
         for cmd in r.commands:
             self.execute(sim, cmd)
@@ -175,6 +180,9 @@ class System:
             inst = sim.instances.get(int(cmd.instance_id))
             if inst is not None:
                 sim.drain(inst)
+            if inst is not None and inst.iid in sim.instances:  # requests still running: the reply waits for them
+                self.stopping[inst.iid] = cmd
+                return
         elif cmd.kind is CommandKind.SET_KV_TARGET:
             inst = next((i for i in sim.instances.values() if i.model.name == cmd.model and i.gpus == cmd.devices), None)
             if inst is not None:

@@ -55,8 +55,11 @@ class Admission:
     def _scale(self, model: str, reason: str) -> asyncio.Task[ScaleReply] | None:
         """The ask for ``model`` that is out, a new one if the core says so, or the last (finished) one."""
         if self.core.should_ask(model, time.monotonic()):
-            self._scaling[model] = asyncio.ensure_future(self._ask(ScaleRequest(
+            task = asyncio.ensure_future(self._ask(ScaleRequest(
                 model=model, reason=reason, waiting=self.core.waiting.get(model, 1))))
+            # an ask cancelled before it ran never reaches its ``finally``: the model may ask again
+            task.add_done_callback(lambda t, m=model: self.core.asking.discard(m) if t.cancelled() else None)
+            self._scaling[model] = task
         return self._scaling.get(model)
 
     async def _ask(self, req: ScaleRequest) -> ScaleReply:

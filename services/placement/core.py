@@ -48,14 +48,17 @@ class PlanInputs:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def footprint(spec: ModelSpec, view: ClusterView, catalog: Mapping[str, ModelSpec]) -> int:
-    """A whole model's bytes as workers measured them (per device x tp), else catalog plus overhead."""
-    tp = max(spec.tensor_parallel_size, 1)
+def engine_overhead(view: ClusterView, catalog: Mapping[str, ModelSpec]) -> int:
+    """The largest measured-minus-catalog size of any loaded model (process, runtime, KV space on a CPU)."""
+    return max((n * max(catalog[m].tensor_parallel_size, 1) - catalog[m].parameter_bytes
+                for m, n in view.measured.items() if m in catalog), default=0)
+
+
+def footprint(spec: ModelSpec, view: ClusterView, overhead: int) -> int:
+    """A whole model's bytes as workers measured them (per device x tp), else catalog plus ``overhead``."""
     seen = view.measured_bytes(spec.slug)
     if seen:
-        return seen * tp
-    overhead = max((view.measured_bytes(m) * max(s.tensor_parallel_size, 1) - s.parameter_bytes
-                    for m, s in catalog.items() if view.measured_bytes(m)), default=0)
+        return seen * max(spec.tensor_parallel_size, 1)
     return spec.parameter_bytes + max(overhead, 0)
 
 
@@ -82,6 +85,7 @@ class PlacementCore:
         gpus = self.gpus(view, drained)
         usable = {g.gpu_id for g in gpus}
         skipped, demands = {}, []
+        overhead = engine_overhead(view, catalog)
         for slug, spec in sorted(catalog.items()):
             if spec.status is not ModelStatus.ACTIVE:
                 continue
@@ -92,7 +96,7 @@ class PlacementCore:
             fc = forecasts.get(slug) if self.config.prewarm else None
             peak = (fc.predicted_peak_upper if self.config.peak == "upper" else fc.predicted_peak) if fc else 0.0
             running = sum(1 for i in view.instances_of(slug) if usable.issuperset(i.devices))
-            demands.append(ModelDemand(model=slug, weight_bytes=footprint(spec, view, catalog),
+            demands.append(ModelDemand(model=slug, weight_bytes=footprint(spec, view, overhead),
                                        tp=spec.tensor_parallel_size, avg=fc.predicted_avg if fc else 0.0, peak=peak,
                                        running=running, pinned=pinned.get(slug, 0)))
         existing = {(c.model, c.devices) for c in view.copies}
@@ -108,8 +112,8 @@ class PlacementCore:
         if not self.config.idle_first:
             return place(inputs.demands, inputs.gpus, inputs.existing, self.config.placement)
         # pass 1: idle devices only, with the copies already on them; pass 2: everything, lent KV included
-        idle = [g for g in self.gpus(view, lend=False) if not view.serving(g.gpu_id)
-                and any(g.gpu_id == u.gpu_id for u in inputs.gpus)]
+        usable = {u.gpu_id for u in inputs.gpus}
+        idle = [g for g in self.gpus(view, lend=False) if not view.serving(g.gpu_id) and g.gpu_id in usable]
         idle_ids = {g.gpu_id for g in idle}
         first = place(inputs.demands, idle, [r for r in inputs.existing if idle_ids.issuperset(r.gpus)],
                       self.config.placement)

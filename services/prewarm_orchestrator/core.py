@@ -22,6 +22,7 @@ from shared.policy.reconcile import reconcile
 from shared.policy.scaleup import choose_group
 
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0
+DRAINED = "worker drained by an operator"
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Command:
     drain: bool = True
     kv_free_blocks: int | None = None  # set_kv_target
     outcome: Outcome | None = None  # activate: how the instance is made (prewarm_hit or cold)
+    scale_up: bool = False  # an activation asked for by a scale-up (its askers retry; no back-off here)
 
     @property
     def worker_id(self) -> str:
@@ -69,7 +71,7 @@ class ScaleAnswer:
 @dataclass(frozen=True)
 class Round:
     commands: list[Command]  # send these now
-    scale_up: dict[str, int]  # model -> instances to add (through ``scale_up``, one at a time)
+    scale_up: dict[str, int]  # model -> instances to add (each through ``scale_up``)
     loads: dict[str, float]
 
 
@@ -114,7 +116,7 @@ class OrchestratorCore:
         if table.get(command.key) is command:
             del table[command.key]
         retry_key = (command.devices[0], command.model, command.kind)
-        if ok:
+        if ok or command.scale_up:
             self.retry_at.pop(retry_key, None)
             return
         if error_code == "unsupported" and command.kind is CommandKind.SET_KV_TARGET:
@@ -163,7 +165,7 @@ class OrchestratorCore:
                 continue
             in_flight[inst.model] = in_flight.get(inst.model, 0) + inst.in_flight
             if drained and set(inst.devices) & set(drained):
-                cmd = Command(CommandKind.DEACTIVATE, inst.model, inst.devices, reason="worker drained by an operator",
+                cmd = Command(CommandKind.DEACTIVATE, inst.model, inst.devices, reason=DRAINED,
                               instance_id=inst.instance_id)
                 if self._issue(cmd, now_s):
                     commands.append(cmd)
@@ -183,7 +185,8 @@ class OrchestratorCore:
         for model in sorted(set(in_flight) | set(self.windows) | {m for m, v in gateway.items() if v > 0}):
             load = max(in_flight.get(model, 0), gateway.get(model, 0.0))
             self.windows.setdefault(model, LoadWindow(cfg.window_s)).add(now_s, load)
-        busy_models = {m for _, m in self.busy}
+        # a drained worker's stop does not hold its model back: the replacement may start meanwhile
+        busy_models = {m for (_, m), c in self.busy.items() if c.reason != DRAINED}
         scale_up, loads = {}, {}
         for model, window in list(self.windows.items()):
             load = window.mean(now_s)
@@ -216,13 +219,13 @@ class OrchestratorCore:
                 return ScaleAnswer(outcome=Outcome.WARM, worker_id=running[0].worker_id,
                                    instance_id=running[0].instance_id)
         # a device busy with this model's prewarm may still be the best choice; one it is being activated on
-        # (an earlier scale-up of the same round) is not
-        busy = {device for (device, m), c in self.busy.items() if m != model or c.kind is CommandKind.ACTIVATE}
+        # (an earlier scale-up of the same round) or evicted from is not
+        busy = {device for (device, m), c in self.busy.items() if m != model or c.kind is not CommandKind.PREWARM}
         busy |= set(drained)
         choice = choose_group(view, model, tp, shard_bytes, busy=busy)
         if choice is None:
             return ScaleAnswer(error_code="no_capacity", error=f"no worker can take another instance of {model} now")
         cmd = Command(CommandKind.ACTIVATE, model, choice.devices, reason=f"scale-up ({reason}, {waiting} waiting)",
-                      outcome=choice.outcome)
+                      outcome=choice.outcome, scale_up=True)
         self.busy[cmd.key] = cmd
         return ScaleAnswer(command=cmd, outcome=choice.outcome, worker_id=choice.worker_id)

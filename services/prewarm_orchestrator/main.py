@@ -73,14 +73,17 @@ class Orchestrator:
     async def command(self, cmd: Command) -> CommandResult:
         """Send one of the core's commands and report how it ended (the core backs off failures). A command
         that got no answer ends as a failed result carrying the bus error."""
-        msg = WorkerCommand(kind=cmd.kind, model=cmd.model, spec=self.catalog.items.get(cmd.model), reason=cmd.reason,
-                            instance_id=cmd.instance_id, drain=cmd.drain, kv_free_blocks=cmd.kv_free_blocks)
+        msg = None
         try:
+            msg = WorkerCommand(kind=cmd.kind, model=cmd.model, spec=self.catalog.items.get(cmd.model),
+                                reason=cmd.reason, instance_id=cmd.instance_id, drain=cmd.drain,
+                                kv_free_blocks=cmd.kv_free_blocks)
             result = await bus.request(self.nc, WORKER_CMD.format(worker=cmd.worker_id), msg, CommandResult,
                                        timeout=self.settings.command_timeout_s)
         except Exception as exc:  # no answer, or one that does not decode: retried after the back-off
             code = exc.code if isinstance(exc, bus.BusError) else "bad_reply"
-            result = CommandResult(command_id=msg.command_id, ok=False, error=ErrorInfo(code=code, message=brief(exc)))
+            result = CommandResult(command_id=msg.command_id if msg else "", ok=False,
+                                   error=ErrorInfo(code=code, message=brief(exc)))
         self.core.on_result(cmd, result.ok, time.time(), error_code=result.error.code if result.error else None)
         if result.ok:
             log.info("%s %s on %s: done (%s)", cmd.kind.value, cmd.model, cmd.worker_id, cmd.reason)

@@ -84,24 +84,42 @@ class ClusterView:
         return device_id in self.serving_devices
 
     def copies_on(self, device_id: str) -> list[CopyView]:
-        return [c for c in self.copies if device_id in c.devices]
+        return self._copies_by_device.get(device_id, [])
 
     def copy_of(self, model: str, device_id: str) -> CopyView | None:
-        return next((c for c in self.copies if c.model == model and device_id in c.devices), None)
+        return next((c for c in self.copies_on(device_id) if c.model == model), None)
+
+    @cached_property
+    def _held(self) -> frozenset[tuple[str, str]]:
+        return frozenset((c.model, g) for c in self.copies for g in c.devices) | frozenset(
+            (i.model, g) for i in self.instances for g in i.devices)
 
     def holds(self, model: str, device_id: str) -> bool:
         """Whether ``device_id`` has ``model`` in any state (copy or instance)."""
-        return self.copy_of(model, device_id) is not None or any(
-            i.model == model and device_id in i.devices for i in self.instances)
+        return (model, device_id) in self._held
 
     def instances_of(self, model: str, *, draining: bool = False) -> list[InstanceView]:
         return [i for i in self.instances if i.model == model and (draining or not i.draining)]
 
+    @cached_property
+    def measured(self) -> dict[str, int]:
+        """Per model, the largest per-device footprint a worker reported (absent: never loaded)."""
+        out: dict[str, int] = {}
+        for model, n in [(c.model, c.bytes) for c in self.copies] + [(i.model, i.weight_bytes) for i in self.instances]:
+            if n:
+                out[model] = max(out.get(model, 0), n)
+        return out
+
     def measured_bytes(self, model: str) -> int:
-        """The largest per-device footprint a worker reported for ``model`` (0: never loaded)."""
-        seen = [c.bytes for c in self.copies if c.model == model] + \
-               [i.weight_bytes for i in self.instances if i.model == model]
-        return max(seen, default=0)
+        return self.measured.get(model, 0)
+
+    @cached_property
+    def _copies_by_device(self) -> dict[str, list[CopyView]]:
+        out: dict[str, list[CopyView]] = {}
+        for c in self.copies:
+            for g in c.devices:
+                out.setdefault(g, []).append(c)
+        return out
 
     @classmethod
     def from_workers(cls, workers: Sequence[WorkerState]) -> ClusterView:

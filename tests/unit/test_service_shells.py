@@ -120,7 +120,7 @@ async def test_a_scale_request_becomes_one_activate_command_and_one_reply_for_ev
     assert o.core.busy == {}
 
 
-async def test_a_worker_that_does_not_answer_fails_the_ask_clearly_and_backs_off():
+async def test_a_worker_that_does_not_answer_fails_the_ask_clearly_and_frees_the_worker():
     nc = InMemoryNats()
     now = time.time()
     o = orchestrator(nc, [worker("w0", heartbeat_s=now)], [model("m")])
@@ -128,4 +128,5 @@ async def test_a_worker_that_does_not_answer_fails_the_ask_clearly_and_backs_off
     await nc.subscribe(WORKER_CMD.wildcard, cb=lambda msg: asyncio.sleep(0))  # never replies
     reply = await o.scale_up(ScaleRequest(model="m", reason="no_instance", waiting=1))
     assert not reply.ok and reply.error.code == "timeout"
-    assert o.core.busy == {} and o.core.retry_at  # freed, and not asked again at once
+    # freed; the askers pace their retries (the gateway's back-off), the worker is not blocked here
+    assert o.core.busy == {} and o.core.retry_at == {}
