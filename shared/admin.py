@@ -31,7 +31,7 @@ class Args(BaseModel):
 
 
 class NoArgs(Args):
-    pass
+    """A verb that takes no arguments (any given are refused)."""
 
 
 class RegisterArgs(Args):

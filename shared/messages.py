@@ -324,6 +324,10 @@ class PlannedCopy(BusMessage):
     worker_id: str  # the device of a one-device copy; the first of a group's
     devices: list[str] = Field(default_factory=list)  # a multi-device (TP) copy's whole group; empty: worker_id
 
+    @property
+    def group(self) -> tuple[str, ...]:
+        return tuple(self.devices) or (self.worker_id,)
+
 
 class PlacementPlan(BusMessage):
     plan_id: str = Field(default_factory=new_id)

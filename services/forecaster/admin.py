@@ -41,9 +41,9 @@ class ForecasterAdmin:
 
     def status(self) -> dict:
         models = []
-        for model in sorted(set(self.svc.catalog.items) | set(self.svc.series)):
-            fc = self.svc.latest.get(model)
-            pair = self.svc.series.get(model)
+        for model in sorted(set(self.svc.catalog.items) | set(self.svc.core.series)):
+            fc = self.svc.core.latest.get(model)
+            pair = self.svc.core.series.get(model)
             models.append({
                 "model": model, "history_windows": len(pair.peak.history) if pair else 0,
                 "method": fc.method if fc else None, "method_avg": fc.method_avg if fc else None,
@@ -52,7 +52,7 @@ class ForecasterAdmin:
                 "peak_errors": pair.peak.errors() if pair else {},
             })
         return {"window_s": self.svc.settings.window_s, "caught_up": self.svc.caught_up.is_set(),
-                "late_samples": self.svc.book.late, "pending_writes": len(self.svc.outbox), "rounds": self.svc.rounds,
+                "late_samples": self.svc.core.book.late, "pending_writes": len(self.svc.outbox), "rounds": self.svc.rounds,
                 "models": models}
 
     async def import_history(self, args: ImportArgs) -> dict:
@@ -66,13 +66,13 @@ class ForecasterAdmin:
         w = self.svc.settings.window_s
         async with self.svc.sessions() as session:
             first = await repo.first_observed(session, args.model)
-        end = first if first is not None else self.svc.book.next_start.get(args.model, self.svc.book.window_of(time.time()))
+        end = first if first is not None else self.svc.core.book.next_start.get(args.model, self.svc.core.book.window_of(time.time()))
         series = [WindowObservation(i * w, a, p, n) for i, (a, p, n) in enumerate(args.windows)]
         aligned = (place_before if args.align == "end" else align_before)(series, w, end)
         async with self.svc.sessions() as session:
             written = await repo.record_observations(session, args.model, w, aligned, source="import")
             await session.commit()
-        self.svc.book.resume(args.model, end)  # live samples before the imported history are not expected
+        self.svc.core.book.resume(args.model, end)  # live samples before the imported history are not expected
         rebuilt = await self.reload([args.model])
         return {"model": args.model, "windows_written": written, "from_s": aligned[0].start_s,
                 "to_s": aligned[-1].start_s + w, "source": args.source, **rebuilt}
@@ -85,7 +85,7 @@ class ForecasterAdmin:
         history = await self.svc.load_history(asyncio.Event())
         if models is not None:
             history = {m: history[m] for m in models if m in history}
-        await asyncio.to_thread(self.svc.rebuild, history)
+        await asyncio.to_thread(self.svc.core.rebuild, history)
         targets = sorted(self.svc.catalog.items) if models is None else models
         await self.svc.publish(await asyncio.to_thread(self.svc.core.forecast, targets, time.time()))
         await self.svc.flush()

@@ -45,9 +45,6 @@ class Forecaster:
         self.core = ForecastCore(ForecastRoundConfig(
             forecast=self.config, window_s=settings.window_s, close_grace_s=settings.close_grace_s,
             retry_interval_s=settings.retry_interval_s, startup_backtest_windows=settings.startup_backtest_windows))
-        self.book = self.core.book
-        self.series = self.core.series
-        self.latest = self.core.latest
         self.outbox = Outbox.empty()
         self.caught_up = asyncio.Event()
         self.busy = asyncio.Lock()  # rounds, imports and reloads take turns with the forecasters
@@ -75,9 +72,6 @@ class Forecaster:
                 log.warning("cannot load forecast history from Postgres (%s); retrying (attempt %d)", brief(exc), attempt)
                 await pause(stop, min(30.0, 2.0 * attempt))
         return {}
-
-    def rebuild(self, history: dict[str, list[WindowObservation]]) -> None:
-        self.core.rebuild(history)
 
     # ---- the round at every window boundary --------------------------------------------------------
 
@@ -154,10 +148,10 @@ class Forecaster:
         await self.catalog.ready.wait()
         history = await self.load_history(stop)
         started = time.perf_counter()
-        await asyncio.to_thread(self.rebuild, history)
+        await asyncio.to_thread(self.core.rebuild, history)
         log.info("history: %d models, %d windows; rebuilt in %.1f s", len(history),
                  sum(len(v) for v in history.values()), time.perf_counter() - started)
-        resume = min(self.book.next_start.values(), default=self.book.window_of(time.time()))
+        resume = min(self.core.book.next_start.values(), default=self.core.book.window_of(time.time()))
         consumer = asyncio.create_task(bus.consume(
             self.js, DEMAND.wildcard, "forecaster", DemandSample, self.on_demand, batch=512,
             max_ack_pending=100_000, start_s=resume - 5.0, caught_up=self.caught_up))

@@ -29,23 +29,15 @@ Scaler = Callable[[ScaleRequest], Awaitable[ScaleReply]]
 class Admission:
     """The shell around ``AdmissionCore``: waits on the routing table, runs the asks, traces the wait."""
 
-    def __init__(self, table: RoutingTable, scaler: Scaler, *, wait_s: float, queue_size: int,
-                 on_queue_change: Callable[[str, int], None] = lambda m, n: None, core: AdmissionCore | None = None):
+    def __init__(self, table: RoutingTable, scaler: Scaler, core: AdmissionCore, *, wait_s: float,
+                 on_queue_change: Callable[[str, int], None] = lambda m, n: None):
         self.table = table
         self.scaler = scaler
+        self.core = core  # shared with the routing table: routes, queue, asks and labels
         self.wait_s = wait_s
-        self.core = core or AdmissionCore(queue_size)
         self._scaling: dict[str, asyncio.Task[ScaleReply]] = {}  # model -> the latest ask
         self._changed = asyncio.Event()
         self._on_queue_change = on_queue_change
-
-    @property
-    def waiting(self) -> dict[str, int]:
-        return self.core.waiting
-
-    @property
-    def created(self) -> dict[str, Outcome]:
-        return self.core.created
 
     def notify(self) -> None:
         """The routing table changed or an instance freed a slot: waiters look again."""

@@ -65,8 +65,8 @@ class Gateway:
         self.keys = bus.KvMirror(buckets[APIKEYS_BUCKET.name], ApiKeyRecord).start()
         core = AdmissionCore(s.queue_size)
         self.table = RoutingTable(self.catalog, self.workers, s.heartbeat_timeout_s, core)
-        self.admission = Admission(self.table, self._scale, wait_s=s.queue_wait_s, queue_size=s.queue_size,
-                                   on_queue_change=lambda m, n: self.metrics.queue_depth.labels(m).set(n), core=core)
+        self.admission = Admission(self.table, self._scale, core, wait_s=s.queue_wait_s,
+                                   on_queue_change=lambda m, n: self.metrics.queue_depth.labels(m).set(n))
         self._demand_task = asyncio.create_task(self.demand.run(self.js))
 
     async def stop(self) -> None:

@@ -101,7 +101,7 @@ class PlacementCore:
                                        running=running, pinned=pinned.get(slug, 0)))
         existing = {(c.model, c.devices) for c in view.copies}
         if self.current is not None:  # copies planned and not there yet (a prewarm under way) stay planned
-            existing |= {(c.model, tuple(c.devices) or (c.worker_id,)) for c in self.current.copies}
+            existing |= {(c.model, c.group) for c in self.current.copies}
         known = {d.model for d in demands}
         if not self.config.prewarm:
             known = {d.model for d in demands if d.pinned}

@@ -98,8 +98,9 @@ class ClusterView:
         """Whether ``device_id`` has ``model`` in any state (copy or instance)."""
         return (model, device_id) in self._held
 
-    def instances_of(self, model: str, *, draining: bool = False) -> list[InstanceView]:
-        return [i for i in self.instances if i.model == model and (draining or not i.draining)]
+    def instances_of(self, model: str) -> list[InstanceView]:
+        """The model's instances that serve (not draining)."""
+        return [i for i in self.instances if i.model == model and not i.draining]
 
     @cached_property
     def measured(self) -> dict[str, int]:

@@ -14,11 +14,15 @@ class Action:
     kind: CommandKind
     worker_id: str  # the group's first device
     model: str
-    devices: tuple[str, ...] = ()  # the whole group (empty: just ``worker_id``)
+    devices: tuple[str, ...] = ()  # the whole group of a multi-device copy (empty: just ``worker_id``)
 
     @property
     def group(self) -> tuple[str, ...]:
         return self.devices or (self.worker_id,)
+
+
+def _action(kind: CommandKind, model: str, group: tuple[str, ...]) -> Action:
+    return Action(kind, group[0], model, group if len(group) > 1 else ())
 
 
 def reconcile(plan: Sequence[PlannedCopy], view: ClusterView, *, min_active: int,
@@ -34,19 +38,18 @@ def reconcile(plan: Sequence[PlannedCopy], view: ClusterView, *, min_active: int
     """
     planned: dict[tuple[str, str], tuple[str, ...]] = {}
     for c in plan:
-        group = tuple(c.devices) or (c.worker_id,)
-        if all(view.device(g) is not None for g in group):
-            planned[(group[0], c.model)] = group
+        if all(view.device(g) is not None for g in c.group):
+            planned[(c.group[0], c.model)] = c.group
     actions: list[Action] = []
 
     for (first, model), group in sorted(planned.items()):
         if (first, model) not in busy and not view.holds(model, first):
-            actions.append(Action(CommandKind.PREWARM, first, model, group if len(group) > 1 else ()))
+            actions.append(_action(CommandKind.PREWARM, model, group))
 
     for c in view.copies:
         key = (c.devices[0], c.model)
         if c.ready and key not in planned and key not in busy:
-            actions.append(Action(CommandKind.EVICT, c.devices[0], c.model, c.devices if len(c.devices) > 1 else ()))
+            actions.append(_action(CommandKind.EVICT, c.model, c.devices))
 
     serving = set(view.serving_devices) | {wid for wid, _ in busy}
     for model in sorted({m for _, m in planned}):
@@ -55,7 +58,7 @@ def reconcile(plan: Sequence[PlannedCopy], view: ClusterView, *, min_active: int
             if active >= min_active:
                 break
             if c.model == model and c.ready and not serving.intersection(c.devices):
-                actions.append(Action(CommandKind.ACTIVATE, c.devices[0], model, c.devices if len(c.devices) > 1 else ()))
+                actions.append(_action(CommandKind.ACTIVATE, model, c.devices))
                 serving.update(c.devices)
                 active += 1
     return actions

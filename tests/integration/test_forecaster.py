@@ -71,7 +71,7 @@ async def test_restart_loses_nothing_and_counts_nothing_twice(nats_url, database
     for k in range(5):  # five past windows with concurrency k + 1
         await demand(js, "fc-restart", base + k * W + 0.5, area=(k + 1) * W)
     await eventually(lambda: _ready(svc, "fc-restart", 5), what="a forecast over the past windows")
-    fc = svc.latest["fc-restart"]
+    fc = svc.core.latest["fc-restart"]
     assert fc.history_windows >= 5 and fc.method in {"naive", "autoets"} and len(fc.points) == 3
     assert fc.predicted_peak_upper >= fc.predicted_peak >= 0
 
@@ -79,7 +79,7 @@ async def test_restart_loses_nothing_and_counts_nothing_twice(nats_url, database
     await demand(js, "fc-restart", future + 0.1, area=3.0)  # seen by the first run, only in memory
 
     async def counted():
-        return ("fc-restart", future) in svc.book.open
+        return ("fc-restart", future) in svc.core.book.open
 
     await eventually(counted, timeout=10, every=0.05, what="the sample in the first run's open window")
     stop.set()
@@ -126,7 +126,7 @@ async def test_accuracy_command_reads_forecasts_against_what_happened(database_u
 
 
 async def _ready(svc, model, windows):
-    fc = svc.latest.get(model)
+    fc = svc.core.latest.get(model)
     return fc is not None and fc.history_windows >= windows
 
 
@@ -156,7 +156,7 @@ async def test_history_import_warms_the_forecaster(nats_url, database_url, nc, m
         starts = sorted(rows)
         assert len(starts) == 288 and starts[-1] + 300 == (time.time() // 300) * 300  # ends at the current window
         assert all(b - a == 300 for a, b in zip(starts, starts[1:]))
-        fc = svc.latest["fc-import"]
+        fc = svc.core.latest["fc-import"]
         assert fc.history_windows == 288 and fc.method != "recent-level" and "rolling backtest" in fc.note
 
         status = await admin(nc, "status")

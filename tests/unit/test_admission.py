@@ -6,6 +6,7 @@ import asyncio
 import pytest
 
 from services.gateway.admission import Admission
+from services.gateway.admission_core import AdmissionCore
 from services.gateway.errors import ApiError
 from shared.messages import Outcome, ScaleReply
 from shared.policy.routing import Route, pick_route
@@ -41,7 +42,7 @@ async def test_failed_scale_ups_are_retried_with_backoff_not_in_a_loop():
         asks.append(req)
         return ScaleReply(ok=False, error={"code": "no_capacity", "message": "full"})
 
-    adm = Admission(table, scaler, wait_s=3.0, queue_size=8)
+    adm = Admission(table, scaler, AdmissionCore(8), wait_s=3.0)
     with pytest.raises(ApiError) as exc:
         await asyncio.gather(*(adm.admit("m") for _ in range(4)))
     assert exc.value.status == 503 and "full" in exc.value.message
@@ -56,7 +57,7 @@ async def test_waiters_never_exceed_the_new_instance_capacity_and_learn_its_outc
         table.instances = [Route("w1", "new", 0, capacity=2)]
         return ScaleReply(ok=True, outcome=Outcome.PREWARM_HIT, worker_id="w1", instance_id="new")
 
-    adm = Admission(table, scaler, wait_s=1.0, queue_size=8)
+    adm = Admission(table, scaler, AdmissionCore(8), wait_s=1.0)
     results = await asyncio.gather(*(adm.admit("m") for _ in range(5)), return_exceptions=True)
     served = [r for r in results if not isinstance(r, Exception)]
     assert len(served) == 2 and table.pending == {"new": 2}
@@ -72,7 +73,7 @@ async def test_a_slot_freed_on_an_old_instance_is_warm_and_the_queue_is_bounded(
         await asyncio.sleep(10)  # a slow cold start somewhere else
         return ScaleReply(ok=False)
 
-    adm = Admission(table, scaler, wait_s=2.0, queue_size=1)
+    adm = Admission(table, scaler, AdmissionCore(1), wait_s=2.0)
     waiter = asyncio.create_task(adm.admit("m"))
     await asyncio.sleep(0.05)
     with pytest.raises(ApiError) as exc:
@@ -94,7 +95,7 @@ async def test_an_instance_someone_else_started_is_labelled_by_how_its_worker_ma
         await never.wait()  # the gateway's own ask is still pending
         return ScaleReply(ok=False)
 
-    adm = Admission(table, scaler, wait_s=5.0, queue_size=8)
+    adm = Admission(table, scaler, AdmissionCore(8), wait_s=5.0)
     waiter = asyncio.create_task(adm.admit("m"))
     await asyncio.sleep(0.05)
     table.instances = [Route("w1", "old", 1, capacity=1), Route("w2", "auto", 0, capacity=1, made=Outcome.COLD)]
@@ -111,7 +112,7 @@ async def test_a_request_cancelled_while_its_scale_up_reply_is_awaited_gives_its
         await replied.wait()
         return ScaleReply(ok=True, outcome=Outcome.COLD, worker_id="w1", instance_id="new")
 
-    adm = Admission(table, scaler, wait_s=5.0, queue_size=8)
+    adm = Admission(table, scaler, AdmissionCore(8), wait_s=5.0)
     waiter = asyncio.create_task(adm.admit("m"))
     for _ in range(100):
         if table.pending:
