@@ -67,13 +67,14 @@ def markdown(report: dict) -> str:
     lines = [f"# Paper reproduction (simulator)\n", f"Command: `{report['command']}`\n",
              f"Workload: {json.dumps(report['workload'])}\n", f"Cluster: {json.dumps(report['cluster'])}\n",
              f"## Systems at {report['base_rate_rps']:g} requests/s\n",
-             "| system | SLO attainment | TTFT mean | P50 | P90 | P99 | TPOT | prewarm hit rate | outcomes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| system | SLO attainment | TTFT mean | P50 | P90 | P99 | TPOT | prewarm hit rate | outcomes | "
+             "never served (999 s in every percentile) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in base:
         lines.append(f"| {r['system']} | {100 * r['slo_attainment']:.1f}% | {_fmt(r['ttft_mean_s'])} | "
                      f"{_fmt(r['ttft_p50_s'])} | {_fmt(r['ttft_p90_s'])} | {_fmt(r['ttft_p99_s'])} | "
                      f"{_fmt(r['tpot_mean_s'])} | {r['prewarm_hit_rate'] if r['prewarm_hit_rate'] is not None else 'n/a'} | "
-                     f"{', '.join(f'{k} {v}' for k, v in sorted(r['outcomes'].items()))} |")
+                     f"{', '.join(f'{k} {v}' for k, v in sorted(r['outcomes'].items()))} | {r['unserved']} |")
     lines += ["", "## SLO attainment by request rate\n",
               "| system | " + " | ".join(f"{x:g} rps" for x in report["rates"]) + " | sustainable at 99% | at 90% |",
               "|---|" + "---|" * (len(report["rates"]) + 2)]

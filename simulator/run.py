@@ -14,6 +14,9 @@ from shared.policy.autoscale import AutoscaleConfig
 from shared.policy.prewarm_placement import PlacementConfig
 
 
+UNSERVED_TTFT_S = 999.0  # what a request that is never served counts as (benchmark rule: refused is a failure)
+
+
 @dataclass(frozen=True)
 class ClusterSpec:
     nodes: int = 2
@@ -72,21 +75,22 @@ def _pct(values: list[float], q: float) -> float | None:
 def summarise(name: str, sim: Simulator, workload: Workload, cluster: ClusterSpec) -> dict:
     recs = [sim.records[r.rid] for r in workload.requests if r.rid in sim.records and r.arrival_s >= 0]
     served = [r for r in recs if r.ttft_s is not None]
-    ttft = [r.ttft_s for r in served]
+    # a request never served counts as a TTFT of UNSERVED_TTFT_S in every mean and percentile, never left out
+    ttft = [r.ttft_s if r.ttft_s is not None else UNSERVED_TTFT_S for r in recs]
     ok = sum(1 for r in served if r.ttft_s <= cluster.slo_ttft_s)
     outcomes: dict[str, int] = {}
     for r in served:
         outcomes[r.outcome] = outcomes.get(r.outcome, 0) + 1
     per_model = {}
     for m in workload.models:
-        t = [r.ttft_s for r in served if r.request.model == m.name]
-        per_model[m.name] = {"requests": sum(1 for r in recs if r.request.model == m.name), "served": len(t),
+        t = [r.ttft_s if r.ttft_s is not None else UNSERVED_TTFT_S for r in recs if r.request.model == m.name]
+        per_model[m.name] = {"requests": len(t), "served": sum(1 for r in served if r.request.model == m.name),
                              "share": round(workload.shares.get(m.name, 0.0), 4),
                              "ttft_mean_s": round(float(np.mean(t)), 4) if t else None, "ttft_p50_s": _pct(t, 50),
                              "ttft_p90_s": _pct(t, 90), "ttft_p99_s": _pct(t, 99)}
     hits, colds = outcomes.get("prewarm_hit", 0), outcomes.get("cold", 0)
     return {
-        "system": name, "requests": len(recs), "served": len(served),
+        "system": name, "requests": len(recs), "served": len(served), "unserved": len(recs) - len(served),
         "slo_attainment": round(ok / len(recs), 4) if recs else None,
         "ttft_mean_s": round(float(np.mean(ttft)), 4) if ttft else None,
         "ttft_p50_s": _pct(ttft, 50), "ttft_p90_s": _pct(ttft, 90), "ttft_p99_s": _pct(ttft, 99),
