@@ -92,7 +92,7 @@ async def test_restart_loses_nothing_and_counts_nothing_twice(nats_url, database
         assert rows[round(future, 3)] == (pytest.approx((3.0 + 5.0) / W), 2)  # both samples, each once
         for k in range(5):  # the first run's windows were replayed from the stream but not counted again
             assert rows[round(base + k * W, 3)] == (pytest.approx(k + 1.0), 1)
-        assert svc2.book.late >= 5
+        assert svc2.core.book.late >= 5
         engine = create_engine(database_url)
         async with sessionmaker(engine)() as s:
             filled = (await s.execute(text("select count(*) from forecasts where model = 'fc-restart' "
