@@ -18,7 +18,7 @@ from dataclasses import replace
 import services.gateway.admission_core as admission
 from services.prewarm_orchestrator.core import OrchestratorCore
 from shared.messages import CommandKind
-from simulator.run import SYSTEMS, simulate
+from simulator.run import WARMSERVE, simulate
 from simulator.workload import WorkloadSpec, build
 
 
@@ -61,12 +61,12 @@ def offer_prewarming_devices():
 @contextmanager
 def paper_with_two_way_kv():
     """The paper's configuration, but an instance may take back the KV it lent to prewarmed copies."""
-    saved = SYSTEMS["warmserve-paper"]
-    SYSTEMS["warmserve-paper"] = replace(saved, kv_mode="two-way")
+    saved = WARMSERVE["warmserve-paper"]
+    WARMSERVE["warmserve-paper"] = replace(saved, kv_mode="two-way")
     try:
         yield
     finally:
-        SYSTEMS["warmserve-paper"] = saved
+        WARMSERVE["warmserve-paper"] = saved
 
 
 VARIANTS = {
@@ -75,7 +75,7 @@ VARIANTS = {
     "offer prewarming devices": offer_prewarming_devices,
     "paper with two-way KV": paper_with_two_way_kv,
 }
-SYSTEM_NAMES = ("autoscaling", "warmserve-paper", "warmserve")
+SYSTEM_NAMES = ("serverlessllm", "warmserve-paper", "warmserve")
 
 
 def interval(values: list[float]) -> str:

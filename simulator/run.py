@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from simulator.baselines import MuxServe, ServerlessLLM, ServerlessLLMConfig, StaticDedicated, static_gpus
+from simulator.costs import Costs
 from simulator.engine import Simulator
-from simulator.systems import Autoscaling, GpuSharing, WarmServe, WarmServeConfig
+from simulator.hardware import DEVICES
+from simulator.systems import WarmServe, WarmServeConfig
 from simulator.workload import Workload
-from shared.perfmodel import GPU_A100_PCIE, PerfModel
 from shared.policy.autoscale import AutoscaleConfig
 from shared.policy.prewarm_placement import PlacementConfig
-
 
 UNSERVED_TTFT_S = 999.0  # what a request that is never served counts as (benchmark rule: refused is a failure)
 
@@ -21,16 +22,20 @@ UNSERVED_TTFT_S = 999.0  # what a request that is never served counts as (benchm
 class ClusterSpec:
     nodes: int = 2
     gpus_per_node: int = 8
-    gpu_bytes: int = 80 * 10**9
-    batch_capacity: int = 32
-    slo_ttft_s: float = 1.0  # a request meets the SLO when its first token comes within this
+    device: str = "a100-80g-sxm"
+    costs: Costs = field(default_factory=Costs)
+    batch_capacity: int = 32  # WarmServe's B: requests an instance is handed at once, and its autoscaler's unit
+    slo_ttft_s: float = 1.0  # a request meets the SLO when its first token comes within this ...
+    slo_tpot_s: float = 0.1  # ... and its later tokens come at most this far apart on average
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
 
 
 PAPER_PLACEMENT = PlacementConfig(evict=False)
 
-SYSTEMS = {
-    "autoscaling": None,
-    "gpu-sharing": None,
+WARMSERVE = {
     "warmserve-paper": WarmServeConfig(name="warmserve-paper", methods=("paper",), use_upper=False,
                                        placement=PAPER_PLACEMENT, kv_mode="one-way", idle_first=False),
     "warmserve": WarmServeConfig(),
@@ -44,23 +49,31 @@ ABLATIONS = {
     "warmserve/paper-forecaster": WarmServeConfig(name="warmserve/paper-forecaster", methods=("paper",),
                                                   use_upper=False),
 }
+BASELINES = ("serverlessllm", "serverlessllm-ka30", "serverlessllm-ka300", "muxserve", "muxserve-ideal", "static")
+SYSTEMS = BASELINES + tuple(WARMSERVE)
 
 
 def make_system(name: str, workload: Workload, cluster: ClusterSpec):
-    autoscale = AutoscaleConfig(batch_capacity=cluster.batch_capacity)
-    if name == "autoscaling":
-        return Autoscaling(autoscale)
-    if name == "gpu-sharing":
-        return GpuSharing(autoscale, workload.shares)
-    config = {**SYSTEMS, **ABLATIONS}[name]
+    if name.startswith("serverlessllm"):
+        keep_alive = float(name.removeprefix("serverlessllm-ka") or 0) if "-ka" in name else 0.0
+        return ServerlessLLM(ServerlessLLMConfig(keep_alive_s=keep_alive, name=name))
+    if name in ("muxserve", "muxserve-ideal"):
+        rates = {m: s * workload.spec.total_rps for m, s in workload.shares.items()}
+        return MuxServe(rates, "emulated" if name == "muxserve" else "ideal")
+    if name == "static":
+        return StaticDedicated()
+    config = {**WARMSERVE, **ABLATIONS}[name]
     spec = workload.spec
     season = max(1, round(86400 / spec.time_scale / spec.window_s))
-    return WarmServe(autoscale, config, workload.history, spec.window_s, season)
+    return WarmServe(AutoscaleConfig(batch_capacity=cluster.batch_capacity), config, workload.history,
+                     spec.window_s, season)
 
 
-def simulate(name: str, workload: Workload, cluster: ClusterSpec = ClusterSpec(), perf: PerfModel = GPU_A100_PCIE,
-             check_memory: bool = False) -> dict:
-    sim = Simulator(workload.models, cluster.nodes, cluster.gpus_per_node, cluster.gpu_bytes, perf,
+def simulate(name: str, workload: Workload, cluster: ClusterSpec = ClusterSpec(), check_memory: bool = False) -> dict:
+    nodes = cluster.nodes
+    if name == "static":  # as many GPUs as one group per model takes: the reference for what a latency costs
+        nodes = -(-static_gpus(workload.models) // cluster.gpus_per_node)
+    sim = Simulator(list(workload.models), nodes, cluster.gpus_per_node, DEVICES[cluster.device], cluster.costs,
                     cluster.batch_capacity)
     sim.system = make_system(name, workload, cluster)
     sim.check = check_memory
@@ -77,7 +90,9 @@ def summarise(name: str, sim: Simulator, workload: Workload, cluster: ClusterSpe
     served = [r for r in recs if r.ttft_s is not None]
     # a request never served counts as a TTFT of UNSERVED_TTFT_S in every mean and percentile, never left out
     ttft = [r.ttft_s if r.ttft_s is not None else UNSERVED_TTFT_S for r in recs]
-    ok = sum(1 for r in served if r.ttft_s <= cluster.slo_ttft_s)
+    finished = [r for r in served if r.tpot_s is not None]
+    ok = sum(1 for r in finished if r.ttft_s <= cluster.slo_ttft_s and r.tpot_s <= cluster.slo_tpot_s)
+    ok_ttft = sum(1 for r in served if r.ttft_s <= cluster.slo_ttft_s)
     outcomes: dict[str, int] = {}
     for r in served:
         outcomes[r.outcome] = outcomes.get(r.outcome, 0) + 1
@@ -89,12 +104,18 @@ def summarise(name: str, sim: Simulator, workload: Workload, cluster: ClusterSpe
                              "ttft_mean_s": round(float(np.mean(t)), 4) if t else None, "ttft_p50_s": _pct(t, 50),
                              "ttft_p90_s": _pct(t, 90), "ttft_p99_s": _pct(t, 99)}
     hits, colds = outcomes.get("prewarm_hit", 0), outcomes.get("cold", 0)
+    gpu_s = {k: round(v - sim.gpu_seconds_at_start[k], 1) for k, v in sim.gpu_seconds().items()}
+    tpot = [r.tpot_s for r in finished]
     return {
         "system": name, "requests": len(recs), "served": len(served), "unserved": len(recs) - len(served),
         "slo_attainment": round(ok / len(recs), 4) if recs else None,
+        "slo_ttft_attainment": round(ok_ttft / len(recs), 4) if recs else None,
         "ttft_mean_s": round(float(np.mean(ttft)), 4) if ttft else None,
         "ttft_p50_s": _pct(ttft, 50), "ttft_p90_s": _pct(ttft, 90), "ttft_p99_s": _pct(ttft, 99),
-        "tpot_mean_s": round(float(np.mean([r.tpot_s for r in served])), 5) if served else None,
+        "tpot_mean_s": round(float(np.mean(tpot)), 5) if tpot else None, "tpot_p99_s": _pct(tpot, 99),
+        "gpus": len(sim.gpus), "gpu_seconds_serving": gpu_s["serving"], "gpu_seconds_busy": gpu_s["busy"],
+        "gpu_seconds_idle": round(gpu_s["serving"] - gpu_s["busy"], 1),
+        "preemptions": sum(r.preemptions for r in recs), "segments": sim.steps,
         "outcomes": outcomes,
         "prewarm_hit_rate": round(hits / (hits + colds), 4) if hits + colds else None,
         "per_model": per_model, "memory_timeline": sim.timeline,

@@ -65,11 +65,18 @@ class System:
     def on_complete(self, sim: Simulator, model: str) -> None:
         self._tracker(sim, model).complete(sim.now)
 
-    def on_kv_short(self, sim: Simulator, model: str, tokens: int) -> bool:
+    def more_kv(self, sim: Simulator, inst: Instance, blocks: int) -> bool:
+        """The instance is out of KV blocks: it grows into memory nobody holds on its GPUs (vLLM would have
+        allocated it at start); True when it got more."""
+        room = min(self._room(sim, inst, g) for g in inst.gpus)
+        if room > inst.kv_bytes:
+            inst.kv_bytes = room
+            return True
         return False
 
-    def compute_share(self, sim: Simulator, inst: Instance) -> int:
-        return 1
+    def shares(self, sim: Simulator, inst: Instance) -> tuple[float, float]:
+        """The compute and bandwidth shares of its devices ``inst`` gets for its next steps."""
+        return 1.0, 1.0
 
     def on_queued(self, sim: Simulator, model: str) -> None:
         """Requests wait: the gateway asks for an instance (admission decides whether an ask is due)."""
@@ -112,7 +119,7 @@ class System:
         """KV an instance keeps per GPU under reservation: what it uses plus its free-block target."""
         blocks = max(inst.kv_tokens(inst.kv_max) // KV_BLOCK_TOKENS, 1)
         target = inst.kv_target if inst.kv_target is not None else free_blocks_target(
-            blocks, len(inst.running), inst.batch_capacity)
+            blocks, inst.in_flight, inst.batch_capacity)
         return math.ceil((inst.used_tokens() + target * KV_BLOCK_TOKENS) * inst.model.kv_bytes_per_token
                          / len(inst.gpus))
 
@@ -125,7 +132,7 @@ class System:
             batch_capacity=sim.batch_capacity) for g in sim.gpus.values())
         copies = tuple(CopyView(c.model, c.gpus, c.ready(sim.now), c.shard) for c in sim.copies())
         instances = tuple(InstanceView(
-            str(i.iid), i.model.name, i.gpus, i.started_at, len(i.running), draining=i.draining,
+            str(i.iid), i.model.name, i.gpus, i.started_at, i.in_flight, draining=i.draining,
             made=None if i.outcome == "warm" else Outcome(i.outcome), weight_bytes=i.shard,
             kv_total_blocks=i.kv_tokens(i.kv_max) // KV_BLOCK_TOKENS if lend else 0,
             kv_target_free_blocks=i.kv_target) for i in sim.instances.values())
@@ -199,11 +206,16 @@ class System:
         kv = self.initial_kv(sim, cmd.model, cmd.devices)
         own = sim.gpus[cmd.devices[0]].copies.get(cmd.model)
         if cmd.outcome is Outcome.PREWARM_HIT:
-            return sim.start_instance(cmd.model, cmd.devices, "prewarm_hit", sim.perf.activate_s, kv_limit=kv)
+            return sim.start_instance(cmd.model, cmd.devices, "prewarm_hit", sim.costs.activate_s, kv_limit=kv)
         if own is not None:  # still loading: it serves once loaded
             return sim.start_instance(cmd.model, cmd.devices, "cold",
-                                      max(own.ready_at - sim.now, 0) + sim.perf.activate_s, kv_limit=kv)
-        return sim.start_instance(cmd.model, cmd.devices, "cold", sim.perf.load_s(m.weight_bytes, m.tp), kv_limit=kv)
+                                      max(own.ready_at - sim.now, 0) + sim.costs.activate_s, kv_limit=kv)
+        return sim.start_instance(cmd.model, cmd.devices, "cold", self.miss_s(sim, m), kv_limit=kv)
+
+    def miss_s(self, sim: Simulator, m) -> float:
+        """A cold start: WarmServe's engines are pre-spawned, so a miss costs the weights from pinned host
+        memory and the engine's wake-up."""
+        return sim.costs.load_s(m.weight_bytes, m.tp, "pinned") + sim.costs.activate_s
 
     def initial_kv(self, sim: Simulator, model: str, gpus: tuple[str, ...]) -> int | None:
         """KV bytes per GPU a new instance takes (None: all the memory there, evicting every copy)."""
@@ -228,74 +240,6 @@ class System:
         g = sim.gpus[gid]
         others = sum(i.shard + i.kv_bytes for i in g.instances if i is not inst)
         return g.capacity - sum(c.shard for c in g.copies.values()) - others - inst.shard
-
-
-class Autoscaling(System):
-    """ServerlessLLM-like: cold start on demand from host memory, keep-alive, no prewarmed copies."""
-
-    name = "autoscaling"
-    keep_weights = False
-
-    def __init__(self, autoscale: AutoscaleConfig, keep_alive_s: float = 30.0):
-        super().__init__(replace(autoscale, min_lifetime_s=keep_alive_s))
-
-
-class GpuSharing(System):
-    """MuxServe-like: all models placed at start by popularity; memory and compute shared."""
-
-    name = "gpu-sharing"
-
-    def __init__(self, autoscale: AutoscaleConfig, shares: dict[str, float]):
-        super().__init__(autoscale)
-        self.shares = shares
-        self.placed = False
-
-    def on_queued(self, sim: Simulator, model: str) -> None:
-        return  # static: nothing to scale
-
-    def on_tick(self, sim: Simulator) -> None:
-        if not self.placed:
-            self.place_all(sim)
-            self.placed = True
-
-    def place_all(self, sim: Simulator) -> None:
-        """Largest load first onto the least-loaded group of its TP with room for its weights; then each
-        GPU's remaining memory is split among its models in proportion to popularity for KV."""
-        load = {g: 0.0 for g in sim.gpus}
-        weight_left = {g: sim.gpus[g].capacity for g in sim.gpus}
-        assigned: list[tuple[str, tuple[str, ...]]] = []
-        for model in sorted(sim.models, key=lambda m: -self.shares.get(m, 0) * sim.models[m].weight_bytes):
-            m = sim.models[model]
-            shard = -(-int(m.weight_bytes) // m.tp)
-            best = None
-            for node in sorted({g.node for g in sim.gpus.values()}):
-                gpus = sorted((g for g in sim.gpus.values() if g.node == node),
-                              key=lambda g: (load[g.gid], g.index))
-                fit = [g for g in gpus if weight_left[g.gid] >= shard * 1.15][: m.tp]  # keep 15% for KV
-                if len(fit) == m.tp:
-                    key = sum(load[g.gid] for g in fit)
-                    if best is None or key < best[0]:
-                        best = (key, tuple(g.gid for g in fit))
-            if best is None:
-                continue  # does not fit: its requests wait forever (counted as SLO misses)
-            for gid in best[1]:
-                load[gid] += self.shares.get(model, 0)
-                weight_left[gid] -= shard
-            assigned.append((model, best[1]))
-        kv_share: dict[str, float] = {}
-        for model, gpus in assigned:
-            per_gpu = []
-            for gid in gpus:
-                total = sum(self.shares.get(o, 0) for o, gs in assigned if gid in gs) or 1.0
-                per_gpu.append(weight_left[gid] * self.shares.get(model, 0) / total)
-            kv_share[model] = min(per_gpu)
-        for model, gpus in assigned:
-            sim.start_instance(model, gpus, "warm", 0.0, kv_limit=int(kv_share[model]))
-
-    def compute_share(self, sim: Simulator, inst: Instance) -> int:
-        """Models sharing a GPU take turns: a step takes as long as the busy co-located instances."""
-        busy = {i.iid for gid in inst.gpus for i in sim.gpus[gid].instances if i.running}
-        return max(len(busy), 1)
 
 
 @dataclass(frozen=True)
@@ -373,19 +317,17 @@ class WarmServe(System):
         need = sum(r.request.input_tokens + r.request.output_tokens for r in list(sim.queues[model])[:sim.batch_capacity])
         return math.ceil(max(tokens, need) * m.kv_bytes_per_token / m.tp)
 
-    def on_kv_short(self, sim: Simulator, model: str, tokens: int) -> bool:
-        """Two-way KV reservation: an instance out of KV takes back memory it lent, evicting the
-        lowest-scored copies on its GPUs. One-way (the paper): it cannot."""
+    def more_kv(self, sim: Simulator, inst: Instance, blocks: int) -> bool:
+        """Free memory first; then, with two-way KV reservation, an instance out of KV takes back memory it
+        lent, evicting the lowest-scored copies on its GPUs. One-way (the paper): it cannot."""
+        if super().more_kv(sim, inst, blocks):
+            return True
         if self.config.kv_mode != "two-way":
             return False
-        for inst in sorted((i for i in sim.instances.values() if i.model.name == model and not i.draining
-                            and i.ready_at <= sim.now and len(i.running) < i.batch_capacity),
-                           key=lambda i: i.iid):
-            lent = sorted({id(c): c for g in inst.gpus for c in sim.gpus[g].copies.values()}.values(),
-                          key=lambda c: c.score)
-            if not lent:
-                continue
-            sim.evict_copy(lent[0])
-            inst.kv_bytes = max(inst.kv_bytes, min(self._room(sim, inst, g) for g in inst.gpus))
-            return True
-        return False
+        lent = sorted({id(c): c for g in inst.gpus for c in sim.gpus[g].copies.values()}.values(),
+                      key=lambda c: c.score)
+        if not lent:
+            return False
+        sim.evict_copy(lent[0])
+        inst.kv_bytes = max(inst.kv_bytes, min(self._room(sim, inst, g) for g in inst.gpus))
+        return True

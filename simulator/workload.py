@@ -14,24 +14,33 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from shared.perfmodel import GPU_A100_PCIE as perf
+from simulator.hardware import LLAMA2_13B, LLAMA2_70B, LLAMA2_7B, ModelShape
 from shared.policy.concurrency import concurrency_windows
 from shared.policy.forecast import WindowObservation
 from tooling.workload import traces
 from tooling.workload.synth import gamma_arrivals
 
-LLAMA2 = {  # fp16 weights, tensor parallelism, KV bytes per token (2 x layers x kv heads x head dim x 2)
-    "7b": (13.5e9, 1, 2 * 32 * 32 * 128 * 2),
-    "13b": (26.0e9, 2, 2 * 40 * 40 * 128 * 2),
-    "70b": (138.0e9, 4, 2 * 80 * 8 * 128 * 2),
-}
+LLAMA2_SHAPES = {"7b": LLAMA2_7B, "13b": LLAMA2_13B, "70b": LLAMA2_70B}
+LLAMA2_TP = {"7b": 1, "13b": 2, "70b": 4}  # the paper's tensor parallelism per size
 
 
 @dataclass(frozen=True)
 class SimModel:
     name: str
-    weight_bytes: float
+    shape: ModelShape
     tp: int
-    kv_bytes_per_token: int
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.shape.weight_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.shape.kv_bytes_per_token
+
+    @classmethod
+    def llama2(cls, name: str, size: str, tp: int | None = None) -> "SimModel":
+        return cls(name, LLAMA2_SHAPES[size], tp or LLAMA2_TP[size])
 
 
 @dataclass(frozen=True)
@@ -83,7 +92,7 @@ def build(spec: WorkloadSpec) -> Workload:
     rng = np.random.default_rng(spec.seed)
     sizes = list(spec.models)
     rng.shuffle(sizes)
-    models = [SimModel(f"m{i:02d}-{size}", *LLAMA2[size]) for i, size in enumerate(sizes)]
+    models = [SimModel.llama2(f"m{i:02d}-{size}", size) for i, size in enumerate(sizes)]
     weights = np.array([(i + 1.0) ** -spec.alpha for i in range(len(models))])
     shares = weights / weights.sum()
     curves = _curves(spec)

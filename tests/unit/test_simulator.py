@@ -1,17 +1,21 @@
-"""The cluster simulator against hand-computed cases, and its memory invariant on a real workload."""
+"""The cluster simulator: WarmServe's hits and misses, each baseline's own rules, and the memory invariant
+and determinism on real workloads."""
 
 from dataclasses import replace
 
 import pytest
 
+from simulator.baselines import MuxServe, ServerlessLLM, ServerlessLLMConfig, muxserve_placement
+from simulator.costs import Costs
 from simulator.engine import Simulator
+from simulator.hardware import A100_80G, Batch, step_time
 from simulator.run import SYSTEMS, ClusterSpec, simulate
 from simulator.systems import System
-from simulator.workload import LLAMA2, Request, SimModel, WorkloadSpec, build
-from shared.perfmodel import GPU_A100_PCIE as PERF
+from simulator.workload import Request, SimModel, WorkloadSpec, build
 from shared.policy.autoscale import AutoscaleConfig
 
-M7 = SimModel("m7", *LLAMA2["7b"])
+M7 = SimModel.llama2("m7", "7b")
+COSTS = Costs()
 
 
 class Passive(System):
@@ -21,65 +25,114 @@ class Passive(System):
         pass
 
 
-def one_gpu(system, batch=32):
-    sim = Simulator([M7], 1, 1, 80 * 10**9, PERF, batch_capacity=batch)
+def one_gpu(system, models=(M7,), nodes=1, gpus=1):
+    sim = Simulator(list(models), nodes, gpus, A100_80G, COSTS)
     sim.system = system
     return sim
 
 
 def test_one_request_cold_vs_prewarmed():
     req = Request(0, "m7", 1.0, input_tokens=1000, output_tokens=10)
-    prefill = PERF.prefill_s(M7.weight_bytes, 1000)
+    prefill = step_time(M7.shape, A100_80G, Batch(prefills=((1000, 0),)))
 
     cold = one_gpu(Passive(AutoscaleConfig()))
     cold.run([req], until_s=5.0)
-    assert cold.records[0].ttft_s == pytest.approx(PERF.load_s(M7.weight_bytes) + prefill)
+    miss = COSTS.load_s(M7.weight_bytes, 1, "pinned") + COSTS.activate_s  # a pre-spawned engine: no start
+    assert cold.records[0].ttft_s == pytest.approx(miss + prefill)
     assert cold.records[0].outcome == "cold"
 
     warm = one_gpu(Passive(AutoscaleConfig()))
     copy = warm.add_copy("m7", ("n0g0",))
     copy.ready_at = 0.0  # prewarmed before the request
     warm.run([req], until_s=5.0)
-    assert warm.records[0].ttft_s == pytest.approx(PERF.activate_s + prefill)
+    assert warm.records[0].ttft_s == pytest.approx(COSTS.activate_s + prefill)
     assert warm.records[0].outcome == "prewarm_hit"
-    # 5 s of engine start and 0.4 s of weights hidden: the whole point
-    assert cold.records[0].ttft_s - warm.records[0].ttft_s == pytest.approx(
-        PERF.load_s(M7.weight_bytes) - PERF.activate_s)
-
-
-def test_a_queue_builds_when_capacity_is_exceeded():
-    sim = one_gpu(Passive(AutoscaleConfig()), batch=1)
-    sim.start_instance("m7", ("n0g0",), "warm", 0.0)
-    reqs = [Request(i, "m7", 0.5, 100, 50) for i in range(3)]
-    sim.run(reqs, until_s=60.0)
-    first, second, third = (sim.records[i] for i in range(3))
-    prefill = PERF.prefill_s(M7.weight_bytes, 100)
-    tpot = PERF.decode_s(M7.weight_bytes, 1)
-    assert first.ttft_s == pytest.approx(prefill)
-    assert first.done_s == pytest.approx(0.5 + prefill + 49 * tpot)
-    assert second.start_s == pytest.approx(first.done_s)  # it waited for the only slot
-    assert third.start_s == pytest.approx(second.done_s)
-    assert third.ttft_s == pytest.approx(third.start_s - 0.5 + prefill)
-
-
-def test_decode_slows_with_the_batch_it_joins():
-    sim = one_gpu(Passive(AutoscaleConfig()))
-    sim.start_instance("m7", ("n0g0",), "warm", 0.0)
-    sim.run([Request(i, "m7", 0.1, 10, 5) for i in range(4)], until_s=10.0)
-    tpots = [sim.records[i].tpot_s for i in range(4)]
-    assert tpots == [pytest.approx(PERF.decode_s(M7.weight_bytes, b)) for b in (1, 2, 3, 4)]
 
 
 def test_an_instance_with_a_kv_limit_keeps_other_copies():
-    other = SimModel("o7", *LLAMA2["7b"])
-    sim = Simulator([M7, other], 1, 1, 80 * 10**9, PERF)
-    sim.system = Passive(AutoscaleConfig())
+    other = SimModel.llama2("o7", "7b")
+    sim = one_gpu(Passive(AutoscaleConfig()), (M7, other))
     sim.add_copy("o7", ("n0g0",), score=1.0)
     sim.start_instance("m7", ("n0g0",), "cold", 0.0, kv_limit=10 * 10**9)
     assert "o7" in sim.gpus["n0g0"].copies  # 80 - 13.5 - 10 leaves room for it
     sim.start_instance("m7", ("n0g0",), "cold", 0.0)  # no limit: the KV cache takes everything
     assert "o7" not in sim.gpus["n0g0"].copies
     sim.check_memory()
+
+
+# ---- ServerlessLLM's rules --------------------------------------------------------------------------------
+
+
+def serverlessllm(keep_alive_s, arrivals, tokens=(100, 5)):
+    sim = one_gpu(ServerlessLLM(ServerlessLLMConfig(keep_alive_s=keep_alive_s)))
+    sim.run([Request(i, "m7", t, *tokens) for i, t in enumerate(arrivals)], until_s=max(arrivals) + 60)
+    return [sim.records[i] for i in range(len(arrivals))], sim
+
+
+def test_serverlessllm_keep_alive_counts_idle_time_since_the_last_request():
+    cold_start = COSTS.engine_start_s + COSTS.load_s(M7.weight_bytes, 1, "ssd")
+    # requests every 20 s: the instance is never idle for 30 s, so it lives on past 30 s from its start
+    recs, _ = serverlessllm(30.0, [0.0, 20.0, 40.0, 60.0])
+    assert recs[0].outcome == "cold" and recs[0].ttft_s > cold_start
+    assert [r.outcome for r in recs[1:]] == ["warm"] * 3
+    # a gap of 45 s idle: gone, and the next request starts cold again (from the node's host cache now)
+    recs, sim = serverlessllm(30.0, [0.0, 20.0 + cold_start + 45.0])
+    assert [r.outcome for r in recs] == ["cold", "cold"]
+    assert sim.system.loads == {"ssd": 1, "host": 1}
+    assert recs[1].ttft_s < recs[0].ttft_s  # host memory at PCIe speed, not the SSD
+
+
+def test_serverlessllm_default_keep_alive_of_zero_stops_an_idle_instance_at_the_next_tick():
+    recs, sim = serverlessllm(0.0, [0.0, 40.0])
+    assert [r.outcome for r in recs] == ["cold", "cold"]
+    recs, sim = serverlessllm(300.0, [0.0, 40.0])
+    assert [r.outcome for r in recs] == ["cold", "warm"]
+
+
+def test_serverlessllm_scales_to_in_flight_over_target_one_instance_per_tick():
+    sim = one_gpu(ServerlessLLM(), nodes=1, gpus=4)
+    sim.run([Request(i, "m7", 0.0, 100, 2000) for i in range(3)], until_s=5.0, drain_s=0.0)
+    starts = sorted(i.started_at for i in sim.instances.values())
+    assert len(starts) == 3 and starts[1] - starts[0] == pytest.approx(1.0) and starts[2] - starts[1] == pytest.approx(1.0)
+
+
+def test_serverlessllm_chooses_the_node_whose_host_memory_holds_the_checkpoint():
+    system = ServerlessLLM()
+    sim = one_gpu(system, nodes=2, gpus=1)
+    system.cache("n1", "m7", M7.weight_bytes)
+    inst = system.create(sim, "m7")
+    assert inst.gpus == ("n1g0",) and system.loads["host"] == 1
+
+
+# ---- MuxServe's rules -------------------------------------------------------------------------------------
+
+
+def test_muxserve_places_offline_from_average_rates_with_kv_and_sm_shares_by_rate():
+    models = [SimModel.llama2(f"m{i}", "7b") for i in range(4)]
+    sim = Simulator(models, 1, 2, A100_80G, COSTS)
+    rates = {"m0": 8.0, "m1": 4.0, "m2": 2.0, "m3": 1.0}
+    placed = muxserve_placement(sim, rates)
+    assert sorted(p.model for p in placed) == ["m0", "m1", "m2", "m3"]  # every model served all the time
+    for mesh in {p.gpus for p in placed}:
+        on = [p for p in placed if p.gpus == mesh]
+        assert sum(p.sm_share for p in on) == pytest.approx(100.0)
+        if len(on) > 1:  # KV quota and batch size follow the rates
+            hi, lo = max(on, key=lambda p: rates[p.model]), min(on, key=lambda p: rates[p.model])
+            assert hi.kv_bytes / lo.kv_bytes == pytest.approx(rates[hi.model] / rates[lo.model], rel=1e-6)
+            assert hi.max_num_seqs > lo.max_num_seqs
+    assert muxserve_placement(sim, rates) == placed  # from the rates alone: the same whatever arrives
+
+
+def test_muxserve_emulated_caps_compute_at_its_share_and_ideal_does_not():
+    models = [SimModel.llama2("a", "7b"), SimModel.llama2("b", "7b")]
+    for mode, expect in (("emulated", lambda share: share / 100), ("ideal", lambda share: 1.0)):
+        sim = Simulator(models, 1, 1, A100_80G, COSTS)
+        system = MuxServe({"a": 2.0, "b": 1.0}, mode)
+        sim.system = system
+        system.on_tick(sim)
+        inst = next(i for i in sim.instances.values() if i.model.name == "a")
+        compute, bandwidth = system.shares(sim, inst)  # alone busy: all the bandwidth
+        assert bandwidth == 1.0 and compute == pytest.approx(expect(system.placed[inst.iid].sm_share))
 
 
 @pytest.mark.parametrize("system", [*SYSTEMS, "warmserve/no-kv-reservation"])
