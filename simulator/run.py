@@ -9,7 +9,7 @@ import numpy as np
 from simulator.baselines import MuxServe, ServerlessLLM, ServerlessLLMConfig, StaticDedicated, static_gpus
 from simulator.costs import Costs
 from simulator.engine import Simulator
-from simulator.hardware import DEVICES
+from simulator.hardware import A100_80G, DeviceSpec
 from simulator.systems import WarmServe, WarmServeConfig
 from simulator.workload import Workload
 from shared.policy.autoscale import AutoscaleConfig
@@ -22,7 +22,7 @@ UNSERVED_TTFT_S = 999.0  # what a request that is never served counts as (benchm
 class ClusterSpec:
     nodes: int = 2
     gpus_per_node: int = 8
-    device: str = "a100-80g-sxm"
+    device: DeviceSpec = A100_80G  # or a calibrated one (simulator/calibration.py)
     costs: Costs = field(default_factory=Costs)
     batch_capacity: int = 32  # WarmServe's B: requests an instance is handed at once, and its autoscaler's unit
     slo_ttft_s: float = 1.0  # a request meets the SLO when its first token comes within this ...
@@ -49,14 +49,19 @@ ABLATIONS = {
     "warmserve/paper-forecaster": WarmServeConfig(name="warmserve/paper-forecaster", methods=("paper",),
                                                   use_upper=False),
 }
-BASELINES = ("serverlessllm", "serverlessllm-ka30", "serverlessllm-ka300", "muxserve", "muxserve-ideal", "static")
+SERVERLESSLLM = {  # its defaults (target 1, keep-alive 0), the keep-alive swept, and the newer release's target 5
+    "serverlessllm": ServerlessLLMConfig(),
+    "serverlessllm-ka30": ServerlessLLMConfig(keep_alive_s=30.0, name="serverlessllm-ka30"),
+    "serverlessllm-ka300": ServerlessLLMConfig(keep_alive_s=300.0, name="serverlessllm-ka300"),
+    "serverlessllm-t5": ServerlessLLMConfig(target=5, name="serverlessllm-t5"),
+}
+BASELINES = (*SERVERLESSLLM, "muxserve", "muxserve-ideal", "static")
 SYSTEMS = BASELINES + tuple(WARMSERVE)
 
 
 def make_system(name: str, workload: Workload, cluster: ClusterSpec):
-    if name.startswith("serverlessllm"):
-        keep_alive = float(name.removeprefix("serverlessllm-ka") or 0) if "-ka" in name else 0.0
-        return ServerlessLLM(ServerlessLLMConfig(keep_alive_s=keep_alive, name=name))
+    if name in SERVERLESSLLM:
+        return ServerlessLLM(SERVERLESSLLM[name])
     if name in ("muxserve", "muxserve-ideal"):
         rates = {m: s * workload.spec.total_rps for m, s in workload.shares.items()}
         return MuxServe(rates, "emulated" if name == "muxserve" else "ideal")
@@ -69,15 +74,17 @@ def make_system(name: str, workload: Workload, cluster: ClusterSpec):
                      spec.window_s, season)
 
 
-def simulate(name: str, workload: Workload, cluster: ClusterSpec = ClusterSpec(), check_memory: bool = False) -> dict:
+def simulate(name: str, workload: Workload, cluster: ClusterSpec = ClusterSpec(), check_memory: bool = False,
+             drain_s: float = 600.0) -> dict:
+    """One system on one workload; requests still unserved ``drain_s`` after the replay ends count as never served."""
     nodes = cluster.nodes
     if name == "static":  # as many GPUs as one group per model takes: the reference for what a latency costs
         nodes = -(-static_gpus(workload.models) // cluster.gpus_per_node)
-    sim = Simulator(list(workload.models), nodes, cluster.gpus_per_node, DEVICES[cluster.device], cluster.costs,
+    sim = Simulator(list(workload.models), nodes, cluster.gpus_per_node, cluster.device, cluster.costs,
                     cluster.batch_capacity)
     sim.system = make_system(name, workload, cluster)
     sim.check = check_memory
-    sim.run(workload.requests, workload.spec.duration_s, start_s=-workload.spec.warmup_s)
+    sim.run(workload.requests, workload.spec.duration_s, start_s=-workload.spec.warmup_s, drain_s=drain_s)
     return summarise(name, sim, workload, cluster)
 
 

@@ -40,6 +40,7 @@ class Seq:
     blocks: int = 0
     first_token_s: float | None = None
     preemptions: int = 0
+    decoding: bool = False  # its prompt (and, after a preemption, what it had generated) is in the cache
 
     @property
     def known(self) -> int:
@@ -48,7 +49,7 @@ class Seq:
 
     @property
     def prefilling(self) -> bool:
-        return self.computed < self.known - (1 if self.generated else 0) or self.computed == 0
+        return not self.decoding
 
     def next_tokens(self) -> int:
         return self.known - self.computed if self.prefilling else 1
@@ -82,10 +83,7 @@ class EngineScheduler:
     waiting: deque[Seq] = field(default_factory=deque)
     running: list[Seq] = field(default_factory=list)
     preemptions: int = 0
-
-    @property
-    def used_blocks(self) -> int:
-        return sum(s.blocks for s in self.running)
+    used_blocks: int = 0  # blocks the running sequences hold (kept as they change: the batch can be large)
 
     @property
     def free_blocks(self) -> int:
@@ -106,8 +104,10 @@ class EngineScheduler:
 
     def _preempt_last(self) -> Seq:
         victim = self.running.pop()
+        self.used_blocks -= victim.blocks
         victim.blocks = 0
         victim.computed = 0
+        victim.decoding = False
         victim.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(victim)
@@ -128,14 +128,16 @@ class EngineScheduler:
             s = self.running[i]
             n = min(s.next_tokens(), budget)
             need = blocks_for(s.computed + n, bt) - s.blocks
+            victim = None
             while not self._ensure(need, more_kv):
                 victim = self._preempt_last()
                 preempted = True
                 if victim is s:
                     break
-            if s not in self.running:
+            if victim is s:
                 break
             s.blocks += need
+            self.used_blocks += need
             work.append((s, n))
             budget -= n
             i += 1
@@ -148,6 +150,7 @@ class EngineScheduler:
             self.waiting.popleft()
             self.running.append(s)
             s.blocks += need
+            self.used_blocks += need
             work.append((s, n))
             budget -= n
         if not work:
@@ -182,22 +185,26 @@ class EngineScheduler:
         sequences that finished (removed, their blocks freed)."""
         bt = self.config.block_tokens
         done = []
-        for s, n in step.work:
-            if s not in self.running:
-                continue  # preempted since (cannot happen within a segment; kept for safety)
+        for s, n in step.work:  # (preemption happens only when a segment is scheduled, never within one)
             if s.prefilling:
                 s.computed += n
                 if s.computed >= s.known:
+                    s.decoding = True
                     s.generated += 1
                     if s.first_token_s is None:
                         s.first_token_s = end_s
             else:
                 s.computed += steps
                 s.generated += steps
-                s.blocks = max(s.blocks, blocks_for(s.computed, bt))
+                grown = max(blocks_for(s.computed, bt) - s.blocks, 0)
+                s.blocks += grown
+                self.used_blocks += grown
             if s.generated >= s.output_tokens:
                 done.append(s)
+        if done:
+            finished = set(map(id, done))
+            self.running = [s for s in self.running if id(s) not in finished]
         for s in done:
-            self.running.remove(s)
+            self.used_blocks -= s.blocks
             s.blocks = 0
         return done

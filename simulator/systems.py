@@ -8,13 +8,13 @@ the forecasts, fed with the same per-second demand samples a gateway publishes. 
 the *workers'* side: executing those commands on the simulated GPUs (load times, memory, KV lending), and
 reporting back when each command is done, as a worker's reply would.
 
-- ``Autoscaling`` (ServerlessLLM-like): the orchestrator core with no placement; instances loaded on demand
-  at host-to-device speed, stopped after a keep-alive, weights dropped.
-- ``GpuSharing`` (MuxServe-like): the baseline's own static placement (every model placed once by
-  popularity, GPU memory and compute shared); no cold starts, no scaling.
 - ``WarmServe``: all four cores, configured as the paper (its forecaster, point forecasts, no eviction,
   one-way KV reservation, one placement pass) or as ours (statsforecast selection, upper quantiles,
-  eviction, two-way KV reservation, idle devices first), and the ablations.
+  eviction, two-way KV reservation, idle devices first), and the ablations. Its engines are pre-spawned:
+  a prewarm hit costs ``Costs.activate_s``, a miss the weights from pinned host memory and the same wake-up.
+
+The baselines (ServerlessLLM, MuxServe, a static cluster) follow their own systems' rules, in
+``baselines.py``.
 """
 
 from __future__ import annotations

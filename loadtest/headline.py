@@ -1,0 +1,354 @@
+"""The headline benchmark: WarmServe against ServerlessLLM, MuxServe and a static cluster, per regime.
+
+For each regime (the paper's 4 models on 2 x 8 GPUs; 6 models; 12 models on 32 GPUs; 12 models on 16 GPUs,
+oversubscribed), each system runs the same workloads (shipped traces, the paper's 1,024-token input clip) at
+every swept rate with several seeds. Reported per point: mean and 95% interval over the seeds of P99 TTFT
+(a request never served counts as 999 s), SLO attainment (TTFT and TPOT together) and GPU-seconds; per
+system, the sustainable rate (the highest rate at which it and every lower rate reach 99% attainment). A
+cost sweep reports the P99 ratio against ServerlessLLM as a curve over its engine start, and WarmServe's
+sensitivity to its own prewarm-hit cost. Writes docs/benchmarks/headline.{json,md} and PNGs.
+
+    .venv/bin/python -m loadtest.headline             # the full run: about 25 minutes on 2 cores
+    .venv/bin/python -m loadtest.headline --quick --out /tmp/h   # CI: one regime, two rates, under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from loadtest.report import header
+from simulator.calibration import load_calibration
+from simulator.run import ABLATIONS, SYSTEMS, ClusterSpec, simulate
+from simulator.workload import WorkloadSpec, build
+
+OUT = Path("docs/benchmarks")
+SUSTAIN = 0.99
+DRAIN_S = 120.0  # a request not served two minutes after the replay ends counts as never served
+
+
+@dataclass(frozen=True)
+class Regime:
+    key: str
+    label: str
+    models: tuple[str, ...]
+    alpha: float
+    nodes: int
+    rates: tuple[float, ...]
+
+
+REGIMES = (
+    Regime("a", "(a) the paper's: 4 models (7B, 7B, 13B, 70B), alpha 2, on 2 x 8 GPUs", ("7b", "7b", "13b", "70b"),
+           2.0, 2, (4, 8, 16, 32)),
+    Regime("b", "(b) 6 models (3 x 7B, 2 x 13B, 70B), alpha 2, on 2 x 8 GPUs", ("7b",) * 3 + ("13b",) * 2 + ("70b",),
+           2.0, 2, (4, 8, 16, 32)),
+    Regime("c", "(c) 12 models (8 x 7B, 3 x 13B, 70B), alpha 1, on 4 x 8 GPUs", ("7b",) * 8 + ("13b",) * 3 + ("70b",),
+           1.0, 4, (4, 8, 16, 32)),
+    Regime("d", "(d) oversubscribed: the same 12 models on 2 x 8 GPUs (more models than GPU groups)",
+           ("7b",) * 8 + ("13b",) * 3 + ("70b",), 1.0, 2, (2, 4, 8, 16)),
+)
+ENGINE_STARTS = (5.0, 15.0, 30.0)  # ServerlessLLM's engine start, swept (a vLLM engine: 10-30 s)
+ACTIVATES = (0.1, 0.3, 1.0)  # WarmServe's prewarm hit (KV mapping + engine wake-up), swept
+ABLATION_POINT = ("d", 4.0)  # where the ablations of WarmServe run: the crowded regime, where its choices matter
+
+
+def _job(job):
+    """One workload (regime, rate, seed), every system on it."""
+    regime, rate, seed, duration, warmup, systems, costs_list, base = job
+    spec = WorkloadSpec(models=regime.models, alpha=regime.alpha, total_rps=rate, duration_s=duration,
+                        warmup_s=warmup, seed=seed, max_input_tokens=1024, max_output_tokens=1023)
+    workload = build(spec)
+    out = []
+    for system, costs, sweep in [(s, base.costs, None) for s in systems] + costs_list:
+        t0 = time.perf_counter()
+        r = simulate(system, workload, replace(base, nodes=regime.nodes, costs=costs), drain_s=DRAIN_S)
+        r.pop("memory_timeline", None)
+        r.pop("per_model", None)
+        r.update(regime=regime.key, rate_rps=rate, seed=seed, seconds=round(time.perf_counter() - t0, 2),
+                 costs=asdict(costs), sweep=sweep)
+        out.append(r)
+    return out
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% interval (Student's t over the seeds)."""
+    from scipy.stats import t
+
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, float(t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5)
+
+
+def sustainable(points: dict[float, float]) -> float:
+    """Highest rate whose attainment, and every lower rate's, reaches the bar (0 when none does)."""
+    best = 0.0
+    for rate in sorted(points):
+        if points[rate] < SUSTAIN:
+            break
+        best = rate
+    return best
+
+
+def summarise(results: list[dict], regimes, systems, seeds) -> dict:
+    table, sustain, ratios = {}, {}, {}
+    for regime in regimes:
+        for system in systems:
+            for rate in regime.rates:
+                runs = [r for r in results if r["regime"] == regime.key and r["system"] == system
+                        and r["rate_rps"] == rate and r["sweep"] is None]
+                if not runs:
+                    continue
+                table[f"{regime.key}|{system}|{rate:g}"] = {
+                    k: interval([r[k] for r in runs]) for k in
+                    ("ttft_p99_s", "ttft_p50_s", "slo_attainment", "gpu_seconds_serving", "gpu_seconds_busy",
+                     "unserved", "tpot_mean_s")} | {"seeds": len(runs)}
+            per_seed = []
+            for seed in seeds:
+                pts = {r["rate_rps"]: r["slo_attainment"] for r in results if r["regime"] == regime.key
+                       and r["system"] == system and r["seed"] == seed and r["sweep"] is None}
+                if pts:
+                    per_seed.append(sustainable(pts))
+            if per_seed:
+                sustain[f"{regime.key}|{system}"] = interval(per_seed)
+        for other in [s for s in systems if s != "warmserve"]:  # P99 of each baseline over WarmServe's, paired
+            for rate in regime.rates:
+                pairs = [(a["ttft_p99_s"], b["ttft_p99_s"]) for a in results for b in results
+                         if a["regime"] == b["regime"] == regime.key and a["rate_rps"] == b["rate_rps"] == rate
+                         and a["seed"] == b["seed"] and a["system"] == other and b["system"] == "warmserve"
+                         and a["sweep"] is None and b["sweep"] is None]
+                if pairs:
+                    logs = [math.log(x / y) for x, y in pairs]
+                    m, h = interval(logs)
+                    ratios[f"{regime.key}|{other}|{rate:g}"] = (math.exp(m), math.exp(m - h) if h == h else None,
+                                                               math.exp(m + h) if h == h else None)
+    return {"table": table, "sustainable": sustain, "p99_ratio_over_warmserve": ratios}
+
+
+def cost_curve(results: list[dict], rate: float) -> dict:
+    """Regime (a) at ``rate``: each swept cost, and the default, against WarmServe's P99 at default costs."""
+    out = {}
+    for r in results:
+        default = (r["sweep"] is None and r["regime"] == "a" and r["rate_rps"] == rate
+                   and r["system"] in ("serverlessllm", "warmserve"))
+        if r["sweep"] == "cost" or default:
+            key = (f"{r['system']}|engine_start_s={r['costs']['engine_start_s']:g}" if r["system"].startswith("serverless")
+                   else f"{r['system']}|activate_s={r['costs']['activate_s']:g}")
+            out.setdefault(key, []).append(r)
+    ws = {r["seed"]: r for r in results if r["system"] == "warmserve" and r["sweep"] is None
+          and r["regime"] == "a" and r["rate_rps"] == rate}
+    curve = {}
+    for key, runs in out.items():
+        ratio = [math.log(r["ttft_p99_s"] / ws[r["seed"]]["ttft_p99_s"]) for r in runs if r["seed"] in ws]
+        m, h = interval(ratio) if ratio else (float("nan"), float("nan"))
+        curve[key] = {"ttft_p99_s": interval([r["ttft_p99_s"] for r in runs]),
+                      "slo_attainment": interval([r["slo_attainment"] for r in runs]),
+                      "p99_over_warmserve": (math.exp(m), math.exp(m - h) if h == h else None,
+                                             math.exp(m + h) if h == h else None)}
+    return curve
+
+
+def missing_points(results: list[dict], regimes, systems, seeds) -> list[tuple[str, str, float]]:
+    """(regime, system, rate) points without a result for every seed: the run is incomplete."""
+    have: dict[tuple, int] = {}
+    for r in results:
+        if r["sweep"] is None:
+            key = (r["regime"], r["system"], r["rate_rps"])
+            have[key] = have.get(key, 0) + 1
+    return [(reg.key, s, rate) for reg in regimes for s in systems for rate in reg.rates
+            if have.get((reg.key, s, rate), 0) != len(seeds)]
+
+
+def ablation_table(results: list[dict]) -> dict:
+    regime, rate = ABLATION_POINT
+    out = {}
+    for name in ("warmserve", *ABLATIONS):
+        runs = [r for r in results if r["system"] == name and r["regime"] == regime and r["rate_rps"] == rate
+                and r["sweep"] in (None, "ablation")]
+        if runs:
+            out[name] = {k: interval([r[k] or 0.0 for r in runs]) for k in
+                         ("ttft_p99_s", "slo_attainment", "prewarm_hit_rate", "gpu_seconds_serving")}
+    return out
+
+
+def progress(done: int, total: int, started: float, label: str) -> None:
+    width = 30
+    filled = int(width * done / total)
+    sys.stdout.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} workloads, "
+                     f"{time.perf_counter() - started:5.0f} s  {label:30s}")
+    sys.stdout.flush()
+
+
+def _pm(x: tuple[float, float], scale: float = 1.0, digits: int = 2) -> str:
+    m, h = x
+    if h != h:
+        return f"{m * scale:.{digits}f}"
+    return f"{m * scale:.{digits}f} ± {h * scale:.{digits}f}"
+
+
+def _ratio(x) -> str:
+    m, lo, hi = x
+    return f"{m:.2f}x" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None else "")
+
+
+def markdown(report: dict) -> str:
+    s, regimes, systems = report["summary"], report["regimes"], report["systems"]
+    lines = ["# Headline benchmark (simulator)\n", f"Command: `{report['command']}`\n",
+             f"Seeds: {report['seeds']}; replay {report['duration_s']:g} s after {report['warmup_s']:g} s of warm-up; "
+             f"SLO: TTFT <= {report['cluster']['slo_ttft_s']:g} s and TPOT <= {report['cluster']['slo_tpot_s']:g} s; "
+             f"device {report['cluster']['device']['name']}; costs {json.dumps(report['costs'])}. "
+             "Every cell: mean ± 95% interval over the seeds; a request never served counts as 999 s.\n"]
+    for reg in regimes:
+        lines += [f"## {reg['label']}\n", "| system | " + " | ".join(
+            f"{r:g} rps: P99 TTFT (s) / SLO % / GPU-s" for r in reg["rates"]) + " | sustainable rps |",
+            "|---|" + "---|" * (len(reg["rates"]) + 1)]
+        for system in systems:
+            cells = []
+            for rate in reg["rates"]:
+                c = s["table"].get(f"{reg['key']}|{system}|{rate:g}")
+                cells.append("-" if c is None else f"{_pm(c['ttft_p99_s'])} / {_pm(c['slo_attainment'], 100, 1)} / "
+                             f"{_pm(c['gpu_seconds_serving'], 1, 0)}")
+            sus = s["sustainable"].get(f"{reg['key']}|{system}")
+            lines.append(f"| {system} | " + " | ".join(cells) + f" | {_pm(sus, 1, 1) if sus else '-'} |")
+        lines += ["", "P99 TTFT of each system over WarmServe's (geometric mean of per-seed ratios, 95% interval):\n",
+                  "| system | " + " | ".join(f"{r:g} rps" for r in reg["rates"]) + " |",
+                  "|---|" + "---|" * len(reg["rates"])]
+        for system in systems:
+            if system == "warmserve":
+                continue
+            lines.append(f"| {system} | " + " | ".join(
+                _ratio(s["p99_ratio_over_warmserve"][k]) if (k := f"{reg['key']}|{system}|{r:g}")
+                in s["p99_ratio_over_warmserve"] else "-" for r in reg["rates"]) + " |")
+        lines.append("")
+    if report["cost_curve"]:
+        lines += [f"## Cost sweep, regime (a) at {report['cost_rate']:g} rps\n",
+                  "| system and cost | P99 TTFT (s) | SLO % | P99 over WarmServe's (default costs) |", "|---|---|---|---|"]
+        for key, c in report["cost_curve"].items():
+            lines.append(f"| {key} | {_pm(c['ttft_p99_s'])} | {_pm(c['slo_attainment'], 100, 1)} | "
+                         f"{_ratio(c['p99_over_warmserve'])} |")
+    if report.get("ablations"):
+        regime, rate = report["ablation_point"]
+        lines += ["", f"## Ablations of WarmServe, regime ({regime}) at {rate:g} rps\n",
+                  "| variant | P99 TTFT (s) | SLO % | prewarm hit rate | GPU-s |", "|---|---|---|---|---|"]
+        for name, c in report["ablations"].items():
+            lines.append(f"| {name} | {_pm(c['ttft_p99_s'])} | {_pm(c['slo_attainment'], 100, 1)} | "
+                         f"{_pm(c['prewarm_hit_rate'])} | {_pm(c['gpu_seconds_serving'], 1, 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(report: dict, out: Path, stem: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, regimes = report["summary"], report["regimes"]
+    fig, axes = plt.subplots(2, len(regimes), figsize=(4.2 * len(regimes), 7), squeeze=False)
+    for col, reg in enumerate(regimes):
+        for system in report["systems"]:
+            pts = [(r, s["table"][k]) for r in reg["rates"] if (k := f"{reg['key']}|{system}|{r:g}") in s["table"]]
+            if not pts:
+                continue
+            x = [p[0] for p in pts]
+            axes[0, col].errorbar(x, [100 * p[1]["slo_attainment"][0] for p in pts],
+                                  yerr=[100 * (p[1]["slo_attainment"][1] if p[1]["slo_attainment"][1] == p[1]["slo_attainment"][1] else 0) for p in pts],
+                                  marker="o", ms=3, capsize=2, label=system)
+            axes[1, col].errorbar(x, [p[1]["ttft_p99_s"][0] for p in pts],
+                                  yerr=[p[1]["ttft_p99_s"][1] if p[1]["ttft_p99_s"][1] == p[1]["ttft_p99_s"][1] else 0 for p in pts],
+                                  marker="o", ms=3, capsize=2, label=system)
+        axes[0, col].set_title(reg["label"][:60], fontsize=8)
+        axes[0, col].axhline(100 * SUSTAIN, color="grey", ls="--", lw=0.8)
+        axes[0, col].set_ylabel("SLO attainment (%)")
+        axes[1, col].set_yscale("log")
+        axes[1, col].set_ylabel("P99 TTFT (s)")
+        axes[1, col].set_xlabel("requests/s (all models)")
+        for ax in axes[:, col]:
+            ax.set_xscale("log", base=2)
+    axes[0, 0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / f"{stem}.png", dpi=100)
+    plt.close(fig)
+    if report["cost_curve"]:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for prefix in sorted({k.split("|")[0] for k in report["cost_curve"]}):
+            pts = sorted((float(k.split("=")[1]), v["p99_over_warmserve"][0]) for k, v in report["cost_curve"].items()
+                         if k.startswith(prefix + "|"))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prefix)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xlabel("engine start (ServerlessLLM) or prewarm-hit cost (WarmServe), s")
+        ax.set_ylabel("P99 TTFT over WarmServe's")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"{stem}_costs.png", dpi=100)
+        plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="regime (a), two rates, two seeds, 2-minute replays")
+    p.add_argument("--regimes", nargs="+", default=[r.key for r in REGIMES])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--duration", type=float, default=600.0, help="replay seconds")
+    p.add_argument("--warmup", type=float, default=120.0)
+    p.add_argument("--systems", nargs="+", default=list(SYSTEMS))
+    p.add_argument("--calibration", type=Path, help="a calibration file (loadtest/calibrate_gpu.py) to use")
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--name", default="headline")
+    a = p.parse_args()
+    regimes = [r for r in REGIMES if r.key in a.regimes]
+    if a.quick:
+        regimes = [replace(REGIMES[0], rates=(4, 16))]
+        a.seeds, a.duration, a.warmup = a.seeds[:2], 120.0, 60.0
+    base = ClusterSpec()
+    if a.calibration:  # measured device constants and start-up costs instead of the published ones
+        device, costs = load_calibration(a.calibration)
+        base = replace(base, device=device or base.device, costs=base.costs.with_(**costs))
+    cost_rate = regimes[0].rates[1] if len(regimes[0].rates) > 1 else regimes[0].rates[0]
+    jobs = []
+    for reg in regimes:
+        for rate in reg.rates:
+            for seed in a.seeds:
+                extra = []
+                if reg.key == "a" and rate == cost_rate and not a.quick:
+                    extra = [("serverlessllm", base.costs.with_(engine_start_s=e), "cost") for e in ENGINE_STARTS
+                             if e != base.costs.engine_start_s]
+                    extra += [("warmserve", base.costs.with_(activate_s=x), "cost") for x in ACTIVATES
+                              if x != base.costs.activate_s]
+                if (reg.key, rate) == ABLATION_POINT and not a.quick:
+                    extra += [(name, base.costs, "ablation") for name in ABLATIONS]
+                jobs.append((reg, rate, seed, a.duration, a.warmup, tuple(a.systems), extra, base))
+    started, results = time.perf_counter(), []
+    with mp.get_context("spawn").Pool(a.processes) as pool:
+        for i, out in enumerate(pool.imap_unordered(_job, jobs), start=1):
+            results += out
+            progress(i, len(jobs), started, f"({out[0]['regime']}) {out[0]['rate_rps']:g} rps seed {out[0]['seed']}")
+    print()
+    missing = missing_points(results, regimes, a.systems, a.seeds)
+    report = header(a.name, vars(a))
+    report.update(regimes=[asdict(r) for r in regimes], systems=list(a.systems), seeds=a.seeds, duration_s=a.duration,
+                  warmup_s=a.warmup, cluster=asdict(base), costs=asdict(base.costs), cost_rate=cost_rate,
+                  summary=summarise(results, regimes, a.systems, a.seeds), cost_curve=cost_curve(results, cost_rate) if not a.quick else {},
+                  ablation_point=ABLATION_POINT, ablations=ablation_table(results),
+                  runs=results, wall_s=round(time.perf_counter() - started, 1), missing=missing)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / f"{a.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    md = markdown(report)
+    (a.out / f"{a.name}.md").write_text(md)
+    plots(report, a.out, a.name)
+    print(md)
+    print(f"saved {a.out / a.name}.json, .md and PNGs in {report['wall_s']} s")
+    if missing:
+        sys.exit(f"missing numbers for {missing}")
+
+
+if __name__ == "__main__":
+    main()
