@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from tooling.modelgen import SIZES, TinyLlamaShape
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -60,9 +62,16 @@ class ModelShape:
 LLAMA2_7B = ModelShape("llama-2-7b", 32, 4096, 32, 32, 11008, 32000)
 LLAMA2_13B = ModelShape("llama-2-13b", 40, 5120, 40, 40, 13824, 32000)
 LLAMA2_70B = ModelShape("llama-2-70b", 80, 8192, 64, 8, 28672, 32000)
-# the project's own random-weight models (tooling/modelgen.py SIZES), for the CPU calibration
-TINY_5M = ModelShape("tiny-5m", 4, 256, 4, 2, 688, 4096)
-TINY_300M = ModelShape("tiny-300m", 26, 1024, 16, 8, 2816, 4096)
+
+
+def from_modelgen(name: str, shape: TinyLlamaShape) -> ModelShape:
+    return ModelShape(name, shape.num_hidden_layers, shape.hidden_size, shape.num_attention_heads,
+                      shape.num_key_value_heads, shape.intermediate_size, shape.vocab_size)
+
+
+# the project's own random-weight models, for the CPU calibration
+TINY_5M = from_modelgen("tiny-5m", SIZES["5m"])
+TINY_300M = from_modelgen("tiny-300m", SIZES["300m"])
 SHAPES = {s.name: s for s in (LLAMA2_7B, LLAMA2_13B, LLAMA2_70B, TINY_5M, TINY_300M)}
 
 
