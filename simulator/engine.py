@@ -187,8 +187,9 @@ class Simulator:
             g.since_s = start_s
         for r in requests:
             self.at(r.arrival_s, self._arrive, r)
+        end = until_s + drain_s
         t = start_s
-        while t <= until_s:
+        while t <= end:  # the control loops go on while the last requests drain
             self.at(t, self._tick)
             t += tick_s
         t = 0.0
@@ -196,7 +197,6 @@ class Simulator:
             self.at(t, self._sample)
             t += sample_s
         self.at(0.0, self._mark)
-        end = until_s + drain_s
         while self._events:
             t, _, fn, args = heapq.heappop(self._events)
             if t > end:

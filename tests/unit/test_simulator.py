@@ -96,6 +96,14 @@ def test_serverlessllm_scales_to_in_flight_over_target_one_instance_per_tick():
     assert len(starts) == 3 and starts[1] - starts[0] == pytest.approx(1.0) and starts[2] - starts[1] == pytest.approx(1.0)
 
 
+def test_the_control_loops_go_on_while_the_last_requests_drain():
+    """A request that arrives after the last autoscaler loop of the replay is still served: the loops keep
+    ticking while requests drain (they once stopped at the end of the replay, leaving it unserved)."""
+    sim = one_gpu(ServerlessLLM())
+    sim.run([Request(0, "m7", 0.55, 100, 5)], until_s=0.6, drain_s=60.0)
+    assert sim.records[0].done_s is not None and sim.records[0].outcome == "cold"
+
+
 def test_serverlessllm_chooses_the_node_whose_host_memory_holds_the_checkpoint():
     system = ServerlessLLM()
     sim = one_gpu(system, nodes=2, gpus=1)
