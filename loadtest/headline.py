@@ -20,6 +20,7 @@ import math
 import multiprocessing as mp
 import statistics
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -62,9 +63,10 @@ ABLATION_POINT = ("d", 4.0)  # where the ablations of WarmServe run: the crowded
 
 def _job(job):
     """One workload (regime, rate, seed), every system on it."""
-    regime, rate, seed, duration, warmup, systems, costs_list, base = job
+    regime, rate, seed, duration, warmup, systems, costs_list, base, time_scale = job
     spec = WorkloadSpec(models=regime.models, alpha=regime.alpha, total_rps=rate, duration_s=duration,
-                        warmup_s=warmup, seed=seed, max_input_tokens=1024, max_output_tokens=1023)
+                        warmup_s=warmup, seed=seed, max_input_tokens=1024, max_output_tokens=1023,
+                        time_scale=time_scale)
     workload = build(spec)
     out = []
     for system, costs, sweep in [(s, base.costs, None) for s in systems] + costs_list:
@@ -110,7 +112,7 @@ def summarise(results: list[dict], regimes, systems, seeds) -> dict:
                 table[f"{regime.key}|{system}|{rate:g}"] = {
                     k: interval([r[k] for r in runs]) for k in
                     ("ttft_p99_s", "ttft_p50_s", "slo_attainment", "gpu_seconds_serving", "gpu_seconds_busy",
-                     "unserved", "tpot_mean_s")} | {"seeds": len(runs)}
+                     "gpu_seconds_idle", "unserved", "tpot_mean_s")} | {"seeds": len(runs)}
             per_seed = []
             for seed in seeds:
                 pts = {r["rate_rps"]: r["slo_attainment"] for r in results if r["regime"] == regime.key
@@ -202,7 +204,8 @@ def _ratio(x) -> str:
 def markdown(report: dict) -> str:
     s, regimes, systems = report["summary"], report["regimes"], report["systems"]
     lines = ["# Headline benchmark (simulator)\n", f"Command: `{report['command']}`\n",
-             f"Seeds: {report['seeds']}; replay {report['duration_s']:g} s after {report['warmup_s']:g} s of warm-up; "
+             f"Seeds: {report['seeds']}; replay {report['duration_s']:g} s after {report['warmup_s']:g} s of warm-up, "
+             f"trace time compressed {report['params'].get('time_scale', 18.0):g}x; "
              f"SLO: TTFT <= {report['cluster']['slo_ttft_s']:g} s and TPOT <= {report['cluster']['slo_tpot_s']:g} s; "
              f"device {report['cluster']['device']['name']}; costs {json.dumps(report['costs'])}. "
              "Every cell: mean ± 95% interval over the seeds; a request never served counts as 999 s.\n"]
@@ -218,6 +221,14 @@ def markdown(report: dict) -> str:
                              f"{_pm(c['gpu_seconds_serving'], 1, 0)}")
             sus = s["sustainable"].get(f"{reg['key']}|{system}")
             lines.append(f"| {system} | " + " | ".join(cells) + f" | {_pm(sus, 1, 1) if sus else '-'} |")
+        mid = reg["rates"][len(reg["rates"]) // 2]
+        lines += ["", f"What the latency costs at {mid:g} rps: GPU-seconds with an instance (serving), computing (busy) "
+                  "and serving but not computing (idle):\n", "| system | serving | busy | idle |", "|---|---|---|---|"]
+        for system in systems:
+            c = s["table"].get(f"{reg['key']}|{system}|{mid:g}")
+            if c:
+                lines.append(f"| {system} | {_pm(c['gpu_seconds_serving'], 1, 0)} | {_pm(c['gpu_seconds_busy'], 1, 0)} | "
+                             f"{_pm(c['gpu_seconds_idle'], 1, 0)} |")
         lines += ["", "P99 TTFT of each system over WarmServe's (geometric mean of per-seed ratios, 95% interval):\n",
                   "| system | " + " | ".join(f"{r:g} rps" for r in reg["rates"]) + " |",
                   "|---|" + "---|" * len(reg["rates"])]
@@ -251,27 +262,25 @@ def plots(report: dict, out: Path, stem: str) -> None:
     import matplotlib.pyplot as plt
 
     s, regimes = report["summary"], report["regimes"]
-    fig, axes = plt.subplots(2, len(regimes), figsize=(4.2 * len(regimes), 7), squeeze=False)
+    rows = (("slo_attainment", 100, "SLO attainment (%)"), ("ttft_p99_s", 1, "P99 TTFT (s)"),
+            ("gpu_seconds_serving", 1, "GPU-seconds serving"))
+    fig, axes = plt.subplots(len(rows), len(regimes), figsize=(4.2 * len(regimes), 10), squeeze=False)
     for col, reg in enumerate(regimes):
         for system in report["systems"]:
             pts = [(r, s["table"][k]) for r in reg["rates"] if (k := f"{reg['key']}|{system}|{r:g}") in s["table"]]
-            if not pts:
-                continue
-            x = [p[0] for p in pts]
-            axes[0, col].errorbar(x, [100 * p[1]["slo_attainment"][0] for p in pts],
-                                  yerr=[100 * (p[1]["slo_attainment"][1] if p[1]["slo_attainment"][1] == p[1]["slo_attainment"][1] else 0) for p in pts],
-                                  marker="o", ms=3, capsize=2, label=system)
-            axes[1, col].errorbar(x, [p[1]["ttft_p99_s"][0] for p in pts],
-                                  yerr=[p[1]["ttft_p99_s"][1] if p[1]["ttft_p99_s"][1] == p[1]["ttft_p99_s"][1] else 0 for p in pts],
-                                  marker="o", ms=3, capsize=2, label=system)
-        axes[0, col].set_title(reg["label"][:60], fontsize=8)
+            for row, (metric, scale, _) in enumerate(rows):
+                if pts:
+                    axes[row, col].errorbar([p[0] for p in pts], [scale * p[1][metric][0] for p in pts],
+                                            yerr=[scale * (p[1][metric][1] if p[1][metric][1] == p[1][metric][1] else 0)
+                                                  for p in pts], marker="o", ms=3, capsize=2, label=system)
+        axes[0, col].set_title(textwrap.fill(reg["label"], 48), fontsize=8)
         axes[0, col].axhline(100 * SUSTAIN, color="grey", ls="--", lw=0.8)
-        axes[0, col].set_ylabel("SLO attainment (%)")
+        axes[0, col].set_ylim(0, 102)
         axes[1, col].set_yscale("log")
-        axes[1, col].set_ylabel("P99 TTFT (s)")
-        axes[1, col].set_xlabel("requests/s (all models)")
-        for ax in axes[:, col]:
-            ax.set_xscale("log", base=2)
+        axes[-1, col].set_xlabel("requests/s (all models)")
+        for row, (_, _, label) in enumerate(rows):
+            axes[row, col].set_ylabel(label)
+            axes[row, col].set_xscale("log", base=2)
     axes[0, 0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / f"{stem}.png", dpi=100)
@@ -299,12 +308,17 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--duration", type=float, default=600.0, help="replay seconds")
     p.add_argument("--warmup", type=float, default=120.0)
+    p.add_argument("--time-scale", type=float, default=18.0,
+                   help="trace seconds per replay second: 18 compresses three trace hours into 10 minutes; 1 is real time")
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS))
     p.add_argument("--calibration", type=Path, help="a calibration file (loadtest/calibrate_gpu.py) to use")
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--name", default="headline")
+    p.add_argument("--from-json", type=Path, help="summarise and draw the runs of an earlier report again, run nothing")
     a = p.parse_args()
+    if a.from_json:
+        return write(json.loads(a.from_json.read_text()), a.out, a.name)
     regimes = [r for r in REGIMES if r.key in a.regimes]
     if a.quick:
         regimes = [replace(REGIMES[0], rates=(4, 16))]
@@ -313,7 +327,6 @@ def main() -> None:
     if a.calibration:  # measured device constants and start-up costs instead of the published ones
         device, costs = load_calibration(a.calibration)
         base = replace(base, device=device or base.device, costs=base.costs.with_(**costs))
-    cost_rate = COST_POINT[1]
     jobs = []
     for reg in regimes:
         for rate in reg.rates:
@@ -326,7 +339,7 @@ def main() -> None:
                               if x != base.costs.activate_s]
                 if (reg.key, rate) == ABLATION_POINT and not a.quick:
                     extra += [(name, base.costs, "ablation") for name in ABLATIONS]
-                jobs.append((reg, rate, seed, a.duration, a.warmup, tuple(a.systems), extra, base))
+                jobs.append((reg, rate, seed, a.duration, a.warmup, tuple(a.systems), extra, base, a.time_scale))
     jobs.sort(key=lambda j: -j[1] * len(j[0].models) / j[0].nodes)  # the longest first, so none is left alone at the end
     started, results = time.perf_counter(), []
     with mp.get_context("spawn").Pool(a.processes) as pool:
@@ -334,22 +347,31 @@ def main() -> None:
             results += out
             progress(i, len(jobs), started, f"({out[0]['regime']}) {out[0]['rate_rps']:g} rps seed {out[0]['seed']}")
     print()
-    missing = missing_points(results, regimes, a.systems, a.seeds)
     report = header(a.name, vars(a))
     report.update(regimes=[asdict(r) for r in regimes], systems=list(a.systems), seeds=a.seeds, duration_s=a.duration,
-                  warmup_s=a.warmup, cluster=asdict(base), costs=asdict(base.costs), cost_rate=cost_rate,
-                  summary=summarise(results, regimes, a.systems, a.seeds), cost_curve=cost_curve(results, cost_rate) if not a.quick else {},
-                  ablation_point=ABLATION_POINT, ablations=ablation_table(results),
-                  runs=results, wall_s=round(time.perf_counter() - started, 1), missing=missing)
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"{a.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+                  warmup_s=a.warmup, cluster=asdict(base), costs=asdict(base.costs), cost_rate=COST_POINT[1],
+                  ablation_point=ABLATION_POINT, runs=results, wall_s=round(time.perf_counter() - started, 1),
+                  quick=a.quick)
+    write(report, a.out, a.name)
+
+
+def write(report: dict, out: Path, name: str) -> None:
+    """Summarise the runs of ``report`` and write its JSON, markdown and PNGs; exit non-zero if numbers are missing."""
+    regimes = [Regime(**{**r, "models": tuple(r["models"]), "rates": tuple(r["rates"])}) for r in report["regimes"]]
+    results = report["runs"]
+    report.update(summary=summarise(results, regimes, report["systems"], report["seeds"]),
+                  cost_curve={} if report.get("quick") else cost_curve(results, report["cost_rate"]),
+                  ablations=ablation_table(results),
+                  missing=missing_points(results, regimes, report["systems"], report["seeds"]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     md = markdown(report)
-    (a.out / f"{a.name}.md").write_text(md)
-    plots(report, a.out, a.name)
+    (out / f"{name}.md").write_text(md)
+    plots(report, out, name)
     print(md)
-    print(f"saved {a.out / a.name}.json, .md and PNGs in {report['wall_s']} s")
-    if missing:
-        sys.exit(f"missing numbers for {missing}")
+    print(f"saved {out / name}.json, .md and PNGs (runs took {report['wall_s']} s)")
+    if report["missing"]:
+        sys.exit(f"missing numbers for {report['missing']}")
 
 
 if __name__ == "__main__":

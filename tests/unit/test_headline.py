@@ -18,7 +18,7 @@ def test_quick_mode_reports_every_system_at_every_rate(tmp_path):
         for rate in (4, 16):
             cell = report["summary"]["table"][f"a|{system}|{rate}"]
             assert cell["seeds"] == 2 and cell["ttft_p99_s"][0] > 0 and 0 <= cell["slo_attainment"][0] <= 1
-    assert (tmp_path / "headline.md").read_text().count("| serverlessllm |") == 2  # levels and ratios
+    assert (tmp_path / "headline.md").read_text().count("| serverlessllm |") == 3  # levels, GPU cost, ratios
     assert (tmp_path / "headline.png").stat().st_size > 0
 
 
