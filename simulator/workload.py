@@ -121,7 +121,8 @@ def build(spec: WorkloadSpec) -> Workload:
         if spec.max_output_tokens:
             outs = np.clip(outs, 1, spec.max_output_tokens)
         past = arrivals < -spec.warmup_s
-        # history: what the forecaster would have observed (service time: a warm instance's)
+        # history: what the forecaster would have observed (service time: a warm instance's, by the
+        # request-level A100 model the worker's sim engine uses; the forecasts need only its shape)
         svc = np.array([perf.prefill_s(model.weight_bytes, int(a), model.tp) +
                         b * perf.decode_s(model.weight_bytes, 8, model.tp) for a, b in zip(ins[past], outs[past])])
         hw = int(round((history_s - spec.warmup_s) / spec.window_s))
