@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
-from simulator.engine import Instance, Simulator
+from simulator.engine import Instance, Record, Simulator
 from simulator.hardware import Batch, step_cost
 from simulator.scheduler import SchedulerConfig
 from simulator.workload import SimModel
@@ -48,6 +48,14 @@ class Baseline:
 
     def shares(self, sim: Simulator, inst: Instance) -> tuple[float, float]:
         return 1.0, 1.0
+
+    def route(self, sim: Simulator, ready: list[Instance]) -> Instance | None:
+        """The least-loaded instance with room (ties: the oldest)."""
+        return min(ready, key=lambda i: (i.in_flight, i.iid))
+
+    def label(self, rec: Record, inst: Instance) -> str:
+        """Warm when the instance was ready as the request arrived, else how the instance was made."""
+        return "warm" if inst.iid in rec.existing else inst.outcome
 
 
 def vllm_kv_bytes(sim: Simulator, model: SimModel) -> int:

@@ -144,6 +144,7 @@ class Record:
     done_s: float | None = None
     tpot_s: float | None = None
     preemptions: int = 0
+    existing: frozenset[int] = frozenset()  # the model's ready instances when it arrived (how it is labelled)
 
     @property
     def ttft_s(self) -> float | None:
@@ -226,7 +227,8 @@ class Simulator:
     # ---- requests -------------------------------------------------------------------------------------
 
     def _arrive(self, request: Request) -> None:
-        rec = self.records[request.rid] = Record(request)
+        rec = self.records[request.rid] = Record(request, existing=frozenset(
+            i.iid for i in self.instances.values() if i.model.name == request.model and i.ready_at <= self.now))
         self.queues[request.model].append(rec)
         self.system.on_arrival(self, request.model)
         self.dispatch(request.model)
@@ -234,22 +236,20 @@ class Simulator:
             self.system.on_queued(self, request.model)
 
     def dispatch(self, model: str) -> None:
-        """Hand queued requests to ready instances with room, least loaded first (the gateway's rule)."""
+        """Hand queued requests to ready instances with room, the one the system routes to (``System.route``)."""
         queue = self.queues[model]
         while queue:
             ready = [i for i in self.instances.values()
                      if i.model.name == model and i.ready_at <= self.now and i.can_take()]
-            if not ready:
+            inst = self.system.route(self, ready) if ready else None
+            if inst is None:
                 return
-            inst = self.system.route(self, ready) if hasattr(self.system, "route") else \
-                min(ready, key=lambda i: (i.in_flight, i.iid))
             self._start(queue.popleft(), inst)
 
     def _start(self, rec: Record, inst: Instance) -> None:
         r = rec.request
         rec.start_s = self.now
-        # an instance made while the request waited carries how it was made; an older one is a warm hit
-        rec.outcome = inst.outcome if inst.started_at >= r.arrival_s or inst.ready_at > r.arrival_s else "warm"
+        rec.outcome = self.system.label(rec, inst)
         inst.records[r.rid] = rec
         inst.sched.add(Seq(r.rid, max(r.input_tokens, 1), max(r.output_tokens, 1)))
         self.kick(inst)

@@ -33,7 +33,8 @@ from shared.policy.concurrency import ConcurrencyTracker
 from shared.policy.forecast import ForecastConfig, WindowObservation
 from shared.policy.kv import free_blocks_target
 from shared.policy.prewarm_placement import PlacementConfig
-from simulator.engine import Instance, Simulator
+from shared.policy.routing import Route
+from simulator.engine import Instance, Record, Simulator
 
 KV_BLOCK_TOKENS = 16
 DEMAND_INTERVAL_S = 1.0  # a gateway publishes each model's demand about once a second
@@ -77,6 +78,21 @@ class System:
     def shares(self, sim: Simulator, inst: Instance) -> tuple[float, float]:
         """The compute and bandwidth shares of its devices ``inst`` gets for its next steps."""
         return 1.0, 1.0
+
+    def route(self, sim: Simulator, ready: list[Instance]) -> Instance | None:
+        """The gateway's routing (the admission core): least-loaded instance with room; the simulator's
+        in-flight counts are exact, so nothing is pending beyond them."""
+        by_id = {str(i.iid): i for i in ready}
+        chosen = self.admission.choose_route(
+            [Route(i.gpus[0], str(i.iid), i.in_flight, i.batch_capacity) for i in ready])
+        return None if chosen is None else by_id[chosen.instance_id]
+
+    def label(self, rec: Record, inst: Instance) -> str:
+        """The gateway's label (the admission core): warm from an instance that was ready when the request
+        arrived, else how the instance was made."""
+        made = None if inst.outcome == "warm" else Outcome(inst.outcome)
+        return self.admission.label(inst.model.name, str(inst.iid), {str(i) for i in rec.existing}, made,
+                                    waited_for_reply=True).value
 
     def on_queued(self, sim: Simulator, model: str) -> None:
         """Requests wait: the gateway asks for an instance (admission decides whether an ask is due)."""
