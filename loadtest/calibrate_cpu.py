@@ -16,6 +16,7 @@ import os
 import platform
 import tempfile
 import time
+from contextlib import suppress
 from pathlib import Path
 
 from loadtest.calibration_fit import (compare, device_overrides, fit_device, measure_steps, print_table, shutdown,
@@ -39,12 +40,10 @@ def start_engine(path: Path, core: str):
 
 
 def cpu_name() -> str:
-    try:
+    with suppress(OSError):  # no /proc (not Linux): fall back below
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor()
 
 

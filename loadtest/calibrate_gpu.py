@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import suppress
 from pathlib import Path
 
 from loadtest.calibration_fit import (compare, device_overrides, fit_device, measure_steps, print_table, shutdown,
@@ -102,10 +103,8 @@ def _timed(fn, *args, **kwargs) -> float:
 
 def _resume(llm) -> None:
     """Resume scheduling after a partial wake-up (vLLM versions without the "scheduling" tag need none)."""
-    try:
+    with suppress(Exception):  # older vLLM: no "scheduling" tag, nothing to resume
         llm.wake_up(tags=["scheduling"])
-    except Exception:  # noqa: BLE001
-        pass
 
 
 def sleep_wake(llm, reps: int) -> dict:
@@ -129,10 +128,8 @@ def sleep_wake(llm, reps: int) -> dict:
                 runs.setdefault("activate_kv_s", []).append(_timed(llm.wake_up, tags=["kv_cache", "scheduling"]))
     except Exception as exc:  # noqa: BLE001 - record what this vLLM cannot do and go on
         out["error"] = f"{type(exc).__name__}: {exc}"[:500]
-        try:
+        with suppress(Exception):  # best effort: leave the engine awake for the step measurements
             llm.wake_up()
-        except Exception:  # noqa: BLE001
-            pass
     out |= {k: statistics.median(v) for k, v in runs.items()} | {"runs": runs}
     say("sleep mode: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in out.items() if k.endswith("_s")))
     return out
