@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulator.hardware import SHAPES, Batch, DeviceSpec, step_cost, step_time
+from simulator.hardware import SHAPES, Batch, DeviceSpec, step_cost
 
 PREFILL_TOKENS = (16, 64, 256, 1024)
 DECODE_BATCHES = (1, 4, 16)
@@ -176,7 +176,7 @@ def compare(points: list[Point], device: DeviceSpec) -> list[dict]:
     rows = []
     for p in points:
         cost = step_cost(SHAPES[p.model], device, p.batch)
-        predicted = step_time(SHAPES[p.model], device, p.batch)
+        predicted = cost.time()
         rows.append(asdict(p) | {"label": p.label, "predicted_s": predicted,
                                  "error": predicted / p.measured_s - 1.0,
                                  "bound": "compute" if cost.compute_s >= cost.memory_s else "memory"})
@@ -199,11 +199,7 @@ def table(rows: list[dict]) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'model':<12}{'kind':<9}{'tokens/batch':<14}{'measured ms':>12}{'predicted ms':>14}{'error':>9}  bound")
-    for r in rows:
-        flag = "  MISS" if abs(r["error"]) > TOLERANCE else ""
-        print(f"{r['model']:<12}{r['kind']:<9}{r['label']:<14}{r['measured_s'] * 1e3:>12.2f}"
-              f"{r['predicted_s'] * 1e3:>14.2f}{r['error'] * 100:>+8.1f}%  {r['bound']}{flag}")
+    print("\n" + table(rows))
 
 
 def summary(rows: list[dict]) -> dict:
