@@ -100,38 +100,35 @@ def sustainable(points: dict[float, float]) -> float:
     return best
 
 
+def ratio_interval(pairs: list[tuple[float, float]]) -> tuple[float, float | None, float | None]:
+    """Geometric mean of a / b over paired runs, with its 95% interval (None with one pair)."""
+    m, h = interval([math.log(a / b) for a, b in pairs])
+    return math.exp(m), (math.exp(m - h) if h == h else None), (math.exp(m + h) if h == h else None)
+
+
 def summarise(results: list[dict], regimes, systems, seeds) -> dict:
+    runs = {(r["regime"], r["system"], r["rate_rps"], r["seed"]): r for r in results if r["sweep"] is None}
     table, sustain, ratios = {}, {}, {}
     for regime in regimes:
         for system in systems:
             for rate in regime.rates:
-                runs = [r for r in results if r["regime"] == regime.key and r["system"] == system
-                        and r["rate_rps"] == rate and r["sweep"] is None]
-                if not runs:
-                    continue
-                table[f"{regime.key}|{system}|{rate:g}"] = {
-                    k: interval([r[k] for r in runs]) for k in
-                    ("ttft_p99_s", "ttft_p50_s", "slo_attainment", "gpu_seconds_serving", "gpu_seconds_busy",
-                     "gpu_seconds_idle", "unserved", "tpot_mean_s")} | {"seeds": len(runs)}
-            per_seed = []
-            for seed in seeds:
-                pts = {r["rate_rps"]: r["slo_attainment"] for r in results if r["regime"] == regime.key
-                       and r["system"] == system and r["seed"] == seed and r["sweep"] is None}
-                if pts:
-                    per_seed.append(sustainable(pts))
+                point = [runs[k] for seed in seeds if (k := (regime.key, system, rate, seed)) in runs]
+                if point:
+                    table[f"{regime.key}|{system}|{rate:g}"] = {
+                        k: interval([r[k] for r in point]) for k in
+                        ("ttft_p99_s", "ttft_p50_s", "slo_attainment", "gpu_seconds_serving", "gpu_seconds_busy",
+                         "gpu_seconds_idle", "unserved", "tpot_mean_s")} | {"seeds": len(point)}
+                if system != "warmserve":  # P99 of each system over WarmServe's, paired by seed
+                    pairs = [(runs[(regime.key, system, rate, seed)]["ttft_p99_s"],
+                              runs[(regime.key, "warmserve", rate, seed)]["ttft_p99_s"]) for seed in seeds
+                             if (regime.key, system, rate, seed) in runs and (regime.key, "warmserve", rate, seed) in runs]
+                    if pairs:
+                        ratios[f"{regime.key}|{system}|{rate:g}"] = ratio_interval(pairs)
+            per_seed = [sustainable(pts) for seed in seeds
+                        if (pts := {rate: runs[k]["slo_attainment"] for rate in regime.rates
+                                    if (k := (regime.key, system, rate, seed)) in runs})]
             if per_seed:
                 sustain[f"{regime.key}|{system}"] = interval(per_seed)
-        for other in [s for s in systems if s != "warmserve"]:  # P99 of each baseline over WarmServe's, paired
-            for rate in regime.rates:
-                pairs = [(a["ttft_p99_s"], b["ttft_p99_s"]) for a in results for b in results
-                         if a["regime"] == b["regime"] == regime.key and a["rate_rps"] == b["rate_rps"] == rate
-                         and a["seed"] == b["seed"] and a["system"] == other and b["system"] == "warmserve"
-                         and a["sweep"] is None and b["sweep"] is None]
-                if pairs:
-                    logs = [math.log(x / y) for x, y in pairs]
-                    m, h = interval(logs)
-                    ratios[f"{regime.key}|{other}|{rate:g}"] = (math.exp(m), math.exp(m - h) if h == h else None,
-                                                               math.exp(m + h) if h == h else None)
     return {"table": table, "sustainable": sustain, "p99_ratio_over_warmserve": ratios}
 
 
@@ -147,15 +144,11 @@ def cost_curve(results: list[dict], rate: float) -> dict:
             out.setdefault(key, []).append(r)
     ws = {r["seed"]: r for r in results if r["system"] == "warmserve" and r["sweep"] is None
           and r["regime"] == "a" and r["rate_rps"] == rate}
-    curve = {}
-    for key, runs in out.items():
-        ratio = [math.log(r["ttft_p99_s"] / ws[r["seed"]]["ttft_p99_s"]) for r in runs if r["seed"] in ws]
-        m, h = interval(ratio) if ratio else (float("nan"), float("nan"))
-        curve[key] = {"ttft_p99_s": interval([r["ttft_p99_s"] for r in runs]),
-                      "slo_attainment": interval([r["slo_attainment"] for r in runs]),
-                      "p99_over_warmserve": (math.exp(m), math.exp(m - h) if h == h else None,
-                                             math.exp(m + h) if h == h else None)}
-    return curve
+    return {key: {"ttft_p99_s": interval([r["ttft_p99_s"] for r in point]),
+                  "slo_attainment": interval([r["slo_attainment"] for r in point]),
+                  "p99_over_warmserve": ratio_interval([(r["ttft_p99_s"], ws[r["seed"]]["ttft_p99_s"])
+                                                        for r in point if r["seed"] in ws])}
+            for key, point in out.items()}
 
 
 def missing_points(results: list[dict], regimes, systems, seeds) -> list[tuple[str, str, float]]:
