@@ -6,6 +6,7 @@ Every helper injects the current trace context into the message headers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -132,8 +133,15 @@ async def close(nc: NATS, timeout_s: float = 2.0) -> None:
         log.warning("NATS close did not finish cleanly within %.1f s: %r", timeout_s, exc)
 
 
-async def request(nc: NATS, subject: str, msg: BusMessage, reply_type: type[M], timeout: float) -> M:
-    """Typed request-reply. Raises BusError('no_responders' | 'timeout')."""
+async def request(nc: NATS, subject: str, msg: BusMessage, reply_type: type[M], timeout: float, *,
+                  resend_on_reconnect: bool = False) -> M:
+    """Typed request-reply. Raises BusError('no_responders' | 'timeout').
+
+    ``resend_on_reconnect``: a request or its reply that was on the wire when the connection dropped is
+    lost, and waiting would last the whole ``timeout``; the same message is sent again after every
+    reconnect instead. Only for requests the responder runs once per message id (worker commands)."""
+    if resend_on_reconnect:
+        return await _request_resending(nc, subject, msg, reply_type, timeout)
     try:
         resp = await nc.request(subject, msg.encode(), timeout=timeout, headers=inject_headers())
     except nats.errors.NoRespondersError:
@@ -141,6 +149,36 @@ async def request(nc: NATS, subject: str, msg: BusMessage, reply_type: type[M], 
     except nats.errors.TimeoutError:
         raise BusError("timeout", f"no reply on {subject} within {timeout:.1f} s") from None
     return reply_type.decode(resp.data)
+
+
+async def _request_resending(nc: NATS, subject: str, msg: BusMessage, reply_type: type[M], timeout: float,
+                             poll_s: float = 0.25) -> M:
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)  # restored on reconnect before anything this client sends next
+    payload, headers = msg.encode(), inject_headers()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        await nc.publish(subject, payload, reply=inbox, headers=headers)
+        seen = nc.stats["reconnects"]
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise BusError("timeout", f"no reply on {subject} within {timeout:.1f} s")
+            try:
+                reply = await sub.next_msg(timeout=min(poll_s, left))
+            except nats.errors.TimeoutError:
+                if nc.stats["reconnects"] != seen:
+                    seen = nc.stats["reconnects"]
+                    log.info("reconnected while waiting on %s: sending the request again", subject)
+                    await nc.publish(subject, payload, reply=inbox, headers=headers)
+                continue
+            if reply.headers and reply.headers.get(STATUS_HEADER) == "503":
+                raise BusError("no_responders", f"nobody is listening on {subject}")
+            return reply_type.decode(reply.data)
+    finally:
+        with contextlib.suppress(nats.errors.ConnectionClosedError, nats.errors.BadSubscriptionError):
+            await sub.unsubscribe()
 
 
 async def request_stream(
@@ -302,16 +340,51 @@ class KvMirror(Generic[M]):
 
     Keeps watching across NATS reconnects; ``ready`` is set once the bucket's current content
     has been read. Undecodable values are logged and skipped, never fatal.
+
+    It also says what it could not see. ``blind(now)`` lists the wall-clock intervals in which the watch
+    was down (from a lost connection or a failed watch until the next snapshot was read): a reader must
+    not take a writer's silence in those intervals for the writer's death. ``heard_since_resume(key)``
+    says whether ``key`` was written after the current watch began, which proves its writer is connected
+    to the server this reader now talks to (and, its subscriptions being restored before its writes,
+    can be sent requests).
     """
 
+    MAX_BLIND_INTERVALS = 64  # older outages no longer matter to anyone's heartbeat
+
     def __init__(self, kv: KeyValue, value_type: type[M],
-                 on_change: Callable[[], Awaitable[None] | None] | None = None):
+                 on_change: Callable[[], Awaitable[None] | None] | None = None,
+                 clock: Callable[[], float] = time.time):
         self._kv = kv
         self._type = value_type
         self._on_change = on_change
+        self._clock = clock
         self.items: dict[str, M] = {}
         self.ready = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._blind: list[tuple[float, float]] = []
+        self._blind_since: float | None = None  # the watch is down since then (None: watching)
+        self._resumed_at = float("inf")  # when the current watch's snapshot was read
+        self._heard_at: dict[str, float] = {}  # key -> when its latest live update arrived
+
+    def blind(self, now: float | None = None) -> list[tuple[float, float]]:
+        """The intervals this mirror could not see, the one under way (ending ``now``) included."""
+        if self._blind_since is None:
+            return list(self._blind)
+        return [*self._blind, (self._blind_since, self._clock() if now is None else now)]
+
+    def heard_since_resume(self, key: str) -> bool:
+        return self._heard_at.get(key, float("-inf")) >= self._resumed_at
+
+    def _went_blind(self) -> None:
+        if self._blind_since is None and self.ready.is_set():
+            self._blind_since = self._clock()
+
+    def _resumed(self) -> None:
+        now = self._clock()
+        if self._blind_since is not None:
+            self._blind = [*self._blind, (self._blind_since, now)][-self.MAX_BLIND_INTERVALS:]
+            self._blind_since = None
+        self._resumed_at = now
 
     def start(self) -> KvMirror[M]:
         self._task = asyncio.create_task(self._run(), name=f"kv-mirror-{self._type.__name__}")
@@ -330,16 +403,19 @@ class KvMirror(Generic[M]):
             try:
                 watcher = await self._kv.watchall()
                 if nc is not None:
-                    watchdog = asyncio.create_task(_stop_on_reconnect(watcher, nc))
+                    watchdog = asyncio.create_task(_stop_on_reconnect(watcher, nc, self._went_blind))
                 fresh: dict[str, M] = {}
                 initial = True
                 async for entry in watcher:
                     if entry is None:  # end of the initial snapshot
                         initial = False
                         self.items = fresh
+                        self._resumed()
                         self.ready.set()
                         await self._changed()
                         continue
+                    if not initial:
+                        self._heard_at[entry.key] = self._clock()
                     target = fresh if initial else self.items
                     if entry.operation in ("DEL", "PURGE") or not entry.value:
                         target.pop(entry.key, None)
@@ -354,6 +430,7 @@ class KvMirror(Generic[M]):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # reconnects, consumer loss: start a fresh watch
+                self._went_blind()
                 log.warning("KV watch on %s interrupted (%s); rewatching", self._type.__name__, exc)
                 await asyncio.sleep(0.5)
             finally:
@@ -372,11 +449,15 @@ class KvMirror(Generic[M]):
                 await result
 
 
-async def _stop_on_reconnect(watcher, nc: NATS, every_s: float = 0.25) -> None:
+async def _stop_on_reconnect(watcher, nc: NATS, went_blind: Callable[[], None], every_s: float = 0.25) -> None:
     """End a KV watch when its connection reconnects. A restarted server has lost the watch's ordered
     consumer, which nats-py notices only after missed heartbeats (10-15 s of a stale mirror, during which
-    placement saw no live workers); the mirror rewatches at once instead."""
+    placement saw no live workers); the mirror rewatches at once instead. ``went_blind`` is called as soon
+    as the connection is seen down (within ``every_s``)."""
     seen = nc.stats["reconnects"]
     while nc.stats["reconnects"] == seen:
+        if not nc.is_connected:
+            went_blind()
         await asyncio.sleep(every_s)
+    went_blind()  # a reconnect faster than one poll
     await watcher.stop()

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 
-from shared.bus import BusError
+from shared.bus import BusError, KvMirror
+from shared.messages import WorkerState
+from shared.policy.cluster import live_workers
 from shared.settings import CommonSettings
 from shared.telemetry import configure_logging, setup_tracing
 
@@ -46,3 +49,12 @@ def brief(exc: BaseException) -> str:
     """The first line of an exception (SQLAlchemy errors append the whole statement)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+def seen_workers(mirror: KvMirror[WorkerState], timeout_s: float, *, reachable: bool = False) -> list[WorkerState]:
+    """The live workers in a mirror of the workers bucket, the mirror's own outages not counted as their
+    silence (a NATS restart does not make every worker look gone to whoever reconnects first).
+    ``reachable``: only those heard since the mirror's watch resumed, the ones a command can reach now."""
+    now = time.time()
+    live = live_workers(mirror.items.values(), now, timeout_s, mirror.blind(now))
+    return [w for w in live if mirror.heard_since_resume(w.worker_id)] if reachable else live

@@ -1,6 +1,6 @@
 """An in-memory stand-in for a NATS connection, for handler-level unit tests of the service shells (as httpx's
 ``MockTransport`` stands in for a server): core publish, subscribe with ``*`` / ``>`` wildcards and queue groups,
-request-reply with inboxes and no-responders. It has what ``shared.bus.request``, ``request_stream`` and
+request-reply with inboxes and no-responders (a 503 status to the reply inbox). It has what ``shared.bus.request``, ``request_stream`` and
 ``reply`` use; JetStream, KV and reconnects are for the integration tests against a real nats-server.
 """
 
@@ -49,6 +49,7 @@ class InMemoryNats:
         self.published: list[Msg] = []  # everything sent, for assertions
         self._ids = itertools.count()
         self._tasks: set[asyncio.Task] = set()
+        self.stats = {"reconnects": 0}  # never reconnects
 
     def new_inbox(self) -> str:
         return f"_INBOX.mem.{next(self._ids)}"
@@ -65,6 +66,9 @@ class InMemoryNats:
         for sub in list(self.subs):
             if matches(sub.subject, subject):
                 groups.setdefault(sub.queue or f"\0{id(sub)}", []).append(sub)
+        if not groups and reply:  # what nats-server answers a request nobody listens to
+            await self.publish(reply, b"", headers={"Status": "503"})
+            return
         for members in groups.values():
             sub = members[next(self._ids) % len(members)]  # one member of a queue group
             if sub.cb is None:

@@ -13,7 +13,7 @@ from shared.admin import (
 from shared.db import repo
 from shared.messages import ModelSpec, OperatorHold
 from shared.model_folder import max_context, weight_bytes
-from shared.policy.cluster import live_workers
+from shared.service import seen_workers
 
 log = logging.getLogger("warmserve.placement")
 
@@ -68,7 +68,7 @@ class Admin:
         return {"removed": a.slug}
 
     async def worker_list(self, _: NoArgs) -> list[dict]:
-        live = live_workers(self.svc.workers.items.values(), time.time(), self.svc.settings.heartbeat_timeout_s)
+        live = seen_workers(self.svc.workers, self.svc.settings.heartbeat_timeout_s)
         return [w.model_dump(mode="json") for w in live]
 
     async def placement_history(self, a: HistoryArgs) -> list[dict]:

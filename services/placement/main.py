@@ -15,9 +15,9 @@ from shared import bus
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
 from shared.messages import ApiKeyRecord, Forecast, ModelSpec, OperatorHold, PlacementPlan, WorkerState
-from shared.policy.cluster import ClusterView, live_workers
+from shared.policy.cluster import ClusterView
 from shared.policy.prewarm_placement import PlacementConfig
-from shared.service import brief, run_service
+from shared.service import brief, run_service, seen_workers
 from shared.settings import PlacementSettings, load_settings
 from shared.subjects import (
     ADMIN, APIKEYS_BUCKET, CATALOG_BUCKET, FORECAST, OPERATOR_BUCKET, PLACEMENT_BUCKET, PLACEMENT_KEY, PLACEMENT_PLAN, WORKERS_BUCKET,
@@ -68,7 +68,7 @@ class Placement:
 
     async def replan(self) -> None:
         view = ClusterView.from_workers(
-            live_workers(self.workers.items.values(), time.time(), self.settings.heartbeat_timeout_s))
+            seen_workers(self.workers, self.settings.heartbeat_timeout_s))
         plan = self.core.plan(view, self.catalog.items, self.forecasts, list(self.operator.items.values()), time.time())
         if not self.core.changed(plan):
             return

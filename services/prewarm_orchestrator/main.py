@@ -18,8 +18,8 @@ from shared.messages import (
     WorkerEvent, WorkerState,
 )
 from shared.policy.autoscale import AutoscaleConfig
-from shared.policy.cluster import ClusterView, live_workers
-from shared.service import brief, pause, run_service
+from shared.policy.cluster import ClusterView
+from shared.service import brief, pause, run_service, seen_workers
 from shared.settings import OrchestratorSettings, load_settings
 from shared.subjects import (
     CATALOG_BUCKET, DEMAND, OPERATOR_BUCKET, PLACEMENT_BUCKET, PLACEMENT_KEY, SCALE, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET,
@@ -50,8 +50,9 @@ class Orchestrator:
         task.add_done_callback(self._tasks.discard)
 
     def view(self) -> ClusterView:
-        return ClusterView.from_workers(
-            live_workers(self.workers.items.values(), time.time(), self.settings.heartbeat_timeout_s))
+        """Workers a command can reach: after a NATS restart, a worker is left alone until it is heard
+        again (before that its command subscription may not be back, and a command would be lost)."""
+        return ClusterView.from_workers(seen_workers(self.workers, self.settings.heartbeat_timeout_s, reachable=True))
 
     def drained(self) -> set[str]:
         return {h.target for h in self.operator.items.values() if h.kind == "drain"}
@@ -79,7 +80,7 @@ class Orchestrator:
                                 reason=cmd.reason, instance_id=cmd.instance_id, drain=cmd.drain,
                                 kv_free_blocks=cmd.kv_free_blocks)
             result = await bus.request(self.nc, WORKER_CMD.format(worker=cmd.worker_id), msg, CommandResult,
-                                       timeout=self.settings.command_timeout_s)
+                                       timeout=self.settings.command_timeout_s, resend_on_reconnect=True)
         except Exception as exc:  # no answer, or one that does not decode: retried after the back-off
             code = exc.code if isinstance(exc, bus.BusError) else "bad_reply"
             result = CommandResult(command_id=msg.command_id if msg else "", ok=False,
@@ -168,7 +169,7 @@ class Orchestrator:
         while True:
             try:
                 async with self.sessions() as session:
-                    for w in live_workers(self.workers.items.values(), time.time(), self.settings.heartbeat_timeout_s):
+                    for w in seen_workers(self.workers, self.settings.heartbeat_timeout_s):
                         await repo.touch_worker(session, w)
                     await session.commit()
             except Exception as exc:

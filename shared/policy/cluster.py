@@ -15,9 +15,17 @@ from functools import cached_property
 from shared.messages import CopyState, Outcome, WorkerState
 
 
-def live_workers(states: Iterable[WorkerState], now_s: float, timeout_s: float) -> list[WorkerState]:
-    """Workers whose last heartbeat is recent enough to trust, sorted by id for determinism."""
-    return sorted((w for w in states if now_s - w.heartbeat_at_s <= timeout_s), key=lambda w: w.worker_id)
+def live_workers(states: Iterable[WorkerState], now_s: float, timeout_s: float,
+                 blind: Sequence[tuple[float, float]] = ()) -> list[WorkerState]:
+    """Workers silent for at most ``timeout_s``, sorted by id for determinism.
+
+    Silence is counted only while the reader could see: time inside ``blind`` (the reader's own outages,
+    a NATS restart) is not held against a worker, so a worker that had no way to be heard does not
+    count as gone, and a plan is not moved off it, because the reader was away."""
+    def silence(hb: float) -> float:
+        unseen = sum(max(0.0, min(end, now_s) - max(start, hb)) for start, end in blind)
+        return now_s - hb - unseen
+    return sorted((w for w in states if silence(w.heartbeat_at_s) <= timeout_s), key=lambda w: w.worker_id)
 
 
 @dataclass(frozen=True)

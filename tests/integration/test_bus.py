@@ -1,6 +1,7 @@
 """NATS helpers against a real nats-server."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -100,9 +101,13 @@ async def test_kv_mirror_follows_the_bucket_at_once_after_a_server_restart(tmp_p
     try:
         nc = await bus.connect(server.url, "mirror-restart")
         kv = (await bus.ensure_all(nc.jetstream()))[CATALOG_BUCKET.name]
+        await kv.put("before-restart", ModelSpec(slug="before-restart", path="/x", parameter_bytes=1).encode())
         mirror = bus.KvMirror(kv, ModelSpec).start()
         await asyncio.wait_for(mirror.ready.wait(), 5)
+        assert mirror.blind() == []
+        stopped_at = time.time()
         server.stop()
+        await asyncio.sleep(1.0)  # the server is away long enough for the mirror to notice
         server.start()  # same port and store
         spec = ModelSpec(slug="after-restart", path="/x", parameter_bytes=1)
         deadline = asyncio.get_running_loop().time() + 15
@@ -117,9 +122,54 @@ async def test_kv_mirror_follows_the_bucket_at_once_after_a_server_restart(tmp_p
         while "after-restart" not in mirror.items:
             assert asyncio.get_running_loop().time() - put_at < 3, "the mirror missed a write after the restart"
             await asyncio.sleep(0.05)
+        # the outage is on record as time the mirror could not see, and ended once it watched again
+        [(blind_from, blind_to)] = mirror.blind()
+        assert stopped_at - 0.5 <= blind_from <= stopped_at + 1.0 and blind_to >= stopped_at + 1.0
+        await kv.put("heard", spec.model_copy(update={"slug": "heard"}).encode())
+        put_at = asyncio.get_running_loop().time()
+        while "heard" not in mirror.items:
+            assert asyncio.get_running_loop().time() - put_at < 3, "the mirror missed a live write"
+            await asyncio.sleep(0.05)
+        assert mirror.heard_since_resume("heard")  # written while the new watch ran
+        assert not mirror.heard_since_resume("before-restart")  # only replayed from the store
     finally:
         if mirror is not None:
             await mirror.stop()
+        if nc is not None:
+            await nc.close()
+        server.stop()
+
+
+async def test_a_request_lost_in_a_server_restart_is_sent_again_on_reconnect(tmp_path):
+    """A worker command (or its reply) on the wire when NATS restarts is lost; the orchestrator's request
+    sends it again once reconnected instead of waiting out its whole timeout (minutes for a prewarm)."""
+    from tests.conftest import NatsServer
+
+    server = NatsServer(tmp_path)
+    server.start()
+    nc = None
+    try:
+        nc = await bus.connect(server.url, "resend-on-reconnect")
+        seen: list[bytes] = []
+        first_arrived = asyncio.Event()
+
+        async def responder(msg):  # drops the first copy, as if the outage ate it; answers any later one
+            seen.append(msg.data)
+            if len(seen) == 1:
+                first_arrived.set()
+                return
+            await bus.reply(nc, msg, AdminReply(ok=True, result=AdminRequest.decode(msg.data).args["x"] * 2))
+
+        await nc.subscribe("warmserve.test.once", cb=responder)
+        request = asyncio.create_task(bus.request(nc, "warmserve.test.once", AdminRequest(args={"x": 4}), AdminReply,
+                                                  timeout=60, resend_on_reconnect=True))
+        await asyncio.wait_for(first_arrived.wait(), 5)
+        server.stop()
+        server.start()
+        reply = await asyncio.wait_for(request, 20)  # long before the request's own 60 s
+        assert reply.result == 8
+        assert len(seen) >= 2 and len(set(seen)) == 1  # the very same message (same id), sent again
+    finally:
         if nc is not None:
             await nc.close()
         server.stop()

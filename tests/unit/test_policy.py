@@ -29,6 +29,18 @@ def test_live_workers_drops_silent_ones():
     assert [w.worker_id for w in live_workers(ws, now_s=101.0, timeout_s=5.0)] == ["a", "b"]
 
 
+def test_live_workers_do_not_count_silence_the_reader_could_not_see():
+    # the reader was blind 90..98 (a NATS restart): b's 10 s of silence hold only 2 s it could have heard
+    ws = [worker("a", hb=100.0), worker("b", hb=90.0), worker("c", hb=80.0)]
+    blind = [(90.0, 98.0)]
+    assert [w.worker_id for w in live_workers(ws, now_s=100.0, timeout_s=5.0, blind=blind)] == ["a", "b"]
+    # time before the worker's last heartbeat is no excuse, and silence after the outage counts again
+    assert [w.worker_id for w in live_workers(ws, now_s=104.0, timeout_s=5.0, blind=blind)] == ["a"]
+    # an outage still under way (ending now) freezes a worker's silence where it stood
+    assert [w.worker_id for w in live_workers(ws, now_s=200.0, timeout_s=5.0, blind=[(100.0, 200.0)])] == ["a"]
+    assert live_workers(ws, now_s=200.0, timeout_s=5.0) == []
+
+
 # ---------------------------------------------------------------- routing
 
 

@@ -85,7 +85,9 @@ def test_a_dispatcher_must_handle_exactly_its_verbs():
 def orchestrator(nc, workers, catalog) -> Orchestrator:
     o = Orchestrator(OrchestratorSettings(heartbeat_timeout_s=1e9))
     o.nc = nc
-    o.workers = SimpleNamespace(items={w.worker_id: w for w in workers})
+    # a workers mirror that never lost its watch and has heard every worker since
+    o.workers = SimpleNamespace(items={w.worker_id: w for w in workers}, blind=lambda now=None: [],
+                                heard_since_resume=lambda key: True)
     o.catalog = SimpleNamespace(items={m.slug: m for m in catalog})
     o.operator = SimpleNamespace(items={})
     o.plan = SimpleNamespace(items={})
@@ -130,3 +132,18 @@ async def test_a_worker_that_does_not_answer_fails_the_ask_clearly_and_frees_the
     assert not reply.ok and reply.error.code == "timeout"
     # freed; the askers pace their retries (the gateway's back-off), the worker is not blocked here
     assert o.core.busy == {} and o.core.retry_at == {}
+
+
+async def test_after_a_nats_outage_the_orchestrator_commands_only_workers_heard_again():
+    """Its own outage is no worker's silence (a plan is not moved off a worker because the orchestrator was
+    away), but a command goes only to a worker heard since the watch resumed: before that, the worker's
+    command subscription may not be back and the command would be lost."""
+    nc, now = InMemoryNats(), time.time()
+    o = orchestrator(nc, [worker("w0", heartbeat_s=now - 8), worker("w1", heartbeat_s=now - 8),
+                          worker("w2", heartbeat_s=now - 8)], [model("m")])
+    o.settings = OrchestratorSettings(heartbeat_timeout_s=5)
+    o.workers.blind = lambda at=None: [(now - 7, now - 1)]  # blind for 6 of the 8 silent seconds
+    o.workers.heard_since_resume = lambda key: key != "w1"
+    assert [d.device_id for d in o.view().devices] == ["w0", "w2"]
+    o.workers.blind = lambda at=None: []  # no outage: 8 s of silence is death
+    assert not o.view().devices
