@@ -126,7 +126,7 @@ DEMAND = Subject(
 FORECAST = Subject(
     "warmserve.forecast.{model}", m.Forecast, Durability.STREAM,
     "Predicted average and peak concurrency of a model for the next window.",
-    publishers=(FORECASTER,), readers=(PLACEMENT,),
+    publishers=(FORECASTER,), readers=(PLACEMENT, ORCHESTRATOR),
 )
 PLACEMENT_PLAN = Subject(
     "warmserve.placement.plan", m.PlacementPlan, Durability.STREAM,

@@ -37,7 +37,8 @@ PAPER_PLACEMENT = PlacementConfig(evict=False)
 
 WARMSERVE = {
     "warmserve-paper": WarmServeConfig(name="warmserve-paper", methods=("paper",), use_upper=False,
-                                       placement=PAPER_PLACEMENT, kv_mode="one-way", idle_first=False),
+                                       placement=PAPER_PLACEMENT, kv_mode="one-way", idle_first=False,
+                                       handover=False, forecast_scale_down=False),
     "warmserve": WarmServeConfig(),
 }
 ABLATIONS = {
@@ -48,6 +49,9 @@ ABLATIONS = {
     "warmserve/no-eviction": WarmServeConfig(name="warmserve/no-eviction", placement=PlacementConfig(evict=False)),
     "warmserve/paper-forecaster": WarmServeConfig(name="warmserve/paper-forecaster", methods=("paper",),
                                                   use_upper=False),
+    "warmserve/no-handover": WarmServeConfig(name="warmserve/no-handover", handover=False),
+    "warmserve/no-forecast-scale-down": WarmServeConfig(name="warmserve/no-forecast-scale-down",
+                                                        forecast_scale_down=False),
 }
 SERVERLESSLLM = {  # its defaults (target 1, keep-alive 0), the keep-alive swept, and the newer release's target 5
     "serverlessllm": ServerlessLLMConfig(),

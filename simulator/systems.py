@@ -9,8 +9,9 @@ the *workers'* side: executing those commands on the simulated GPUs (load times,
 reporting back when each command is done, as a worker's reply would.
 
 - ``WarmServe``: all four cores, configured as the paper (its forecaster, point forecasts, no eviction,
-  one-way KV reservation, one placement pass) or as ours (statsforecast selection, upper quantiles,
-  eviction, two-way KV reservation, idle devices first), and the ablations. Its engines are pre-spawned:
+  one-way KV reservation, one placement pass, reactive scale-down, no handover) or as ours (statsforecast
+  selection, upper quantiles, eviction, two-way KV reservation, idle devices first, forecast-driven
+  scale-down, handover), and the ablations. Its engines are pre-spawned:
   a prewarm hit costs ``Costs.activate_s``, a miss the weights from pinned host memory and the same wake-up.
 
 The baselines (ServerlessLLM, MuxServe, a static cluster) follow their own systems' rules, in
@@ -47,16 +48,18 @@ class System:
     keep_weights = True  # a stopped instance's weights stay as a prewarmed copy
     kv_mode = "none"  # none | one-way | two-way: whether instances lend KV beyond their target, and take it back
 
-    def __init__(self, autoscale: AutoscaleConfig):
+    def __init__(self, autoscale: AutoscaleConfig, *, handover: bool = True, forecast_scale_down: bool = True):
         self.autoscale = autoscale
-        self.orchestrator = OrchestratorCore(OrchestratorConfig(autoscale=autoscale,
-                                                                kv_reservation=self.kv_mode != "none"))
+        self.orchestrator = OrchestratorCore(OrchestratorConfig(
+            autoscale=autoscale, kv_reservation=self.kv_mode != "none", handover=handover,
+            forecast_scale_down=forecast_scale_down))
         self.admission = AdmissionCore(queue_size=1 << 30)  # the simulator's queues are unbounded
         self.plan: list[PlannedCopy] = []
         self.scores: dict[str, float] = {}  # "model@gpus" -> the plan's score of that copy
         self.trackers: dict[str, ConcurrencyTracker] = {}
         self.next_sample_s: float | None = None
         self.stopping: dict[int, Command] = {}  # instance -> its deactivate, answered once it has drained
+        self.handing_over: dict[int, tuple[Command, tuple[int, ...]]] = {}  # id(cmd) -> (activate, givers draining)
 
     # ---- hooks the simulator calls ---------------------------------------------------------------------
 
@@ -161,6 +164,10 @@ class System:
             if iid not in sim.instances:
                 del self.stopping[iid]
                 self.orchestrator.on_result(cmd, True, sim.now)
+        for key, (cmd, givers) in list(self.handing_over.items()):  # handovers whose givers have drained
+            if not any(i in sim.instances for i in givers):
+                del self.handing_over[key]
+                self._start(sim, cmd)
         r = self.orchestrator.step(self.view(sim), self.plan, sim.now)
         for cmd in r.commands:
             self.execute(sim, cmd)
@@ -185,8 +192,15 @@ class System:
     def execute(self, sim: Simulator, cmd: Command) -> None:
         """A worker carries the command out; its reply comes when it is done (instances: once ready)."""
         if cmd.kind is CommandKind.ACTIVATE:
-            inst = self.activate(sim, cmd)
-            sim.at(inst.ready_at, self._activated, sim, cmd, inst)
+            givers = list({i.iid: i for g in cmd.devices for i in sim.gpus[g].instances}.values())
+            if cmd.replace_active and givers:  # a handover: the worker drains what serves there first
+                for inst in givers:
+                    sim.drain(inst)
+                still = tuple(i.iid for i in givers if i.iid in sim.instances)
+                if still:
+                    self.handing_over[id(cmd)] = (cmd, still)
+                    return
+            self._start(sim, cmd)
             return
         ok = True
         if cmd.kind is CommandKind.PREWARM:
@@ -211,6 +225,10 @@ class System:
             if inst is not None:
                 inst.kv_target = cmd.kv_free_blocks
         self.orchestrator.on_result(cmd, ok, sim.now, error_code=None if ok else "no_memory")
+
+    def _start(self, sim: Simulator, cmd: Command) -> None:
+        inst = self.activate(sim, cmd)
+        sim.at(inst.ready_at, self._activated, sim, cmd, inst)
 
     def _activated(self, sim: Simulator, cmd: Command, inst: Instance) -> None:
         self.orchestrator.on_result(cmd, True, sim.now)
@@ -268,6 +286,8 @@ class WarmServeConfig:
     prewarm: bool = True
     placement_interval_s: float = 5.0  # replan at least this often, and whenever copies or instances change
     idle_first: bool = True  # ours: what each model needs goes on idle GPUs first, then lent KV (paper: one pass)
+    handover: bool = True  # ours: a queued model takes a lightly used instance's GPU (shared.policy.handover)
+    forecast_scale_down: bool = True  # ours: scaling down keeps what the forecast needs in the next window
 
 
 class WarmServe(System):
@@ -278,7 +298,7 @@ class WarmServe(System):
     def __init__(self, autoscale: AutoscaleConfig, config: WarmServeConfig, history: dict[str, list[WindowObservation]],
                  window_s: float, season_windows: int):
         self.kv_mode = config.kv_mode
-        super().__init__(autoscale)
+        super().__init__(autoscale, handover=config.handover, forecast_scale_down=config.forecast_scale_down)
         self.config = config
         self.name = config.name
         self.keep_weights = config.prewarm
@@ -308,7 +328,9 @@ class WarmServe(System):
             self.catalog = {m.name: ModelSpec(slug=m.name, path=f"sim://{m.name}", parameter_bytes=int(m.weight_bytes),
                                               tensor_parallel_size=m.tp) for m in sim.models.values()}
         if self.forecaster.due(sim.now):
-            self.forecasts.update({f.model: f for f in self.forecaster.round(sim.now, self.catalog).forecasts})
+            for f in self.forecaster.round(sim.now, self.catalog).forecasts:
+                self.forecasts[f.model] = f
+                self.orchestrator.on_forecast(f)
         changed = self.cluster_signature(sim)
         if changed != self.last_signature or sim.now >= self.next_placement:
             self.last_signature = changed

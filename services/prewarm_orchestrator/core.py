@@ -14,9 +14,10 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from shared.messages import CommandKind, Outcome, PlannedCopy
-from shared.policy.autoscale import AutoscaleConfig, InstanceView as AutoscaleInstance, LoadWindow, decide
+from shared.messages import CommandKind, Forecast, Outcome, PlannedCopy
+from shared.policy.autoscale import AutoscaleConfig, InstanceView as AutoscaleInstance, LoadWindow, decide, forecast_keep
 from shared.policy.cluster import ClusterView
+from shared.policy.handover import HandoverConfig, choose_handover
 from shared.policy.kv import next_kv_target
 from shared.policy.reconcile import reconcile
 from shared.policy.scaleup import choose_group
@@ -31,6 +32,10 @@ class OrchestratorConfig:
     kv_reservation: bool = True
     min_active: int = 0  # instances kept per planned model whatever the load
     gateway_load_max_age_s: float = 3.0  # a gateway's report older than this no longer counts
+    forecast_scale_down: bool = True  # keep the instances a model's forecast needs within the next window
+    handover: bool = True  # a queued model may take the GPU of a lightly used instance (shared.policy.handover)
+    handover_margin: float = 2.0
+    forecast_max_age_windows: float = 2.0  # an older forecast is not acted on
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class Command:
     kv_free_blocks: int | None = None  # set_kv_target
     outcome: Outcome | None = None  # activate: how the instance is made (prewarm_hit or cold)
     scale_up: bool = False  # an activation asked for by a scale-up (its askers retry; no back-off here)
+    replace_active: bool = False  # activate: a handover (the worker drains its current instance first)
 
     @property
     def worker_id(self) -> str:
@@ -104,11 +110,25 @@ class OrchestratorCore:
         self.kv_unsupported: set[str] = set()  # devices whose engine cannot resize KV (vLLM)
         self.windows: dict[str, LoadWindow] = {}
         self.gateway_load = GatewayLoad(config.gateway_load_max_age_s)
+        self.forecasts: dict[str, Forecast] = {}
+        self.handover = HandoverConfig(margin=config.handover_margin, up=config.autoscale.up,
+                                       batch_capacity=config.autoscale.batch_capacity)
 
     # ---- inputs ---------------------------------------------------------------------------------------
 
     def on_demand(self, model: str, gateway: str, at_s: float, concurrency: float) -> None:
         self.gateway_load.add(model, gateway, at_s, concurrency)
+
+    def on_forecast(self, forecast: Forecast) -> None:
+        self.forecasts[forecast.model] = forecast
+
+    def peaks(self, now_s: float) -> dict[str, float]:
+        """Each model's forecast peak concurrency (upper quantile) for the next window, if fresh."""
+        return {m: f.predicted_peak_upper for m, f in self.forecasts.items()
+                if now_s - f.window_start_s <= self.config.forecast_max_age_windows * f.window_s}
+
+    def loads(self, now_s: float) -> dict[str, float]:
+        return {m: w.mean(now_s) for m, w in self.windows.items()}
 
     def on_result(self, command: Command, ok: bool, now_s: float, error_code: str | None = None) -> None:
         """How a command ended: frees its (device, model) and sets or clears its back-off."""
@@ -187,6 +207,7 @@ class OrchestratorCore:
             self.windows.setdefault(model, LoadWindow(cfg.window_s)).add(now_s, load)
         # a drained worker's stop does not hold its model back: the replacement may start meanwhile
         busy_models = {m for (_, m), c in self.busy.items() if c.reason != DRAINED}
+        peaks = self.peaks(now_s) if self.config.forecast_scale_down else {}
         scale_up, loads = {}, {}
         for model, window in list(self.windows.items()):
             load = window.mean(now_s)
@@ -197,7 +218,7 @@ class OrchestratorCore:
                 continue
             if model in busy_models:
                 continue  # a scale-up or stop is under way: decide again once it lands
-            d = decide(load, ins, now_s, cfg, window_full=window.full(now_s))
+            d = decide(load, ins, now_s, cfg, window_full=window.full(now_s), keep=forecast_keep(peaks.get(model, 0.0), cfg))
             if d.add and ins:  # a model with no instance is started by the gateway's request (it knows the wait)
                 scale_up[model] = d.add
             for i in d.stop:
@@ -223,6 +244,19 @@ class OrchestratorCore:
         busy = {device for (device, m), c in self.busy.items() if m != model or c.kind is not CommandKind.PREWARM}
         busy |= set(drained)
         choice = choose_group(view, model, tp, shard_bytes, busy=busy)
+        if self.config.handover and (choice is None or choice.outcome is Outcome.COLD):
+            own = view.instances_of(model)
+            demand = max(self.gateway_load.current(now_s).get(model, 0.0), float(waiting)) + sum(
+                i.in_flight for i in own)
+            taken = {g for c in self.busy.values() for g in c.devices} | set(drained)
+            h = choose_handover(view, model, tp, shard_bytes, demand, self.loads(now_s), self.peaks(now_s),
+                                busy=taken, free_alternative=choice is not None, config=self.handover)
+            if h is not None:
+                cmd = Command(CommandKind.ACTIVATE, model, h.devices, outcome=h.outcome, scale_up=True,
+                              replace_active=True, reason=f"handover ({h.rule}) from {', '.join(h.givers)} "
+                                                          f"({reason}, {waiting} waiting)")
+                self.busy[cmd.key] = cmd
+                return ScaleAnswer(command=cmd, outcome=h.outcome, worker_id=h.worker_id)
         if choice is None:
             return ScaleAnswer(error_code="no_capacity", error=f"no worker can take another instance of {model} now")
         cmd = Command(CommandKind.ACTIVATE, model, choice.devices, reason=f"scale-up ({reason}, {waiting} waiting)",

@@ -14,7 +14,7 @@ from shared import bus
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
 from shared.messages import (
-    CommandResult, DemandSample, ErrorInfo, ModelSpec, OperatorHold, PlacementPlan, ScaleReply, ScaleRequest, WorkerCommand,
+    CommandResult, DemandSample, ErrorInfo, Forecast, ModelSpec, OperatorHold, PlacementPlan, ScaleReply, ScaleRequest, WorkerCommand,
     WorkerEvent, WorkerState,
 )
 from shared.policy.autoscale import AutoscaleConfig
@@ -22,7 +22,7 @@ from shared.policy.cluster import ClusterView
 from shared.service import brief, pause, run_service, seen_workers
 from shared.settings import OrchestratorSettings, load_settings
 from shared.subjects import (
-    CATALOG_BUCKET, DEMAND, OPERATOR_BUCKET, PLACEMENT_BUCKET, PLACEMENT_KEY, SCALE, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET,
+    CATALOG_BUCKET, DEMAND, FORECAST, OPERATOR_BUCKET, PLACEMENT_BUCKET, PLACEMENT_KEY, SCALE, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET,
 )
 from shared.telemetry import extract_context, tracer
 
@@ -78,7 +78,7 @@ class Orchestrator:
         try:
             msg = WorkerCommand(kind=cmd.kind, model=cmd.model, spec=self.catalog.items.get(cmd.model),
                                 reason=cmd.reason, instance_id=cmd.instance_id, drain=cmd.drain,
-                                kv_free_blocks=cmd.kv_free_blocks)
+                                kv_free_blocks=cmd.kv_free_blocks, replace_active=cmd.replace_active)
             result = await bus.request(self.nc, WORKER_CMD.format(worker=cmd.worker_id), msg, CommandResult,
                                        timeout=self.settings.command_timeout_s, resend_on_reconnect=True)
         except Exception as exc:  # no answer, or one that does not decode: retried after the back-off
@@ -101,6 +101,14 @@ class Orchestrator:
             return
         self.core.on_demand(sample.model, sample.gateway_id, sample.start_s + sample.interval_s,
                             sample.concurrency_avg)
+
+    async def on_forecast(self, msg) -> None:
+        """The forecaster's latest per model: scaling down keeps what the next window needs, and handover
+        weighs what a giver's model will need."""
+        try:
+            self.core.on_forecast(Forecast.decode(msg.data))
+        except ValueError as exc:
+            log.warning("dropping malformed forecast: %s", brief(exc))
 
     def _start_scale_up(self, req: ScaleRequest) -> asyncio.Task:
         task = self._scaling.get(req.model)
@@ -196,6 +204,8 @@ class Orchestrator:
         scale_sub = await self.nc.subscribe(SCALE.wildcard, queue="orchestrator", cb=on_scale)
         demand_sub = await self.js.subscribe(DEMAND.wildcard, ordered_consumer=True,
                                              deliver_policy=DeliverPolicy.NEW, cb=self.on_demand)
+        forecast_sub = await self.js.subscribe(FORECAST.wildcard, ordered_consumer=True,
+                                               deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, cb=self.on_forecast)
         log.info("orchestrator up: reconciling every %.1f s", s.reconcile_interval_s)
         while not stop.is_set():
             if all(m.ready.is_set() for m in (self.workers, self.plan, self.catalog, self.operator)):
@@ -206,6 +216,7 @@ class Orchestrator:
             await pause(stop, s.reconcile_interval_s)
         await scale_sub.unsubscribe()
         await demand_sub.unsubscribe()
+        await forecast_sub.unsubscribe()
         for t in loops + list(self._tasks):
             t.cancel()
         await asyncio.gather(*loops, *self._tasks, return_exceptions=True)

@@ -3,8 +3,9 @@
 Load is the time-weighted mean concurrency of the model over the last ``window_s`` (5 s); capacity is
 instances x B. Above ``up`` x capacity the model scales to ``ceil(load / up / B)`` instances; below
 ``down`` x capacity it scales to ``ceil(load / down / B)`` (at least ``min_instances``). An instance younger
-than ``min_lifetime_s`` is never stopped, and instances are drained before they stop (the caller's job: the
-decision names which to drain, least busy first). Everything is a function of what is passed in.
+than ``min_lifetime_s`` is never stopped, nor one the model's forecast needs within the next window
+(``keep``), and instances are drained before they stop (the caller's job: the decision names which to
+drain, least busy first). Everything is a function of what is passed in.
 """
 
 from __future__ import annotations
@@ -81,16 +82,24 @@ class LoadWindow:
         return area / covered if covered > 0 else pts[-1][1]
 
 
+def forecast_keep(peak: float, config: AutoscaleConfig = AutoscaleConfig()) -> int:
+    """Instances a forecast peak concurrency for the next window needs at the scale-up threshold."""
+    return math.ceil(peak / config.up / max(config.batch_capacity, 1)) if peak > 0 else 0
+
+
 def decide(load: float, instances: Sequence[InstanceView], now_s: float, config: AutoscaleConfig = AutoscaleConfig(),
-           window_full: bool = True) -> ScaleDecision:
-    """How many instances a model should run for ``load``, and which ones to drain."""
+           window_full: bool = True, keep: int = 0) -> ScaleDecision:
+    """How many instances a model should run for ``load``, and which ones to drain. ``keep``: instances
+    the forecast says the model needs within the next window (``forecast_keep``); scaling down never goes
+    below it, so a GPU is not given back just before its model needs it again."""
     n, b = len(instances), max(config.batch_capacity, 1)
     capacity = n * b
     if load > config.up * capacity:
         target = max(math.ceil(load / config.up / b), config.min_instances, 1)
         return ScaleDecision(target, max(target - n, 0), (), load, f"load {load:.2f} > {config.up} x {capacity}")
-    if n > config.min_instances and load < config.down * capacity and window_full:
-        target = max(math.ceil(load / config.down / b), config.min_instances)
+    floor = max(config.min_instances, keep)
+    if n > floor and load < config.down * capacity and window_full:
+        target = max(math.ceil(load / config.down / b), floor)
         old_enough = [i for i in instances if now_s - i.started_at_s >= config.min_lifetime_s]
         old_enough.sort(key=lambda i: (i.in_flight, -i.started_at_s, i.instance_id))
         stop = tuple(old_enough[: max(n - target, 0)])
@@ -98,4 +107,7 @@ def decide(load: float, instances: Sequence[InstanceView], now_s: float, config:
             return ScaleDecision(n - len(stop), 0, stop, load, f"load {load:.2f} < {config.down} x {capacity}")
         return ScaleDecision(n, 0, (), load, f"load {load:.2f} < {config.down} x {capacity}, "
                                              f"but no instance is older than {config.min_lifetime_s:g} s")
+    if n and n <= keep and load < config.down * capacity:
+        return ScaleDecision(n, 0, (), load, f"load {load:.2f} < {config.down} x {capacity}, "
+                                             f"but the forecast needs {keep} instance(s) within the next window")
     return ScaleDecision(max(n, config.min_instances), max(config.min_instances - n, 0), (), load, "within band")

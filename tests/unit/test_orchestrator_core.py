@@ -4,7 +4,7 @@ table and back-off, all with the clock passed in."""
 from services.prewarm_orchestrator.core import OrchestratorConfig, OrchestratorCore
 from shared.messages import CommandKind, CopyState, Outcome, PlannedCopy
 from shared.policy.autoscale import AutoscaleConfig
-from tests.factories import GB, copy, view, worker
+from tests.factories import GB, copy, forecast, view, worker
 
 
 def core(**autoscale) -> OrchestratorCore:
@@ -114,3 +114,61 @@ def test_scale_up_skips_devices_busy_with_another_model_and_drained_ones():
     assert (prewarm.kind, prewarm.model) == (CommandKind.PREWARM, "b")
     answer = c.scale_up(v, "a", 1, GB, now_s=1.0, drained={"w1"})
     assert (answer.worker_id, answer.outcome) == ("w2", Outcome.COLD)  # w0 is loading b, w1 is drained
+
+
+# ---- handover and forecast-driven scale-down (crowded clusters) ------------------------------------------
+
+
+def test_with_nothing_free_a_queued_model_takes_the_gpu_of_a_light_instance_from_its_copy():
+    c = core()
+    v = view(worker("w0", copy("x", CopyState.ACTIVE, in_flight=1, worker_id="w0"), ("a", CopyState.PREWARMED)),
+             worker("w1", copy("y", CopyState.ACTIVE, in_flight=4, worker_id="w1"), ("a", CopyState.PREWARMED)))
+    answer = c.scale_up(v, "a", 1, GB, now_s=1.0, waiting=4)  # 4 waiting >= 2 x x's one request
+    cmd = answer.command
+    assert (cmd.kind, cmd.worker_id, cmd.outcome, cmd.replace_active) == (
+        CommandKind.ACTIVATE, "w0", Outcome.PREWARM_HIT, True)
+    assert "handover (trades) from w0-x" in cmd.reason
+    assert c.scale_up(v, "b", 1, GB, now_s=1.0, waiting=4).error_code == "no_capacity"  # w0 is taken; y is full
+    off = OrchestratorCore(OrchestratorConfig(autoscale=AutoscaleConfig(batch_capacity=4), handover=False))
+    assert off.scale_up(v, "a", 1, GB, now_s=1.0, waiting=4).error_code == "no_capacity"
+
+
+def test_a_giver_whose_forecast_needs_it_is_kept_unless_the_queue_is_margin_times_larger():
+    v = view(worker("w0", copy("x", CopyState.ACTIVE, in_flight=1, worker_id="w0"), ("a", CopyState.PREWARMED)))
+    c = core()
+    c.on_forecast(forecast("x", avg=2.0, peak=3.0))  # x expects 3 concurrent requests on its only instance
+    assert c.scale_up(v, "a", 1, GB, now_s=10.0, waiting=5).error_code == "no_capacity"  # 5 < 2 x 3
+    assert c.scale_up(v, "a", 1, GB, now_s=10.0, waiting=6).command.replace_active  # 6 >= 2 x 3
+    c = core()
+    c.on_forecast(forecast("x", avg=2.0, peak=3.0))
+    assert c.scale_up(v, "a", 1, GB, now_s=10_000.0, waiting=5).command is not None  # a stale forecast is not acted on
+
+
+def test_a_giver_whose_siblings_carry_its_load_and_forecast_fits_even_for_one_waiting_request():
+    c = core()
+    v = view(worker("w0", copy("x", CopyState.ACTIVE, in_flight=0, worker_id="w0"), ("a", CopyState.PREWARMED)),
+             worker("w1", copy("x", CopyState.ACTIVE, in_flight=1, worker_id="w1")),
+             worker("w2", budget=4 * GB))
+    # w2 is free for a cold load, but w0 is idle, fits (x's other instance carries its load) and holds a's copy
+    answer = c.scale_up(v, "a", 1, GB, now_s=1.0, waiting=1)
+    assert (answer.worker_id, answer.outcome, "fits" in answer.command.reason) == ("w0", Outcome.PREWARM_HIT, True)
+    busy = view(worker("w0", copy("x", CopyState.ACTIVE, in_flight=1, worker_id="w0"), ("a", CopyState.PREWARMED)),
+                worker("w1", copy("x", CopyState.ACTIVE, in_flight=1, worker_id="w1")),
+                worker("w2", budget=4 * GB))
+    answer = core().scale_up(busy, "a", 1, GB, now_s=1.0, waiting=1)  # a drain could outlast the cold load
+    assert (answer.worker_id, answer.outcome, answer.command.replace_active) == ("w2", Outcome.COLD, False)
+
+
+def test_scale_down_keeps_the_instances_the_forecast_needs_within_the_next_window():
+    v = view(worker("w0", copy("x", CopyState.ACTIVE, in_flight=0, worker_id="w0")))
+    reactive = OrchestratorCore(OrchestratorConfig(autoscale=AutoscaleConfig(batch_capacity=4),
+                                                   forecast_scale_down=False))
+    forecasted = core()
+    for c in (reactive, forecasted):
+        c.on_forecast(forecast("x", avg=1.0, peak=2.0))
+        c.step(v, [], now_s=100.0)
+    stops = lambda c: [cmd for cmd in c.step(v, [], now_s=106.0).commands if cmd.kind is CommandKind.DEACTIVATE]
+    assert len(stops(reactive)) == 1  # idle for a whole window: stopped
+    assert stops(forecasted) == []  # the forecast says x needs it within the next window
+    forecasted.on_forecast(forecast("x", avg=0.0, peak=0.0))
+    assert len(stops(forecasted)) == 1  # no longer needed: its GPU goes back to the pool

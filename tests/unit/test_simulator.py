@@ -186,3 +186,26 @@ def test_a_seed_reproduces_a_run_in_any_process():
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")]
     assert json.loads(runs[0]) == json.loads(runs[1]), runs
+
+
+# ---- handover (crowded clusters) ---------------------------------------------------------------------------
+
+
+def test_a_handover_drains_the_giver_without_losing_its_request_and_serves_the_queued_model_sooner():
+    """One GPU serves o7 (one long request); three requests of m7 arrive. With handover the orchestrator drains
+    o7's instance (its request finishes there) and activates m7 at once; without, m7 waits until the
+    autoscaler stops the idle o7 instance a window later."""
+    other = SimModel.llama2("o7", "7b")
+    reqs = [Request(0, "o7", 0.0, 200, 100)] + [Request(i, "m7", 1.0, 200, 10) for i in (1, 2, 3)]
+    runs = {}
+    for handover in (True, False):
+        sim = one_gpu(System(AutoscaleConfig(), handover=handover, forecast_scale_down=False), (M7, other))
+        sim.run(reqs, until_s=60.0)
+        sim.check_memory()
+        runs[handover] = sim
+    for sim in runs.values():
+        assert all(r.first_token_s is not None and r.done_s is not None for r in sim.records.values())
+    giver = runs[True].records[0]
+    assert giver.done_s < min(runs[True].records[i].first_token_s for i in (1, 2, 3))  # drained before the switch
+    ttft = {h: max(sim.records[i].ttft_s for i in (1, 2, 3)) for h, sim in runs.items()}
+    assert ttft[True] + 3.0 < ttft[False]  # no waiting out the autoscaler's window

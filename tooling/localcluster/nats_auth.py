@@ -144,7 +144,7 @@ WHY = {
                  "pins) and placement buckets; answers admin verbs (replies into the operator's inbox); may update "
                  "a stream whose configuration changed",
     "orchestrator": "the only sender of worker commands; answers gateways' scale requests; reads worker events "
-                    "through its durable consumer and demand through an ordered one; mirrors workers, plan, "
+                    "through its durable consumer, demand and forecasts through ordered ones; mirrors workers, plan, "
                     "catalog and operator holds",
     "worker": "serves inference (chunks into gateways' inboxes, or an operator's) and commands (answers the orchestrator); publishes "
               "its events and its state (the workers bucket, which only workers write)",
