@@ -121,6 +121,9 @@ class PlacementSettings(CommonSettings):
                              "serving instances lend (a copy on a serving worker cannot become an instance until it stops)")
     prewarm: bool = Field(True, description="forecast-driven prewarming; false: only operator pins are prewarmed, "
                           "so scaling is reactive and a new instance loads from scratch (the load test's baseline)")
+    forecast_freed_first: bool = Field(True, description="with idle_first, workers whose instances the forecast "
+                                       "says will scale down within the next window count as idle (copies go where "
+                                       "an activation will soon be possible)")
 
 
 class OrchestratorSettings(CommonSettings):
@@ -133,6 +136,12 @@ class OrchestratorSettings(CommonSettings):
     min_instance_lifetime_s: float = Field(5.0, ge=0, description="an instance younger than this is never stopped")
     batch_capacity: int = Field(32, ge=1, description="B: concurrent requests one instance serves")
     kv_reservation: bool = Field(True, description="push KV free-block targets (total x in_flight / B) to active instances")
+    forecast_scale_down: bool = Field(True, description="never scale below the instances a model's forecast peak needs "
+                                      "within the next window (false: purely reactive scale-down)")
+    handover: bool = Field(True, description="a queued model with no free worker may take the worker of another model's "
+                           "lightly used instance, drained first (docs/placement.md, 'Handover')")
+    handover_margin: float = Field(2.0, ge=1, description="a handover that costs the giving model capacity it needs "
+                                   "requires the queued model's demand to be this many times the giver's")
 
     @model_validator(mode="after")
     def _band(self):

@@ -12,7 +12,10 @@ are options the service can run too (``PlacementCoreConfig``).
   for a copy that cannot fit once loaded.
 - **Idle first** (``idle_first``): a copy on a serving device cannot become an instance until that
   instance stops, so each model's replicas are placed on idle devices first (copies on serving devices do
-  not count), and only then in the KV that instances lend.
+  not count), and only then in the KV that instances lend. With ``forecast_freed_first`` a device counts
+  as idle in the first pass also when its instances are forecast to stop within the next window (their
+  model has more instances than its forecast peak needs; the least busy would stop first), so copies go
+  where an activation will soon be possible.
 - **No prewarming** (``prewarm=False``): forecasts are ignored and no unpinned copy is kept (reactive
   autoscaling: a stopped instance is evicted, the next scale-up loads from scratch).
 - **No workers.** While no worker reports (a NATS outage, everything restarting) the plan in force is
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from shared.messages import Forecast, ModelSpec, ModelStatus, OperatorHold, PlacementPlan, PlannedCopy
+from shared.policy.autoscale import AutoscaleConfig, forecast_keep
 from shared.policy.cluster import ClusterView
 from shared.policy.prewarm_placement import Gpu, ModelDemand, PlacementConfig, PlacementDecision, Replica, place
 
@@ -38,6 +42,7 @@ class PlacementCoreConfig:
     idle_first: bool = False
     peak: Literal["upper", "point"] = "upper"  # which forecast of the peak sizes the burst replicas
     max_tp: int = 1  # the largest tensor-parallel group the workers can run (each service worker drives one device)
+    forecast_freed_first: bool = True  # idle first counts devices whose instances the forecast will stop as idle
 
 
 @dataclass(frozen=True)
@@ -108,12 +113,35 @@ class PlacementCore:
         replicas = [Replica(m, g) for m, g in sorted(existing) if m in known and usable.issuperset(g)]
         return PlanInputs(gpus, demands, replicas, skipped)
 
-    def decide(self, view: ClusterView, inputs: PlanInputs) -> PlacementDecision:
+    def freed(self, view: ClusterView, forecasts: Mapping[str, Forecast]) -> set[str]:
+        """Devices whose every instance the forecast says will stop within the next window: a model with more
+        instances than ``forecast_keep`` of its forecast peak loses its least busy ones first (the autoscaler's
+        order). A model without a forecast keeps what it has."""
+        cfg = AutoscaleConfig(batch_capacity=self.config.placement.batch_capacity)
+        stopping: set[str] = set()
+        for model in {i.model for i in view.instances}:
+            fc = forecasts.get(model)
+            if fc is None:
+                continue
+            running = sorted(view.instances_of(model), key=lambda i: (i.in_flight, -i.started_at_s, i.instance_id))
+            stopping |= {i.instance_id for i in running[:max(len(running) - forecast_keep(fc.predicted_peak_upper, cfg), 0)]}
+        on: dict[str, set[str]] = {}
+        for i in view.instances:
+            for g in i.devices:
+                on.setdefault(g, set()).add(i.instance_id if not i.draining else "")
+        return {g for g, ids in on.items() if ids and ids <= stopping}
+
+    def decide(self, view: ClusterView, inputs: PlanInputs,
+               forecasts: Mapping[str, Forecast] | None = None) -> PlacementDecision:
         if not self.config.idle_first:
             return place(inputs.demands, inputs.gpus, inputs.existing, self.config.placement)
-        # pass 1: idle devices only, with the copies already on them; pass 2: everything, lent KV included
+        # pass 1: idle devices only (and, with forecast_freed_first, those whose instances will stop), with the
+        # copies already on them; pass 2: everything, lent KV included
         usable = {u.gpu_id for u in inputs.gpus}
+        freed = self.freed(view, forecasts or {}) if self.config.forecast_freed_first and self.config.prewarm else set()
+        capacity = {g.gpu_id: g for g in inputs.gpus}
         idle = [g for g in self.gpus(view, lend=False) if not view.serving(g.gpu_id) and g.gpu_id in usable]
+        idle += [capacity[gid] for gid in sorted(freed & usable)]
         idle_ids = {g.gpu_id for g in idle}
         first = place(inputs.demands, idle, [r for r in inputs.existing if idle_ids.issuperset(r.gpus)],
                       self.config.placement)
@@ -130,7 +158,7 @@ class PlacementCore:
             self.latest = self.current
             return self.current
         inputs = self.inputs(view, catalog, forecasts, holds)
-        decision = self.decide(view, inputs)
+        decision = self.decide(view, inputs, forecasts)
         self.latest = to_plan(decision, inputs, forecasts if self.config.prewarm else {}, self.config, now_s)
         return self.latest
 
@@ -155,7 +183,7 @@ def to_plan(decision: PlacementDecision, inputs: PlanInputs, forecasts: Mapping[
     p = config.placement
     return PlacementPlan(created_at_s=now_s, copies=copies, inputs={
         "strategy": p.strategy, "evict": p.evict, "batch_capacity": p.batch_capacity, "prewarm": config.prewarm,
-        "idle_first": config.idle_first,
+        "idle_first": config.idle_first, "forecast_freed_first": config.forecast_freed_first,
         "workers": {g.gpu_id: {"node": g.node, "capacity_bytes": g.capacity_bytes} for g in inputs.gpus},
         "demand": {d.model: {"avg": round(d.avg, 3), "peak_upper": round(d.peak, 3), "running": d.running,
                              "weight_bytes": d.weight_bytes, "pinned": d.pinned,

@@ -33,7 +33,8 @@ class Placement:
         self.core = PlacementCore(PlacementCoreConfig(
             placement=PlacementConfig(batch_capacity=settings.batch_capacity, h2d_bytes_per_s=settings.h2d_gbps * 1e9,
                                       strategy=settings.placement_strategy, evict=settings.evict),
-            kv_reservation=settings.kv_reservation, prewarm=settings.prewarm, idle_first=settings.idle_first))
+            kv_reservation=settings.kv_reservation, prewarm=settings.prewarm, idle_first=settings.idle_first,
+            forecast_freed_first=settings.forecast_freed_first))
         self.changed = asyncio.Event()
         self.admin = Admin(self)
 

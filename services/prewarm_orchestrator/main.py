@@ -39,7 +39,9 @@ class Orchestrator:
                 window_s=settings.autoscale_window_s, up=settings.scale_up_threshold,
                 down=settings.scale_down_threshold, min_lifetime_s=settings.min_instance_lifetime_s,
                 batch_capacity=settings.batch_capacity, min_instances=settings.min_active_per_model),
-            kv_reservation=settings.kv_reservation, min_active=settings.min_active_per_model))
+            kv_reservation=settings.kv_reservation, min_active=settings.min_active_per_model,
+            forecast_scale_down=settings.forecast_scale_down, handover=settings.handover,
+            handover_margin=settings.handover_margin))
         self._tasks: set[asyncio.Task] = set()
         self._scaling: dict[str, asyncio.Task] = {}  # model -> the scale-up every asker awaits
         self.tracer = tracer("warmserve.orchestrator")

@@ -4,7 +4,7 @@
 from services.placement.core import PlacementCore, PlacementCoreConfig
 from shared.messages import CopyState, OperatorHold, PlacementPlan, PlannedCopy
 from shared.policy.prewarm_placement import PlacementConfig
-from tests.factories import GB, forecast, model, view, worker
+from tests.factories import GB, copy, forecast, model, view, worker
 
 
 def test_gpu_capacity_leaves_out_serving_instances_and_counts_reclaimable_kv_only_with_reservation():
@@ -75,6 +75,28 @@ def test_idle_first_puts_a_model_on_an_idle_worker_before_a_serving_one():
     assert [(c.model, c.worker_id) for c in one_pass.copies] == [("a", "busy")]
     assert [(c.model, c.worker_id) for c in idle_first.copies] == [("a", "idle")]
     assert idle_first.inputs["idle_first"] is True
+
+
+def test_a_worker_whose_instance_the_forecast_will_stop_counts_as_idle_for_copies():
+    """No worker is idle. x runs two instances but its forecast needs one: the least busy (on x2) will stop,
+    so a's copy goes there, where it can become an instance soon; without the rule it goes to the first
+    serving worker in order (x1, whose instance stays)."""
+    v = view(worker("x1", copy("x", CopyState.ACTIVE, 2 * GB, 3, worker_id="x1"), kv=4 * GB, reclaimable=3 * GB,
+                    budget=10 * GB),
+             worker("x2", copy("x", CopyState.ACTIVE, 2 * GB, 0, worker_id="x2"), kv=4 * GB, reclaimable=3 * GB,
+                    budget=10 * GB),
+             worker("y", copy("y", CopyState.ACTIVE, 2 * GB, 1, worker_id="y"), kv=4 * GB, reclaimable=3 * GB,
+                    budget=10 * GB))
+    catalog = {"x": model("x", size=2 * GB), "y": model("y", size=2 * GB), "a": model("a", size=GB)}
+    fc = {"a": forecast("a", 1.0, 2.0), "x": forecast("x", 1.0, 1.0), "y": forecast("y", 1.0, 1.0)}
+    on = PlacementCore(PlacementCoreConfig(idle_first=True)).plan(v, catalog, fc, [], now_s=1.0)
+    off = PlacementCore(PlacementCoreConfig(idle_first=True, forecast_freed_first=False)).plan(v, catalog, fc, [],
+                                                                                               now_s=1.0)
+    assert [(c.model, c.worker_id) for c in on.copies] == [("a", "x2")]
+    assert [(c.model, c.worker_id) for c in off.copies] == [("a", "x1")]
+    # with no forecast for x, nothing says x2 will stop
+    unknown = PlacementCore(PlacementCoreConfig(idle_first=True)).plan(v, catalog, {"a": fc["a"]}, [], now_s=1.0)
+    assert [(c.model, c.worker_id) for c in unknown.copies] == [("a", "x1")]
 
 
 def test_multi_device_models_are_planned_as_groups_when_workers_can_run_them():
