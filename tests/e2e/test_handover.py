@@ -1,0 +1,105 @@
+"""Handover end to end on one sim worker: a model whose requests queue takes the worker from another
+model's lightly used instance. The instance it replaces is drained, so its request in progress streams to
+the end; the queued requests are served from the prewarmed copy, and Postgres records why."""
+
+import asyncio
+import concurrent.futures
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from openai import OpenAI
+from sqlalchemy import text
+
+from shared.db.engine import create_engine, sessionmaker
+from tests.e2e.conftest import ROOT, start_cluster
+
+pytestmark = pytest.mark.e2e
+
+SLOW_TOKENS = 1500  # at 3 ms a token (2 GB of modelled weights on the fast profile): about 4.5 s of stream
+
+
+def cli(env, *args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "tooling.cli.main", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def copies(env) -> dict[str, str]:
+    out = cli(env, "workers", "--json")
+    assert out.returncode == 0, out.stderr
+    return {c["model"]: c["state"] for w in json.loads(out.stdout) for c in w["copies"]}
+
+
+def until(check, timeout=60.0, what=""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out: {what}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("handover")
+    up = start_cluster(state, "--engine", "sim", "--workers", "1", "--no-smoke", timeout_s=180, extra_env={
+        "WARMSERVE_BATCH_CAPACITY": "4", "WARMSERVE_QUEUE_WAIT_S": "30", "WARMSERVE_HEARTBEAT_TIMEOUT_S": "3"})
+    info = json.loads((state / "cluster.json").read_text())
+    yield {"env": up.env, "state": state, "info": info}
+    up.stop()
+
+
+def test_a_queued_model_takes_the_worker_and_the_replaced_stream_finishes(cluster):
+    env, info = cluster["env"], cluster["info"]
+    folder = str(cluster["state"] / "models" / "tiny-llama")
+    reg = cli(env, "model", "register", "slow", folder, "--parameter-bytes", str(2 * 10**9))
+    assert reg.returncode == 0, reg.stderr
+    until(lambda: copies(env).get("tiny-llama") == "prewarmed", what="the pinned demo model prewarmed")
+    client = OpenAI(base_url=f"{info['gateway_url']}/v1", api_key=info["api_key"], max_retries=0, timeout=90)
+
+    def slow_stream():
+        stream = client.chat.completions.create(model="slow", messages=[{"role": "user", "content": "go"}],
+                                                max_tokens=SLOW_TOKENS, stream=True)
+        pieces, finish = 0, None
+        for chunk in stream:
+            if chunk.choices:
+                pieces += bool(chunk.choices[0].delta.content)
+                finish = chunk.choices[0].finish_reason or finish
+        return pieces, finish
+
+    def quick(i):
+        r = client.chat.completions.with_raw_response.create(
+            model="tiny-llama", messages=[{"role": "user", "content": f"q{i}"}], max_tokens=8)
+        return r.headers["x-warmserve-outcome"], r.parse().choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        slow = pool.submit(slow_stream)
+        until(lambda: copies(env).get("slow") == "active" or slow.done(), what="slow serving")
+        assert not slow.done(), "the slow stream ended before the queued requests arrived"
+        quick_results = list(pool.map(quick, range(3)))
+        pieces, finish = slow.result()
+
+    assert finish == "length" and pieces > 0  # the replaced instance's stream ran to its end
+    outcomes = [o for o, _ in quick_results]
+    assert "cold" not in outcomes and "prewarm_hit" in outcomes, outcomes  # served from the copy
+    assert all(content for _, content in quick_results)
+
+    async def events():
+        engine = create_engine(info["database_url"])
+        async with sessionmaker(engine)() as s:
+            rows = (await s.execute(text("select model, from_state, to_state, reason from model_events "
+                                         "where model in ('slow', 'tiny-llama') order by at, id"))).all()
+        await engine.dispose()
+        return rows
+
+    rows = until(lambda: (lambda r: r if any(e.to_state == "active" and e.reason.startswith("handover")
+                                             for e in r) else None)(asyncio.run(events())),
+                 timeout=30, what="the handover's activation stored")
+    slow_states = [(e.from_state, e.to_state, e.reason) for e in rows if e.model == "slow"]
+    assert ("active", "draining", "replaced by tiny-llama") in slow_states  # drained, not cut off
+    [handover] = [e for e in rows if e.model == "tiny-llama" and e.to_state == "active"
+                  and e.reason.startswith("handover")]
+    assert "trades" in handover.reason or "fits" in handover.reason
