@@ -6,7 +6,9 @@ same phase-shifted ServeGen curves, placed right before now), waits for placemen
 the requests open-loop through the HTTP gateway (loadtest/replay_client.py). ``off`` is the same stack
 with ``WARMSERVE_PREWARM=false``: placement keeps no forecast-driven copy, so every scale-up loads from
 scratch (reactive autoscaling). The P99 TTFT ratio off/on is the live counterpart of the simulator's
-headline (docs/simulator.md).
+headline (docs/simulator.md). The crowded-cluster rules can each be switched off in a run of their own
+(``RUNS``: ``no-handover``, ``no-forecast-scale-down``, ``no-forecast-freed-first``, and ``paper-rules``
+with all three off), for a live ablation on a cluster with more models than workers.
 
 Modes:
 - ``real``: vLLM CPU workers serving small random-weight models (real inference, few workers);
@@ -16,6 +18,8 @@ Prints a table per run and model, saves JSON and a timeline PNG under docs/bench
 
     .venv/bin/python -m loadtest.replay --mode real --duration 300        # what `make loadtest` runs
     .venv/bin/python -m loadtest.replay --mode sim --workers 32 --duration 300
+    .venv/bin/python -m loadtest.replay --mode sim --workers 6 --models 12 \
+        --runs on,off,no-handover,no-forecast-scale-down,no-forecast-freed-first --name replay_crowded
 """
 
 from __future__ import annotations
@@ -185,12 +189,23 @@ def settle(up: Launched, slugs: set[str], max_s: float) -> dict:
     return {"settle_s": round(time.monotonic() - t0, 1), "prewarmed": prewarmed}
 
 
-def run_once(a, wl: Workload, prewarm: bool) -> dict:
+CROWDED_RULES = ("WARMSERVE_HANDOVER", "WARMSERVE_FORECAST_SCALE_DOWN", "WARMSERVE_FORECAST_FREED_FIRST")
+RUNS = {  # run name -> the settings it changes from the defaults
+    "on": {},
+    "off": {"WARMSERVE_PREWARM": "false"},
+    "no-handover": {"WARMSERVE_HANDOVER": "false"},
+    "no-forecast-scale-down": {"WARMSERVE_FORECAST_SCALE_DOWN": "false"},
+    "no-forecast-freed-first": {"WARMSERVE_FORECAST_FREED_FIRST": "false"},
+    "paper-rules": {k: "false" for k in CROWDED_RULES},
+}
+
+
+def run_once(a, wl: Workload, name: str) -> dict:
     m = MODES[a.mode]
-    name = "on" if prewarm else "off"
+    prewarm = name != "off"
     state = Path(a.state_dir) / f"{a.mode}-{name}"
     shutil.rmtree(state, ignore_errors=True)
-    env = {"WARMSERVE_PREWARM": str(prewarm).lower(), "WARMSERVE_WINDOW_S": str(int(wl.spec.window_s)),
+    env = {**RUNS[name], "WARMSERVE_PREWARM": str(prewarm).lower(), "WARMSERVE_WINDOW_S": str(int(wl.spec.window_s)),
            "WARMSERVE_WORKER_MEMORY_BUDGET_BYTES": str(m.budget_bytes),
            # one key sends everything: its limits must not shape the comparison (the reactive run queues more)
            "WARMSERVE_RATE_LIMIT_RPS": "1000", "WARMSERVE_KEY_MAX_CONCURRENCY": "100000"}
@@ -213,7 +228,7 @@ def run_once(a, wl: Workload, prewarm: bool) -> dict:
     finally:
         rest = up.stop()
     restarts = [line.strip() for line in rest.splitlines() if "restarting it" in line or "keeps exiting" in line]
-    return {"prewarm": prewarm, "settled": settled, "summary": summarise(result.results),
+    return {"prewarm": prewarm, "settings": RUNS[name], "settled": settled, "summary": summarise(result.results),
             "errors": error_counts(result.results), "service_restarts": restarts, **result.as_dict()}
 
 
@@ -225,13 +240,14 @@ def _ms(v: float | None) -> str:
 
 
 def table(runs: dict[str, dict]) -> str:
-    head = (f"{'run':4s} {'model':10s} {'req':>5s} {'ok':>5s} {'err':>4s} {'lost':>4s} {'warm':>5s} {'prewarm':>7s} "
+    width = max(4, *(len(n) for n in runs))
+    head = (f"{'run':{width}s} {'model':10s} {'req':>5s} {'ok':>5s} {'err':>4s} {'lost':>4s} {'warm':>5s} {'prewarm':>7s} "
             f"{'cold':>5s} {'TTFT p50':>9s} {'p90':>8s} {'p99':>8s} {'TPOT p50':>9s}   (ms)")
     lines = [head, "-" * len(head)]
     for name, run in runs.items():
         for model, s in run["summary"].items():
             o = s["outcomes"]
-            lines.append(f"{name:4s} {model:10s} {s['requests']:5d} {s['ok']:5d} {s['errors']:4d} {s['lost']:4d} "
+            lines.append(f"{name:{width}s} {model:10s} {s['requests']:5d} {s['ok']:5d} {s['errors']:4d} {s['lost']:4d} "
                          f"{o['warm']:5d} {o['prewarm_hit']:7d} {o['cold']:5d} {_ms(s['ttft_p50_s']):>9s} "
                          f"{_ms(s['ttft_p90_s']):>8s} {_ms(s['ttft_p99_s']):>8s} {_ms(s['tpot_p50_s']):>9s}")
     return "\n".join(lines)
@@ -247,6 +263,12 @@ def comparison(runs: dict[str, dict]) -> dict | None:
            "prewarm_hits_on": on["outcomes"]["prewarm_hit"], "prewarm_hits_off": off["outcomes"]["prewarm_hit"]}
     if on["ttft_p99_s"] and off["ttft_p99_s"]:
         out["p99_ttft_ratio_off_over_on"] = off["ttft_p99_s"] / on["ttft_p99_s"]
+    out["ablations"] = {name: {"ttft_p90_s": r["summary"]["all"]["ttft_p90_s"],
+                               "ttft_p99_s": r["summary"]["all"]["ttft_p99_s"],
+                               "p99_over_on": (r["summary"]["all"]["ttft_p99_s"] / on["ttft_p99_s"]
+                                               if on["ttft_p99_s"] else None),
+                               "unserved": r["summary"]["all"]["errors"] + r["summary"]["all"]["lost"]}
+                        for name, r in runs.items() if name not in ("on", "off")}
     return out
 
 
@@ -303,7 +325,8 @@ def plot(runs: dict[str, dict], path: Path, bin_s: float = 10.0) -> None:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m loadtest.replay", description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=sorted(MODES), default="real", help="real: vLLM CPU workers; sim: many sim workers")
-    p.add_argument("--runs", default="on,off", help="prewarming on, off, or both (default on,off: the comparison)")
+    p.add_argument("--runs", default="on,off", help=f"comma-separated, from {', '.join(RUNS)} (default on,off: "
+                                                   "prewarming on vs off)")
     p.add_argument("--duration", type=float, default=300.0, help="replay seconds (default 300)")
     p.add_argument("--workers", type=int, help="workers (default: real 2, sim 32)")
     p.add_argument("--models", type=int, help="models (default: real 3, sim 12)")
@@ -323,8 +346,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     a.workers, a.models, a.rps = a.workers or m.workers, a.models or m.models, a.rps or m.rps
     a.name = a.name or f"replay_{a.mode}"
     a.run_list = [r.strip() for r in a.runs.split(",") if r.strip()]
-    if not a.run_list or set(a.run_list) - {"on", "off"}:
-        p.error("--runs takes on, off or on,off")
+    if not a.run_list or set(a.run_list) - set(RUNS):
+        p.error(f"--runs takes a comma-separated list of {', '.join(RUNS)}")
     if not 1 <= a.workers <= 64:
         p.error("--workers must be between 1 and 64")
     if a.mode == "real":
@@ -345,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     try:
         for name in a.run_list:
-            runs[name] = run_once(a, wl, prewarm=name == "on")
+            runs[name] = run_once(a, wl, name)
     except (StartError, RuntimeError, httpx.HTTPError) as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 1

@@ -224,11 +224,16 @@ def _pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
+UNSERVED_TTFT_S = 999.0  # a request refused, failed or lost counts as this inside every TTFT percentile
+
+
 def summarise(results: list[Result]) -> dict:
-    """Per model and for all: counts by end and outcome, TTFT P50/P90/P99, TPOT P50, end-to-end P50/P99."""
+    """Per model and for all: counts by end and outcome, TTFT P50/P90/P99 (a request not served counts as
+    ``UNSERVED_TTFT_S``: a refusal is a failure, never a fast answer), TPOT P50, end-to-end P50/P99 (of
+    the served)."""
     def one(rs: list[Result]) -> dict:
         ok = [r for r in rs if r.end == "ok"]
-        ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
+        ttft = [r.ttft_s for r in ok if r.ttft_s is not None] + [UNSERVED_TTFT_S] * (len(rs) - len(ok))
         tpot = [r.tpot_s for r in ok if r.tpot_s is not None]
         e2e = [r.e2e_s for r in ok]
         return {"requests": len(rs), "ok": len(ok), "errors": sum(r.end == "error" for r in rs),

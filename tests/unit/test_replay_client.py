@@ -72,7 +72,7 @@ def test_a_refused_connection_is_lost():
     assert res.end == "lost" and res.error.startswith("ConnectError")
 
 
-def test_summaries_count_every_end_and_outcome_and_take_percentiles_of_ok_requests_only():
+def test_summaries_count_every_end_and_outcome_and_a_request_not_served_as_999_s_in_every_ttft_percentile():
     rs = [Result(i, "a", 0.0, end="ok", status=200, outcome="warm", ttft_s=0.01 * (i + 1), e2e_s=1.0) for i in range(10)]
     rs += [Result(10, "a", 0.0, end="ok", status=200, outcome="cold", ttft_s=5.0, e2e_s=6.0),
            Result(11, "b", 0.0, end="error", status=503, ttft_s=None, error="no_capacity: full"),
@@ -83,7 +83,9 @@ def test_summaries_count_every_end_and_outcome_and_take_percentiles_of_ok_reques
     assert (s["a"]["requests"], s["a"]["ok"], s["a"]["outcomes"]) == (11, 11, {"warm": 10, "prewarm_hit": 0, "cold": 1})
     assert s["a"]["ttft_p50_s"] == pytest.approx(0.06) and s["a"]["ttft_p99_s"] > 4.0
     assert (s["b"]["ok"], s["b"]["errors"], s["b"]["lost"], s["b"]["missing_outcome"]) == (1, 1, 1, 1)
-    assert s["b"]["ttft_p99_s"] == 0.5  # the lost request's 9 s is not a TTFT of a served request
+    # b: one served in 0.5 s, one refused, one lost (its 9 s first token is not a served request's TTFT)
+    assert s["b"]["ttft_p50_s"] == 999.0 and s["b"]["ttft_p99_s"] == 999.0
+    assert s["all"]["ttft_p50_s"] == pytest.approx(0.075)  # 2 unserved of 14 only move the tail
     assert s["all"]["requests"] == 14 and s["all"]["lost"] == 1
     assert error_counts(rs) == {"error: no_capacity: full": 1, "lost: the stream ended without [DONE]": 1}
 
