@@ -136,8 +136,8 @@ class OrchestratorSettings(CommonSettings):
     min_instance_lifetime_s: float = Field(5.0, ge=0, description="an instance younger than this is never stopped")
     batch_capacity: int = Field(32, ge=1, description="B: concurrent requests one instance serves")
     kv_reservation: bool = Field(True, description="push KV free-block targets (total x in_flight / B) to active instances")
-    forecast_scale_down: bool = Field(True, description="never scale below the instances a model's forecast peak needs "
-                                      "within the next window (false: purely reactive scale-down)")
+    forecast_scale_down: bool = Field(True, description="never scale below the instances a model's forecast average for "
+                                      "the next window keeps at least half full (false: purely reactive scale-down)")
     handover: bool = Field(True, description="a queued model with no free worker may take the worker of another model's "
                            "lightly used instance, drained first (docs/placement.md, 'Handover')")
     handover_margin: float = Field(2.0, ge=1, description="a handover that costs the giving model capacity it needs "

@@ -14,7 +14,8 @@ are options the service can run too (``PlacementCoreConfig``).
   instance stops, so each model's replicas are placed on idle devices first (copies on serving devices do
   not count), and only then in the KV that instances lend. With ``forecast_freed_first`` a device counts
   as idle in the first pass also when its instances are forecast to stop within the next window (their
-  model has more instances than its forecast peak needs; the least busy would stop first), so copies go
+  model has more instances than the scale-down rule leaves for its forecast average; the least busy stop
+  first), so copies go
   where an activation will soon be possible.
 - **No prewarming** (``prewarm=False``): forecasts are ignored and no unpinned copy is kept (reactive
   autoscaling: a stopped instance is evicted, the next scale-up loads from scratch).
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from shared.messages import Forecast, ModelSpec, ModelStatus, OperatorHold, PlacementPlan, PlannedCopy
-from shared.policy.autoscale import AutoscaleConfig, forecast_keep
+from shared.policy.autoscale import AutoscaleConfig, forecast_target
 from shared.policy.cluster import ClusterView
 from shared.policy.prewarm_placement import Gpu, ModelDemand, PlacementConfig, PlacementDecision, Replica, place
 
@@ -115,8 +116,8 @@ class PlacementCore:
 
     def freed(self, view: ClusterView, forecasts: Mapping[str, Forecast]) -> set[str]:
         """Devices whose every instance the forecast says will stop within the next window: a model with more
-        instances than ``forecast_keep`` of its forecast peak loses its least busy ones first (the autoscaler's
-        order). A model without a forecast keeps what it has."""
+        instances than the scale-down rule leaves for its forecast average (``forecast_target``) loses its
+        least busy ones first (the autoscaler's order). A model without a forecast keeps what it has."""
         cfg = AutoscaleConfig(batch_capacity=self.config.placement.batch_capacity)
         stopping: set[str] = set()
         for model in {i.model for i in view.instances}:
@@ -124,7 +125,8 @@ class PlacementCore:
             if fc is None:
                 continue
             running = sorted(view.instances_of(model), key=lambda i: (i.in_flight, -i.started_at_s, i.instance_id))
-            stopping |= {i.instance_id for i in running[:max(len(running) - forecast_keep(fc.predicted_peak_upper, cfg), 0)]}
+            extra = max(len(running) - forecast_target(fc.predicted_avg, cfg), 0)
+            stopping |= {i.instance_id for i in running[:extra]}
         on: dict[str, set[str]] = {}
         for i in view.instances:
             for g in i.devices:

@@ -122,10 +122,14 @@ class OrchestratorCore:
     def on_forecast(self, forecast: Forecast) -> None:
         self.forecasts[forecast.model] = forecast
 
+    def fresh_forecasts(self, now_s: float) -> dict[str, Forecast]:
+        """The forecasts young enough to act on."""
+        return {m: f for m, f in self.forecasts.items()
+                if now_s - f.window_start_s <= self.config.forecast_max_age_windows * f.window_s}
+
     def peaks(self, now_s: float) -> dict[str, float]:
         """Each model's forecast peak concurrency (upper quantile) for the next window, if fresh."""
-        return {m: f.predicted_peak_upper for m, f in self.forecasts.items()
-                if now_s - f.window_start_s <= self.config.forecast_max_age_windows * f.window_s}
+        return {m: f.predicted_peak_upper for m, f in self.fresh_forecasts(now_s).items()}
 
     def loads(self, now_s: float) -> dict[str, float]:
         return {m: w.mean(now_s) for m, w in self.windows.items()}
@@ -207,7 +211,8 @@ class OrchestratorCore:
             self.windows.setdefault(model, LoadWindow(cfg.window_s)).add(now_s, load)
         # a drained worker's stop does not hold its model back: the replacement may start meanwhile
         busy_models = {m for (_, m), c in self.busy.items() if c.reason != DRAINED}
-        peaks = self.peaks(now_s) if self.config.forecast_scale_down else {}
+        averages = ({m: f.predicted_avg for m, f in self.fresh_forecasts(now_s).items()}
+                    if self.config.forecast_scale_down else {})
         scale_up, loads = {}, {}
         for model, window in list(self.windows.items()):
             load = window.mean(now_s)
@@ -218,7 +223,7 @@ class OrchestratorCore:
                 continue
             if model in busy_models:
                 continue  # a scale-up or stop is under way: decide again once it lands
-            d = decide(load, ins, now_s, cfg, window_full=window.full(now_s), keep=forecast_keep(peaks.get(model, 0.0), cfg))
+            d = decide(load, ins, now_s, cfg, window_full=window.full(now_s), keep=forecast_keep(averages.get(model, 0.0), cfg))
             if d.add and ins:  # a model with no instance is started by the gateway's request (it knows the wait)
                 scale_up[model] = d.add
             for i in d.stop:

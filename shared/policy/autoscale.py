@@ -82,9 +82,20 @@ class LoadWindow:
         return area / covered if covered > 0 else pts[-1][1]
 
 
-def forecast_keep(peak: float, config: AutoscaleConfig = AutoscaleConfig()) -> int:
-    """Instances a forecast peak concurrency for the next window needs at the scale-up threshold."""
-    return math.ceil(peak / config.up / max(config.batch_capacity, 1)) if peak > 0 else 0
+def forecast_keep(avg: float, config: AutoscaleConfig = AutoscaleConfig()) -> int:
+    """Instances the forecast average concurrency of the next window keeps above the scale-down threshold.
+
+    Not the peak: with an upper-quantile peak every model with any traffic would keep an instance, and in a
+    crowded cluster the GPUs would never return to the pool (measured: P99 TTFT 20x worse in the headline's
+    regime d). A model whose forecast average cannot half-fill an instance scales to zero as before, and
+    its next request is a prewarm hit."""
+    return math.floor(avg / (config.down * max(config.batch_capacity, 1))) if avg > 0 else 0
+
+
+def forecast_target(avg: float, config: AutoscaleConfig = AutoscaleConfig()) -> int:
+    """Instances the scale-down rule would leave for the forecast average load: more than this, and the
+    autoscaler is expected to stop the rest within the next window."""
+    return math.ceil(avg / config.down / max(config.batch_capacity, 1)) if avg > 0 else 0
 
 
 def decide(load: float, instances: Sequence[InstanceView], now_s: float, config: AutoscaleConfig = AutoscaleConfig(),

@@ -164,11 +164,11 @@ def test_scale_down_keeps_the_instances_the_forecast_needs_within_the_next_windo
     reactive = OrchestratorCore(OrchestratorConfig(autoscale=AutoscaleConfig(batch_capacity=4),
                                                    forecast_scale_down=False))
     forecasted = core()
-    for c in (reactive, forecasted):
-        c.on_forecast(forecast("x", avg=1.0, peak=2.0))
+    for c in (reactive, forecasted):  # an average of 2 half-fills one instance of 4 (the scale-down threshold)
+        c.on_forecast(forecast("x", avg=2.0, peak=3.0))
         c.step(v, [], now_s=100.0)
     stops = lambda c: [cmd for cmd in c.step(v, [], now_s=106.0).commands if cmd.kind is CommandKind.DEACTIVATE]
     assert len(stops(reactive)) == 1  # idle for a whole window: stopped
     assert stops(forecasted) == []  # the forecast says x needs it within the next window
-    forecasted.on_forecast(forecast("x", avg=0.0, peak=0.0))
-    assert len(stops(forecasted)) == 1  # no longer needed: its GPU goes back to the pool
+    forecasted.on_forecast(forecast("x", avg=1.5, peak=3.0))
+    assert len(stops(forecasted)) == 1  # too little to half-fill it: its GPU goes back to the pool
