@@ -22,25 +22,14 @@ from openai import OpenAI
 
 from tooling.localcluster.launch import ROOT, Launched
 from tooling.localcluster.processes import die_with_parent
-from tests.e2e.conftest import start_cluster
+from tests.e2e.conftest import cli, start_cluster, until
 
 __all__ = ["ROOT", "Load", "cli", "ended_with_error", "service_process", "spawn_worker", "stream", "until",
            "workers"]
 
 
-def cli(env, *args, timeout=60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tooling.cli.main", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
 
 
-def until(check, timeout=60.0, every=0.5, what=""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s: {what}")
 
 
 def gateway_gauge(url: str, name: str, model: str = "tiny-llama") -> float:

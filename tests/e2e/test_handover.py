@@ -5,25 +5,19 @@ the end; the queued requests are served from the prewarmed copy, and Postgres re
 import asyncio
 import concurrent.futures
 import json
-import subprocess
-import sys
-import time
 
 import pytest
 from openai import OpenAI
 from sqlalchemy import text
 
 from shared.db.engine import create_engine, sessionmaker
-from tests.e2e.conftest import ROOT, start_cluster
+from tests.e2e.conftest import cli, start_cluster, until
 
 pytestmark = pytest.mark.e2e
 
 SLOW_TOKENS = 1500  # at 3 ms a token (2 GB of modelled weights on the fast profile): about 4.5 s of stream
 
 
-def cli(env, *args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "tooling.cli.main", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
 
 
 def copies(env) -> dict[str, str]:
@@ -32,14 +26,6 @@ def copies(env) -> dict[str, str]:
     return {c["model"]: c["state"] for w in json.loads(out.stdout) for c in w["copies"]}
 
 
-def until(check, timeout=60.0, what=""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out: {what}")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +63,7 @@ def test_a_queued_model_takes_the_worker_and_the_replaced_stream_finishes(cluste
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         slow = pool.submit(slow_stream)
-        until(lambda: copies(env).get("slow") == "active" or slow.done(), what="slow serving")
+        until(lambda: copies(env).get("slow") == "active" or slow.done(), every=0.2, what="slow serving")
         assert not slow.done(), "the slow stream ended before the queued requests arrived"
         quick_results = list(pool.map(quick, range(3)))
         pieces, finish = slow.result()

@@ -5,8 +5,6 @@ and stops the instances when it ends, and Postgres history tells the same story.
 import asyncio
 import concurrent.futures
 import json
-import subprocess
-import sys
 import time
 
 import pytest
@@ -14,16 +12,13 @@ from openai import OpenAI
 from sqlalchemy import text
 
 from shared.db.engine import create_engine, sessionmaker
-from tests.e2e.conftest import ROOT, start_cluster
+from tests.e2e.conftest import cli, start_cluster, until
 
 pytestmark = pytest.mark.e2e
 
 B = 2  # requests per instance: a handful of streams needs both workers
 
 
-def cli(env, *args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "tooling.cli.main", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
 
 
 def workers(env) -> dict[str, dict[str, str]]:
@@ -32,14 +27,6 @@ def workers(env) -> dict[str, dict[str, str]]:
     return {w["worker_id"]: {c["model"]: c["state"] for c in w["copies"]} for w in json.loads(out.stdout)}
 
 
-def until(check, timeout=60.0, what=""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out: {what}")
 
 
 @pytest.fixture(scope="module")
