@@ -112,7 +112,7 @@ class OrchestratorCore:
         self.gateway_load = GatewayLoad(config.gateway_load_max_age_s)
         self.forecasts: dict[str, Forecast] = {}
         self.handover = HandoverConfig(margin=config.handover_margin, up=config.autoscale.up,
-                                       batch_capacity=config.autoscale.batch_capacity)
+                                       down=config.autoscale.down, batch_capacity=config.autoscale.batch_capacity)
 
     # ---- inputs ---------------------------------------------------------------------------------------
 
@@ -250,9 +250,8 @@ class OrchestratorCore:
         busy |= set(drained)
         choice = choose_group(view, model, tp, shard_bytes, busy=busy)
         if self.config.handover and (choice is None or choice.outcome is Outcome.COLD):
-            own = view.instances_of(model)
-            demand = max(self.gateway_load.current(now_s).get(model, 0.0), float(waiting)) + sum(
-                i.in_flight for i in own)
+            served = sum(i.in_flight for i in view.instances_of(model))
+            demand = max(self.gateway_load.current(now_s).get(model, 0.0) - served, float(waiting))  # waiting
             taken = {g for c in self.busy.values() for g in c.devices} | set(drained)
             h = choose_handover(view, model, tp, shard_bytes, demand, self.loads(now_s), self.peaks(now_s),
                                 busy=taken, free_alternative=choice is not None, config=self.handover)

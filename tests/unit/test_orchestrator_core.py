@@ -1,6 +1,8 @@
 """The orchestrator core on hand-built views: reconcile, autoscaler rounds, KV targets, scale-up choice, the busy
 table and back-off, all with the clock passed in."""
 
+from dataclasses import replace
+
 from services.prewarm_orchestrator.core import OrchestratorConfig, OrchestratorCore
 from shared.messages import CommandKind, CopyState, Outcome, PlannedCopy
 from shared.policy.autoscale import AutoscaleConfig
@@ -133,15 +135,18 @@ def test_with_nothing_free_a_queued_model_takes_the_gpu_of_a_light_instance_from
     assert off.scale_up(v, "a", 1, GB, now_s=1.0, waiting=4).error_code == "no_capacity"
 
 
-def test_a_giver_whose_forecast_needs_it_is_kept_unless_the_queue_is_margin_times_larger():
+def test_a_models_last_instance_is_taken_only_while_it_is_a_trickle_now_and_in_its_forecast():
     v = view(worker("w0", copy("x", CopyState.ACTIVE, in_flight=1, worker_id="w0"), ("a", CopyState.PREWARMED)))
     c = core()
     c.on_forecast(forecast("x", avg=2.0, peak=3.0))  # x expects 3 concurrent requests on its only instance
-    assert c.scale_up(v, "a", 1, GB, now_s=10.0, waiting=5).error_code == "no_capacity"  # 5 < 2 x 3
-    assert c.scale_up(v, "a", 1, GB, now_s=10.0, waiting=6).command.replace_active  # 6 >= 2 x 3
+    assert c.scale_up(v, "a", 1, GB, now_s=10.0, waiting=50).error_code == "no_capacity"  # however long a's queue
+    c = core()
+    c.on_forecast(forecast("x", avg=0.2, peak=0.5))  # a trickle: one request in flight now, less forecast
+    assert c.scale_up(v, "a", 1, GB, now_s=10.0, waiting=1).error_code == "no_capacity"  # 1 < 2 x 1
+    assert c.scale_up(v, "a", 1, GB, now_s=10.0, waiting=2).command.replace_active
     c = core()
     c.on_forecast(forecast("x", avg=2.0, peak=3.0))
-    assert c.scale_up(v, "a", 1, GB, now_s=10_000.0, waiting=5).command is not None  # a stale forecast is not acted on
+    assert c.scale_up(v, "a", 1, GB, now_s=10_000.0, waiting=2).command is not None  # a stale forecast is not acted on
 
 
 def test_a_giver_whose_siblings_carry_its_load_and_forecast_fits_even_for_one_waiting_request():
@@ -172,3 +177,10 @@ def test_scale_down_keeps_the_instances_the_forecast_needs_within_the_next_windo
     assert stops(forecasted) == []  # the forecast says x needs it within the next window
     forecasted.on_forecast(forecast("x", avg=1.5, peak=3.0))
     assert len(stops(forecasted)) == 1  # too little to half-fill it: its GPU goes back to the pool
+
+
+def test_a_handover_never_stops_an_instance_spanning_more_devices_than_it_takes():
+    big = [copy("big", CopyState.ACTIVE, in_flight=1, worker_id="w0")]
+    v = view(worker("w0", *big, ("a", CopyState.PREWARMED)), worker("w1"))
+    v = replace(v, instances=(replace(v.instances[0], devices=("w0", "w1")),))  # big spans w0 and w1
+    assert core().scale_up(v, "a", 1, GB, now_s=1.0, waiting=40).error_code == "no_capacity"
