@@ -121,9 +121,10 @@ class PlacementSettings(CommonSettings):
                              "serving instances lend (a copy on a serving worker cannot become an instance until it stops)")
     prewarm: bool = Field(True, description="forecast-driven prewarming; false: only operator pins are prewarmed, "
                           "so scaling is reactive and a new instance loads from scratch (the load test's baseline)")
-    forecast_freed_first: bool = Field(True, description="with idle_first, workers whose instances the forecast "
+    forecast_freed_first: bool = Field(False, description="with idle_first, workers whose instances the forecast "
                                        "says will scale down within the next window count as idle (copies go where "
-                                       "an activation will soon be possible)")
+                                       "an activation will soon be possible); off: it bought nothing measurable and "
+                                       "its choice of worker moves as loads change, so a pinned copy can be planned twice")
 
 
 class OrchestratorSettings(CommonSettings):

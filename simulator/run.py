@@ -52,8 +52,8 @@ ABLATIONS = {
     "warmserve/no-handover": WarmServeConfig(name="warmserve/no-handover", handover=False),
     "warmserve/no-forecast-scale-down": WarmServeConfig(name="warmserve/no-forecast-scale-down",
                                                         forecast_scale_down=False),
-    "warmserve/no-forecast-freed-first": WarmServeConfig(name="warmserve/no-forecast-freed-first",
-                                                         forecast_freed_first=False),
+    "warmserve/forecast-freed-first": WarmServeConfig(name="warmserve/forecast-freed-first",
+                                                      forecast_freed_first=True),
 }
 SERVERLESSLLM = {  # its defaults (target 1, keep-alive 0), the keep-alive swept, and the newer release's target 5
     "serverlessllm": ServerlessLLMConfig(),

@@ -10,8 +10,8 @@ reporting back when each command is done, as a worker's reply would.
 
 - ``WarmServe``: all four cores, configured as the paper (its forecaster, point forecasts, no eviction,
   one-way KV reservation, one placement pass, reactive scale-down, no handover) or as ours (statsforecast
-  selection, upper quantiles, eviction, two-way KV reservation, idle devices first (and those the forecast
-  will free), forecast-driven scale-down, handover), and the ablations. Its engines are pre-spawned:
+  selection, upper quantiles, eviction, two-way KV reservation, idle devices first, forecast-driven
+  scale-down, handover), and the ablations. Its engines are pre-spawned:
   a prewarm hit costs ``Costs.activate_s``, a miss the weights from pinned host memory and the same wake-up.
 
 The baselines (ServerlessLLM, MuxServe, a static cluster) follow their own systems' rules, in
@@ -288,7 +288,7 @@ class WarmServeConfig:
     idle_first: bool = True  # ours: what each model needs goes on idle GPUs first, then lent KV (paper: one pass)
     handover: bool = True  # ours: a queued model takes a lightly used instance's GPU (shared.policy.handover)
     forecast_scale_down: bool = True  # ours: scaling down keeps what the forecast needs in the next window
-    forecast_freed_first: bool = True  # ours: GPUs the forecast will free count as idle for copies
+    forecast_freed_first: bool = False  # GPUs the forecast will free count as idle for copies (an ablation: off)
 
 
 class WarmServe(System):

@@ -43,7 +43,7 @@ class PlacementCoreConfig:
     idle_first: bool = False
     peak: Literal["upper", "point"] = "upper"  # which forecast of the peak sizes the burst replicas
     max_tp: int = 1  # the largest tensor-parallel group the workers can run (each service worker drives one device)
-    forecast_freed_first: bool = True  # idle first counts devices whose instances the forecast will stop as idle
+    forecast_freed_first: bool = False  # idle first counts devices whose instances the forecast will stop as idle
 
 
 @dataclass(frozen=True)

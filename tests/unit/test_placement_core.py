@@ -89,13 +89,14 @@ def test_a_worker_whose_instance_the_forecast_will_stop_counts_as_idle_for_copie
                     budget=10 * GB))
     catalog = {"x": model("x", size=2 * GB), "y": model("y", size=2 * GB), "a": model("a", size=GB)}
     fc = {"a": forecast("a", 1.0, 2.0), "x": forecast("x", 1.0, 1.0), "y": forecast("y", 1.0, 1.0)}
-    on = PlacementCore(PlacementCoreConfig(idle_first=True)).plan(v, catalog, fc, [], now_s=1.0)
-    off = PlacementCore(PlacementCoreConfig(idle_first=True, forecast_freed_first=False)).plan(v, catalog, fc, [],
-                                                                                               now_s=1.0)
+    on = PlacementCore(PlacementCoreConfig(idle_first=True, forecast_freed_first=True)).plan(v, catalog, fc, [],
+                                                                                             now_s=1.0)
+    off = PlacementCore(PlacementCoreConfig(idle_first=True)).plan(v, catalog, fc, [], now_s=1.0)  # the default
     assert [(c.model, c.worker_id) for c in on.copies] == [("a", "x2")]
     assert [(c.model, c.worker_id) for c in off.copies] == [("a", "x1")]
     # with no forecast for x, nothing says x2 will stop
-    unknown = PlacementCore(PlacementCoreConfig(idle_first=True)).plan(v, catalog, {"a": fc["a"]}, [], now_s=1.0)
+    unknown = PlacementCore(PlacementCoreConfig(idle_first=True, forecast_freed_first=True)).plan(
+        v, catalog, {"a": fc["a"]}, [], now_s=1.0)
     assert [(c.model, c.worker_id) for c in unknown.copies] == [("a", "x1")]
 
 
