@@ -127,11 +127,8 @@ class PlacementCore:
             running = sorted(view.instances_of(model), key=lambda i: (i.in_flight, -i.started_at_s, i.instance_id))
             extra = max(len(running) - forecast_target(fc.predicted_avg, cfg), 0)
             stopping |= {i.instance_id for i in running[:extra]}
-        on: dict[str, set[str]] = {}
-        for i in view.instances:
-            for g in i.devices:
-                on.setdefault(g, set()).add(i.instance_id if not i.draining else "")
-        return {g for g, ids in on.items() if ids and ids <= stopping}
+        return {g for g in view.serving_devices
+                if all(not i.draining and i.instance_id in stopping for i in view.instances_on(g))}
 
     def decide(self, view: ClusterView, inputs: PlanInputs,
                forecasts: Mapping[str, Forecast] | None = None) -> PlacementDecision:

@@ -223,7 +223,8 @@ class OrchestratorCore:
                 continue
             if model in busy_models:
                 continue  # a scale-up or stop is under way: decide again once it lands
-            d = decide(load, ins, now_s, cfg, window_full=window.full(now_s), keep=forecast_keep(averages.get(model, 0.0), cfg))
+            d = decide(load, ins, now_s, cfg, window_full=window.full(now_s),
+                       keep=forecast_keep(averages.get(model, 0.0), cfg))
             if d.add and ins:  # a model with no instance is started by the gateway's request (it knows the wait)
                 scale_up[model] = d.add
             for i in d.stop:

@@ -122,6 +122,18 @@ class ClusterView:
     def measured_bytes(self, model: str) -> int:
         return self.measured.get(model, 0)
 
+    def instances_on(self, device_id: str) -> list[InstanceView]:
+        """Every instance on ``device_id``, draining ones included."""
+        return self._instances_by_device.get(device_id, [])
+
+    @cached_property
+    def _instances_by_device(self) -> dict[str, list[InstanceView]]:
+        out: dict[str, list[InstanceView]] = {}
+        for i in self.instances:
+            for g in i.devices:
+                out.setdefault(g, []).append(i)
+        return out
+
     @cached_property
     def _copies_by_device(self) -> dict[str, list[CopyView]]:
         out: dict[str, list[CopyView]] = {}

@@ -87,16 +87,12 @@ def choose_handover(view: ClusterView, model: str, tp: int, shard_bytes: int, de
     model's current load, ``peaks``: its forecast peak for the next window (both concurrency).
     ``free_alternative``: a free group could take a cold load."""
     order = {d.device_id: (d.node, d.index) for d in view.devices}
-    on_device: dict[str, list[InstanceView]] = {}
-    for i in view.instances:
-        for g in i.devices:
-            on_device.setdefault(g, []).append(i)
     candidates: list[tuple[tuple, Handover]] = []
 
     def consider(devices: tuple[str, ...], outcome: Outcome) -> None:
-        if any(g not in order or g in busy or g not in on_device for g in devices):
+        if any(g not in order or g in busy or not view.serving(g) for g in devices):
             return
-        givers = {i.instance_id: i for g in devices for i in on_device[g]}
+        givers = {i.instance_id: i for g in devices for i in view.instances_on(g)}
         if any(i.model == model or not set(i.devices) <= set(devices) for i in givers.values()):
             return  # never a giver spanning devices beyond the group: a 7B does not stop a 70B's four GPUs
         rules = [giver_rule(i, view, demand, loads, peaks, config) for i in givers.values()]
