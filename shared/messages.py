@@ -145,6 +145,7 @@ class ModelCopy(BusMessage):
     kv_used_blocks: int = 0
     kv_target_free_blocks: int | None = None
     made: Outcome | None = None  # an active instance: cold (loaded for it) or prewarm_hit (from a prewarmed copy)
+    shared: bool = False  # an active instance started as a guest next to another model's (the shared tier)
 
 
 class GpuStats(BusMessage):
@@ -201,6 +202,7 @@ class WorkerCommand(BusMessage):
     instance_id: str | None = None  # deactivate: the instance meant (a stale id is refused)
     drain: bool = True  # deactivate: let in-flight requests finish (False aborts them)
     replace_active: bool = False  # activate: drain the worker's current instance first instead of refusing
+    share: bool = False  # activate: serve next to the worker's current instance (the shared tier)
     kv_free_blocks: int | None = Field(None, ge=0)  # set_kv_target: free KV blocks to keep
 
 

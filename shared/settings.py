@@ -143,6 +143,12 @@ class OrchestratorSettings(CommonSettings):
                            "lightly used instance, drained first (docs/placement.md, 'Handover')")
     handover_margin: float = Field(2.0, ge=1, description="a handover that costs the giving model capacity it needs "
                                    "requires the queued model's demand to be this many times the giver's")
+    shared_tier: bool = Field(True, description="a quiet model with no free worker may serve next to another model's "
+                              "instance on the same worker, and is promoted to a worker of its own when its load "
+                              "rises (docs/placement.md, 'Shared tier')")
+    shared_quiet: float = Field(0.25, gt=0, le=1, description="quiet enough to share a worker: load and forecast peak "
+                                "at most this share of B")
+    shared_max_instances: int = Field(4, ge=2, description="instances one worker serves at once under the shared tier")
 
     @model_validator(mode="after")
     def _band(self):

@@ -38,7 +38,7 @@ PAPER_PLACEMENT = PlacementConfig(evict=False)
 WARMSERVE = {
     "warmserve-paper": WarmServeConfig(name="warmserve-paper", methods=("paper",), use_upper=False,
                                        placement=PAPER_PLACEMENT, kv_mode="one-way", idle_first=False,
-                                       handover=False, forecast_scale_down=False),
+                                       handover=False, forecast_scale_down=False, shared_tier=False),
     "warmserve": WarmServeConfig(),
 }
 ABLATIONS = {
@@ -54,6 +54,7 @@ ABLATIONS = {
                                                         forecast_scale_down=False),
     "warmserve/forecast-freed-first": WarmServeConfig(name="warmserve/forecast-freed-first",
                                                       forecast_freed_first=True),
+    "warmserve/no-shared-tier": WarmServeConfig(name="warmserve/no-shared-tier", shared_tier=False),
 }
 SERVERLESSLLM = {  # its defaults (target 1, keep-alive 0), the keep-alive swept, and the newer release's target 5
     "serverlessllm": ServerlessLLMConfig(),

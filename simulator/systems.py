@@ -48,11 +48,13 @@ class System:
     keep_weights = True  # a stopped instance's weights stay as a prewarmed copy
     kv_mode = "none"  # none | one-way | two-way: whether instances lend KV beyond their target, and take it back
 
-    def __init__(self, autoscale: AutoscaleConfig, *, handover: bool = True, forecast_scale_down: bool = True):
+    def __init__(self, autoscale: AutoscaleConfig, *, handover: bool = True, forecast_scale_down: bool = True,
+                 shared_tier: bool = True):
         self.autoscale = autoscale
+        # a guest's KV cache comes from what the instances there lend: without KV reservation there is none
         self.orchestrator = OrchestratorCore(OrchestratorConfig(
             autoscale=autoscale, kv_reservation=self.kv_mode != "none", handover=handover,
-            forecast_scale_down=forecast_scale_down))
+            forecast_scale_down=forecast_scale_down, shared_tier=shared_tier and self.kv_mode != "none"))
         self.admission = AdmissionCore(queue_size=1 << 30)  # the simulator's queues are unbounded
         self.plan: list[PlannedCopy] = []
         self.scores: dict[str, float] = {}  # "model@gpus" -> the plan's score of that copy
@@ -79,8 +81,12 @@ class System:
         return False
 
     def shares(self, sim: Simulator, inst: Instance) -> tuple[float, float]:
-        """The compute and bandwidth shares of its devices ``inst`` gets for its next steps."""
-        return 1.0, 1.0
+        """The compute and bandwidth shares of its devices ``inst`` gets for its next steps: engines that share
+        a device (the shared tier) time-slice it, so each of those computing now gets an equal part; nothing
+        is gained from running them side by side."""
+        computing = {id(o) for g in inst.gpus for o in sim.gpus[g].instances if o is not inst and o.segment is not None}
+        share = 1.0 / (1 + len(computing))
+        return share, share
 
     def route(self, sim: Simulator, ready: list[Instance]) -> Instance | None:
         """The gateway's routing (the admission core): least-loaded instance with room; the simulator's
@@ -154,7 +160,7 @@ class System:
             str(i.iid), i.model.name, i.gpus, i.started_at, i.in_flight, draining=i.draining,
             made=None if i.outcome == "warm" else Outcome(i.outcome), weight_bytes=i.shard,
             kv_total_blocks=i.kv_tokens(i.kv_max) // KV_BLOCK_TOKENS if lend else 0,
-            kv_target_free_blocks=i.kv_target) for i in sim.instances.values())
+            kv_target_free_blocks=i.kv_target, shared=i.shared) for i in sim.instances.values())
         return ClusterView(devices, copies, instances)
 
     # ---- the orchestrator's decisions, executed by the simulated workers ----------------------------
@@ -236,9 +242,21 @@ class System:
             self.admission.on_reply(cmd.model, True, str(inst.iid), cmd.outcome)
 
     def activate(self, sim: Simulator, cmd: Command) -> Instance:
+        inst = self._activate(sim, cmd)
+        inst.shared = cmd.share
+        if cmd.share:  # the hosts lent what they held beyond their reservation; the guest started in it
+            for host in (i for g in cmd.devices for i in sim.gpus[g].instances if i is not inst):
+                host.kv_bytes = max(host.kv_bytes, min(self._room(sim, host, g) for g in host.gpus))
+        return inst
+
+    def _activate(self, sim: Simulator, cmd: Command) -> Instance:
         m = sim.models[cmd.model]
         kv = self.initial_kv(sim, cmd.model, cmd.devices)
         own = sim.gpus[cmd.devices[0]].copies.get(cmd.model)
+        if cmd.share:  # a guest: the instances there give back the KV they hold beyond their reservation
+            kv = kv if kv is not None else 0
+            for host in (i for g in cmd.devices for i in sim.gpus[g].instances):
+                host.kv_bytes = min(host.kv_bytes, self.keep_bytes(host))
         if cmd.outcome is Outcome.PREWARM_HIT:
             return sim.start_instance(cmd.model, cmd.devices, "prewarm_hit", sim.costs.activate_s, kv_limit=kv)
         if own is not None:  # still loading: it serves once loaded
@@ -289,6 +307,7 @@ class WarmServeConfig:
     handover: bool = True  # ours: a queued model takes a lightly used instance's GPU (shared.policy.handover)
     forecast_scale_down: bool = True  # ours: scaling down keeps what the forecast needs in the next window
     forecast_freed_first: bool = False  # GPUs the forecast will free count as idle for copies (an ablation: off)
+    shared_tier: bool = True  # ours: quiet models serve next to another instance (shared.policy.sharing)
 
 
 class WarmServe(System):
@@ -299,7 +318,8 @@ class WarmServe(System):
     def __init__(self, autoscale: AutoscaleConfig, config: WarmServeConfig, history: dict[str, list[WindowObservation]],
                  window_s: float, season_windows: int):
         self.kv_mode = config.kv_mode
-        super().__init__(autoscale, handover=config.handover, forecast_scale_down=config.forecast_scale_down)
+        super().__init__(autoscale, handover=config.handover, forecast_scale_down=config.forecast_scale_down,
+                         shared_tier=config.shared_tier)
         self.config = config
         self.name = config.name
         self.keep_weights = config.prewarm

@@ -36,6 +36,7 @@ class Copy:
     kv_granted_bytes: int = 0  # KV cache granted at activation: the most a KV target can take back
     kv_target_free_blocks: int | None = None
     made: Outcome | None = None  # how the active instance was made (gateways label waiting requests by it)
+    shared: bool = False  # the active instance is a guest next to another model's (the shared tier)
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     requests: set[asyncio.Task] = field(default_factory=set)
 
@@ -70,22 +71,23 @@ class Worker:
                 instance_id=c.instance_id, in_flight=c.in_flight, since_s=c.since_s, resident_bytes=c.resident_bytes,
                 kv_bytes=self.memory.kv.get(c.spec.slug, 0) * PAGE_BYTES,
                 kv_total_blocks=usage.total_blocks if usage else 0, kv_used_blocks=usage.used_blocks if usage else 0,
-                kv_target_free_blocks=c.kv_target_free_blocks, made=c.made))
+                kv_target_free_blocks=c.kv_target_free_blocks, made=c.made, shared=c.shared))
         return out
 
     def reclaimable_bytes(self) -> int:
-        """KV cache the active instance holds beyond its free-block target (0 without a target)."""
-        copy = self.active()
-        if copy is None or copy.kv_target_free_blocks is None:
-            return 0
-        usage = self.engine.kv_usage(copy.spec.slug)
-        if usage is None:
-            return 0
-        return reclaimable_bytes(self.memory.kv.get(copy.spec.slug, 0) * PAGE_BYTES, usage.used_blocks,
-                                 copy.kv_target_free_blocks, usage.block_bytes)
+        """KV cache the active instances hold beyond their free-block targets (0 for one without a target)."""
+        total = 0
+        for copy in self.actives():
+            usage = self.engine.kv_usage(copy.spec.slug)
+            if copy.kv_target_free_blocks is None or usage is None:
+                continue
+            total += reclaimable_bytes(self.memory.kv.get(copy.spec.slug, 0) * PAGE_BYTES, usage.used_blocks,
+                                       copy.kv_target_free_blocks, usage.block_bytes)
+        return total
 
-    def active(self) -> Copy | None:
-        return next((c for c in self.copies.values() if c.state is CopyState.ACTIVE), None)
+    def actives(self) -> list[Copy]:
+        """The serving instances: one, or several under the shared tier."""
+        return [c for c in self.copies.values() if c.state is CopyState.ACTIVE]
 
     def _move(self, copy: Copy, to: CopyState, *, n_bytes: int = 0, seconds: float = 0.0, reason: str = "") -> None:
         now = self._clock()
@@ -140,8 +142,10 @@ class Worker:
             await self.evict(cmd.model, reason=cmd.reason or "evict")
             return {}
         if cmd.kind is CommandKind.ACTIVATE:
+            if cmd.share and cmd.replace_active:
+                raise EngineError("bad_command", "activate with share and replace_active: choose one")
             return {"instance_id": await self.activate(cmd.spec, reason=cmd.reason or "activate",
-                                                       replace_active=cmd.replace_active)}
+                                                       replace_active=cmd.replace_active, share=cmd.share)}
         if cmd.kind is CommandKind.DEACTIVATE:
             await self.deactivate(cmd.model, instance_id=cmd.instance_id, drain=cmd.drain,
                                   reason=cmd.reason or "deactivate")
@@ -244,24 +248,28 @@ class Worker:
             self.memory.give_back(self.memory.weights, model)
             self._move(copy, CopyState.ABSENT, n_bytes=freed, seconds=time.monotonic() - started, reason=reason)
 
-    async def activate(self, spec: ModelSpec, reason: str = "activate", replace_active: bool = False) -> str:
-        """Turn the model into this worker's serving instance (loading it first on a cold start).
+    async def activate(self, spec: ModelSpec, reason: str = "activate", replace_active: bool = False,
+                       share: bool = False) -> str:
+        """Turn the model into a serving instance on this worker (loading it first on a cold start).
 
-        With ``replace_active`` the current instance of another model is drained first (its copy
-        stays prewarmed if memory allows); without it, a busy worker refuses."""
-        current = self.active()
-        if replace_active and current is not None and current.spec.slug != spec.slug:
-            await self.deactivate(current.spec.slug, reason=f"replaced by {spec.slug}")
-        self._check_idle_for(spec.slug)
+        With ``replace_active`` the instances of other models are drained first (their copies stay
+        prewarmed if memory allows); with ``share`` the model serves next to them, with a KV cache of its
+        own (the shared tier); with neither, a busy worker refuses."""
+        if replace_active:
+            others = [c.spec.slug for c in self.actives() if c.spec.slug != spec.slug]
+            await asyncio.gather(*(self.deactivate(m, reason=f"replaced by {spec.slug}") for m in others))
+        if share and self.kv_bytes_per_instance is None and not getattr(self.engine, "kv_allocated_at_load", False):
+            raise EngineError("unsupported", f"sharing {self.worker_id} needs a fixed KV cache per instance "
+                                             "(WARMSERVE_KV_CACHE_BYTES): without one an instance takes all the memory")
+        self._check_idle_for(spec.slug, share)
         copy = self.copies.get(spec.slug)
         made = Outcome.COLD if copy is None or copy.state is CopyState.LOADING else Outcome.PREWARM_HIT
         if copy is None or copy.state is CopyState.LOADING:
             copy = await self.prewarm(spec, reason="cold start" if copy is None else reason, make_room=True)
         async with self._lock:
-            current = self.active()
-            if current is copy:
+            if copy.state is CopyState.ACTIVE and self.copies.get(spec.slug) is copy:
                 return copy.instance_id
-            self._check_idle_for(spec.slug)
+            self._check_idle_for(spec.slug, share)
             if copy.state is not CopyState.PREWARMED or self.copies.get(spec.slug) is not copy:
                 raise EngineError("wrong_state", f"{spec.slug} is {copy.state.value}")
             started = time.monotonic()
@@ -275,6 +283,7 @@ class Worker:
                 raise
             copy.kv_granted_bytes = kv
             copy.made = made
+            copy.shared = any(c is not copy for c in self.actives())
             copy.instance_id = f"{self.worker_id}-{spec.slug}-{uuid.uuid4().hex[:8]}"  # unique across restarts
             self._move(copy, CopyState.ACTIVE, n_bytes=kv, seconds=time.monotonic() - started, reason=reason)
             return copy.instance_id
@@ -294,10 +303,10 @@ class Worker:
             raise EngineError("insufficient_memory", f"no memory left for {slug}'s KV cache")
         return kv
 
-    def _check_idle_for(self, model: str) -> None:
-        current = self.active()
-        if current is not None and current.spec.slug != model:
-            raise EngineError("worker_busy", f"{self.worker_id} is serving {current.spec.slug}")
+    def _check_idle_for(self, model: str, share: bool = False) -> None:
+        others = [c.spec.slug for c in self.actives() if c.spec.slug != model]
+        if others and not share:
+            raise EngineError("worker_busy", f"{self.worker_id} is serving {', '.join(others)}")
 
     async def deactivate(self, model: str, *, instance_id: str | None = None, drain: bool = True,
                          reason: str = "deactivate", drain_timeout_s: float = 60.0) -> None:
@@ -325,6 +334,7 @@ class Worker:
             freed = self.memory.give_back(self.memory.kv, model)
             copy.instance_id = None
             copy.made = None
+            copy.shared = False
             copy.kv_target_free_blocks = None
             copy.kv_granted_bytes = 0
             self._move(copy, CopyState.PREWARMED, n_bytes=freed, seconds=time.monotonic() - started, reason=reason)

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from shared.messages import CommandKind, Forecast, Outcome, PlannedCopy
 from shared.policy.autoscale import AutoscaleConfig, InstanceView as AutoscaleInstance, LoadWindow, decide, forecast_keep
 from shared.policy.cluster import ClusterView
-from shared.policy.handover import HandoverConfig, choose_handover
+from shared.policy.handover import Handover, HandoverConfig, choose_handover
 from shared.policy.kv import next_kv_target
 from shared.policy.reconcile import reconcile
-from shared.policy.scaleup import choose_group
+from shared.policy.scaleup import Choice, choose_group
+from shared.policy.sharing import SharingConfig, choose_shared, promotions
 
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0
 DRAINED = "worker drained by an operator"
@@ -36,6 +37,9 @@ class OrchestratorConfig:
     handover: bool = True  # a queued model may take the GPU of a lightly used instance (shared.policy.handover)
     handover_margin: float = 2.0
     forecast_max_age_windows: float = 2.0  # an older forecast is not acted on
+    shared_tier: bool = True  # a quiet model with no free device may serve next to another (shared.policy.sharing)
+    shared_quiet: float = 0.25  # quiet: load and forecast peak at most this x B
+    shared_max_instances: int = 4  # instances on one device, its host included
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class Command:
     outcome: Outcome | None = None  # activate: how the instance is made (prewarm_hit or cold)
     scale_up: bool = False  # an activation asked for by a scale-up (its askers retry; no back-off here)
     replace_active: bool = False  # activate: a handover (the worker drains its current instance first)
+    share: bool = False  # activate: a guest next to the instance serving there (the shared tier)
 
     @property
     def worker_id(self) -> str:
@@ -113,6 +118,9 @@ class OrchestratorCore:
         self.forecasts: dict[str, Forecast] = {}
         self.handover = HandoverConfig(margin=config.handover_margin, up=config.autoscale.up,
                                        down=config.autoscale.down, batch_capacity=config.autoscale.batch_capacity)
+        self.sharing = SharingConfig(quiet=config.shared_quiet, up=config.autoscale.up,
+                                     max_instances=config.shared_max_instances,
+                                     batch_capacity=config.autoscale.batch_capacity)
 
     # ---- inputs ---------------------------------------------------------------------------------------
 
@@ -214,6 +222,16 @@ class OrchestratorCore:
         averages = ({m: f.predicted_avg for m, f in self.fresh_forecasts(now_s).items()}
                     if self.config.forecast_scale_down else {})
         scale_up, loads = {}, {}
+        promote, settled = promotions(view, self.loads(now_s), self.peaks(now_s), self.sharing) \
+            if self.config.shared_tier else (set(), [])
+        for inst in settled:  # promoted: its model's dedicated instances carry the load, the guest drains
+            if inst.model in busy_models:
+                continue
+            cmd = Command(CommandKind.DEACTIVATE, inst.model, inst.devices, instance_id=inst.instance_id,
+                          reason="promoted: a dedicated instance carries the load")
+            if self._issue(cmd, now_s):
+                commands.append(cmd)
+                busy_models.add(inst.model)
         for model, window in list(self.windows.items()):
             load = window.mean(now_s)
             loads[model] = round(load, 3)
@@ -227,6 +245,8 @@ class OrchestratorCore:
                        keep=forecast_keep(averages.get(model, 0.0), cfg))
             if d.add and ins:  # a model with no instance is started by the gateway's request (it knows the wait)
                 scale_up[model] = d.add
+            if model in promote:  # a guest that is no longer quiet: a dedicated instance, then the guest drains
+                scale_up[model] = max(scale_up.get(model, 0), 1)
             for i in d.stop:
                 cmd = Command(CommandKind.DEACTIVATE, model, groups[i.instance_id], reason=f"autoscaler: {d.reason}",
                               instance_id=i.instance_id)
@@ -250,21 +270,38 @@ class OrchestratorCore:
         busy = {device for (device, m), c in self.busy.items() if m != model or c.kind is not CommandKind.PREWARM}
         busy |= set(drained)
         choice = choose_group(view, model, tp, shard_bytes, busy=busy)
-        if self.config.handover and (choice is None or choice.outcome is Outcome.COLD):
-            served = sum(i.in_flight for i in view.instances_of(model))
-            demand = max(self.gateway_load.current(now_s).get(model, 0.0) - served, float(waiting))  # waiting
-            taken = {g for c in self.busy.values() for g in c.devices} | set(drained)
-            h = choose_handover(view, model, tp, shard_bytes, demand, self.loads(now_s), self.peaks(now_s),
-                                busy=taken, free_alternative=choice is not None, config=self.handover)
-            if h is not None:
-                cmd = Command(CommandKind.ACTIVATE, model, h.devices, outcome=h.outcome, scale_up=True,
-                              replace_active=True, reason=f"handover ({h.rule}) from {', '.join(h.givers)} "
-                                                          f"({reason}, {waiting} waiting)")
-                self.busy[cmd.key] = cmd
-                return ScaleAnswer(command=cmd, outcome=h.outcome, worker_id=h.worker_id)
-        if choice is None:
-            return ScaleAnswer(error_code="no_capacity", error=f"no worker can take another instance of {model} now")
-        cmd = Command(CommandKind.ACTIVATE, model, choice.devices, reason=f"scale-up ({reason}, {waiting} waiting)",
-                      outcome=choice.outcome, scale_up=True)
+        if choice is not None and choice.outcome is Outcome.PREWARM_HIT:
+            return self._activate(model, choice, f"scale-up ({reason}, {waiting} waiting)")
+        served = sum(i.in_flight for i in view.instances_of(model))
+        demand = max(self.gateway_load.current(now_s).get(model, 0.0) - served, float(waiting))  # waiting
+        taken = {g for c in self.busy.values() for g in c.devices} | set(drained)
+        loads, peaks = self.loads(now_s), self.peaks(now_s)
+        guest = choose_shared(view, model, tp, shard_bytes, demand, loads, peaks, busy=taken,
+                              config=self.sharing) if self.config.shared_tier else None
+        h = choose_handover(view, model, tp, shard_bytes, demand, loads, peaks, busy=taken,
+                            free_alternative=choice is not None, config=self.handover) if self.config.handover else None
+        asked = f"{reason}, {waiting} waiting"
+        # a giver that fits costs nobody anything; a guest costs its host a share of the device's time; a
+        # trade costs the giver's model its instance
+        if h is not None and h.rule == "fits":
+            return self._handover(model, h, asked)
+        if guest is not None and guest.outcome is Outcome.PREWARM_HIT:
+            return self._activate(model, guest, f"shared tier: guest ({asked})", share=True)
+        if h is not None:
+            return self._handover(model, h, asked)
+        if choice is not None:
+            return self._activate(model, choice, f"scale-up ({asked})")
+        if guest is not None:
+            return self._activate(model, guest, f"shared tier: guest, loaded ({asked})", share=True)
+        return ScaleAnswer(error_code="no_capacity", error=f"no worker can take another instance of {model} now")
+
+    def _handover(self, model: str, h: Handover, asked: str) -> ScaleAnswer:
+        return self._activate(model, Choice(h.devices, h.outcome),
+                              f"handover ({h.rule}) from {', '.join(h.givers)} ({asked})", replace_active=True)
+
+    def _activate(self, model: str, choice: Choice, reason: str, *, share: bool = False,
+                  replace_active: bool = False) -> ScaleAnswer:
+        cmd = Command(CommandKind.ACTIVATE, model, choice.devices, reason=reason, outcome=choice.outcome,
+                      scale_up=True, share=share, replace_active=replace_active)
         self.busy[cmd.key] = cmd
         return ScaleAnswer(command=cmd, outcome=choice.outcome, worker_id=choice.worker_id)

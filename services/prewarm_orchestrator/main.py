@@ -41,7 +41,8 @@ class Orchestrator:
                 batch_capacity=settings.batch_capacity, min_instances=settings.min_active_per_model),
             kv_reservation=settings.kv_reservation, min_active=settings.min_active_per_model,
             forecast_scale_down=settings.forecast_scale_down, handover=settings.handover,
-            handover_margin=settings.handover_margin))
+            handover_margin=settings.handover_margin, shared_tier=settings.shared_tier,
+            shared_quiet=settings.shared_quiet, shared_max_instances=settings.shared_max_instances))
         self._tasks: set[asyncio.Task] = set()
         self._scaling: dict[str, asyncio.Task] = {}  # model -> the scale-up every asker awaits
         self.tracer = tracer("warmserve.orchestrator")
@@ -80,7 +81,8 @@ class Orchestrator:
         try:
             msg = WorkerCommand(kind=cmd.kind, model=cmd.model, spec=self.catalog.items.get(cmd.model),
                                 reason=cmd.reason, instance_id=cmd.instance_id, drain=cmd.drain,
-                                kv_free_blocks=cmd.kv_free_blocks, replace_active=cmd.replace_active)
+                                kv_free_blocks=cmd.kv_free_blocks, replace_active=cmd.replace_active,
+                                share=cmd.share)
             result = await bus.request(self.nc, WORKER_CMD.format(worker=cmd.worker_id), msg, CommandResult,
                                        timeout=self.settings.command_timeout_s, resend_on_reconnect=True)
         except Exception as exc:  # no answer, or one that does not decode: retried after the back-off

@@ -9,8 +9,9 @@ from shared.policy.autoscale import AutoscaleConfig
 from tests.factories import GB, copy, forecast, view, worker
 
 
-def core(**autoscale) -> OrchestratorCore:
-    return OrchestratorCore(OrchestratorConfig(autoscale=AutoscaleConfig(**{"batch_capacity": 4, **autoscale})))
+def core(shared_tier: bool = True, **autoscale) -> OrchestratorCore:
+    return OrchestratorCore(OrchestratorConfig(autoscale=AutoscaleConfig(**{"batch_capacity": 4, **autoscale}),
+                                               shared_tier=shared_tier))
 
 
 def kinds(commands):
@@ -94,7 +95,7 @@ def test_scale_up_answers_warm_when_an_instance_appeared_and_refuses_clearly_whe
     running = view(worker("w0", copy("a", CopyState.ACTIVE, worker_id="w0")))
     answer = c.scale_up(running, "a", 1, GB, now_s=1.0, reason="no_instance")
     assert (answer.command, answer.outcome, answer.instance_id) == (None, Outcome.WARM, "w0-a")
-    full = view(worker("w0", ("x", CopyState.ACTIVE)), worker("w1", budget=GB // 2))
+    full = view(worker("w0", ("x", CopyState.ACTIVE, GB, 4)), worker("w1", budget=GB // 2))  # x is at B
     refused = c.scale_up(full, "a", 1, GB, now_s=1.0)
     assert refused.command is None and refused.error_code == "no_capacity" and "a" in refused.error
 
@@ -140,7 +141,7 @@ def test_a_models_last_instance_is_taken_only_while_it_is_a_trickle_now_and_in_i
     c = core()
     c.on_forecast(forecast("x", avg=2.0, peak=3.0))  # x expects 3 concurrent requests on its only instance
     assert c.scale_up(v, "a", 1, GB, now_s=10.0, waiting=50).error_code == "no_capacity"  # however long a's queue
-    c = core()
+    c = core(shared_tier=False)  # (with the shared tier, a's one request would be served next to x)
     c.on_forecast(forecast("x", avg=0.2, peak=0.5))  # a trickle: one request in flight now, less forecast
     assert c.scale_up(v, "a", 1, GB, now_s=10.0, waiting=1).error_code == "no_capacity"  # 1 < 2 x 1
     assert c.scale_up(v, "a", 1, GB, now_s=10.0, waiting=2).command.replace_active
@@ -160,8 +161,10 @@ def test_a_giver_whose_siblings_carry_its_load_and_forecast_fits_even_for_one_wa
     busy = view(worker("w0", copy("x", CopyState.ACTIVE, in_flight=1, worker_id="w0"), ("a", CopyState.PREWARMED)),
                 worker("w1", copy("x", CopyState.ACTIVE, in_flight=1, worker_id="w1")),
                 worker("w2", budget=4 * GB))
-    answer = core().scale_up(busy, "a", 1, GB, now_s=1.0, waiting=1)  # a drain could outlast the cold load
-    assert (answer.worker_id, answer.outcome, answer.command.replace_active) == ("w2", Outcome.COLD, False)
+    answer = core(shared_tier=False).scale_up(busy, "a", 1, GB, now_s=1.0, waiting=1)  # a drain could outlast
+    assert (answer.worker_id, answer.outcome, answer.command.replace_active) == ("w2", Outcome.COLD, False)  # the load
+    answer = core().scale_up(busy, "a", 1, GB, now_s=1.0, waiting=1)  # the shared tier: a guest from the copy
+    assert (answer.worker_id, answer.outcome, answer.command.share) == ("w0", Outcome.PREWARM_HIT, True)
 
 
 def test_scale_down_keeps_the_instances_the_forecast_needs_within_the_next_window():
@@ -184,3 +187,86 @@ def test_a_handover_never_stops_an_instance_spanning_more_devices_than_it_takes(
     v = view(worker("w0", *big, ("a", CopyState.PREWARMED)), worker("w1"))
     v = replace(v, instances=(replace(v.instances[0], devices=("w0", "w1")),))  # big spans w0 and w1
     assert core().scale_up(v, "a", 1, GB, now_s=1.0, waiting=40).error_code == "no_capacity"
+
+
+# ---- the shared tier (crowded clusters) -------------------------------------------------------------------
+
+
+def sharing_core(**kw) -> OrchestratorCore:
+    return OrchestratorCore(OrchestratorConfig(autoscale=AutoscaleConfig(batch_capacity=32), **kw))
+
+
+def test_a_quiet_model_with_no_free_device_is_a_guest_on_the_least_loaded_device_holding_its_copy():
+    v = view(worker("w0", copy("x", CopyState.ACTIVE, in_flight=25, worker_id="w0"), ("a", CopyState.PREWARMED)),
+             worker("w1", copy("y", CopyState.ACTIVE, in_flight=6, worker_id="w1"), ("a", CopyState.PREWARMED)),
+             worker("w2", copy("z", CopyState.ACTIVE, in_flight=2, worker_id="w2")))
+    answer = sharing_core().scale_up(v, "a", 1, GB, now_s=1.0, waiting=1)
+    cmd = answer.command
+    # w2 is the least loaded but holds no copy: a prewarm hit on w1 comes first; w0 is too busy (25 + 1 > 0.8 x 32)
+    assert (cmd.worker_id, cmd.outcome, cmd.share, cmd.replace_active) == ("w1", Outcome.PREWARM_HIT, True, False)
+    assert "shared tier" in cmd.reason
+    off = sharing_core(shared_tier=False, handover=False)
+    assert off.scale_up(v, "a", 1, GB, now_s=1.0, waiting=1).error_code == "no_capacity"
+    # a model that is not quiet (9 waiting > 0.25 x 32) is not a guest: it gets a dedicated device or waits
+    assert sharing_core(handover=False).scale_up(v, "a", 1, GB, now_s=1.0, waiting=9).error_code == "no_capacity"
+    # nothing shares a device loaded to the scale-up threshold, nor one that holds max_instances already
+    full = view(worker("w0", copy("x", CopyState.ACTIVE, in_flight=25, worker_id="w0"), ("a", CopyState.PREWARMED)))
+    assert sharing_core(handover=False).scale_up(full, "a", 1, GB, now_s=1.0, waiting=1).error_code == "no_capacity"
+    crowded = view(worker("w0", *(copy(m, CopyState.ACTIVE, worker_id="w0") for m in ("x", "y")),
+                          ("a", CopyState.PREWARMED)))
+    assert sharing_core(shared_max_instances=2, handover=False).scale_up(
+        crowded, "a", 1, GB, now_s=1.0, waiting=1).error_code == "no_capacity"
+    assert sharing_core(handover=False).scale_up(crowded, "a", 1, GB, now_s=1.0, waiting=1).command.share
+
+
+def test_a_guests_own_forecast_and_its_hosts_forecast_count_against_the_device():
+    v = view(worker("w0", copy("x", CopyState.ACTIVE, in_flight=2, worker_id="w0"), ("a", CopyState.PREWARMED)))
+    c = sharing_core(handover=False)
+    c.on_forecast(forecast("x", avg=10.0, peak=25.0))  # x is quiet now, but its next window fills the device
+    assert c.scale_up(v, "a", 1, GB, now_s=10.0, waiting=1).error_code == "no_capacity"
+    c = sharing_core(handover=False)
+    c.on_forecast(forecast("a", avg=4.0, peak=12.0))  # a's own forecast is not quiet
+    assert c.scale_up(v, "a", 1, GB, now_s=10.0, waiting=1).error_code == "no_capacity"
+
+
+def test_a_dedicated_prewarm_hit_beats_a_guest_and_a_guest_prewarm_hit_beats_a_cold_load_and_a_handover():
+    v = view(worker("w0", copy("x", CopyState.ACTIVE, in_flight=1, worker_id="w0"), ("a", CopyState.PREWARMED)),
+             worker("w1", ("a", CopyState.PREWARMED)))
+    assert sharing_core().scale_up(v, "a", 1, GB, now_s=1.0, waiting=1).command.worker_id == "w1"
+    v = view(worker("w0", copy("x", CopyState.ACTIVE, in_flight=1, worker_id="w0"), ("a", CopyState.PREWARMED)),
+             worker("w1"))
+    cmd = sharing_core().scale_up(v, "a", 1, GB, now_s=1.0, waiting=1).command
+    assert (cmd.worker_id, cmd.share) == ("w0", True)
+    # no copy anywhere: a free device's cold load first, a guest load only when no device is free
+    v = view(worker("w0", copy("x", CopyState.ACTIVE, in_flight=1, worker_id="w0")), worker("w1"))
+    cmd = sharing_core().scale_up(v, "a", 1, GB, now_s=1.0, waiting=1).command
+    assert (cmd.worker_id, cmd.outcome, cmd.share) == ("w1", Outcome.COLD, False)
+    v = view(worker("w0", copy("x", CopyState.ACTIVE, in_flight=1, worker_id="w0")))
+    cmd = sharing_core(handover=False).scale_up(v, "a", 1, GB, now_s=1.0, waiting=1).command
+    assert (cmd.worker_id, cmd.outcome, cmd.share) == ("w0", Outcome.COLD, True)
+    tight = view(worker("w0", copy("x", CopyState.ACTIVE, in_flight=1, worker_id="w0"), budget=GB, kv_cache=GB))
+    assert sharing_core(handover=False).scale_up(tight, "a", 1, GB, now_s=1.0, waiting=1).error_code == "no_capacity"
+
+
+def test_a_promoted_model_is_served_by_its_guest_until_its_dedicated_instance_runs_then_the_guest_drains():
+    guest = copy("a", CopyState.ACTIVE, in_flight=3, worker_id="w0")
+    guest = guest.model_copy(update={"shared": True})
+    before = view(worker("w0", copy("x", CopyState.ACTIVE, in_flight=2, worker_id="w0"), guest),
+                  worker("w1", ("a", CopyState.PREWARMED)))
+    c, plan = sharing_core(), [PlannedCopy(model="a", worker_id="w1")]
+    for t in range(6):  # a's load rises past 0.25 x B at the gateway
+        c.on_demand("a", "gw", float(t), 12.0)
+        r = c.step(before, plan, now_s=float(t))
+    assert r.scale_up == {"a": 1}
+    assert not [cmd for cmd in r.commands if cmd.kind is CommandKind.DEACTIVATE]  # the guest keeps serving
+    answer = c.scale_up(before, "a", 1, GB, now_s=5.0, reason="at_capacity")
+    assert (answer.worker_id, answer.outcome, answer.command.share) == ("w1", Outcome.PREWARM_HIT, False)
+    c.on_result(answer.command, True, now_s=6.0)
+    after = view(worker("w0", copy("x", CopyState.ACTIVE, in_flight=2, worker_id="w0"), guest),
+                 worker("w1", copy("a", CopyState.ACTIVE, in_flight=0, worker_id="w1")))
+    stops = [cmd for cmd in c.step(after, plan, now_s=6.0).commands if cmd.kind is CommandKind.DEACTIVATE]
+    assert [(s.instance_id, s.drain) for s in stops] == [("w0-a", True)] and "promoted" in stops[0].reason
+    # a quiet guest stays where it is
+    quiet = sharing_core()
+    quiet.on_demand("a", "gw", 1.0, 2.0)
+    assert quiet.step(before, plan, now_s=1.0).scale_up == {}

@@ -12,6 +12,7 @@ from simulator.hardware import A100_80G, Batch, step_time
 from simulator.run import SYSTEMS, ClusterSpec, simulate
 from simulator.systems import System
 from simulator.workload import Request, SimModel, WorkloadSpec, build
+from shared.messages import PlannedCopy
 from shared.policy.autoscale import AutoscaleConfig
 
 M7 = SimModel.llama2("m7", "7b")
@@ -209,3 +210,38 @@ def test_a_handover_drains_the_giver_without_losing_its_request_and_serves_the_q
     assert giver.done_s < min(runs[True].records[i].first_token_s for i in (1, 2, 3))  # drained before the switch
     ttft = {h: max(sim.records[i].ttft_s for i in (1, 2, 3)) for h, sim in runs.items()}
     assert ttft[True] + 3.0 < ttft[False]  # no waiting out the autoscaler's window
+
+
+# ---- the shared tier (crowded clusters) --------------------------------------------------------------------
+
+
+class Reserving(System):
+    kv_mode = "two-way"  # KV reservation: what an instance holds beyond its target is lent (a guest's KV comes from it)
+
+    def initial_kv(self, sim, model, gpus):
+        return 8 * 2**30  # an instance starts with 8 GiB of KV cache, so other copies stay
+
+
+def test_a_quiet_model_is_served_next_to_a_busy_instance_from_its_copy_and_both_share_the_gpus_time():
+    """One GPU serves o7 (one long request) and holds m7's copy; one request of m7 arrives. With the shared tier
+    m7 is a guest at once (a prewarm hit, first token long before o7's request ends) and o7 goes on, slower
+    while both compute; without it (and without handover) m7 waits until o7's instance stops."""
+    other = SimModel.llama2("o7", "7b")
+    reqs = [Request(0, "o7", 0.0, 200, 400), Request(1, "m7", 1.0, 200, 400)]
+    runs = {}
+    for shared in (True, False):
+        system = Reserving(AutoscaleConfig(), handover=False, forecast_scale_down=False, shared_tier=shared)
+        system.plan = [PlannedCopy(model="m7", worker_id="n0g0")]  # placement keeps m7's copy there
+        sim = one_gpu(system, (M7, other))
+        sim.add_copy("m7", ("n0g0",)).ready_at = 0.0
+        sim.run(reqs, until_s=90.0)
+        sim.check_memory()
+        runs[shared] = sim
+    for sim in runs.values():
+        assert all(r.first_token_s is not None and r.done_s is not None for r in sim.records.values())
+    on, off = runs[True].records, runs[False].records
+    assert on[1].outcome == "prewarm_hit" and on[1].first_token_s < on[0].done_s  # served alongside, not after
+    assert off[1].first_token_s > off[0].done_s  # waited for o7's instance to go
+    assert on[1].ttft_s + 3.0 < off[1].ttft_s
+    assert on[0].tpot_s > off[0].tpot_s  # o7 gave up part of the GPU's time while both computed
+    assert on[0].done_s - on[0].start_s < 2 * (off[0].done_s - off[0].start_s)  # never worse than half speed

@@ -33,7 +33,7 @@ async def test_prewarm_activate_serve_deactivate_evict(spec):
     await w.prewarm(spec)
     assert w.copies["tiny"].state is CopyState.PREWARMED
     instance = await w.activate(spec)
-    assert instance and w.active().instance_id == instance
+    assert instance and [c.instance_id for c in w.actives()] == [instance]
     assert w.snapshot()[0].made is Outcome.PREWARM_HIT  # gateways label requests that waited for it by this
     assert w.memory.bytes_of(w.memory.kv) == 8 * PAGE_BYTES
     req = InferRequest(model="tiny", messages=[ChatMessage(role="user", content="hi")],
@@ -286,11 +286,46 @@ async def test_replace_active_drains_the_current_instance_first(spec):
     other = spec.model_copy(update={"slug": "other"})
     await w.activate(spec)
     r = await w.handle(WorkerCommand(kind=CommandKind.ACTIVATE, model="other", spec=other, replace_active=True))
-    assert r.ok and w.active().spec.slug == "other"
+    assert r.ok and [c.spec.slug for c in w.actives()] == ["other"]
     assert w.copies["tiny"].state is CopyState.PREWARMED and list(w.memory.kv) == ["other"]
     assert [(e.model, e.to_state.value) for e in events][3:] == [
         ("tiny", "draining"), ("tiny", "prewarmed"), ("other", "loading"), ("other", "prewarmed"),
         ("other", "active")]
+
+
+async def test_a_shared_activation_serves_two_models_at_once_each_with_its_own_kv_cache(spec):
+    w, events = make_worker(kv_pages=4)
+    other = spec.model_copy(update={"slug": "other"})
+    host = await w.activate(spec)
+    r = await w.handle(WorkerCommand(kind=CommandKind.ACTIVATE, model="other", spec=other, share=True))
+    assert r.ok and r.instance_id != host
+    assert {c.spec.slug: c.shared for c in w.actives()} == {"tiny": False, "other": True}
+    assert w.memory.kv == {"tiny": 4, "other": 4}
+    streams = [w.generate(InferRequest(model=m, prompt="hello", sampling=SamplingParams(max_tokens=3, seed=1)))
+               for m in ("tiny", "other")]
+    finished = [[d async for d in s][-1] for s in streams]
+    assert [d.completion_tokens for d in finished] == [3, 3]
+    assert {c.model: c.shared for c in w.snapshot()} == {"tiny": False, "other": True}
+    # a third model without share is refused; replace_active drains every instance there
+    third = spec.model_copy(update={"slug": "third"})
+    r = await w.handle(WorkerCommand(kind=CommandKind.ACTIVATE, model="third", spec=third))
+    assert not r.ok and r.error.code == "worker_busy" and "tiny, other" in r.error.message
+    r = await w.handle(WorkerCommand(kind=CommandKind.ACTIVATE, model="third", spec=third, replace_active=True))
+    assert r.ok and [c.spec.slug for c in w.actives()] == ["third"] and not w.copies["third"].shared
+    assert {m: w.copies[m].state for m in ("tiny", "other")} == {"tiny": CopyState.PREWARMED,
+                                                                   "other": CopyState.PREWARMED}
+
+
+async def test_sharing_needs_a_fixed_kv_cache_per_instance_and_never_both_share_and_replace(spec):
+    w = Worker("w0", SimEngine(FAST), MemoryPool(64 * PAGE_BYTES))  # no fixed KV: an instance takes everything
+    other = spec.model_copy(update={"slug": "other"})
+    await w.activate(spec)
+    r = await w.handle(WorkerCommand(kind=CommandKind.ACTIVATE, model="other", spec=other, share=True))
+    assert not r.ok and r.error.code == "unsupported" and "WARMSERVE_KV_CACHE_BYTES" in r.error.message
+    assert "other" not in w.copies and [c.spec.slug for c in w.actives()] == ["tiny"]
+    r = await w.handle(WorkerCommand(kind=CommandKind.ACTIVATE, model="other", spec=other, share=True,
+                                     replace_active=True))
+    assert not r.ok and r.error.code == "bad_command"
 
 
 async def test_engines_that_allocate_kv_at_load_are_not_charged_twice(spec):
