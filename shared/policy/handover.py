@@ -8,15 +8,16 @@ queued model waits until the autoscaler stops that instance on its own. With it,
 model is activated there, from its copy when the GPU holds one.
 
 Givers lie wholly inside the group taken (a one-GPU model never stops a four-GPU instance for one of its
-GPUs). A giver is chosen only if giving it up costs its model little:
+GPUs); the group's other devices are free. A giver is chosen only if giving it up costs its model little:
 
 - **fits**: its model's other instances cover both its current load and its forecast peak for the next
   window at the scale-up threshold, so nothing of its model waits or misses; or
 - **trades**: it is lightly loaded (at most ``down`` x B requests in flight, below the autoscaler's
   scale-down threshold), the queued model's waiting requests are at least ``margin`` times what the giver
-  serves now and is forecast to serve, and its model keeps serving: another instance of it runs, or it is
-  a trickle (at most ``trickle`` requests in flight on average, now and in its forecast peak), whose next
-  request can wait for an instance of its own. Its model may then queue a little more, for a GPU that
+  serves now and is forecast to serve, and its model keeps serving: another instance of it runs, or a
+  ready copy of it waits on free devices outside the group (its next request is a prewarm hit there), or
+  it is a trickle (at most ``trickle`` requests in flight on average, now and in its forecast peak), whose
+  next request can wait for an instance of its own. Its model may then queue a little more, for a GPU that
   serves more than ``margin`` times as much. The margin, leaving busy instances alone and never
   taking a model's last instance while it has load keep two models from handing a GPU back and forth and
   keep a quiet model from starving in a saturated cluster (measured on the paper's regime at 8-12 rps:
@@ -59,9 +60,10 @@ class Handover:
 
 
 def giver_rule(inst: InstanceView, view: ClusterView, demand: float, loads: Mapping[str, float],
-               peaks: Mapping[str, float], config: HandoverConfig) -> str | None:
+               peaks: Mapping[str, float], config: HandoverConfig, rehomed: bool = False) -> str | None:
     """Whether ``inst`` may give its GPU to a model with ``demand`` requests waiting: "fits", "trades" or
-    None."""
+    None. ``rehomed``: its model has a ready copy on free devices elsewhere, so its next request is a
+    prewarm hit there."""
     if inst.draining:
         return None
     siblings = view.instances_of(inst.model)
@@ -72,7 +74,7 @@ def giver_rule(inst: InstanceView, view: ClusterView, demand: float, loads: Mapp
     if len(siblings) > 1 and rest >= max(load, peak):
         return "fits"
     light = b <= config.down * config.batch_capacity
-    keeps_serving = len(siblings) > 1 or (load <= config.trickle and peak <= config.trickle)
+    keeps_serving = len(siblings) > 1 or rehomed or (load <= config.trickle and peak <= config.trickle)
     if light and keeps_serving and demand >= config.margin * max(load / max(len(siblings), 1),
                                                                  peak / max(len(siblings), 1), b, 1.0):
         return "trades"
@@ -89,13 +91,19 @@ def choose_handover(view: ClusterView, model: str, tp: int, shard_bytes: int, de
     order = {d.device_id: (d.node, d.index) for d in view.devices}
     candidates: list[tuple[tuple, Handover]] = []
 
+    def rehomed(giver: str, group: tuple[str, ...]) -> bool:
+        return any(c.model == giver and c.ready and not set(c.devices) & set(group)
+                   and not any(view.serving(g) or g in busy for g in c.devices) for c in view.copies)
+
     def consider(devices: tuple[str, ...], outcome: Outcome) -> None:
-        if any(g not in order or g in busy or not view.serving(g) for g in devices):
+        # every device of the group is free or serves: a 70B's four GPUs may be two idle ones and a 13B's two
+        if any(g not in order or g in busy for g in devices) or not any(view.serving(g) for g in devices):
             return
         givers = {i.instance_id: i for g in devices for i in view.instances_on(g)}
         if any(i.model == model or not set(i.devices) <= set(devices) for i in givers.values()):
             return  # never a giver spanning devices beyond the group: a 7B does not stop a 70B's four GPUs
-        rules = [giver_rule(i, view, demand, loads, peaks, config) for i in givers.values()]
+        rules = [giver_rule(i, view, demand, loads, peaks, config, rehomed(i.model, devices))
+                 for i in givers.values()]
         if None in rules:
             return
         rule = "trades" if "trades" in rules else "fits"

@@ -32,7 +32,8 @@ def copies(env) -> dict[str, str]:
 def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("handover")
     up = start_cluster(state, "--engine", "sim", "--workers", "1", "--no-smoke", timeout_s=180, extra_env={
-        "WARMSERVE_BATCH_CAPACITY": "4", "WARMSERVE_QUEUE_WAIT_S": "30", "WARMSERVE_HEARTBEAT_TIMEOUT_S": "3"})
+        "WARMSERVE_BATCH_CAPACITY": "4", "WARMSERVE_QUEUE_WAIT_S": "30", "WARMSERVE_HEARTBEAT_TIMEOUT_S": "3",
+        "WARMSERVE_SHARED_TIER": "false"})  # handover alone (the shared tier would serve tiny-llama next to slow)
     info = json.loads((state / "cluster.json").read_text())
     yield {"env": up.env, "state": state, "info": info}
     up.stop()

