@@ -7,7 +7,7 @@ the requests open-loop through the HTTP gateway (loadtest/replay_client.py). ``o
 with ``WARMSERVE_PREWARM=false``: placement keeps no forecast-driven copy, so every scale-up loads from
 scratch (reactive autoscaling). The P99 TTFT ratio off/on is the live counterpart of the simulator's
 headline (docs/simulator.md). The crowded-cluster rules can each be switched off in a run of their own
-(``RUNS``: ``no-handover``, ``no-forecast-scale-down``, ``paper-rules`` with both off, and
+(``RUNS``: ``no-handover``, ``no-forecast-scale-down``, ``no-shared-tier``, ``paper-rules`` with all three off, and
 ``forecast-freed-first``, off by default, on), for a live ablation on a cluster with more models than workers.
 
 Modes:
@@ -19,7 +19,7 @@ Prints a table per run and model, saves JSON and a timeline PNG under docs/bench
     .venv/bin/python -m loadtest.replay --mode real --duration 300        # what `make loadtest` runs
     .venv/bin/python -m loadtest.replay --mode sim --workers 32 --duration 300
     .venv/bin/python -m loadtest.replay --mode sim --workers 6 --models 12 \
-        --runs on,off,no-handover,no-forecast-scale-down,forecast-freed-first --name replay_crowded
+        --runs on,off,no-handover,no-shared-tier,paper-rules --name replay_crowded
 """
 
 from __future__ import annotations
@@ -189,13 +189,14 @@ def settle(up: Launched, slugs: set[str], max_s: float) -> dict:
     return {"settle_s": round(time.monotonic() - t0, 1), "prewarmed": prewarmed}
 
 
-CROWDED_RULES = ("WARMSERVE_HANDOVER", "WARMSERVE_FORECAST_SCALE_DOWN")
+CROWDED_RULES = ("WARMSERVE_HANDOVER", "WARMSERVE_FORECAST_SCALE_DOWN", "WARMSERVE_SHARED_TIER")
 RUNS = {  # run name -> the settings it changes from the defaults
     "on": {},
     "off": {"WARMSERVE_PREWARM": "false"},
     "no-handover": {"WARMSERVE_HANDOVER": "false"},
     "no-forecast-scale-down": {"WARMSERVE_FORECAST_SCALE_DOWN": "false"},
     "forecast-freed-first": {"WARMSERVE_FORECAST_FREED_FIRST": "true"},
+    "no-shared-tier": {"WARMSERVE_SHARED_TIER": "false"},
     "paper-rules": {k: "false" for k in CROWDED_RULES},
 }
 
