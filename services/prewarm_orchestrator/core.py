@@ -2,8 +2,11 @@
 
 Every round (``step``) it compares the cluster with the placement plan (prewarm, evict, keep ``min_active``
 instances), runs the autoscaler over each model's load (the larger of the instances' in-flight requests and
-what the gateways report, queued requests included) and pushes KV reservation targets. ``scale_up`` picks
-where a new instance goes (``shared.policy.scaleup``, one chooser for everyone). Every command it hands out
+what the gateways report, queued requests included), promotes shared-tier guests whose model is no longer
+quiet, and pushes KV reservation targets. ``scale_up`` picks where a new instance goes: a free device with a
+prewarmed copy (``shared.policy.scaleup``), else a handover whose giver fits, a guest from a copy
+(``shared.policy.sharing``), a handover that trades, a cold load on a free device, a guest loaded there, in
+that order. Every command it hands out
 marks its (device, model) busy until ``on_result`` reports how it ended; a failed command is not retried on
 that (device, model, kind) before a doubling back-off (1 s to 30 s). Time is passed in; nothing here
 sleeps, sends or stores.

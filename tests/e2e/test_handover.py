@@ -2,30 +2,17 @@
 model's lightly used instance. The instance it replaces is drained, so its request in progress streams to
 the end; the queued requests are served from the prewarmed copy, and Postgres records why."""
 
-import asyncio
 import concurrent.futures
 import json
 
 import pytest
 from openai import OpenAI
-from sqlalchemy import text
 
-from shared.db.engine import create_engine, sessionmaker
-from tests.e2e.conftest import cli, start_cluster, until
+from tests.e2e.conftest import cli, copy_states, query, start_cluster, stream_chat, until
 
 pytestmark = pytest.mark.e2e
 
 SLOW_TOKENS = 1500  # at 3 ms a token (2 GB of modelled weights on the fast profile): about 4.5 s of stream
-
-
-
-
-def copies(env) -> dict[str, str]:
-    out = cli(env, "workers", "--json")
-    assert out.returncode == 0, out.stderr
-    return {c["model"]: c["state"] for w in json.loads(out.stdout) for c in w["copies"]}
-
-
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +31,8 @@ def test_a_queued_model_takes_the_worker_and_the_replaced_stream_finishes(cluste
     folder = str(cluster["state"] / "models" / "tiny-llama")
     reg = cli(env, "model", "register", "slow", folder, "--parameter-bytes", str(2 * 10**9))
     assert reg.returncode == 0, reg.stderr
-    until(lambda: copies(env).get("tiny-llama") == "prewarmed", what="the pinned demo model prewarmed")
+    until(lambda: copy_states(env).get("tiny-llama") == "prewarmed", what="the pinned demo model prewarmed")
     client = OpenAI(base_url=f"{info['gateway_url']}/v1", api_key=info["api_key"], max_retries=0, timeout=90)
-
-    def slow_stream():
-        stream = client.chat.completions.create(model="slow", messages=[{"role": "user", "content": "go"}],
-                                                max_tokens=SLOW_TOKENS, stream=True)
-        pieces, finish = 0, None
-        for chunk in stream:
-            if chunk.choices:
-                pieces += bool(chunk.choices[0].delta.content)
-                finish = chunk.choices[0].finish_reason or finish
-        return pieces, finish
 
     def quick(i):
         r = client.chat.completions.with_raw_response.create(
@@ -63,27 +40,23 @@ def test_a_queued_model_takes_the_worker_and_the_replaced_stream_finishes(cluste
         return r.headers["x-warmserve-outcome"], r.parse().choices[0].message.content
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        slow = pool.submit(slow_stream)
-        until(lambda: copies(env).get("slow") == "active" or slow.done(), every=0.2, what="slow serving")
+        slow = pool.submit(stream_chat, client, "slow", SLOW_TOKENS)
+        until(lambda: copy_states(env).get("slow") == "active" or slow.done(), every=0.2, what="slow serving")
         assert not slow.done(), "the slow stream ended before the queued requests arrived"
         quick_results = list(pool.map(quick, range(3)))
-        pieces, finish = slow.result()
+        pieces, finish, _, _ = slow.result()
 
     assert finish == "length" and pieces > 0  # the replaced instance's stream ran to its end
     outcomes = [o for o, _ in quick_results]
     assert "cold" not in outcomes and "prewarm_hit" in outcomes, outcomes  # served from the copy
     assert all(content for _, content in quick_results)
 
-    async def events():
-        engine = create_engine(info["database_url"])
-        async with sessionmaker(engine)() as s:
-            rows = (await s.execute(text("select model, from_state, to_state, reason from model_events "
-                                         "where model in ('slow', 'tiny-llama') order by at, id"))).all()
-        await engine.dispose()
-        return rows
+    def events():
+        return query(info["database_url"], "select model, from_state, to_state, reason from model_events "
+                                           "where model in ('slow', 'tiny-llama') order by at, id")
 
     rows = until(lambda: (lambda r: r if any(e.to_state == "active" and e.reason.startswith("handover")
-                                             for e in r) else None)(asyncio.run(events())),
+                                             for e in r) else None)(events()),
                  timeout=30, what="the handover's activation stored")
     slow_states = [(e.from_state, e.to_state, e.reason) for e in rows if e.model == "slow"]
     assert ("active", "draining", "replaced by tiny-llama") in slow_states  # drained, not cut off

