@@ -19,7 +19,8 @@ A device takes a guest when:
   free, what the instances lend beyond their KV reservation, and other models' prewarmed copies.
 
 Prewarm hits before loads, then the least loaded device. **Promotion**: a guest whose model stops being
-quiet (its load or forecast peak above ``quiet`` x B) asks for a dedicated instance (a prewarm hit elsewhere
+quiet (its load or forecast peak above ``quiet`` x B) while it still shares its device (a guest whose hosts
+have stopped has the device to itself and counts as dedicated) asks for a dedicated instance (a prewarm hit elsewhere
 when a copy waits there, or a handover); the guest keeps serving until that instance runs, then it is drained,
 so the model is served throughout. Everything is a function of what is passed in.
 """
@@ -100,10 +101,15 @@ def promotions(view: ClusterView, loads: Mapping[str, float], peaks: Mapping[str
     and the guests to drain because their model's dedicated instances now carry its load."""
     want: set[str] = set()
     drain: list[InstanceView] = []
-    for model in sorted({i.model for i in view.instances if i.shared and not i.draining}):
+
+    def sharing(i: InstanceView) -> bool:  # a guest whose hosts have all stopped has its device to itself
+        return i.shared and any(o.instance_id != i.instance_id and not o.draining for g in i.devices
+                                for o in view.instances_on(g))
+
+    for model in sorted({i.model for i in view.instances if sharing(i) and not i.draining}):
         live = view.instances_of(model)
-        guests = [i for i in live if i.shared]
-        dedicated = [i for i in live if not i.shared]
+        guests = [i for i in live if sharing(i)]
+        dedicated = [i for i in live if not sharing(i)]
         if not dedicated:
             if not is_quiet(model, loads, peaks, config):
                 want.add(model)

@@ -267,6 +267,13 @@ def test_a_promoted_model_is_served_by_its_guest_until_its_dedicated_instance_ru
                  worker("w1", copy("a", CopyState.ACTIVE, in_flight=0, worker_id="w1")))
     stops = [cmd for cmd in c.step(after, plan, now_s=6.0).commands if cmd.kind is CommandKind.DEACTIVATE]
     assert [(s.instance_id, s.drain) for s in stops] == [("w0-a", True)] and "promoted" in stops[0].reason
+    # a guest whose host has stopped has its device to itself: nothing to promote it to
+    alone = view(worker("w0", guest), worker("w1", ("a", CopyState.PREWARMED)))
+    busy = sharing_core()
+    for t in range(6):
+        busy.on_demand("a", "gw", float(t), 12.0)
+        r = busy.step(alone, plan, now_s=float(t))
+    assert r.scale_up == {} and not [cmd for cmd in r.commands if cmd.kind is CommandKind.DEACTIVATE]
     # a quiet guest stays where it is
     quiet = sharing_core()
     quiet.on_demand("a", "gw", 1.0, 2.0)
