@@ -58,7 +58,8 @@ REGIMES = (
 ENGINE_STARTS = (5.0, 15.0, 30.0)  # ServerlessLLM's engine start, swept (a vLLM engine: 10-30 s)
 ACTIVATES = (0.1, 0.3, 1.0)  # WarmServe's prewarm hit (KV mapping + engine wake-up), swept
 COST_POINT = ("a", 2.0)  # where the costs are swept: a rate every system serves
-ABLATION_POINT = ("d", 4.0)  # where the ablations of WarmServe run: the crowded regime, where its choices matter
+ABLATION_REGIME = "d"  # where the ablations of WarmServe run: the crowded regime, where its choices matter
+ABLATION_RATES = (4.0,)  # at these rates (--ablation-rates)
 
 
 def _job(job):
@@ -162,16 +163,26 @@ def missing_points(results: list[dict], regimes, systems, seeds) -> list[tuple[s
             if have.get((reg.key, s, rate), 0) != len(seeds)]
 
 
-def ablation_table(results: list[dict]) -> dict:
-    regime, rate = ABLATION_POINT
+def ablation_table(results: list[dict], points: list[tuple[str, float]]) -> dict:
+    """Per ablation point ("d@4"), each WarmServe variant's P99, attainment, hit rate and GPU-seconds."""
     out = {}
-    for name in ("warmserve", *ABLATIONS):
-        runs = [r for r in results if r["system"] == name and r["regime"] == regime and r["rate_rps"] == rate
-                and r["sweep"] in (None, "ablation")]
-        if runs:
-            out[name] = {k: interval([r[k] or 0.0 for r in runs]) for k in
-                         ("ttft_p99_s", "slo_attainment", "prewarm_hit_rate", "gpu_seconds_serving")}
+    for regime, rate in points:
+        table = {}
+        for name in ("warmserve", *ABLATIONS):
+            runs = [r for r in results if r["system"] == name and r["regime"] == regime and r["rate_rps"] == rate
+                    and r["sweep"] in (None, "ablation")]
+            if runs:
+                table[name] = {k: interval([r[k] or 0.0 for r in runs]) for k in
+                               ("ttft_p99_s", "slo_attainment", "prewarm_hit_rate", "gpu_seconds_serving")}
+        if table:
+            out[f"{regime}@{rate:g}"] = table
     return out
+
+
+def ablation_points(report: dict) -> list[tuple[str, float]]:
+    """The report's ablation points (older reports name one, ``ablation_point``)."""
+    points = report.get("ablation_points") or [report["ablation_point"]]
+    return [(regime, float(rate)) for regime, rate in points]
 
 
 def progress(done: int, total: int, started: float, label: str) -> None:
@@ -238,11 +249,11 @@ def markdown(report: dict) -> str:
         for key, c in report["cost_curve"].items():
             lines.append(f"| {key} | {_pm(c['ttft_p99_s'])} | {_pm(c['slo_attainment'], 100, 1)} | "
                          f"{_ratio(c['p99_over_warmserve'])} |")
-    if report.get("ablations"):
-        regime, rate = report["ablation_point"]
-        lines += ["", f"## Ablations of WarmServe, regime ({regime}) at {rate:g} rps\n",
+    for point, table in report.get("ablations", {}).items():
+        regime, rate = point.split("@")
+        lines += ["", f"## Ablations of WarmServe, regime ({regime}) at {rate} rps\n",
                   "| variant | P99 TTFT (s) | SLO % | prewarm hit rate | GPU-s |", "|---|---|---|---|---|"]
-        for name, c in report["ablations"].items():
+        for name, c in table.items():
             lines.append(f"| {name} | {_pm(c['ttft_p99_s'])} | {_pm(c['slo_attainment'], 100, 1)} | "
                          f"{_pm(c['prewarm_hit_rate'])} | {_pm(c['gpu_seconds_serving'], 1, 0)} |")
     return "\n".join(lines) + "\n"
@@ -306,6 +317,8 @@ def main() -> None:
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS))
     p.add_argument("--calibration", type=Path, help="a calibration file (loadtest/calibrate_gpu.py) to use")
     p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--ablation-rates", type=float, nargs="+", default=list(ABLATION_RATES),
+                   help=f"rates of regime ({ABLATION_REGIME}) at which every WarmServe ablation runs too")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--name", default="headline")
     p.add_argument("--from-json", type=Path, help="summarise and draw the runs of an earlier report again, run nothing")
@@ -320,6 +333,7 @@ def main() -> None:
     if a.calibration:  # measured device constants and start-up costs instead of the published ones
         device, costs = load_calibration(a.calibration)
         base = replace(base, device=device or base.device, costs=base.costs.with_(**costs))
+    points = [(ABLATION_REGIME, float(r)) for r in a.ablation_rates]
     jobs = []
     for reg in regimes:
         for rate in reg.rates:
@@ -330,7 +344,7 @@ def main() -> None:
                              if e != base.costs.engine_start_s]
                     extra += [("warmserve", base.costs.with_(activate_s=x), "cost") for x in ACTIVATES
                               if x != base.costs.activate_s]
-                if (reg.key, rate) == ABLATION_POINT and not a.quick:
+                if (reg.key, rate) in points and not a.quick:
                     extra += [(name, base.costs, "ablation") for name in ABLATIONS]
                 jobs.append((reg, rate, seed, a.duration, a.warmup, tuple(a.systems), extra, base, a.time_scale))
     jobs.sort(key=lambda j: -j[1] * len(j[0].models) / j[0].nodes)  # the longest first, so none is left alone at the end
@@ -343,7 +357,7 @@ def main() -> None:
     report = header(a.name, vars(a))
     report.update(regimes=[asdict(r) for r in regimes], systems=list(a.systems), seeds=a.seeds, duration_s=a.duration,
                   warmup_s=a.warmup, cluster=asdict(base), costs=asdict(base.costs), cost_rate=COST_POINT[1],
-                  ablation_point=ABLATION_POINT, runs=results, wall_s=round(time.perf_counter() - started, 1),
+                  ablation_points=points, runs=results, wall_s=round(time.perf_counter() - started, 1),
                   quick=a.quick)
     write(report, a.out, a.name)
 
@@ -354,7 +368,7 @@ def write(report: dict, out: Path, name: str) -> None:
     results = report["runs"]
     report.update(summary=summarise(results, regimes, report["systems"], report["seeds"]),
                   cost_curve={} if report.get("quick") else cost_curve(results, report["cost_rate"]),
-                  ablations=ablation_table(results),
+                  ablations=ablation_table(results, ablation_points(report)),
                   missing=missing_points(results, regimes, report["systems"], report["seeds"]))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
