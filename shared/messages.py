@@ -145,7 +145,7 @@ class ModelCopy(BusMessage):
     kv_used_blocks: int = 0
     kv_target_free_blocks: int | None = None
     made: Outcome | None = None  # an active instance: cold (loaded for it) or prewarm_hit (from a prewarmed copy)
-    shared: bool = False  # an active instance started as a guest next to another model's (the shared tier)
+    shared: bool = False  # an active instance started next to another model's (the shared tier), for operators
 
 
 class GpuStats(BusMessage):

@@ -72,7 +72,6 @@ class Instance:
     batch_capacity: int  # requests the gateway hands it at once (its routing capacity)
     sched: EngineScheduler = field(default_factory=EngineScheduler)
     draining: bool = False
-    shared: bool = False  # a guest next to another model's instance (WarmServe's shared tier)
     kv_max: int = 0  # the KV cache it had when it started (per GPU): the base of its reservation target
     kv_target: int | None = None  # free KV blocks to keep, as the orchestrator last set it (None: not set)
     segment: Segment | None = None

@@ -73,8 +73,13 @@ class System:
 
     def more_kv(self, sim: Simulator, inst: Instance, blocks: int) -> bool:
         """The instance is out of KV blocks: it grows into memory nobody holds on its GPUs (vLLM would have
-        allocated it at start); True when it got more."""
+        allocated it at start), and with KV reservation into what the instances beside it (the shared tier)
+        hold beyond their reservation; True when it got more."""
         room = min(self._room(sim, inst, g) for g in inst.gpus)
+        if room <= inst.kv_bytes and self.kv_mode != "none":
+            for other in {id(o): o for g in inst.gpus for o in sim.gpus[g].instances if o is not inst}.values():
+                other.kv_bytes = min(other.kv_bytes, max(self.keep_bytes(other), 0))
+            room = min(self._room(sim, inst, g) for g in inst.gpus)
         if room > inst.kv_bytes:
             inst.kv_bytes = room
             return True
@@ -160,7 +165,7 @@ class System:
             str(i.iid), i.model.name, i.gpus, i.started_at, i.in_flight, draining=i.draining,
             made=None if i.outcome == "warm" else Outcome(i.outcome), weight_bytes=i.shard,
             kv_total_blocks=i.kv_tokens(i.kv_max) // KV_BLOCK_TOKENS if lend else 0,
-            kv_target_free_blocks=i.kv_target, shared=i.shared) for i in sim.instances.values())
+            kv_target_free_blocks=i.kv_target) for i in sim.instances.values())
         return ClusterView(devices, copies, instances)
 
     # ---- the orchestrator's decisions, executed by the simulated workers ----------------------------
@@ -243,7 +248,6 @@ class System:
 
     def activate(self, sim: Simulator, cmd: Command) -> Instance:
         inst = self._activate(sim, cmd)
-        inst.shared = cmd.share
         if cmd.share:  # the hosts lent what they held beyond their reservation; the guest started in it
             for host in (i for g in cmd.devices for i in sim.gpus[g].instances if i is not inst):
                 host.kv_bytes = max(host.kv_bytes, min(self._room(sim, host, g) for g in host.gpus))

@@ -65,7 +65,6 @@ class InstanceView:
     weight_bytes: int = 0  # per device
     kv_total_blocks: int = 0
     kv_target_free_blocks: int | None = None
-    shared: bool = False  # a guest: activated next to another model's instance (shared.policy.sharing)
 
     @property
     def worker_id(self) -> str:
@@ -162,6 +161,5 @@ class ClusterView:
                     instances.append(InstanceView(
                         c.instance_id, c.model, (w.worker_id,), c.since_s, c.in_flight,
                         draining=c.state is CopyState.DRAINING, made=c.made, weight_bytes=c.weight_bytes,
-                        kv_total_blocks=c.kv_total_blocks, kv_target_free_blocks=c.kv_target_free_blocks,
-                        shared=c.shared))
+                        kv_total_blocks=c.kv_total_blocks, kv_target_free_blocks=c.kv_target_free_blocks))
         return cls(tuple(devices), tuple(copies), tuple(instances))

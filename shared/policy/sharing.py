@@ -2,9 +2,10 @@
 
 In a crowded cluster most models are quiet most of the time: a dedicated device for a model that has one or
 two requests in flight leaves the device idle and, worse, takes it away from a model whose burst needs it.
-With the shared tier a quiet model that finds no free device becomes a *guest* on a device that already
-serves: its own engine and KV cache next to the instance there, from its prewarmed copy when the device holds
-one (a prewarm hit that costs only the activation), else loaded there.
+With the shared tier a quiet model that finds no free device holding its copy becomes a *guest* on a device
+that already serves: its own engine and KV cache next to the instance there, from its prewarmed copy when the
+device holds one (a prewarm hit that costs only the activation, preferred to a cold load on a free device),
+else loaded there when no device is free.
 
 A device takes a guest when:
 
@@ -16,13 +17,15 @@ A device takes a guest when:
   larger) plus the guest's own load stays at most ``up`` x B: co-located engines split the device's compute,
   so together they get what one instance would;
 - the memory is there: the guest's KV cache (and its weights, when the device holds no copy) fits in what is
-  free, what the instances lend beyond their KV reservation, and other models' prewarmed copies.
+  free and other models' prewarmed copies (what a worker evicts for it; a host's KV cache is not shrunk).
 
-Prewarm hits before loads, then the least loaded device. **Promotion**: a guest whose model stops being
-quiet (its load or forecast peak above ``quiet`` x B) while it still shares its device (a guest whose hosts
-have stopped has the device to itself and counts as dedicated) asks for a dedicated instance (a prewarm hit elsewhere
-when a copy waits there, or a handover); the guest keeps serving until that instance runs, then it is drained,
-so the model is served throughout. Everything is a function of what is passed in.
+Prewarm hits before loads, then the least loaded device. A device's *host* is its oldest serving instance;
+the others are its guests (so a guest whose host stopped becomes the host, whatever flag it started with).
+**Promotion**: when a model with a guest stops being quiet (its load or forecast peak above ``quiet`` x B),
+or its hosted instances no longer carry its load at ``up`` x B, it asks for another hosted instance (a
+prewarm hit elsewhere when a copy waits there, or a handover); the guest keeps serving until the hosted
+instances carry the load, then it is drained, so the model is served throughout. Everything is a function
+of what is passed in.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def choose_shared(view: ClusterView, model: str, tp: int, shard_bytes: int, dema
         copy = view.copy_of(model, d.device_id)
         if copy is not None and not copy.ready:
             continue  # still loading: the device is busy with it
-        room = d.free_bytes + d.reclaimable_bytes + sum(
+        room = d.free_bytes + sum(
             c.bytes for c in view.copies_on(d.device_id) if c.ready and c.model != model)
         need = d.kv_cache_bytes + (0 if copy is not None else shard_bytes)
         if room < need:
@@ -95,25 +98,25 @@ def choose_shared(view: ClusterView, model: str, tp: int, shard_bytes: int, dema
     return best[1] if best else None
 
 
+def is_guest(inst: InstanceView, view: ClusterView) -> bool:
+    """Whether an older instance serves on its devices: the first instance on a device is its host."""
+    key = (inst.started_at_s, inst.instance_id)
+    return any(o.instance_id != inst.instance_id and not o.draining and (o.started_at_s, o.instance_id) < key
+               for g in inst.devices for o in view.instances_on(g))
+
+
 def promotions(view: ClusterView, loads: Mapping[str, float], peaks: Mapping[str, float],
                config: SharingConfig = SharingConfig()) -> tuple[set[str], list[InstanceView]]:
-    """Guests to move: the models whose guests should get a dedicated instance (no dedicated one runs yet),
-    and the guests to drain because their model's dedicated instances now carry its load."""
+    """Guests to move: the models that should get another hosted instance (none runs, or those that run do
+    not carry the load), and the guests to drain because their model's hosted instances now carry it."""
     want: set[str] = set()
     drain: list[InstanceView] = []
-
-    def sharing(i: InstanceView) -> bool:  # a guest whose hosts have all stopped has its device to itself
-        return i.shared and any(o.instance_id != i.instance_id and not o.draining for g in i.devices
-                                for o in view.instances_on(g))
-
-    for model in sorted({i.model for i in view.instances if sharing(i) and not i.draining}):
+    for model in sorted({i.model for i in view.instances if not i.draining and is_guest(i, view)}):
         live = view.instances_of(model)
-        guests = [i for i in live if sharing(i)]
-        dedicated = [i for i in live if not sharing(i)]
-        if not dedicated:
-            if not is_quiet(model, loads, peaks, config):
-                want.add(model)
-            continue
-        if len(dedicated) * config.up * config.batch_capacity >= loads.get(model, 0.0):
+        guests = [i for i in live if is_guest(i, view)]
+        hosted = len(live) - len(guests)
+        if hosted * config.up * config.batch_capacity >= loads.get(model, 0.0) and hosted:
             drain.extend(guests)
+        elif hosted or not is_quiet(model, loads, peaks, config):
+            want.add(model)
     return want, drain

@@ -250,8 +250,7 @@ def test_a_dedicated_prewarm_hit_beats_a_guest_and_a_guest_prewarm_hit_beats_a_c
 
 
 def test_a_promoted_model_is_served_by_its_guest_until_its_dedicated_instance_runs_then_the_guest_drains():
-    guest = copy("a", CopyState.ACTIVE, in_flight=3, worker_id="w0")
-    guest = guest.model_copy(update={"shared": True})
+    guest = copy("a", CopyState.ACTIVE, in_flight=3, worker_id="w0", since_s=10.0)  # x, active since 0, hosts
     before = view(worker("w0", copy("x", CopyState.ACTIVE, in_flight=2, worker_id="w0"), guest),
                   worker("w1", ("a", CopyState.PREWARMED)))
     c, plan = sharing_core(), [PlannedCopy(model="a", worker_id="w1")]
@@ -295,3 +294,29 @@ def test_a_group_of_idle_devices_and_a_light_instance_whose_model_restarts_from_
     cmd = c.scale_up(rehomed, "big", 2, GB, now_s=1.0, waiting=40).command
     assert (cmd.devices, cmd.outcome, cmd.replace_active) == (("w0", "w1"), Outcome.PREWARM_HIT, True)
     assert "handover (trades) from w1-x" in cmd.reason
+
+
+def test_the_oldest_instance_on_a_device_is_its_host_and_a_model_whose_hosted_instances_fall_short_gets_another():
+    c, plan = sharing_core(), [PlannedCopy(model="a", worker_id="w2")]
+    # x was a guest once (its host stopped); quiet y joined it later: x is the host, nothing moves
+    x = copy("x", CopyState.ACTIVE, in_flight=12, worker_id="w0").model_copy(update={"shared": True})
+    y = copy("y", CopyState.ACTIVE, in_flight=1, worker_id="w0", since_s=10.0)
+    for t in range(6):
+        c.on_demand("x", "gw", float(t), 12.0)
+        r = c.step(view(worker("w0", x, y)), plan, now_s=float(t))
+    assert r.scale_up == {} and not [cmd for cmd in r.commands if cmd.kind is CommandKind.DEACTIVATE]
+    # a runs hosted on w1 and as a guest on w0; at 30 its hosted instance (25.6 at the threshold) falls short
+    hosted = copy("a", CopyState.ACTIVE, in_flight=12, worker_id="w1")
+    guest = copy("a", CopyState.ACTIVE, in_flight=4, worker_id="w0", since_s=10.0)
+    v = view(worker("w0", copy("z", CopyState.ACTIVE, in_flight=1, worker_id="w0"), guest), worker("w1", hosted),
+             worker("w2", ("a", CopyState.PREWARMED)))
+    c = sharing_core()
+    for t in range(6):
+        c.on_demand("a", "gw", float(t), 30.0)
+        r = c.step(v, plan, now_s=float(t))
+    assert r.scale_up == {"a": 1} and not [cmd for cmd in r.commands if cmd.kind is CommandKind.DEACTIVATE]
+    c, sent = sharing_core(), []
+    for t in range(6):  # at 20 the hosted instance carries it: the guest drains (once)
+        c.on_demand("a", "gw", float(t), 20.0)
+        sent += c.step(v, plan, now_s=float(t)).commands
+    assert [cmd.instance_id for cmd in sent if cmd.kind is CommandKind.DEACTIVATE] == ["w0-a"]
