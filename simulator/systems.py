@@ -75,15 +75,12 @@ class System:
         """The instance is out of KV blocks: it grows into memory nobody holds on its GPUs (vLLM would have
         allocated it at start), and with KV reservation into what the instances beside it (the shared tier)
         hold beyond their reservation; True when it got more."""
-        room = min(self._room(sim, inst, g) for g in inst.gpus)
-        if room <= inst.kv_bytes and self.kv_mode != "none":
-            for other in {id(o): o for g in inst.gpus for o in sim.gpus[g].instances if o is not inst}.values():
-                other.kv_bytes = min(other.kv_bytes, max(self.keep_bytes(other), 0))
-            room = min(self._room(sim, inst, g) for g in inst.gpus)
-        if room > inst.kv_bytes:
-            inst.kv_bytes = room
-            return True
-        return False
+        before = inst.kv_bytes
+        self._regrow(sim, [inst])
+        if inst.kv_bytes <= before and self.kv_mode != "none":
+            self._lend(self._beside(sim, inst, inst.gpus))
+            self._regrow(sim, [inst])
+        return inst.kv_bytes > before
 
     def shares(self, sim: Simulator, inst: Instance) -> tuple[float, float]:
         """The compute and bandwidth shares of its devices ``inst`` gets for its next steps: engines that share
@@ -249,8 +246,7 @@ class System:
     def activate(self, sim: Simulator, cmd: Command) -> Instance:
         inst = self._activate(sim, cmd)
         if cmd.share:  # the hosts lent what they held beyond their reservation; the guest started in it
-            for host in (i for g in cmd.devices for i in sim.gpus[g].instances if i is not inst):
-                host.kv_bytes = max(host.kv_bytes, min(self._room(sim, host, g) for g in host.gpus))
+            self._regrow(sim, self._beside(sim, inst, cmd.devices))
         return inst
 
     def _activate(self, sim: Simulator, cmd: Command) -> Instance:
@@ -259,8 +255,7 @@ class System:
         own = sim.gpus[cmd.devices[0]].copies.get(cmd.model)
         if cmd.share:  # a guest: the instances there give back the KV they hold beyond their reservation
             kv = kv if kv is not None else 0
-            for host in (i for g in cmd.devices for i in sim.gpus[g].instances):
-                host.kv_bytes = min(host.kv_bytes, self.keep_bytes(host))
+            self._lend(self._beside(sim, None, cmd.devices))
         if cmd.outcome is Outcome.PREWARM_HIT:
             return sim.start_instance(cmd.model, cmd.devices, "prewarm_hit", sim.costs.activate_s, kv_limit=kv)
         if own is not None:  # still loading: it serves once loaded
@@ -280,15 +275,28 @@ class System:
     def prewarm(self, sim: Simulator, cmd: Command):
         """Load a copy; on a serving GPU it goes into the KV the instance lends (beyond its target)."""
         lend = self.kv_mode != "none"
-        serving = [i for gid in cmd.devices for i in sim.gpus[gid].instances]
+        serving = self._beside(sim, None, cmd.devices)
         if lend:
-            for inst in serving:
-                inst.kv_bytes = min(inst.kv_bytes, self.keep_bytes(inst))
+            self._lend(serving)
         copy = sim.add_copy(cmd.model, cmd.devices, self.scores.get(f"{cmd.model}@{'+'.join(cmd.devices)}", 0.0))
         if lend:  # what the copy did not take goes back to the KV cache
-            for inst in serving:
-                inst.kv_bytes = max(inst.kv_bytes, min(self._room(sim, inst, g) for g in inst.gpus))
+            self._regrow(sim, serving)
         return copy
+
+    @staticmethod
+    def _beside(sim: Simulator, inst: Instance | None, gpus: tuple[str, ...]) -> list[Instance]:
+        """The instances on ``gpus`` other than ``inst``, each once."""
+        return list({id(o): o for g in gpus for o in sim.gpus[g].instances if o is not inst}.values())
+
+    def _lend(self, instances: list[Instance]) -> None:
+        """KV reservation: each instance keeps what it uses plus its free-block target, and lends the rest."""
+        for i in instances:
+            i.kv_bytes = min(i.kv_bytes, self.keep_bytes(i))
+
+    def _regrow(self, sim: Simulator, instances: list[Instance]) -> None:
+        """Each instance grows its KV cache into what nobody holds on its GPUs."""
+        for i in instances:
+            i.kv_bytes = max(i.kv_bytes, min(self._room(sim, i, g) for g in i.gpus))
 
     @staticmethod
     def _room(sim: Simulator, inst: Instance, gid: str) -> int:
@@ -393,5 +401,5 @@ class WarmServe(System):
         if not lent:
             return False
         sim.evict_copy(lent[0])
-        inst.kv_bytes = max(inst.kv_bytes, min(self._room(sim, inst, g) for g in inst.gpus))
+        self._regrow(sim, [inst])
         return True
