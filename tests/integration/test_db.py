@@ -38,7 +38,7 @@ def test_migrations_create_every_table_and_downgrade_cleanly(database_url):
     upgrade(database_url)
     upgrade(database_url)  # already at head: nothing to do
     with engine.connect() as conn:
-        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0004"
+        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0005"
     engine.dispose()
 
 
