@@ -30,13 +30,13 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BusMessage)
 STATUS_HEADER = "Status"
 INBOX_PREFIX = "_INBOX"
-_USER_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_USER_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch
 
 
 def inbox_prefix_for(user: str | None) -> str:
     """Reply inboxes of a NATS user: ``_INBOX.<user>``, so the server can let each user subscribe to its
     own replies only (tooling/localcluster/nats_auth.py). Without a (plain) user name: ``_INBOX``."""
-    return f"{INBOX_PREFIX}.{user}" if user and _USER_RE.match(user) else INBOX_PREFIX
+    return f"{INBOX_PREFIX}.{user}" if user and _USER_RE.fullmatch(user) else INBOX_PREFIX
 
 
 def _url_user(url: str) -> str | None:

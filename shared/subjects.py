@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from shared import messages as m
 
-SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
+# used with fullmatch only: with re.match, a "$" would also accept a trailing newline ("tiny\n")
+SLUG_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
 
 # NATS users: one per service, and the operator (the CLI, ``warmserve up``, tests), who may do anything
 GATEWAY, FORECASTER, PLACEMENT, ORCHESTRATOR, WORKER, OPERATOR = (
@@ -38,7 +39,7 @@ class Durability(str, enum.Enum):
 
 def check_token(value: str, what: str = "identifier") -> str:
     """Reject identifiers that would break subject tokenisation (``.``, ``*``, ``>``, spaces)."""
-    if not SLUG_RE.match(value):
+    if not isinstance(value, str) or not SLUG_RE.fullmatch(value):
         raise ValueError(
             f"invalid {what} {value!r}: use 1-64 characters of a-z, 0-9 and '-', "
             "starting and ending with a letter or digit"

@@ -37,27 +37,41 @@ class Placement:
             forecast_freed_first=settings.forecast_freed_first))
         self.changed = asyncio.Event()
         self.admin = Admin(self)
+        self.skipped: dict[str, dict[str, str]] = {}  # table -> rows the last sync could not publish, and why
 
     async def sync_catalog(self) -> None:
-        """Postgres -> catalog KV (Postgres is the system of record)."""
+        """Postgres -> catalog KV (Postgres is the system of record). A row that is not a valid entry is
+        skipped (its last good entry, if any, stays) and the others sync."""
         async with self.sessions() as session:
-            specs = {s.slug: s for s in await repo.list_models(session)}
+            specs, bad = await repo.catalog_entries(session)
+        self._skipped("models", bad)
         for slug, spec in specs.items():
             if self.catalog.items.get(slug) != spec:
                 await self.catalog_kv.put(slug, spec.encode())
-        for slug in set(self.catalog.items) - set(specs):
+        for slug in set(self.catalog.items) - set(specs) - set(bad):
             await self.catalog_kv.delete(slug)
         self.changed.set()
 
     async def sync_keys(self) -> None:
-        """API keys Postgres -> KV, keyed by hash: the gateway checks keys without the database."""
+        """API keys Postgres -> KV, keyed by hash: the gateway checks keys without the database. A row that is
+        not a valid key is skipped and the others sync."""
         async with self.sessions() as session:
-            rows = {r.key_hash: repo.key_record(r) for r in await repo.list_keys(session)}
+            rows, bad = await repo.key_records(session)
+        self._skipped("api_keys", bad)
         for key_hash, record in rows.items():
             if self.keys.items.get(key_hash) != record:
                 await self.keys_kv.put(key_hash, record.encode())
         for key_hash in set(self.keys.items) - set(rows):
-            await self.keys_kv.delete(key_hash)
+            if self.keys.items[key_hash].name not in bad:
+                await self.keys_kv.delete(key_hash)
+
+    def _skipped(self, table: str, bad: dict[str, str]) -> None:
+        """Log the rows of ``table`` a sync skips: each once, not every round."""
+        seen = self.skipped.get(table, {})
+        for name, why in bad.items():
+            if seen.get(name) != why:
+                log.error("%s row %r is not published to the gateways and skipped until fixed: %s", table, name, why)
+        self.skipped[table] = bad
 
     @property
     def current(self) -> PlacementPlan | None:  # the plan in force (published)
@@ -93,15 +107,12 @@ class Placement:
 
     async def store_plan(self, plan: PlacementPlan, msg: Msg) -> None:
         """Plan history from the durable plan stream, acknowledged only once in Postgres: a plan made while
-        Postgres is away (or before a restart) lands later, once (plan ids are unique)."""
-        try:
-            async with self.sessions() as session:
-                await repo.record_plan(session, plan)
-                await session.commit()
-            await msg.ack()
-        except Exception as exc:
-            log.warning("could not store plan %s in history (%s); will retry", plan.plan_id[:8], brief(exc))
-            await msg.nak(delay=2.0)
+        Postgres is away (or before a restart) lands later, once (plan ids are unique). A failure is raised to
+        ``bus.consume``, which retries it or moves a plan that cannot be stored to the dead-letter stream."""
+        async with self.sessions() as session:
+            await repo.record_plan(session, plan)
+            await session.commit()
+        await msg.ack()
 
     async def on_forecast(self, msg: Msg) -> None:
         try:
@@ -152,13 +163,16 @@ class Placement:
         last_sync = float("-inf")
         while not stop.is_set():
             if time.monotonic() - last_sync >= s.catalog_sync_interval_s:
-                try:
-                    await self.sync_catalog()
-                    await self.sync_keys()
+                synced = True
+                for what, sync in (("catalog", self.sync_catalog), ("API key", self.sync_keys)):
+                    try:  # each on its own: a failing catalog sync does not hold back the keys
+                        await sync()
+                    except Exception as exc:  # Postgres away or not migrated: keep serving the KV copies
+                        synced = False
+                        log.warning("%s sync from Postgres failed (%s); is it up and migrated "
+                                    "(warmserve migrate)?", what, brief(exc))
+                if synced:
                     last_sync = time.monotonic()
-                except Exception as exc:  # Postgres away or not migrated: keep serving the KV catalog
-                    log.warning("catalog sync from Postgres failed (%s); is it up and migrated "
-                                "(warmserve migrate)?", brief(exc))
             self.changed.clear()  # before replanning: a change during the round triggers the next one
             try:
                 await self.replan()

@@ -3,6 +3,7 @@ unless its name says so, so callers control transactions."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
@@ -16,6 +17,9 @@ from shared.messages import (
     ApiKeyRecord, Forecast, ForecastPoint, ModelSpec, ModelStatus, PlacementPlan, WorkerEvent, WorkerState, new_id,
 )
 from shared.policy.forecast import WindowObservation
+from shared.subjects import check_token
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # fullmatch
 
 
 def _ts(seconds: float) -> datetime:
@@ -47,6 +51,20 @@ async def upsert_model(session: AsyncSession, spec: ModelSpec) -> None:
 async def list_models(session: AsyncSession) -> list[ModelSpec]:
     rows = (await session.execute(select(Model).order_by(Model.slug))).scalars().all()
     return [to_spec(r) for r in rows]
+
+
+async def catalog_entries(session: AsyncSession) -> tuple[dict[str, ModelSpec], dict[str, str]]:
+    """The catalog as placement publishes it, each row read on its own: (slug -> entry, slug -> why) for the
+    rows that are valid entries and those that are not (a slug that cannot be a subject token or KV key, an
+    unknown status: rows written around the admin verbs), so one bad row cannot hold back the others."""
+    rows = (await session.execute(select(Model).order_by(Model.slug))).scalars().all()
+    good, bad = {}, {}
+    for row in rows:
+        try:
+            good[check_token(row.slug, "model slug")] = to_spec(row)
+        except ValueError as exc:
+            bad[row.slug] = " ".join(str(exc).split())
+    return good, bad
 
 
 async def model_slugs(session: AsyncSession) -> list[str]:
@@ -199,6 +217,20 @@ async def set_key_disabled(session: AsyncSession, name: str, disabled: bool) -> 
         return False
     row.disabled = disabled
     return True
+
+
+async def key_records(session: AsyncSession) -> tuple[dict[str, ApiKeyRecord], dict[str, str]]:
+    """API keys as placement publishes them, each row read on its own: (hash -> record, name -> why) for the
+    rows that are valid and those that are not (a hash that is no SHA-256 hex digest cannot be a KV key)."""
+    good, bad = {}, {}
+    for row in await list_keys(session):
+        try:
+            if not isinstance(row.key_hash, str) or not _SHA256_HEX.fullmatch(row.key_hash):
+                raise ValueError("its key_hash is not a SHA-256 hex digest")
+            good[row.key_hash] = key_record(row)
+        except ValueError as exc:
+            bad[row.name] = " ".join(str(exc).split())
+    return good, bad
 
 
 def key_record(row: ApiKey) -> ApiKeyRecord:

@@ -219,3 +219,55 @@ async def _answers(nc):
         return (await admin(nc, "key-list")).ok
     except Exception:
         return False
+
+
+async def test_a_bad_catalog_row_holds_back_neither_the_other_models_nor_the_api_keys(nats_urls, database_url, nc,
+                                                                                       caplog):
+    """Rows written around the admin verbs (a slug with a trailing newline, which once passed validation, and
+    a key whose hash is no digest) cannot be KV keys: each is skipped and logged once, every other model and
+    key reaches the gateways' buckets, and the periodic sync goes on publishing rows added later."""
+    from shared.apikeys import hash_key
+    from shared.db.models import ApiKey
+    from shared.subjects import APIKEYS_BUCKET, CATALOG_BUCKET
+
+    engine = create_engine(database_url)
+    sessions = sessionmaker(engine)
+    async with sessions() as s:
+        await repo.upsert_model(s, ModelSpec(slug="tiny\n", path="/m/bad", parameter_bytes=GB))
+        await repo.upsert_model(s, ModelSpec(slug="br-good", path="/m/good", parameter_bytes=GB))
+        s.add(ApiKey(id="br-bad", name="br-bad", key_hash="not-a-digest", prefix="x", disabled=False))
+        _, key_a = await repo.create_key(s, "br-a")
+        await s.commit()
+    buckets = await bus.ensure_all(nc.jetstream())
+    catalog, keys = buckets[CATALOG_BUCKET.name], buckets[APIKEYS_BUCKET.name]
+
+    async def present(bucket, key):
+        try:
+            return (await bucket.get(key)).value is not None
+        except Exception:  # not there (yet)
+            return False
+
+    key_b = None
+    svc, stop, task = await start(nats_urls["placement"], database_url)
+    try:
+        await eventually(lambda: present(catalog, "br-good"), what="the good model in the catalog bucket")
+        await eventually(lambda: present(keys, hash_key(key_a)), what="the key in the API keys bucket")
+        async with sessions() as s:  # written directly: only the periodic sync publishes these
+            await repo.upsert_model(s, ModelSpec(slug="br-later", path="/m/later", parameter_bytes=GB))
+            _, key_b = await repo.create_key(s, "br-b")
+            await s.commit()
+        await eventually(lambda: present(catalog, "br-later"), what="a model added later")
+        await eventually(lambda: present(keys, hash_key(key_b)), what="a key added later")
+        assert set(svc.catalog.items) >= {"br-good", "br-later"} and "tiny\n" not in svc.catalog.items
+        assert svc.skipped == {"models": {"tiny\n": svc.skipped["models"]["tiny\n"]},
+                               "api_keys": {"br-bad": "its key_hash is not a SHA-256 hex digest"}}
+        logged = [r.getMessage() for r in caplog.records if r.name == "warmserve.placement" and "skipped" in r.getMessage()]
+        assert sum("'tiny\\n'" in m for m in logged) == 1 and sum("'br-bad'" in m for m in logged) == 1, logged
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        await engine.dispose()
+        for slug in ("br-good", "br-later"):
+            await catalog.delete(slug)
+        for k in filter(None, (key_a, key_b)):
+            await keys.delete(hash_key(k))

@@ -88,3 +88,34 @@ def test_subject_matching_follows_nats_wildcards():
     assert subject_matches("warmserve.admin.>", "warmserve.admin.forecast.status")
     assert not subject_matches("warmserve.admin.>", "warmserve.admin")
     assert not subject_matches("warmserve.a", "warmserve.b")
+
+
+@pytest.mark.parametrize("tail", ["\n", "\r\n", " ", "\t"])
+def test_every_identifier_validator_refuses_a_trailing_newline_or_space(tail, monkeypatch):
+    """``re.match`` with ``$`` also matches before a final newline: "tiny\\n" once passed, was stored in the
+    catalog and broke every catalog sync after it. Each validator must match the whole value."""
+    from pydantic import ValidationError
+
+    from shared import admin, bus
+    from shared.settings import LocalClusterSettings, WorkerSettings
+
+    slug, name = "tiny" + tail, "team-a" + tail
+    with pytest.raises(ValueError):
+        check_token(slug)
+    with pytest.raises(ValueError):
+        INFER.format(worker=slug)
+    for args, extra in ((admin.RegisterArgs, {"path": "/m"}), (admin.PinArgs, {}), (admin.UnpinArgs, {})):
+        with pytest.raises(ValidationError):
+            args(slug=slug, **extra)
+    with pytest.raises(ValidationError):
+        admin.WorkerArgs(worker_id=slug)
+    for args in (admin.KeyArgs, admin.KeyNameArgs):
+        with pytest.raises(ValidationError):
+            args(name=name)
+    with pytest.raises(ValidationError):
+        WorkerSettings(worker_id=slug)
+    for settings in (WorkerSettings, LocalClusterSettings):  # pydantic's pattern: whole string (Rust regex)
+        with pytest.raises(ValidationError):
+            settings(engine="sim" + tail)
+    assert bus.inbox_prefix_for("gateway" + tail) == bus.INBOX_PREFIX  # not "_INBOX.gateway\n"
+    assert bus.inbox_prefix_for("gateway") == "_INBOX.gateway"
