@@ -117,8 +117,8 @@ class Admission:
                 last_error = task.result().error.message
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ApiError(503, f"No instance of '{model}' within {self.wait_s:.0f} s: {last_error}",
-                               code="no_capacity", headers={"Retry-After": "5"})
+                raise ApiError(503, f"No instance of '{model}' within {self.wait_s:.0f} s; retry shortly",
+                               code="no_capacity", headers={"Retry-After": "5"}, detail=last_error)
             try:
                 await asyncio.wait_for(changed.wait(), min(remaining, 0.5))
             except asyncio.TimeoutError:

@@ -214,8 +214,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                     raise
             else:
                 raise ApiError(503, f"No instance of '{body.model}' could start the request", code="no_capacity",
-                               headers={"Retry-After": "2"})
+                               headers={"Retry-After": "2"}, detail=f"not started on {', '.join(sorted(tried))}")
         except BaseException as exc:
+            served.failed(exc)
             served.done(_status_of(exc))
             raise
         infer = routed
@@ -227,6 +228,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             try:
                 text, last = await gw.drain.unless_cut(_collect(first, stream, pparam))
             except BaseException as exc:
+                served.failed(exc)
                 served.done(_status_of(exc))
                 raise
             finally:
@@ -245,6 +247,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                     if chunk.error:
                         err = errors.from_worker(chunk.error.code, chunk.error.message, pparam)
                         status = err.status
+                        served.failed(err)
                         yield _sse(err.body())
                         break
                     if chunk.text or chunk.finish_reason:
@@ -257,10 +260,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                         break
                     chunk = await gw.drain.unless_cut(_next(stream))
             except bus.BusError as exc:
-                status = 504
-                yield _sse(ApiError(504, f"worker stopped answering: {exc}", code=exc.code).body())
+                err = errors.from_bus(exc)
+                status = err.status
+                served.failed(err)
+                yield _sse(err.body())
             except ApiError as exc:  # the gateway is shutting down
                 status = exc.status
+                served.failed(exc)
                 yield _sse(exc.body())
             except (GeneratorExit, asyncio.CancelledError):
                 status = CLIENT_CLOSED
@@ -268,7 +274,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             except Exception as exc:
                 status = 500
                 log.exception("stream %s failed", infer.request_id)
-                yield _sse(ApiError(500, f"internal error: {exc!r}", code="internal").body())
+                err = errors.internal(repr(exc))
+                served.failed(err, logged=True)
+                yield _sse(err.body())
             finally:
                 served.done(status, last if status == 200 else None)
                 await stream.aclose()
@@ -331,6 +339,15 @@ class Served:
         self.gw.metrics.ttft.labels(self.model, self.outcome).observe(self.ttft)
         self.span.add_event("first_token", {"ttft_s": self.ttft})
 
+    def failed(self, exc: BaseException, logged: bool = False) -> None:
+        """What the client is not told about its error (which worker, what failed inside) goes to the log
+        and the request's span; the client has the error's stable code and sentence."""
+        if isinstance(exc, ApiError) and not self._done:
+            errors.record(self.span, exc)
+            if exc.detail and not logged:
+                log.log(logging.WARNING if exc.status >= 500 else logging.INFO, "request %s failed with %s %s: %s",
+                        self.request_id, exc.status, exc.code, exc.detail)
+
     def done(self, status: int, last: InferChunk | None = None) -> None:
         if self._done:
             return
@@ -374,7 +391,7 @@ async def _first(stream: AsyncIterator[InferChunk], prompt_param: str) -> InferC
     except bus.BusError as exc:
         if exc.code in ("no_responders", "responder_lost"):
             raise _NotStarted(str(exc)) from None
-        raise ApiError(504, f"worker did not answer: {exc}", code=exc.code) from None
+        raise errors.from_bus(exc) from None
     if first.error:
         if first.error.code in ("not_active", "aborted", "engine_dead"):
             raise _NotStarted(first.error.message)
@@ -397,7 +414,7 @@ async def _collect(first: InferChunk, stream: AsyncIterator[InferChunk], prompt_
             text += chunk.text
             last = chunk
     except bus.BusError as exc:
-        raise ApiError(504, f"worker stopped answering: {exc}", code=exc.code) from None
+        raise errors.from_bus(exc) from None
     return text, last
 
 

@@ -8,6 +8,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from opentelemetry import trace
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("warmserve.gateway")
@@ -17,17 +18,33 @@ TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_fo
 # codes for the errors Starlette raises itself (unknown path, wrong method, unparsable body)
 HTTP_CODES = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
-# worker error codes -> HTTP status
-WORKER_CODES = {"context_length_exceeded": 400, "bad_request": 400, "not_active": 503, "timeout": 504,
-                "no_responders": 503, "aborted": 503, "engine_dead": 503}
+# What a client is told when a worker or the bus fails: a stable status and sentence per code. The worker's
+# own words (they may name workers, instances, paths, exception text) go to the log and the request's span only.
+WORKER_ERRORS: dict[str, tuple[int, str]] = {
+    "context_length_exceeded": (400, "The prompt plus max_tokens exceeds the model's context length; shorten the "
+                                     "prompt or lower max_tokens"),
+    "bad_request": (400, "The model server refused the request as invalid"),
+    "not_active": (503, "The model's instance stopped serving before the request started; retry the request"),
+    "aborted": (503, "The model's instance stopped serving; retry the request"),
+    "engine_dead": (503, "The model's inference engine failed; retry the request"),
+    "overloaded": (503, "The model's instances are busy; retry the request"),
+    "no_responders": (503, "No instance of the model answered; retry the request"),
+    "responder_lost": (504, "The worker serving the request stopped; retry the request"),
+    "timeout": (504, "The worker serving the request stopped answering in time; retry the request"),
+}
+INTERNAL = (500, "internal", "The request failed inside the service; retry it, and report it if it persists")
 
 
 class ApiError(Exception):
+    """An error for the client. ``detail`` is what the client is not told (which worker, what failed inside):
+    the request's log line and trace carry it."""
+
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, detail: str | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.headers = headers or {}
+        self.detail = detail
 
     @property
     def type(self) -> str:
@@ -49,11 +66,37 @@ class _AsciiJSONResponse(JSONResponse):
 
 
 def from_worker(code: str, message: str, prompt_param: str | None = None) -> ApiError:
-    """An error a worker reported; ``prompt_param`` (messages or prompt) names what was too long."""
-    status = WORKER_CODES.get(code, 500)
+    """An error a worker (or the bus on its way) reported, as the client sees it: the stable sentence of its
+    code (``internal`` for a code not in the table), the worker's ``message`` kept as the detail.
+    ``prompt_param`` (messages or prompt) names what was too long."""
+    if code in WORKER_ERRORS:
+        (status, text), client_code = WORKER_ERRORS[code], code
+    else:
+        status, client_code, text = INTERNAL
     headers = {"Retry-After": "1"} if status == 503 else None
     param = prompt_param if code == "context_length_exceeded" else None
-    return ApiError(status, message, code=code, param=param, headers=headers)
+    return ApiError(status, text, code=client_code, param=param, headers=headers, detail=f"{code}: {message}")
+
+
+def from_bus(exc: Exception) -> ApiError:
+    """The worker stopped answering (``BusError`` responder_lost or timeout): a 504 with the stable sentence of
+    its code; the subject, and with it the worker, only in the detail."""
+    code = getattr(exc, "code", "timeout")
+    text = WORKER_ERRORS.get(code, WORKER_ERRORS["timeout"])[1]
+    return ApiError(504, text, code=code if code in WORKER_ERRORS else "timeout", detail=f"{code}: {exc}")
+
+
+def internal(detail: str) -> ApiError:
+    """A failure inside the gateway: the client gets the stable 500, ``detail`` goes to the log and trace."""
+    status, code, text = INTERNAL
+    return ApiError(status, text, code=code, detail=detail)
+
+
+def record(span: trace.Span, err: ApiError) -> None:
+    """Put what the client was not told on the request's span (a no-op for a span that is not recording)."""
+    span.set_attribute("error.type", err.code or str(err.status))
+    if err.detail:
+        span.add_event("warmserve.error", {"code": err.code or "", "detail": err.detail})
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -89,9 +132,11 @@ def install(app: FastAPI) -> None:
                         headers=dict(exc.headers or {})).response()
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception):
-        log.exception("unhandled error")
-        return ApiError(500, f"internal error: {exc.__class__.__name__}", code="internal").response()
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)  # the detail, traceback too
+        err = internal(repr(exc))
+        record(trace.get_current_span(), err)
+        return err.response()
 
     @app.exception_handler(json.JSONDecodeError)
     async def _json(_: Request, exc: json.JSONDecodeError):

@@ -40,12 +40,13 @@ async def test_failed_scale_ups_are_retried_with_backoff_not_in_a_loop():
 
     async def scaler(req):
         asks.append(req)
-        return ScaleReply(ok=False, error={"code": "no_capacity", "message": "full"})
+        return ScaleReply(ok=False, error={"code": "no_capacity", "message": "full on worker-7"})
 
     adm = Admission(table, scaler, AdmissionCore(8), wait_s=3.0)
     with pytest.raises(ApiError) as exc:
         await asyncio.gather(*(adm.admit("m") for _ in range(4)))
-    assert exc.value.status == 503 and "full" in exc.value.message
+    assert exc.value.status == 503 and exc.value.code == "no_capacity"
+    assert "worker-7" not in exc.value.message and exc.value.detail == "full on worker-7"  # the log's, not the client's
     assert 2 <= len(asks) <= 4  # 0.5 s, 1 s, 2 s apart: not hundreds
 
 

@@ -31,8 +31,8 @@ def test_unexpected_exceptions_become_openai_500s():
     resp = app_with(boom).post("/x")
     assert resp.status_code == 500
     err = resp.json()["error"]
-    assert err["type"] == "server_error" and err["code"] == "internal" and "RuntimeError" in err["message"]
-    assert "secret detail" not in err["message"]
+    assert err["type"] == "server_error" and err["code"] == "internal" and err["message"] == errors.INTERNAL[2]
+    assert "secret detail" not in resp.text and "RuntimeError" not in resp.text
 
 
 def test_validation_errors_name_the_parameter():
@@ -230,3 +230,98 @@ def test_key_slots_count_per_key_with_overrides():
         release()
     assert slots.in_flight == {}
     assert slots.acquire(None)() is None  # no key required: nothing counted
+
+
+# ------------------------------------------------------------ what a worker's failure tells the client
+# Workers' error messages and bus errors name workers, instances, subjects, paths and exception text: the
+# client gets the stable sentence of the code; the detail goes to the log and the request's span.
+
+SECRET = "/srv/models/secret-llama/model.safetensors on leak-worker-7"
+LEAKS = ("/srv/models", "leak-worker-7", "RuntimeError", "warmserve.infer", "leak-instance")
+
+
+@pytest.fixture
+def served_by(spans):
+    """The real gateway app whose one instance (leak-instance on leak-worker-7) answers with ``chunks``."""
+    from shared.messages import Outcome
+    from shared.policy.routing import Route
+
+    def make(chunks):
+        app = create_app(GatewaySettings(require_api_key=False))
+        gw = app.state.gateway
+        spec = ModelSpec(slug="m", path="/m", parameter_bytes=1, max_context_tokens=CONTEXT)
+        gw.table = RoutingTable(SimpleNamespace(items={"m": spec}), SimpleNamespace(items={}), 5,
+                                AdmissionCore(queue_size=4))
+        route = Route(worker_id="leak-worker-7", instance_id="leak-instance", in_flight=0)
+
+        async def admit(model, exclude=()):
+            if route.instance_id in exclude:
+                raise errors.ApiError(503, "No instance", code="no_capacity", detail="nothing left")
+            return route, Outcome.WARM, 0.0
+
+        async def stream(_route, _infer):
+            for chunk in chunks:
+                if isinstance(chunk, Exception):
+                    raise chunk
+                yield chunk
+
+        gw.admission = SimpleNamespace(admit=admit, notify=lambda: None)
+        gw.table.finished = lambda _route: None
+        gw.chunks = stream
+        gw.cancel = lambda *_: None
+        return TestClient(app, raise_server_exceptions=False)
+
+    return make
+
+
+def _chunk(seq, **kw):
+    from shared.messages import ErrorInfo, InferChunk
+
+    if "error" in kw:
+        kw["error"] = ErrorInfo(code=kw["error"][0], message=kw["error"][1])
+    return InferChunk(request_id="r", seq=seq, **kw)
+
+
+def _no_leak(text: str) -> None:
+    assert not any(leak in text for leak in LEAKS), text
+
+
+@pytest.mark.parametrize("code, status", [("internal", 500), ("load_failed", 500), ("bad_request", 400),
+                                          ("context_length_exceeded", 400)])
+def test_a_workers_error_reaches_the_client_as_the_stable_message_and_the_log(served_by, spans, caplog, code, status):
+    detail = f"generation failed: RuntimeError('{SECRET}')"
+    client = served_by([_chunk(0, error=(code, detail))])
+    with caplog.at_level("INFO", logger="warmserve.gateway"):
+        resp = client.post("/v1/chat/completions", json=chat())
+    err = resp.json()["error"]
+    assert resp.status_code == status, resp.text
+    known = code in errors.WORKER_ERRORS
+    assert err["code"] == (code if known else "internal")
+    assert err["message"] == (errors.WORKER_ERRORS[code][1] if known else errors.INTERNAL[2])
+    _no_leak(resp.text)
+    logged = [r.getMessage() for r in caplog.records if SECRET in r.getMessage()]
+    assert len(logged) == 1 and "leak-worker-7" in logged[0], caplog.text
+    [span] = [s for s in spans.get_finished_spans() if s.name == "gateway.request"
+              and any(e.attributes.get("detail") == f"{code}: {detail}" for e in s.events)]
+    assert span.attributes["error.type"] == err["code"]
+
+
+def test_a_stream_that_fails_midway_ends_with_the_stable_message(served_by, spans, caplog):
+    from shared.bus import BusError
+
+    cases = {
+        "engine_dead": [_chunk(0, text="a"), _chunk(1, error=("engine_dead", f"the vLLM engine died: {SECRET}"))],
+        "responder_lost": [_chunk(0, text="a"), BusError("responder_lost", "the worker behind "
+                                                                             "warmserve.infer.leak-worker-7 is gone")],
+        "internal": [_chunk(0, text="a"), RuntimeError(SECRET)],
+    }
+    for code, chunks in cases.items():
+        caplog.clear()
+        with caplog.at_level("INFO", logger="warmserve.gateway"):
+            resp = served_by(chunks).post("/v1/chat/completions", json=chat(stream=True))
+        events = [json.loads(line[6:]) for line in resp.text.splitlines() if line.startswith("data: {")]
+        err = events[-1]["error"]
+        assert err["code"] == code and resp.text.rstrip().endswith("data: [DONE]"), resp.text
+        assert err["message"] in ({m for _, m in errors.WORKER_ERRORS.values()} | {errors.INTERNAL[2]})
+        _no_leak(resp.text)
+        assert "leak-worker-7" in caplog.text, (code, caplog.text)  # the operator still learns which worker
