@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.subjects import check_token
@@ -24,10 +24,6 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WARMSERVE_", extra="ignore")
 
     nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated")
-    database_url: str = Field(
-        "postgresql://postgres@127.0.0.1:5432/warmserve",
-        description="Postgres URL (postgresql://...); psycopg 3 is used whatever the scheme says",
-    )
     otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint, e.g. http://jaeger:4318")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     heartbeat_interval_s: float = Field(1.0, gt=0, description="how often workers publish their state")
@@ -40,6 +36,17 @@ class CommonSettings(BaseSettings):
         if v not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
         return v
+
+
+class DatabaseSettings(CommonSettings):
+    """For the processes that use Postgres (placement, orchestrator, forecaster, the CLI, ``warmserve up``):
+    the gateway and the workers have no database URL at all, so none can leak from them."""
+
+    database_url: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/warmserve",
+        description="Postgres URL (postgresql://...; psycopg 3 is used whatever the scheme says). Each service "
+                    "connects as its own role (docs/operations.md, Security); migrations as the tables' owner",
+    )
 
 
 class GatewaySettings(CommonSettings):
@@ -95,7 +102,7 @@ class WorkerSettings(CommonSettings):
         return check_token(v, "worker_id")
 
 
-class ForecasterSettings(CommonSettings):
+class ForecasterSettings(DatabaseSettings):
     window_s: float = Field(300.0, gt=0, description="forecast window (docs/design.md, 'Forecasting': 300 s)")
     horizon_windows: int = Field(3, ge=1, le=288, description="windows forecast at each window boundary")
     upper_quantile: float = Field(0.9, gt=0, lt=1, description="quantile of recent errors added for the upper forecast")
@@ -108,7 +115,7 @@ class ForecasterSettings(CommonSettings):
     retry_interval_s: float = Field(10.0, gt=0, description="pending history writes are retried (and new models get a first forecast) this often")
 
 
-class PlacementSettings(CommonSettings):
+class PlacementSettings(DatabaseSettings):
     replan_interval_s: float = Field(5.0, gt=0, description="replan at least this often (and on every change)")
     catalog_sync_interval_s: float = Field(10.0, gt=0, description="Postgres catalog -> KV resync period")
     batch_capacity: int = Field(32, ge=1, description="B: concurrent requests one instance serves (docs/design.md, 'Placement')")
@@ -127,7 +134,7 @@ class PlacementSettings(CommonSettings):
                                        "its choice of worker moves as loads change, so a pinned copy can be planned twice")
 
 
-class OrchestratorSettings(CommonSettings):
+class OrchestratorSettings(DatabaseSettings):
     reconcile_interval_s: float = Field(0.5, gt=0, description="about every 0.5 s (docs/design.md, 'Prewarming and scaling')")
     command_timeout_s: float = Field(120.0, gt=0, description="longest a prewarm/activate may take")
     min_active_per_model: int = Field(0, ge=0, description="instances kept active per model however idle (0: scale to zero, the next request is a prewarm hit)")
@@ -157,7 +164,7 @@ class OrchestratorSettings(CommonSettings):
         return self
 
 
-class LocalClusterSettings(CommonSettings):
+class LocalClusterSettings(DatabaseSettings):
     """Settings of ``warmserve up``: what it starts itself and where it keeps state.
 
     An explicitly set ``WARMSERVE_NATS_URL`` or ``WARMSERVE_DATABASE_URL`` means "use that server";
@@ -188,6 +195,31 @@ class LocalClusterSettings(CommonSettings):
     @property
     def external_database(self) -> bool:
         return "database_url" in self.model_fields_set
+
+
+class MigrateSettings(DatabaseSettings):
+    """``warmserve migrate``: the owner's URL, and the passwords of the services' login users to create
+    (or to change); a service whose password is unset keeps the login it has, or gets none."""
+
+    db_placement_password: SecretStr | None = Field(None, description="password of placement's database user "
+                                                    "(<database>_placement_login)")
+    db_orchestrator_password: SecretStr | None = Field(None, description="password of the orchestrator's database "
+                                                       "user (<database>_orchestrator_login)")
+    db_forecaster_password: SecretStr | None = Field(None, description="password of the forecaster's database user "
+                                                     "(<database>_forecaster_login)")
+
+    def db_passwords(self) -> dict[str, str]:
+        """Service -> password, for those given."""
+        out = {"placement": self.db_placement_password, "orchestrator": self.db_orchestrator_password,
+               "forecaster": self.db_forecaster_password}
+        return {k: v.get_secret_value() for k, v in out.items() if v is not None}
+
+    @field_validator("db_placement_password", "db_orchestrator_password", "db_forecaster_password")
+    @classmethod
+    def _not_empty(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value():
+            raise ValueError("must not be empty (leave it unset to create no login)")
+        return v
 
 
 def load_settings(cls: type[S], **overrides) -> S:

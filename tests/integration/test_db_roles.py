@@ -49,12 +49,17 @@ def roles(url: str) -> set[str]:
 
 
 @pytest.fixture
-def urls(database_url) -> dict[str, str]:
-    """Each service's URL (its login user), and the model every test uses, registered by the owner."""
+def urls(database_url, tmp_path) -> dict[str, str]:
+    """Each service's URL (its login user, made as `warmserve up` makes them), and the model every test
+    uses, registered by the owner."""
     import asyncio
 
+    from tooling.localcluster.db_users import service_urls
+
     asyncio.run(run(database_url, lambda s: repo.upsert_model(s, ModelSpec(slug="m", path="/m", parameter_bytes=1))))
-    return {svc: ensure_login(database_url, svc, f"{svc}-pw") for svc in SERVICES}
+    urls = service_urls(database_url, tmp_path / "db-users.json")
+    assert urls == service_urls(database_url, tmp_path / "db-users.json")  # a restart: the same users
+    return urls
 
 
 def key_insert(session):

@@ -41,18 +41,23 @@ def cmd_service(a) -> int:
 
 def cmd_migrate(a) -> int:
     from shared.db.migrate import upgrade
-    from shared.settings import CommonSettings, load_settings
+    from shared.db.roles import ensure_login
+    from shared.settings import MigrateSettings, load_settings
 
-    upgrade(load_settings(CommonSettings).database_url)
+    settings = load_settings(MigrateSettings)
+    upgrade(settings.database_url)
     print("database at the latest schema")
+    for service, password in settings.db_passwords().items():
+        ensure_login(settings.database_url, service, password)
+        print(f"database user of {service} ready (WARMSERVE_DB_{service.upper()}_PASSWORD)")
     return 0
 
 
 def cmd_demo_model(a) -> int:
     from tooling.localcluster.up import DEMO_MODEL, ensure_demo_model
-    from shared.settings import CommonSettings, load_settings
+    from shared.settings import DatabaseSettings, load_settings
 
-    path = asyncio.run(ensure_demo_model(load_settings(CommonSettings).database_url, a.path))
+    path = asyncio.run(ensure_demo_model(load_settings(DatabaseSettings).database_url, a.path))
     print(f"model '{DEMO_MODEL}' at {path} is in the catalog")
     return 0
 
@@ -170,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     svc.add_argument("name", choices=sorted(SERVICE_MODULES))
     svc.set_defaults(func=cmd_service)
 
-    sub.add_parser("migrate", help="bring the database (WARMSERVE_DATABASE_URL) to the latest schema") \
+    sub.add_parser("migrate", help="bring the database (WARMSERVE_DATABASE_URL) to the latest schema and "
+                   "create the services' users whose WARMSERVE_DB_<SERVICE>_PASSWORD is set") \
         .set_defaults(func=cmd_migrate)
 
     sub.add_parser("settings-doc", help="print every setting as markdown (docs/configuration.md)") \

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from tooling.localcluster.db_users import ROLE_OF, service_urls
 from tooling.localcluster.infra import EmbeddedPostgres, StartError, start_nats
 from tooling.localcluster.nats_auth import OPERATOR, SERVICE_USERS, USERS, without_user
 from tooling.localcluster.processes import become_subreaper, env_with, kill_orphans, port_free, spawn, stop_all, tail
@@ -61,7 +62,8 @@ class Cluster:
     postgres: EmbeddedPostgres | None = None
     nats_urls: dict[str, str] = field(default_factory=dict)  # by NATS user: each service connects as its own
     operator_nats_url: str = ""  # what warmserve up and the CLI connect with (operator credentials)
-    database_url: str = ""
+    database_url: str = ""  # the owner's: migrations, the demo model, cluster.json (the operator's CLI)
+    database_urls: dict[str, str] = field(default_factory=dict)  # by database role: each service its own
 
     @property
     def gateway_url(self) -> str:
@@ -74,15 +76,25 @@ class Cluster:
         """The environment of a service process (``service``: its module under services/), with its own
         NATS user's URL."""
         s = self.settings
-        return env_with({
-            "WARMSERVE_NATS_URL": self.nats_urls[SERVICE_USERS[service]], "WARMSERVE_DATABASE_URL": self.database_url,
+        return self._database_env(service, env_with({
+            "WARMSERVE_NATS_URL": self.nats_urls[SERVICE_USERS[service]],
             "WARMSERVE_PORT": str(s.gateway_port), "WARMSERVE_HOST": "127.0.0.1",
             "WARMSERVE_LOG_LEVEL": s.log_level, "WARMSERVE_ENGINE": s.resolved_engine,
             "WARMSERVE_MEMORY_BUDGET_BYTES": str(s.worker_memory_budget_bytes),
             # a short forecast window so the local demo shows forecasts within minutes
             "WARMSERVE_WINDOW_S": os.environ.get("WARMSERVE_WINDOW_S", "60"),
             "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-        })
+        }))
+
+    def _database_env(self, service: str, env: dict[str, str]) -> dict[str, str]:
+        """Placement, the orchestrator and the forecaster get their own role's URL; the gateway and the workers
+        none (nor any database password this shell may hold), so a compromised one has no database to reach."""
+        for k in [k for k in env if k == "WARMSERVE_DATABASE_URL" or k.startswith("WARMSERVE_DB_")]:
+            del env[k]
+        role = ROLE_OF.get(service)
+        if role in self.database_urls:
+            env["WARMSERVE_DATABASE_URL"] = self.database_urls[role]
+        return env
 
     def start_services(self) -> None:
         for i in range(self.settings.workers):
@@ -294,8 +306,9 @@ def up(settings: LocalClusterSettings, smoke: bool = True, ready_timeout_s: floa
             else:
                 cluster.postgres = EmbeddedPostgres(state_dir)
                 cluster.database_url = cluster.postgres.start()
-        with progress.step("database migrations"):
+        with progress.step("database migrations, a database user per service"):
             _prepare_database(cluster.database_url)
+            cluster.database_urls = service_urls(cluster.database_url, state_dir / "db-users.json")
         with progress.step(f"model '{DEMO_MODEL}' (created offline if missing)"):
             asyncio.run(ensure_demo_model(cluster.database_url, state_dir / "models" / DEMO_MODEL))
         with progress.step(f"services: gateway, forecaster, placement, orchestrator, "
