@@ -180,3 +180,25 @@ def test_a_left_over_group_role_is_reused_and_a_login_role_of_that_name_is_refus
         ensure_login(database_url, "placement", "pw")
     finally:
         engine.dispose()
+
+
+def test_migrate_command_creates_the_logins_whose_passwords_are_set(database_url, monkeypatch, capsys):
+    from sqlalchemy.engine import make_url
+
+    from tooling.cli.main import main as cli
+
+    db = make_url(database_url).database
+    downgrade(database_url, "0004")
+    monkeypatch.setenv("WARMSERVE_DATABASE_URL", database_url)
+    monkeypatch.setenv("WARMSERVE_DB_FORECASTER_PASSWORD", "fc-pw")
+    with pytest.raises(SystemExit) as exit_:
+        cli(["migrate"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "database user of forecaster ready" in out and "fc-pw" not in out
+    have = roles(database_url)
+    assert login_role(db, "forecaster") in have and login_role(db, "placement") not in have  # only those asked for
+    monkeypatch.setenv("WARMSERVE_DB_PLACEMENT_PASSWORD", "")
+    with pytest.raises(SystemExit) as exit_:
+        cli(["migrate"])
+    assert exit_.value.code == 2 and "WARMSERVE_DB_PLACEMENT_PASSWORD" in capsys.readouterr().err
