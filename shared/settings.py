@@ -95,6 +95,11 @@ class WorkerSettings(CommonSettings):
     sim_profile: Literal["fast", "a100"] = Field(
         "fast", description="sim engine timings: fast (a small model, for tests and demos) or a100 (7B-70B fp16 "
                             "on an A100 over PCIe, the simulator's constants: 5 s engine start, 60 ms per 1k-token prefill)")
+    idle_copy_policy: Literal["evict", "keep-lru"] = Field(
+        "evict", description="prewarmed copies the placement plan does not list: evict (at once; the plan is the only "
+                             "reason to hold weights) or keep-lru (kept while memory allows, least recently used "
+                             "evicted first when a load, a KV cache or a planned copy needs room: the load test's "
+                             "keep-alive baseline). Set the same on the orchestrator and the workers")
 
     @field_validator("worker_id")
     @classmethod
@@ -156,6 +161,11 @@ class OrchestratorSettings(DatabaseSettings):
     shared_quiet: float = Field(0.25, gt=0, le=1, description="quiet enough to share a worker: load and forecast peak "
                                 "at most this share of B")
     shared_max_instances: int = Field(4, ge=2, description="instances one worker serves at once under the shared tier")
+    idle_copy_policy: Literal["evict", "keep-lru"] = Field(
+        "evict", description="prewarmed copies the placement plan does not list: evict (at once; the plan is the only "
+                             "reason to hold weights) or keep-lru (kept while memory allows, least recently used "
+                             "evicted first when a load, a KV cache or a planned copy needs room: the load test's "
+                             "keep-alive baseline). Set the same on the orchestrator and the workers")
 
     @model_validator(mode="after")
     def _band(self):

@@ -39,7 +39,8 @@ class WorkerService:
                              gpu=self.gpu)
         self.worker = Worker(settings.worker_id, engine, MemoryPool(budget),
                              batch_capacity=settings.batch_capacity,
-                             kv_bytes_per_instance=settings.kv_cache_bytes, emit=self.events.put_nowait)
+                             kv_bytes_per_instance=settings.kv_cache_bytes, emit=self.events.put_nowait,
+                             idle_copy_policy=settings.idle_copy_policy)
         self.started_at = time.time()
         self.tracer = tracer("warmserve.gpu_worker")
         self._tasks: set[asyncio.Task] = set()

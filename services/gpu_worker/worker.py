@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from services.gpu_worker.engines import Delta, Engine, EngineError
 from services.gpu_worker.memory import PAGE_BYTES, MemoryPool, pages
+from shared.policy.keepalive import IdleCopy, IdleCopyPolicy, victims
 from shared.policy.kv import kv_bytes_to_keep, reclaimable_bytes
 from shared.messages import (
     CommandKind, CommandResult, CopyState, ErrorInfo, InferRequest, ModelCopy, ModelSpec, Outcome, WorkerCommand,
@@ -44,7 +45,8 @@ class Copy:
 class Worker:
     def __init__(self, worker_id: str, engine: Engine, memory: MemoryPool, *,
                  batch_capacity: int = 32, kv_bytes_per_instance: int | None = None,
-                 emit: Callable[[WorkerEvent], None] = lambda e: None, clock: Callable[[], float] = time.time):
+                 emit: Callable[[WorkerEvent], None] = lambda e: None, clock: Callable[[], float] = time.time,
+                 idle_copy_policy: IdleCopyPolicy = "evict"):
         self.worker_id = worker_id
         self.engine = engine
         self.memory = memory
@@ -53,6 +55,7 @@ class Worker:
         self.copies: dict[str, Copy] = {}
         self._emit = emit
         self._clock = clock
+        self.idle_copy_policy = idle_copy_policy  # which prewarmed copies make room first (shared.policy.keepalive)
         self._results: OrderedDict[str, asyncio.Future[CommandResult]] = OrderedDict()
         self._lock = asyncio.Lock()  # one memory-changing command at a time
         # what a loaded copy measured beyond its catalog bytes (engine process, runtime, CPU KV space): the
@@ -221,17 +224,17 @@ class Worker:
                           f"were available on {self.worker_id}")
 
     async def _evict_for(self, n_bytes: int | None, for_model: str) -> None:
-        """Evict prewarmed copies of other models, largest first, until ``n_bytes`` are free (every one
-        for None); none at all when evicting every one would not be enough. Called with the lock held."""
-        others = sorted((c for c in self.copies.values() if c.spec.slug != for_model and c.state is CopyState.PREWARMED),
-                        key=lambda c: -self.memory.weights.get(c.spec.slug, 0))
-        reclaimable = sum(self.memory.weights.get(c.spec.slug, 0) for c in others) * PAGE_BYTES
-        if n_bytes is not None and self.memory.free_bytes() + reclaimable < n_bytes:
+        """Evict prewarmed copies of other models until ``n_bytes`` are free (every one for None), in the
+        ``idle_copy_policy``'s order (largest first, or least recently used first); none at all when
+        evicting every one would not be enough. Called with the lock held."""
+        idle = [IdleCopy(c.spec.slug, self.memory.weights.get(c.spec.slug, 0) * PAGE_BYTES, c.since_s)
+                for c in self.copies.values() if c.spec.slug != for_model and c.state is CopyState.PREWARMED]
+        chosen = victims(idle, self.memory.free_bytes(), n_bytes, self.idle_copy_policy)
+        if chosen is None:
             raise EngineError("insufficient_memory", f"{for_model} needs {n_bytes} bytes on {self.worker_id}; "
                                                      "evicting every prewarmed copy would not free enough")
-        for other in others:
-            if n_bytes is not None and self.memory.fits(n_bytes):
-                return
+        for slug in chosen:
+            other = self.copies[slug]
             freed = await self.engine.unload(other.spec.slug)  # measured
             self.memory.give_back(self.memory.weights, other.spec.slug)
             self._move(other, CopyState.ABSENT, n_bytes=freed, reason=f"evicted to make room for {for_model}")

@@ -21,6 +21,7 @@ from shared.messages import CommandKind, Forecast, Outcome, PlannedCopy
 from shared.policy.autoscale import AutoscaleConfig, InstanceView as AutoscaleInstance, LoadWindow, decide, forecast_keep
 from shared.policy.cluster import ClusterView
 from shared.policy.handover import Handover, HandoverConfig, choose_handover
+from shared.policy.keepalive import IdleCopyPolicy
 from shared.policy.kv import next_kv_target
 from shared.policy.reconcile import reconcile
 from shared.policy.scaleup import Choice, choose_group
@@ -43,6 +44,7 @@ class OrchestratorConfig:
     shared_tier: bool = True  # a quiet model with no free device may serve next to another (shared.policy.sharing)
     shared_quiet: float = 0.25  # quiet: load and forecast peak at most this x B
     shared_max_instances: int = 4  # instances on one device, its host included
+    idle_copy_policy: IdleCopyPolicy = "evict"  # unplanned prewarmed copies: evicted, or kept (shared.policy.keepalive)
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,8 @@ class OrchestratorCore:
         """Reconcile with the plan, then autoscale and push KV targets. ``drained``: devices an operator
         drains (their instances stop whatever the load; nothing new goes there)."""
         commands: list[Command] = []
-        for a in reconcile(plan, view, min_active=self.config.min_active, busy=self.busy):
+        for a in reconcile(plan, view, min_active=self.config.min_active, busy=self.busy,
+                           idle_copy_policy=self.config.idle_copy_policy):
             cmd = Command(a.kind, a.model, a.group, reason="placement plan")
             if self._issue(cmd, now_s):
                 commands.append(cmd)

@@ -42,7 +42,8 @@ class Orchestrator:
             kv_reservation=settings.kv_reservation, min_active=settings.min_active_per_model,
             forecast_scale_down=settings.forecast_scale_down, handover=settings.handover,
             handover_margin=settings.handover_margin, shared_tier=settings.shared_tier,
-            shared_quiet=settings.shared_quiet, shared_max_instances=settings.shared_max_instances))
+            shared_quiet=settings.shared_quiet, shared_max_instances=settings.shared_max_instances,
+            idle_copy_policy=settings.idle_copy_policy))
         self._tasks: set[asyncio.Task] = set()
         self._scaling: dict[str, asyncio.Task] = {}  # model -> the scale-up every asker awaits
         self.tracer = tracer("warmserve.orchestrator")

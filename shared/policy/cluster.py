@@ -49,6 +49,7 @@ class CopyView:
     devices: tuple[str, ...]
     ready: bool
     bytes: int  # per device
+    idle_since_s: float = 0.0  # when it last served or finished loading (least recently used goes first)
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,8 @@ class ClusterView:
                                   kv_cache_bytes=w.kv_cache_bytes, batch_capacity=w.batch_capacity))
             for c in w.copies:
                 if c.state in (CopyState.LOADING, CopyState.PREWARMED):
-                    copies.append(CopyView(c.model, (w.worker_id,), c.state is CopyState.PREWARMED, c.weight_bytes))
+                    copies.append(CopyView(c.model, (w.worker_id,), c.state is CopyState.PREWARMED, c.weight_bytes,
+                                           idle_since_s=c.since_s))
                 elif c.instance_id is not None:
                     instances.append(InstanceView(
                         c.instance_id, c.model, (w.worker_id,), c.since_s, c.in_flight,
