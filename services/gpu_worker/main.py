@@ -51,7 +51,8 @@ class WorkerService:
         return WorkerState(
             worker_id=w.worker_id, node=self.settings.node, device=self.settings.device,
             engine=self.settings.engine, memory_budget_bytes=mem.budget_bytes,
-            weight_bytes=mem.bytes_of(mem.weights), kv_bytes=mem.bytes_of(mem.kv),
+            # memory an engine failed to release counts as weights: it is not free for placement either
+            weight_bytes=mem.bytes_of(mem.weights) + mem.bytes_of(mem.stranded), kv_bytes=mem.bytes_of(mem.kv),
             batch_capacity=w.batch_capacity, copies=w.snapshot(), gpu=self.gpu.stats(),
             heartbeat_at_s=time.time(), started_at_s=self.started_at,
             reclaimable_bytes=w.reclaimable_bytes(), in_flight=w.in_flight,

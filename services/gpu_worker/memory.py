@@ -18,6 +18,9 @@ class MemoryPool:
     budget_bytes: int
     weights: dict[str, int] = field(default_factory=dict)  # model -> pages
     kv: dict[str, int] = field(default_factory=dict)  # model -> pages
+    # model -> pages of a dropped copy whose engine failed to unload: the memory may still be held, so it
+    # stays charged until an unload of that model succeeds
+    stranded: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_pages(self) -> int:
@@ -25,7 +28,7 @@ class MemoryPool:
 
     @property
     def free_pages(self) -> int:
-        return self.total_pages - sum(self.weights.values()) - sum(self.kv.values())
+        return self.total_pages - sum(self.weights.values()) - sum(self.kv.values()) - sum(self.stranded.values())
 
     def free_bytes(self) -> int:
         return self.free_pages * PAGE_BYTES
@@ -44,3 +47,10 @@ class MemoryPool:
 
     def give_back(self, role: dict[str, int], owner: str) -> int:
         return role.pop(owner, 0) * PAGE_BYTES
+
+    def strand(self, owner: str) -> int:
+        """Move ``owner``'s weight and KV pages to ``stranded``; returns the bytes moved."""
+        n = self.weights.pop(owner, 0) + self.kv.pop(owner, 0)
+        if n:
+            self.stranded[owner] = self.stranded.get(owner, 0) + n
+        return n * PAGE_BYTES

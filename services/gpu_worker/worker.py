@@ -170,6 +170,7 @@ class Worker:
             copy = self.copies.get(spec.slug)
             fresh = copy is None
             if fresh:
+                await self._reclaim_stranded()
                 need = spec.parameter_bytes + self.engine_overhead_bytes
                 if make_room:
                     await self._evict_for(need, spec.slug)
@@ -217,7 +218,7 @@ class Worker:
             if extra <= self.memory.free_pages:  # also when it is smaller than reserved: the rest goes back
                 self.memory.weights[slug] += extra
                 return
-        await self.engine.unload(slug)
+        await self._unload_or_strand(slug)
         raise EngineError("insufficient_memory",
                           f"{slug} occupies {copy.resident_bytes} bytes once loaded; only "
                           f"{self.memory.free_bytes() + self.memory.weights.get(slug, 0) * PAGE_BYTES} "
@@ -295,6 +296,7 @@ class Worker:
         """The KV bytes to grant ``copy``, evicting other prewarmed copies as far as that needs
         (and none at all if evicting them all would not be enough). Called with the lock held."""
         slug = copy.spec.slug
+        await self._reclaim_stranded()
         want = self.kv_bytes_per_instance  # None: all memory beyond the weights becomes KV cache
         try:
             await self._evict_for(want, slug)
@@ -332,8 +334,11 @@ class Worker:
                 await self.engine.deactivate(model)
             except Exception as exc:  # unknown engine state: drop the copy rather than keep a broken one
                 freed = await self._drop_broken(copy, f"deactivation failed: {exc}")
+                outcome = (f"the copy was unloaded ({freed} bytes freed)" if freed is not None else
+                           "the copy was dropped, but its engine failed to unload: its memory stays charged "
+                           "until an unload succeeds")
                 raise EngineError("deactivate_failed", f"{model} could not release its KV cache ({exc}); "
-                                                       f"the copy was unloaded ({freed} bytes freed)") from exc
+                                                       f"{outcome}") from exc
             freed = self.memory.give_back(self.memory.kv, model)
             copy.instance_id = None
             copy.made = None
@@ -348,16 +353,43 @@ class Worker:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _drop_broken(self, copy: Copy, reason: str) -> int:
-        slug = copy.spec.slug
+    async def _drop_broken(self, copy: Copy, reason: str) -> int | None:
+        """Take a copy in an unknown state out of service and unload it. Returns the bytes freed, or None
+        when the unload failed (its pages stay charged, see ``_unload_or_strand``)."""
+        freed = await self._unload_or_strand(copy.spec.slug)
+        self._move(copy, CopyState.ABSENT, n_bytes=freed or 0,
+                   reason=reason if freed is not None else f"{reason}; unload failed, its memory stays charged")
+        return freed
+
+    async def _unload_or_strand(self, slug: str) -> int | None:
+        """Unload ``slug`` and return its pages; returns the bytes freed. When the unload fails the engine
+        may still hold the memory, so its pages move to ``memory.stranded`` (still charged, never offered
+        to another copy) until a retry succeeds (``_reclaim_stranded``); returns None."""
         try:
             freed = await self.engine.unload(slug)
-        except Exception:
-            freed = 0
+        except Exception as exc:
+            held = self.memory.strand(slug)
+            log.warning("%s: unloading %s failed (%r); its %d bytes stay charged until an unload succeeds",
+                        self.worker_id, slug, exc, held)
+            return None
         self.memory.give_back(self.memory.kv, slug)
         self.memory.give_back(self.memory.weights, slug)
-        self._move(copy, CopyState.ABSENT, n_bytes=freed, reason=reason)
         return freed
+
+    async def _reclaim_stranded(self) -> None:
+        """Retry the unload of dropped copies whose engine failed to unload them, and return the pages of
+        those that succeed. Called with the lock held, before memory is handed out."""
+        for slug in list(self.memory.stranded):
+            if slug in self.copies:  # loaded again since: an unload now would drop the new copy
+                continue
+            try:
+                freed = await self.engine.unload(slug)
+            except Exception as exc:
+                log.warning("%s: unloading %s failed again (%r); its memory stays charged", self.worker_id, slug, exc)
+                continue
+            held = self.memory.give_back(self.memory.stranded, slug)
+            log.info("%s: %s unloaded at last (%d bytes freed); its %d charged bytes are free again",
+                     self.worker_id, slug, freed, held)
 
     async def set_kv_target(self, model: str, free_blocks: int) -> int:
         """Keep ``free_blocks`` free KV blocks beyond those in use; give the rest back to the pool (or

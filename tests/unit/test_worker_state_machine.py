@@ -384,3 +384,34 @@ async def test_a_cold_start_that_cannot_fit_even_after_evicting_everything_evict
     r = await w.handle(WorkerCommand(kind=CommandKind.ACTIVATE, model="huge", spec=huge))
     assert not r.ok and r.error.code == "insufficient_memory"
     assert w.copies["a"].state is CopyState.PREWARMED and "huge" not in w.copies
+
+
+async def test_a_copy_whose_unload_fails_keeps_its_memory_charged_until_an_unload_succeeds(spec):
+    class Wedged(SimEngine):
+        unload_fails = True
+
+        async def deactivate(self, model):
+            raise RuntimeError("device wedged")
+
+        async def unload(self, model):
+            if self.unload_fails:
+                raise RuntimeError("the engine would not stop")
+            return await super().unload(model)
+
+    events = []
+    w = Worker("w0", Wedged(FAST), MemoryPool(64 * PAGE_BYTES), kv_bytes_per_instance=8 * PAGE_BYTES, emit=events.append)
+    instance = await w.activate(spec)
+    held = 64 - w.memory.free_pages  # its weights and KV cache
+    r = await w.handle(WorkerCommand(kind=CommandKind.DEACTIVATE, model="tiny", instance_id=instance))
+    assert not r.ok and r.error.code == "deactivate_failed" and "stays charged" in r.error.message
+    assert "tiny" not in w.copies and events[-1].to_state is CopyState.ABSENT  # out of service
+    assert events[-1].bytes == 0 and "unload failed" in events[-1].reason  # nothing was measurably freed
+    assert w.memory.free_pages == 64 - held and w.memory.stranded == {"tiny": held}  # offered to no one
+
+    other = spec.model_copy(update={"slug": "other"})
+    await w.prewarm(other)  # retries the unload first: it fails again, the pages stay charged
+    assert w.memory.stranded == {"tiny": held}
+    w.engine.unload_fails = False
+    await w.prewarm(spec)  # the retry succeeds now: the pages are free again, then the copy loads anew
+    assert w.memory.stranded == {} and w.copies["tiny"].state is CopyState.PREWARMED
+    assert w.memory.free_pages == 64 - w.memory.weights["other"] - w.memory.weights["tiny"]
