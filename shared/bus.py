@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
@@ -21,8 +22,10 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 from nats.js.kv import KeyValue
+from pydantic import ValidationError
 
 from shared.messages import BusMessage
+from shared.settings import NatsSettings
 from shared.subjects import BUCKETS, STREAMS, BucketSpec
 from shared.telemetry import inject_headers
 
@@ -62,10 +65,38 @@ class BusError(RuntimeError):
         self.code = code
 
 
-async def connect(url: str, name: str, *, deadline_s: float = 30.0) -> NATS:
-    """Connect, retrying until ``deadline_s`` (services may start before NATS); reconnect forever after."""
+def tls_context(url: str, settings: NatsSettings | None = None) -> ssl.SSLContext | None:
+    """The client's TLS context for ``url``, or None for plain text. TLS is on when a CA or client
+    certificate is set (``WARMSERVE_NATS_TLS_*``, read from the environment unless ``settings`` is given)
+    or a server URL says ``tls://``. The server's certificate is always verified: against that CA only
+    when one is set, else against the system's."""
+    if settings is None:
+        try:
+            settings = NatsSettings()
+        except ValidationError as exc:
+            problems = "; ".join((f"WARMSERVE_{'.'.join(map(str, e['loc'])).upper()}: " if e["loc"] else "")
+                                 + e["msg"].removeprefix("Value error, ") for e in exc.errors())
+            raise BusError("nats_tls_config", f"invalid NATS TLS settings: {problems}") from None
+    wants_tls = any(part.strip().lower().startswith("tls://") for part in url.split(","))
+    if settings.nats_tls_ca is None and settings.nats_tls_cert is None and not wants_tls:
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=str(settings.nats_tls_ca) if settings.nats_tls_ca else None)
+        if settings.nats_tls_cert is not None:
+            ctx.load_cert_chain(str(settings.nats_tls_cert), str(settings.nats_tls_key))
+    except ssl.SSLError as exc:  # not PEM, or a key that does not match its certificate
+        raise BusError("nats_tls_config", f"cannot load the NATS TLS CA or client certificate: {exc}") from None
+    return ctx
+
+
+async def connect(url: str, name: str, *, deadline_s: float = 30.0, tls: NatsSettings | None = None) -> NATS:
+    """Connect, retrying until ``deadline_s`` (services may start before NATS); reconnect forever after.
+
+    With TLS (``tls_context``) the client starts the handshake before the server says anything
+    (handshake first): a server or a man in the middle that offers plain text gets no credentials."""
 
     holder: dict[str, NATS] = {}
+    ssl_ctx = tls_context(url, tls)
 
     async def _disconnected():
         nc = holder.get("nc")
@@ -80,12 +111,23 @@ async def connect(url: str, name: str, *, deadline_s: float = 30.0) -> NATS:
     async def _error(exc: Exception):
         text = str(exc).lower()
         if "authorization violation" in text and "nc" not in holder and not refused.done():
-            refused.set_result(str(exc))  # wrong or missing credentials: retrying will not help
+            refused.set_result(BusError(  # wrong or missing credentials: retrying will not help
+                "nats_unauthorized", f"NATS at {redact(url)} refused {name}'s credentials ({exc}): "
+                                     "check the user and password in the URL"))
+        elif (isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError)
+              and "nc" not in holder and not refused.done()):  # a TLS mismatch is configuration, not a wait
+            refused.set_result(BusError(
+                "nats_tls", f"TLS to NATS at {redact(url)} failed for {name} ({exc}): the server must require TLS "
+                            "with a certificate for the host in the URL, signed by WARMSERVE_NATS_TLS_CA (else a "
+                            "system CA); a server that verifies clients needs WARMSERVE_NATS_TLS_CERT and _KEY"))
         elif "permissions violation" in text:  # a publish this user may not make: say so
             log.warning("%s: NATS refused: %s", name, exc)
         else:
-            log.debug("%s: NATS error: %s", name, exc)
+            log.debug("%s: NATS error: %r", name, exc)
+        if "nc" not in holder:
+            last_error[:] = [exc]
 
+    last_error: list[Exception] = []
     servers = [s.strip() for s in url.split(",") if s.strip()]
     inbox_prefix = inbox_prefix_for(_url_user(url))
     give_up = time.monotonic() + deadline_s
@@ -94,14 +136,21 @@ async def connect(url: str, name: str, *, deadline_s: float = 30.0) -> NATS:
         attempt = asyncio.ensure_future(nats.connect(
             servers=servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
             connect_timeout=2, disconnected_cb=_disconnected, reconnected_cb=_reconnected,
-            error_cb=_error, inbox_prefix=inbox_prefix,
+            error_cb=_error, inbox_prefix=inbox_prefix, tls=ssl_ctx, tls_handshake_first=ssl_ctx is not None,
         ))
-        await asyncio.wait([attempt, refused], return_when=asyncio.FIRST_COMPLETED)
+        # nats.connect retries on its own (max_reconnect_attempts=-1) and would never give up: the deadline is ours
+        await asyncio.wait([attempt, refused], timeout=max(0.0, give_up - time.monotonic()),
+                           return_when=asyncio.FIRST_COMPLETED)
+        if not attempt.done() and not refused.done():
+            attempt.cancel()
+            await asyncio.gather(attempt, return_exceptions=True)
+            why = f"{last_error[0]!r}" if last_error else "no answer"
+            raise BusError("nats_unreachable", f"cannot reach NATS at {redact(url)}"
+                                               f"{' over TLS' if ssl_ctx else ''} within {deadline_s:g} s: {why}")
         if refused.done() and not attempt.done():
             attempt.cancel()
             await asyncio.gather(attempt, return_exceptions=True)
-            raise BusError("nats_unauthorized", f"NATS at {redact(url)} refused {name}'s credentials "
-                                                f"({refused.result()}): check the user and password in the URL")
+            raise refused.result()
         try:
             holder["nc"] = attempt.result()
             return holder["nc"]
