@@ -182,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("settings-doc", help="print every setting as markdown (docs/configuration.md)") \
         .set_defaults(func=cmd_settings_doc)
 
+    from tooling.cli import compose_secrets
+
+    compose_secrets.add_parser(sub)
+
     demo = sub.add_parser("demo-model", help="create the demo model if missing and register it in the database")
     demo.add_argument("path", type=Path)
     demo.set_defaults(func=cmd_demo_model)
