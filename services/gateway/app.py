@@ -393,7 +393,7 @@ async def _first(stream: AsyncIterator[InferChunk], prompt_param: str) -> InferC
             raise _NotStarted(str(exc)) from None
         raise errors.from_bus(exc) from None
     if first.error:
-        if first.error.code in ("not_active", "aborted", "engine_dead"):
+        if first.error.code in ("not_active", "aborted", "engine_dead", "overloaded"):
             raise _NotStarted(first.error.message)
         raise errors.from_worker(first.error.code, first.error.message, prompt_param)
     return first

@@ -33,6 +33,16 @@ def check_request(body: ChatCompletionRequest | CompletionRequest, spec: ModelSp
                             f"({spec.max_context_tokens} tokens), which the prompt shares",
                        code="context_length_exceeded", param=name)
 
+    # A cheap bound instead of tokenising here: no token covers more than max_chars_per_token characters,
+    # so a longer prompt needs more tokens than the context has room for. It never refuses a prompt that
+    # fits (as long as the setting is true of the tokenizers); the worker checks the exact count.
+    room = spec.max_context_tokens - (requested[1] if requested is not None else 0)
+    if chars > room * s.max_chars_per_token:
+        answer = f", less {requested[0]} ({requested[1]})" if requested is not None else ""
+        raise ApiError(400, f"the prompt has {chars} characters, so at least {-(-chars // s.max_chars_per_token)} "
+                            f"tokens; the context of '{spec.slug}' holds {spec.max_context_tokens} tokens{answer}",
+                       code="context_length_exceeded", param=prompt_param(body))
+
 
 def prompt_param(body) -> str:
     return "messages" if isinstance(body, ChatCompletionRequest) else "prompt"

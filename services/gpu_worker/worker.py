@@ -427,6 +427,9 @@ class Worker:
             raise EngineError("not_active", f"{request.model} is {state} on {self.worker_id}, not active")
         if request.instance_id and request.instance_id != copy.instance_id:
             raise EngineError("not_active", f"instance {request.instance_id} is gone from {self.worker_id}")
+        if copy.in_flight >= self.batch_capacity:  # a gateway sends no more, but several gateways at once may
+            raise EngineError("overloaded", f"{request.model} on {self.worker_id} is serving {copy.in_flight} "
+                                            f"requests, its capacity; retry, or send it to another instance")
         task = asyncio.current_task()
         copy.in_flight += 1
         if task is not None:

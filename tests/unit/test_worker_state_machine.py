@@ -386,6 +386,23 @@ async def test_a_cold_start_that_cannot_fit_even_after_evicting_everything_evict
     assert w.copies["a"].state is CopyState.PREWARMED and "huge" not in w.copies
 
 
+async def test_an_instance_takes_no_more_requests_at_once_than_its_batch_capacity(spec):
+    w = Worker("w0", SimEngine(FAST), MemoryPool(64 * PAGE_BYTES), batch_capacity=2, kv_bytes_per_instance=8 * PAGE_BYTES)
+    await w.activate(spec)
+    req = InferRequest(model="tiny", prompt="hello", sampling=SamplingParams(max_tokens=5))
+    held = [w.generate(req), w.generate(req)]
+    for gen in held:
+        await anext(gen)  # both are generating
+    with pytest.raises(EngineError) as exc:
+        [d async for d in w.generate(req)]
+    assert exc.value.code == "overloaded" and "2 requests" in str(exc.value)
+    assert w.in_flight == 2  # the refused request held nothing
+    await held[0].aclose()
+    deltas = [d async for d in w.generate(req)]  # a slot is free again
+    assert deltas[-1].finish_reason == "length"
+    await held[1].aclose()
+
+
 async def test_a_copy_whose_unload_fails_keeps_its_memory_charged_until_an_unload_succeeds(spec):
     class Wedged(SimEngine):
         unload_fails = True

@@ -3,11 +3,37 @@ weights are loaded and tokens produced differs."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from shared.messages import InferRequest, ModelSpec
+
+
+T = TypeVar("T")
+
+# Tokenising 512K characters takes about half a second, and a tokenizer call on the event loop stops everything
+# else there, the heartbeat included: a burst of long prompts would make gateways declare the worker
+# dead. So prompts are tokenised in threads (Hugging Face tokenizers release the GIL while they run).
+# Long prompts share a small pool, so a burst of them queues there rather than taking every core and
+# the memory of dozens of tokenisations at once; short ones have their own, so they never wait behind
+# a burst.
+SHORT_PROMPT_CHARS = 16 * 1024  # about 10 ms of tokenising
+_LONG = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize-long")
+_SHORT = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+
+
+async def off_loop(chars: int, fn: Callable[..., T], *args) -> T:
+    """``fn(*args)`` (a tokenizer call on ``chars`` characters) in a tokenising thread."""
+    pool = _SHORT if chars <= SHORT_PROMPT_CHARS else _LONG
+    return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+
+
+def prompt_chars(request: InferRequest) -> int:
+    return sum(len(m.content) for m in request.messages) if request.messages is not None else len(request.prompt or "")
 
 
 class EngineError(Exception):
@@ -62,11 +88,16 @@ class Engine(Protocol):
 
 
 def make_engine(name: str, *, device: str = "cpu:0", kv_cache_bytes: int = 1024**3, gpu=None,
-                sim_profile: str = "fast") -> Engine:
+                sim_profile: str = "fast", sim_engine_start_s: float | None = None) -> Engine:
     if name == "sim":
+        from dataclasses import replace
+
         from services.gpu_worker.engines.sim import SIM_PROFILES, SimEngine
 
-        return SimEngine(SIM_PROFILES[sim_profile])
+        profile = SIM_PROFILES[sim_profile]
+        if sim_engine_start_s is not None:
+            profile = replace(profile, engine_start_s=sim_engine_start_s)
+        return SimEngine(profile)
     if name == "vllm":
         try:
             import vllm  # noqa: F401

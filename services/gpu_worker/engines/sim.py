@@ -16,7 +16,7 @@ from pathlib import Path
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from services.gpu_worker.engines import Delta, EngineError, KvUsage
+from services.gpu_worker.engines import Delta, EngineError, KvUsage, off_loop, prompt_chars
 from shared.messages import InferRequest, ModelSpec
 from shared.perfmodel import GPU_A100_PCIE, PerfModel
 
@@ -53,6 +53,10 @@ class _Loaded:
         self.kv_bytes_per_token = 2 * layers * kv_heads * head_dim * 2
         self.sample_ids = [i for i in range(self.tokenizer.get_vocab_size())
                            if i not in specials and "\ufffd" not in self.tokenizer.decode([i])]
+
+    def prompt_ids(self, request: InferRequest) -> list[int]:
+        """The prompt's token ids (in a thread: ``encode_batch`` releases the GIL, ``encode`` does not)."""
+        return self.tokenizer.encode_batch([self.prompt_text(request)])[0].ids
 
     def prompt_text(self, request: InferRequest) -> str:
         if request.messages is None:
@@ -128,7 +132,7 @@ class SimEngine:
         loaded = self._models.get(request.model)
         if loaded is None or request.model not in self._active:
             raise EngineError("not_active", f"{request.model} is not active on this worker")
-        prompt_ids = loaded.tokenizer.encode(loaded.prompt_text(request)).ids
+        prompt_ids = await off_loop(prompt_chars(request), loaded.prompt_ids, request)
         s = request.sampling
         limit = loaded.spec.max_context_tokens
         if len(prompt_ids) + s.max_tokens > limit:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 
-from services.gpu_worker.engines import Delta, EngineError
+from services.gpu_worker.engines import Delta, EngineError, off_loop, prompt_chars
 from shared.messages import InferRequest, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -256,7 +256,7 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind
 
         run = self._running(request.model)
-        ids = self._prompt_ids(run, request)
+        ids = await off_loop(prompt_chars(request), self._prompt_ids, run, request)
         s = request.sampling
         limit = run.spec.max_context_tokens
         if len(ids) + s.max_tokens > limit:
