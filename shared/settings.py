@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, FilePath, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.subjects import check_token
@@ -18,12 +18,32 @@ from shared.subjects import check_token
 S = TypeVar("S", bound="CommonSettings")
 
 
-class CommonSettings(BaseSettings):
-    """Settings every process shares."""
+class NatsSettings(BaseSettings):
+    """How to reach NATS. ``shared.bus.connect`` reads the TLS part itself, so services, the CLI and
+    ``warmserve up`` all agree without each passing it on."""
 
     model_config = SettingsConfigDict(env_prefix="WARMSERVE_", extra="ignore")
 
     nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated")
+    nats_tls_ca: FilePath | None = Field(
+        None, description="CA certificate (PEM) that signed the NATS server's certificate. Set, or a tls:// URL: "
+                          "the client starts TLS before anything else and never falls back to plain text")
+    nats_tls_cert: FilePath | None = Field(None, description="client certificate (PEM), for a NATS server that "
+                                                              "verifies clients; needs WARMSERVE_NATS_TLS_KEY")
+    nats_tls_key: FilePath | None = Field(None, description="private key (PEM) of WARMSERVE_NATS_TLS_CERT")
+
+    @model_validator(mode="after")
+    def _client_pair(self):
+        if (self.nats_tls_cert is None) != (self.nats_tls_key is None):
+            raise ValueError("WARMSERVE_NATS_TLS_CERT and WARMSERVE_NATS_TLS_KEY go together: set both or neither")
+        return self
+
+
+class CommonSettings(NatsSettings):
+    """Settings every process shares."""
+
+    model_config = SettingsConfigDict(env_prefix="WARMSERVE_", extra="ignore")
+
     otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint, e.g. http://jaeger:4318")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     heartbeat_interval_s: float = Field(1.0, gt=0, description="how often workers publish their state")
