@@ -227,17 +227,28 @@ def _pct(values: list[float], q: float) -> float | None:
 UNSERVED_TTFT_S = 999.0  # a request refused, failed or lost counts as this inside every TTFT percentile
 
 
+def ttft_of(r: Result) -> float:
+    """What a request counts as in the TTFT percentiles: every request counts once. Not served (refused,
+    failed, lost): ``UNSERVED_TTFT_S``. Served with no text at all (the model ended at once): the time
+    its whole, empty, answer took."""
+    if r.end != "ok":
+        return UNSERVED_TTFT_S
+    if r.ttft_s is not None:
+        return r.ttft_s
+    return r.e2e_s if r.e2e_s is not None else UNSERVED_TTFT_S
+
+
 def summarise(results: list[Result]) -> dict:
-    """Per model and for all: counts by end and outcome, TTFT P50/P90/P99 (a request not served counts as
-    ``UNSERVED_TTFT_S``: a refusal is a failure, never a fast answer), TPOT P50, end-to-end P50/P99 (of
-    the served)."""
+    """Per model and for all: counts by end and outcome, TTFT P50/P90/P99 over every request (``ttft_of``: a
+    request not served counts as ``UNSERVED_TTFT_S``, a refusal is a failure, never a fast answer), TPOT
+    P50, end-to-end P50/P99 (of the served)."""
     def one(rs: list[Result]) -> dict:
         ok = [r for r in rs if r.end == "ok"]
-        ttft = [r.ttft_s for r in ok if r.ttft_s is not None] + [UNSERVED_TTFT_S] * (len(rs) - len(ok))
+        ttft = [ttft_of(r) for r in rs]
         tpot = [r.tpot_s for r in ok if r.tpot_s is not None]
         e2e = [r.e2e_s for r in ok]
         return {"requests": len(rs), "ok": len(ok), "errors": sum(r.end == "error" for r in rs),
-                "lost": sum(r.end == "lost" for r in rs),
+                "lost": sum(r.end == "lost" for r in rs), "unserved_counted_as_ttft_s": UNSERVED_TTFT_S,
                 "outcomes": {o: sum(r.outcome == o for r in ok) for o in OUTCOMES},
                 "missing_outcome": sum(r.outcome not in OUTCOMES for r in ok),
                 "ttft_p50_s": _pct(ttft, 50), "ttft_p90_s": _pct(ttft, 90), "ttft_p99_s": _pct(ttft, 99),

@@ -103,3 +103,32 @@ def test_only_local_targets_are_accepted():
 def test_prompts_are_reproducible_per_request_and_differ_between_requests():
     assert prompt_of(50, 1) == prompt_of(50, 1) != prompt_of(50, 2)
     assert len(prompt_of(50, 1).split()) == 50
+
+
+def test_every_request_counts_once_in_the_ttft_percentiles():
+    """A request answered without any text (the model ended at once) counts with the time its answer took;
+    before, it was left out, and every request left out makes the percentiles look better."""
+    served = [Result(i, "a", 0.0, end="ok", status=200, outcome="warm", ttft_s=0.1, e2e_s=0.2) for i in range(9)]
+    empty = Result(9, "a", 0.0, end="ok", status=200, outcome="cold", ttft_s=None, e2e_s=30.0)
+    s = summarise([*served, empty])["all"]
+    assert s["ttft_p99_s"] > 20.0  # the slow empty answer is the tail (left out, the P99 was 0.1 s)
+    assert s["unserved_counted_as_ttft_s"] == 999.0
+
+
+def test_the_report_compares_prewarming_with_both_baselines_counting_the_unserved():
+    from loadtest.replay import comparison, comparison_lines
+
+    def run(ttfts, unserved=0, cold=0):
+        rs = [Result(i, "a", 0.0, end="ok", status=200, outcome="cold" if i < cold else "warm", ttft_s=t, e2e_s=t)
+              for i, t in enumerate(ttfts)]
+        rs += [Result(100 + i, "a", 0.0, end="error", error="no_capacity: full") for i in range(unserved)]
+        return {"summary": summarise(rs)}
+
+    runs = {"on": run([0.1] * 99, unserved=1), "off": run([5.0] * 100, cold=100), "keepalive": run([1.0] * 100, cold=10)}
+    cmp = comparison(runs)
+    assert cmp["ttft_p99_on_s"] == pytest.approx(0.1 + 0.01 * 998.9, rel=0.01)  # the refusal is in the tail
+    assert cmp["unserved_on"] == 1 and cmp["cold_keepalive"] == 10 and cmp["ablations"] == {}
+    assert cmp["p99_ttft_ratio_off_over_on"] < 1 and cmp["p99_ttft_ratio_keepalive_over_on"] < 1
+    lines = comparison_lines(cmp)
+    assert lines[0].startswith("P99 TTFT, prewarming off / on") and lines[1].startswith("P99 TTFT, keep-alive")
+    assert comparison({"on": runs["on"]}) is None
