@@ -221,7 +221,7 @@ async def _answers(nc):
         return False
 
 
-async def test_a_bad_catalog_row_holds_back_neither_the_other_models_nor_the_api_keys(nats_urls, database_url, nc,
+async def test_a_bad_catalog_row_holds_back_neither_the_other_models_nor_the_api_keys(nats_url, database_url, nc,
                                                                                        caplog):
     """Rows written around the admin verbs (a slug with a trailing newline, which once passed validation, and
     a key whose hash is no digest) cannot be KV keys: each is skipped and logged once, every other model and
@@ -248,7 +248,7 @@ async def test_a_bad_catalog_row_holds_back_neither_the_other_models_nor_the_api
             return False
 
     key_b = None
-    svc, stop, task = await start(nats_urls["placement"], database_url)
+    svc, stop, task = await start(nats_url, database_url)
     try:
         await eventually(lambda: present(catalog, "br-good"), what="the good model in the catalog bucket")
         await eventually(lambda: present(keys, hash_key(key_a)), what="the key in the API keys bucket")
