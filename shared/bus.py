@@ -89,6 +89,23 @@ def tls_context(url: str, settings: NatsSettings | None = None) -> ssl.SSLContex
     return ctx
 
 
+def message_size(payload: bytes, headers: dict[str, str] | None) -> int:
+    """The bytes nats-server counts against its max_payload: the payload and the headers' block. nats-py
+    checks the payload alone; the server refuses the whole and closes the publisher's connection."""
+    if headers is None:
+        return len(payload)
+    lines = sum(len(k.strip().encode()) + len(v.strip().encode()) + 4 for k, v in headers.items() if k.strip())
+    return len(payload) + len(b"NATS/1.0\r\n\r\n") + lines
+
+
+def check_size(nc: NATS, subject: str, payload: bytes, headers: dict[str, str] | None) -> None:
+    """BusError('too_large') for a message the server would refuse (and drop this connection with it)."""
+    size = message_size(payload, headers)
+    if size > nc.max_payload:
+        raise BusError("too_large", f"a {size}-byte message to {subject} is more than NATS's max_payload "
+                                    f"({nc.max_payload} bytes)")
+
+
 async def connect(url: str, name: str, *, deadline_s: float = 30.0, tls: NatsSettings | None = None) -> NATS:
     """Connect, retrying until ``deadline_s`` (services may start before NATS); reconnect forever after.
 
@@ -239,13 +256,16 @@ async def request_stream(
 
     The inbox is subscribed before publishing, so no chunk can be missed. Raises
     BusError('no_responders') if nobody serves ``subject``, BusError('responder_lost') as soon as
-    ``alive()`` turns false (checked every ``check_every_s`` while waiting), and BusError('timeout')
-    when the responder goes silent for longer than the current timeout.
+    ``alive()`` turns false (checked every ``check_every_s`` while waiting), BusError('timeout')
+    when the responder goes silent for longer than the current timeout, and BusError('too_large'), before
+    sending anything, for a message larger than the server's max_payload.
     """
+    payload, headers = msg.encode(), inject_headers()
+    check_size(nc, subject, payload, headers)
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
     try:
-        await nc.publish(subject, msg.encode(), reply=inbox, headers=inject_headers())
+        await nc.publish(subject, payload, reply=inbox, headers=headers)
         timeout = first_timeout
         while True:
             waited = 0.0

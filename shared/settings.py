@@ -85,8 +85,11 @@ class GatewaySettings(CommonSettings):
                                                          "has its own limit; bursts of twice that pass (more: 429)")
     key_max_concurrency: int = Field(64, ge=1, description="requests in flight per API key, unless the key has "
                                                            "its own limit; more get a 429 until one finishes")
-    max_body_bytes: int = Field(1024**2, ge=1024, description="largest request body, chunked bodies included; "
-                                                             "larger ones get a 413 before any parsing")
+    max_body_bytes: int = Field(1024**2 - 8 * 1024, ge=1024,
+                                description="largest request body, chunked bodies included; larger ones get a 413 "
+                                            "before any parsing. At most NATS's max_payload less 8 KiB for what the "
+                                            "gateway adds on the way to a worker: a larger value is lowered to "
+                                            "that, with a warning at start")
     max_messages: int = Field(256, ge=1, description="most messages in one chat request (more: 400)")
     shutdown_grace_s: float = Field(10.0, ge=1, description="on SIGTERM the gateway stops being ready and gives "
                                                           "requests in flight this long; what is still running "

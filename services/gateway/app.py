@@ -21,7 +21,7 @@ from services.gateway.admission_core import AdmissionCore
 from services.gateway.api_types import ChatCompletionRequest, CompletionRequest
 from services.gateway.demand import DemandPublisher
 from services.gateway.errors import ApiError
-from services.gateway.limits import Guard, KeySlots, check_request, prompt_param
+from services.gateway.limits import Guard, KeySlots, body_limit, check_request, prompt_param, too_large_for_bus
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.routing import RoutingTable
 from services.gateway.shutdown import Drain
@@ -58,6 +58,9 @@ class Gateway:
     async def start(self) -> None:
         s = self.settings
         self.nc = await bus.connect(s.nats_url, f"gateway-{s.gateway_id}")
+        if self.body_limit < s.max_body_bytes:
+            log.warning("WARMSERVE_MAX_BODY_BYTES is %d, but NATS carries at most %d bytes a message: request "
+                        "bodies are limited to %d bytes", s.max_body_bytes, self.nc.max_payload, self.body_limit)
         self.js = self.nc.jetstream()
         buckets = await bus.ensure_all(self.js)
         self.catalog = bus.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
@@ -68,6 +71,12 @@ class Gateway:
         self.admission = Admission(self.table, self._scale, core, wait_s=s.queue_wait_s,
                                    on_queue_change=lambda m, n: self.metrics.queue_depth.labels(m).set(n))
         self._demand_task = asyncio.create_task(self.demand.run(self.js))
+
+    @property
+    def body_limit(self) -> int:
+        """The largest request body: the setting, or less where NATS could not carry it to a worker."""
+        nc = getattr(self, "nc", None)
+        return body_limit(self.settings.max_body_bytes, nc.max_payload if nc is not None else None)
 
     async def stop(self) -> None:
         self._demand_task.cancel()
@@ -391,6 +400,8 @@ async def _first(stream: AsyncIterator[InferChunk], prompt_param: str) -> InferC
     except bus.BusError as exc:
         if exc.code in ("no_responders", "responder_lost"):
             raise _NotStarted(str(exc)) from None
+        if exc.code == "too_large":  # refused before sending: nothing reached the worker
+            raise too_large_for_bus(str(exc)) from None
         raise errors.from_bus(exc) from None
     if first.error:
         if first.error.code in ("not_active", "aborted", "engine_dead", "overloaded"):

@@ -85,8 +85,29 @@ class KeySlots:
         return release
 
 
+# What a body may grow by on its way to a worker (request and instance ids, defaults, trace headers): the
+# body limit stays this far below NATS's max_payload, so every body under it fits in one message.
+ENVELOPE_BYTES = 8 * 1024
+
+
+def body_limit(setting: int, max_payload: int | None) -> int:
+    """The largest body read: WARMSERVE_MAX_BODY_BYTES, lowered where NATS (its ``max_payload``; None before
+    connecting) could not carry such a body to a worker."""
+    if max_payload is None:
+        return setting
+    return min(setting, max_payload - min(ENVELOPE_BYTES, max_payload // 2))
+
+
 def too_large(limit: int) -> ApiError:
     return ApiError(413, f"request body is larger than {limit} bytes", code="request_too_large")
+
+
+def too_large_for_bus(detail: str) -> ApiError:
+    """The request as sent to a worker is more than NATS carries (a body under the limit grew on the way)."""
+    return ApiError(413, "The request is too large to send to a model server; shorten the prompt",
+                    code="request_too_large", detail=detail)
+
+
 
 
 async def read_body(receive: Receive, headers: Headers, limit: int) -> bytes | None:
@@ -147,7 +168,7 @@ class Guard:
             return
         try:
             try:
-                body = await read_body(receive, headers, self.gw.settings.max_body_bytes)
+                body = await read_body(receive, headers, self.gw.body_limit)
             except ApiError as exc:
                 await exc.response()(scope, receive, send)
                 return

@@ -173,3 +173,37 @@ async def test_a_request_lost_in_a_server_restart_is_sent_again_on_reconnect(tmp
         if nc is not None:
             await nc.close()
         server.stop()
+
+
+async def test_a_stream_request_over_max_payload_is_refused_before_it_is_sent(nc):
+    """nats-py checks the payload against max_payload, nats-server the payload and headers together, and it
+    drops the publisher's connection (every request on it) over a message beyond. request_stream measures
+    both: a message of exactly max_payload is served, one byte more is refused and the connection stays."""
+    seen = []
+
+    async def responder(msg):
+        seen.append(len(msg.data))
+        await bus.reply(nc, msg, InferChunk(request_id="r", seq=0, finish_reason="stop"))
+
+    sub = await nc.subscribe("warmserve.test.big", cb=responder)
+    headers_bytes = bus.message_size(b"", bus.inject_headers())
+    base = len(InferRequest(request_id="r", model="m", prompt="").encode()) + headers_bytes
+
+    def request(size: int) -> InferRequest:  # multi-byte text (2, 3 and 4 bytes a character), then ASCII
+        text = "é€😀" * ((size - base) // 9)
+        return InferRequest(request_id="r", model="m", prompt=text + "x" * (size - base - len(text.encode())))
+
+    def stream(size: int):
+        msg = request(size)
+        assert bus.message_size(msg.encode(), bus.inject_headers()) == size
+        return bus.request_stream(nc, "warmserve.test.big", msg, InferChunk, first_timeout=5, idle_timeout=5,
+                                  is_last=lambda c: c.last)
+
+    assert [c.finish_reason async for c in stream(nc.max_payload)] == ["stop"]
+    with pytest.raises(bus.BusError) as exc:
+        async for _ in stream(nc.max_payload + 1):
+            pass
+    assert exc.value.code == "too_large" and str(nc.max_payload) in str(exc.value)
+    assert [c.finish_reason async for c in stream(nc.max_payload)] == ["stop"]  # the connection is still up
+    assert nc.is_connected and len(seen) == 2
+    await sub.unsubscribe()

@@ -4,6 +4,7 @@ back however a request ends, and API keys kept out of the logs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -12,6 +13,7 @@ import httpx
 import pytest
 import uvicorn
 
+from services.gateway import limits
 from services.gateway.app import create_app
 from shared import bus
 from shared.apikeys import hash_key, new_key
@@ -254,3 +256,112 @@ async def test_api_keys_never_reach_the_logs(gateway, caplog):
         assert key not in text, "an API key was logged"
     for key in (wrong, OFF, LIMITED, DEFAULT):
         assert key[3:11] not in text  # not even a part of it
+
+
+# ------------------------------------------------------------ request size vs NATS's message size
+# The body limit stays ENVELOPE_BYTES below NATS's max_payload (1 MiB on the test server), so the largest
+# body accepted still fits in one message to a worker once the gateway has added ids, defaults and trace
+# headers; anything larger gets a 413, never a 500 from a refused publish.
+
+BIG_MODEL, BIG_WORKER = "pay-m", "pay-worker"
+
+
+@contextlib.asynccontextmanager
+async def big_gateway(nats_url, nc, **settings):
+    """A gateway (no API keys) whose one worker answers "ab" to any prompt, for a model with a context large
+    enough that only the body and message sizes limit a prompt."""
+    buckets = await bus.ensure_all(nc.jetstream())
+    catalog, workers = buckets[CATALOG_BUCKET.name], buckets[WORKERS_BUCKET.name]
+    await catalog.put(BIG_MODEL, ModelSpec(slug=BIG_MODEL, path="/m", parameter_bytes=1,
+                                           max_context_tokens=2**21).encode())
+    now = time.time()
+    await workers.put(BIG_WORKER, WorkerState(
+        worker_id=BIG_WORKER, node="n", device="cpu:0", engine="sim", memory_budget_bytes=1, heartbeat_at_s=now,
+        started_at_s=now, copies=[ModelCopy(model=BIG_MODEL, state=CopyState.ACTIVE, weight_bytes=1,
+                                            instance_id="pay-instance")]).encode())
+    worker = Worker(nc)
+    sub = await nc.subscribe(INFER.format(worker=BIG_WORKER), cb=worker.on_infer)
+    port = free_port()
+    app = create_app(GatewaySettings(nats_url=nats_url, port=port, gateway_id="gw-payload", require_api_key=False,
+                                     heartbeat_timeout_s=3600, queue_wait_s=1, **settings))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    task = asyncio.create_task(server.serve())
+    http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    try:
+        await eventually(lambda: _up_and_ready(server, http), what="the gateway to be ready")
+        await eventually(lambda: _routable(http), what="the model to be routable")
+        yield http, app.state.gateway
+    finally:
+        await http.aclose()
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+        await sub.unsubscribe()
+        await catalog.delete(BIG_MODEL)
+        await workers.delete(BIG_WORKER)
+
+
+async def _up_and_ready(server, http):
+    return server.started and await _ready(http)
+
+
+async def _routable(http):
+    return (await post(http, big_body(300))).status_code == 200
+
+
+def big_body(size: int, escaped: bool = False) -> bytes:
+    """A chat request of exactly ``size`` bytes whose prompt is multi-byte text (2, 3 and 4 bytes a character
+    in UTF-8; as \\u escapes, 6 to 12 bytes), padded with ASCII."""
+    def encode(text: str) -> bytes:
+        body = {"model": BIG_MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 4}
+        return json.dumps(body, ensure_ascii=escaped, separators=(",", ":")).encode()
+
+    unit = "é€😀"
+    text = unit * ((size - len(encode(""))) // (len(encode(unit)) - len(encode(""))))
+    text += "x" * (size - len(encode(text)))
+    raw = encode(text)
+    assert len(raw) == size and len(text) < 400_000, (len(raw), len(text))  # under WARMSERVE_MAX_PROMPT_CHARS
+    return raw
+
+
+async def post(http, raw: bytes):
+    return await http.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+
+
+async def test_the_largest_body_accepted_is_served_and_one_byte_more_is_a_413(nats_url, nc):
+    async with big_gateway(nats_url, nc) as (http, gw):
+        limit = gw.settings.max_body_bytes
+        for escaped in (False, True):
+            resp = await post(http, big_body(limit, escaped))
+            assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == "ab", resp.text
+        assert limit == gw.body_limit == gw.nc.max_payload - limits.ENVELOPE_BYTES  # consistent by default
+        resp = await post(http, big_body(limit + 1))
+        assert resp.status_code == 413 and resp.json()["error"]["code"] == "request_too_large", resp.text
+        assert str(limit) in resp.json()["error"]["message"]
+
+
+async def test_a_body_limit_above_what_nats_carries_is_lowered_to_it(nats_url, nc, caplog):
+    async with big_gateway(nats_url, nc, max_body_bytes=4 * 2**20) as (http, gw):
+        limit = gw.body_limit
+        assert limit == gw.nc.max_payload - limits.ENVELOPE_BYTES
+        assert any("WARMSERVE_MAX_BODY_BYTES" in r.getMessage() and str(limit) in r.getMessage()
+                   for r in caplog.records), caplog.text
+        assert (await post(http, big_body(limit))).status_code == 200
+        for size in (limit + 1, gw.nc.max_payload - 1, gw.nc.max_payload + 1):  # were 500s: a refused publish
+            resp = await post(http, big_body(size))
+            assert resp.status_code == 413 and resp.json()["error"]["code"] == "request_too_large", (size, resp.text)
+
+
+async def test_a_request_that_grew_past_max_payload_on_the_way_is_a_413(nats_url, nc, monkeypatch):
+    """The message to the worker is measured as sent (JSON, ids, trace headers) before it is published: with
+    no room left for the envelope, a body just under max_payload is refused with a 413, and the gateway's
+    connection (which nats-server would close over the message) keeps serving."""
+    monkeypatch.setattr(limits, "ENVELOPE_BYTES", 0)
+    async with big_gateway(nats_url, nc, max_body_bytes=4 * 2**20) as (http, gw):
+        assert gw.body_limit == gw.nc.max_payload
+        resp = await post(http, big_body(gw.nc.max_payload - 40))
+        err = resp.json()["error"]
+        assert resp.status_code == 413 and err["code"] == "request_too_large", resp.text
+        assert "too large to send" in err["message"] and BIG_WORKER not in resp.text
+        # the same text as \u escapes: a body as large, but the message is not (the worker gets UTF-8)
+        assert (await post(http, big_body(gw.nc.max_payload - 40, escaped=True))).status_code == 200
+        assert (await post(http, big_body(1000))).status_code == 200 and gw.nc.is_connected
