@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BusMessage)
 STATUS_HEADER = "Status"
 INBOX_PREFIX = "_INBOX"
-_USER_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch
+_USER_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")  # \Z, not $ (which also matches before a final newline)
 
 
 def inbox_prefix_for(user: str | None) -> str:

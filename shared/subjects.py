@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from shared import messages as m
 
-# used with fullmatch only: with re.match, a "$" would also accept a trailing newline ("tiny\n")
-SLUG_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
+# \Z, not $: "$" also matches before a final newline, so re.match accepted "tiny\n"
+SLUG_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?\Z")
 
 # NATS users: one per service, and the operator (the CLI, ``warmserve up``, tests), who may do anything
 GATEWAY, FORECASTER, PLACEMENT, ORCHESTRATOR, WORKER, OPERATOR = (

@@ -2,7 +2,7 @@ import pytest
 
 from shared import messages as m
 from shared.subjects import (
-    ADMIN, BUCKETS, DEMAND, INFER, STREAMS, SUBJECTS, WORKER_CMD, Durability, check_token,
+    ADMIN, BUCKETS, DEMAND, INFER, SLUG_RE, STREAMS, SUBJECTS, WORKER_CMD, Durability, check_token,
 )
 
 
@@ -102,6 +102,7 @@ def test_every_identifier_validator_refuses_a_trailing_newline_or_space(tail, mo
     slug, name = "tiny" + tail, "team-a" + tail
     with pytest.raises(ValueError):
         check_token(slug)
+    assert SLUG_RE.match(slug) is None  # \Z: right with re.match too, which other modules use
     with pytest.raises(ValueError):
         INFER.format(worker=slug)
     for args, extra in ((admin.RegisterArgs, {"path": "/m"}), (admin.PinArgs, {}), (admin.UnpinArgs, {})):
