@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 
 
 async def eventually(check, timeout: float = 25.0, what: str = "a condition", every: float = 0.2):
-    """Await ``check()`` until it returns something truthy (and return it), or fail naming ``what``."""
+    """Call ``check()`` (awaiting it if it is a coroutine function's) until it returns something truthy (and
+    return it), or fail naming ``what``. Wait on this, never on a fixed sleep: a slow machine only waits longer."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = await check()
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         await asyncio.sleep(every)

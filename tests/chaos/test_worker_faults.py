@@ -82,7 +82,9 @@ def test_worker_killed_mid_stream(cluster):
 
         streamer.join(30)
         err = ended_with_error(out)
-        assert out["lines"][-1][0] - killed < 10, "the stream's error came late"
+        # the mechanism is the error code below (the heartbeat, not a timeout); this bound only leaves room for
+        # a loaded machine
+        assert out["lines"][-1][0] - killed < 20, "the stream's error came late"
         assert err["code"] == "responder_lost" and "worker" in err["message"], err  # the heartbeat, not a timeout
         for t in waiters:
             t.join(40)
@@ -122,7 +124,7 @@ def test_stuck_worker_times_out_and_leaves_routing(cluster):
     try:
         streamer.join(30)
         err = ended_with_error(out)
-        assert out["lines"][-1][0] - stopped < 10
+        assert out["lines"][-1][0] - stopped < 20  # room for a loaded machine; the code below is the mechanism
         assert err["code"] == "responder_lost", err  # the stale heartbeat (3 s), before the 5 s silence timeout
         until(lambda: stuck_id not in workers(env), timeout=HEARTBEAT_TIMEOUT_S + 5, what="stuck worker out of the list")
         served: list = []

@@ -43,6 +43,7 @@ class Worker:
         self.release = asyncio.Event()
         self.tasks: set[asyncio.Task] = set()
         self.cancelled: list[str] = []
+        self.received: list[str] = []  # the text of each request that reached it
 
     async def on_cancel(self, msg) -> None:
         self.cancelled.append(CancelRequest.decode(msg.data).request_id)
@@ -55,6 +56,7 @@ class Worker:
     async def answer(self, msg) -> None:
         req = InferRequest.decode(msg.data)
         text = req.messages[-1].content if req.messages else req.prompt
+        self.received.append(text)
 
         async def send(**kw):
             await self.nc.publish(msg.reply, InferChunk(request_id=req.request_id, **kw).encode())
@@ -205,7 +207,7 @@ async def test_concurrency_limit_per_key_and_slots_given_back_however_requests_e
         waiting = asyncio.create_task(http.post(post, json=chat(content), headers=auth(LIMITED)))
         await eventually(lambda: _held_is(gw, "lim-a", 1), timeout=5, what="the request to be in flight")
         cancels = len(worker.cancelled)
-        await asyncio.sleep(0.3)
+        await eventually(lambda: worker.received[-1:] == [content], timeout=5, what="the request at the worker")
         waiting.cancel()
         await asyncio.gather(waiting, return_exceptions=True)
         await eventually(lambda: _held_is(gw, "lim-a", 0), timeout=5, what="the abandoned request's slot")

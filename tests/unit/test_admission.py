@@ -10,6 +10,7 @@ from services.gateway.admission_core import AdmissionCore
 from services.gateway.errors import ApiError
 from shared.messages import Outcome, ScaleReply
 from shared.policy.routing import Route, pick_route
+from tests.helpers import eventually
 
 
 class FakeTable:
@@ -33,6 +34,11 @@ class FakeTable:
         self.pending[route.instance_id] -= 1
         if not self.pending[route.instance_id]:
             del self.pending[route.instance_id]
+
+
+async def queued(adm: Admission, model: str, n: int, timeout: float = 10.0) -> None:
+    """Until ``n`` requests for ``model`` wait in the admission queue."""
+    await eventually(lambda: adm.core.waiting.get(model, 0) == n, timeout, f"{n} waiting for {model}", every=0.01)
 
 
 async def test_failed_scale_ups_are_retried_with_backoff_not_in_a_loop():
@@ -74,16 +80,16 @@ async def test_a_slot_freed_on_an_old_instance_is_warm_and_the_queue_is_bounded(
         await asyncio.sleep(10)  # a slow cold start somewhere else
         return ScaleReply(ok=False)
 
-    adm = Admission(table, scaler, AdmissionCore(1), wait_s=2.0)
+    adm = Admission(table, scaler, AdmissionCore(1), wait_s=30.0)
     waiter = asyncio.create_task(adm.admit("m"))
-    await asyncio.sleep(0.05)
+    await queued(adm, "m", 1)
     with pytest.raises(ApiError) as exc:
         await adm.admit("m")  # the queue of one is taken
     assert exc.value.code == "queue_full"
     table.instances = [Route("w1", "old", 0, capacity=1)]  # the running request finished
     adm.notify()
-    route, outcome, waited = await asyncio.wait_for(waiter, 1.0)
-    assert route.instance_id == "old" and outcome is Outcome.WARM and waited < 1.0
+    route, outcome, waited = await asyncio.wait_for(waiter, 9.0)  # not the scale-up's 10 s
+    assert route.instance_id == "old" and outcome is Outcome.WARM and waited < 9.0
 
 
 async def test_an_instance_someone_else_started_is_labelled_by_how_its_worker_made_it():
@@ -96,13 +102,17 @@ async def test_an_instance_someone_else_started_is_labelled_by_how_its_worker_ma
         await never.wait()  # the gateway's own ask is still pending
         return ScaleReply(ok=False)
 
-    adm = Admission(table, scaler, AdmissionCore(8), wait_s=5.0)
+    adm = Admission(table, scaler, AdmissionCore(8), wait_s=30.0)
+    labels = []
+    label = adm.core.label
+    adm.core.label = lambda *a, **kw: labels.append(kw.get("waited_for_reply", False)) or label(*a, **kw)
     waiter = asyncio.create_task(adm.admit("m"))
-    await asyncio.sleep(0.05)
+    await queued(adm, "m", 1)
     table.instances = [Route("w1", "old", 1, capacity=1), Route("w2", "auto", 0, capacity=1, made=Outcome.COLD)]
     adm.notify()
-    route, outcome, _ = await asyncio.wait_for(waiter, 0.5)  # no waiting for the pending ask's reply
+    route, outcome, _ = await asyncio.wait_for(waiter, 10)
     assert route.instance_id == "auto" and outcome is Outcome.COLD
+    assert labels == [False]  # labelled at once: no waiting for the pending ask's reply
 
 
 async def test_a_request_cancelled_while_its_scale_up_reply_is_awaited_gives_its_slot_back():

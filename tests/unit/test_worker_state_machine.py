@@ -10,6 +10,7 @@ from services.gpu_worker.memory import PAGE_BYTES, MemoryPool
 from services.gpu_worker.worker import Worker
 from shared.messages import ChatMessage, CommandKind, CopyState, InferRequest, ModelSpec, Outcome, SamplingParams, WorkerCommand
 from shared.model_folder import max_context, weight_bytes
+from tests.helpers import eventually
 
 FAST = SimProfile(engine_start_s=0.0, decode_s_per_token_per_gb=0.0, prefill_s_per_token_per_gb=0.0,
                   min_step_s=0.0)
@@ -216,7 +217,7 @@ async def test_a_cancelled_command_can_be_retried(spec):
     w, engine = gated_worker()
     cmd = WorkerCommand(kind=CommandKind.PREWARM, model="tiny", spec=spec)
     task = asyncio.create_task(w.handle(cmd))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: engine.loads >= 1, 10, "the load under way", every=0.01)  # cancelled mid-load
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     engine.gate.set()
@@ -273,8 +274,7 @@ async def test_deactivate_by_instance_and_without_draining(spec):
         return [d async for d in w.generate(slow)]
 
     task = asyncio.create_task(consume())
-    await asyncio.sleep(0.05)
-    assert w.in_flight == 1
+    await eventually(lambda: w.in_flight == 1, 10, "the request in flight", every=0.01)
     r = await asyncio.wait_for(w.handle(WorkerCommand(kind=CommandKind.DEACTIVATE, model="tiny",
                                                       instance_id=instance, drain=False)), 5)
     assert r.ok and w.copies["tiny"].state is CopyState.PREWARMED and w.in_flight == 0
