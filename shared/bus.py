@@ -24,6 +24,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
+from shared import deadletter
 from shared.messages import BusMessage
 from shared.settings import NatsSettings
 from shared.subjects import BUCKETS, STREAMS, BucketSpec
@@ -326,9 +327,12 @@ async def js_publish(js: JetStreamContext, subject: str, msg: BusMessage, msg_id
 
 async def consume(js: JetStreamContext, subject: str, durable: str, message_type: type[M],
                   handle: Callable[[M, Msg], Awaitable[None]], *, batch: int = 64, max_ack_pending: int = 10_000,
-                  start_s: float | None = None, caught_up: asyncio.Event | None = None) -> None:
-    """Process a durable pull consumer forever. ``handle`` acknowledges (or naks) each message it is
-    given; a message that does not decode is logged and terminated so it is never redelivered.
+                  start_s: float | None = None, caught_up: asyncio.Event | None = None,
+                  max_deliver: int = deadletter.MAX_DELIVER) -> None:
+    """Process a durable pull consumer forever. ``handle`` acknowledges each message it has processed and
+    raises when it could not: a transient failure (Postgres or NATS away) is redelivered without limit,
+    and a message that can never be processed (its data cannot be stored, it does not decode, or it failed
+    ``max_deliver`` times otherwise) goes to the dead-letter stream with the error (shared/deadletter.py).
 
     With ``start_s`` the durable is recreated to deliver from that time on (the caller knows, from its
     own stored state, where it stopped). ``caught_up`` is set once nothing is pending any more.
@@ -358,14 +362,18 @@ async def consume(js: JetStreamContext, subject: str, durable: str, message_type
                 try:
                     decoded = message_type.decode(msg.data)
                 except ValueError as exc:
-                    log.warning("%s: dropping malformed %s: %s", durable, message_type.__name__, exc)
-                    await msg.term()
+                    await deadletter.give_up(js, msg, durable, "malformed", exc)
                     continue
-                await handle(decoded, msg)
+                try:
+                    await handle(decoded, msg)
+                except (asyncio.CancelledError, KeyboardInterrupt):
+                    raise
+                except Exception as exc:
+                    await deadletter.failed(js, msg, durable, exc, max_deliver)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # unacked messages are redelivered; the loop must survive
-                log.warning("%s: message not processed (%s); it will be redelivered", durable, exc)
+            except Exception as exc:  # a nak or term lost with the connection: the message comes back anyway
+                log.warning("%s: message left for redelivery (%s)", durable, exc)
         if caught_up is not None and not caught_up.is_set() and not msgs:
             try:
                 if (await sub.consumer_info()).num_pending == 0:

@@ -358,3 +358,24 @@ class AdminReply(BusMessage):
     ok: bool
     result: Any = None
     error: ErrorInfo | None = None
+
+
+# ---------------------------------------------------------------- dead letters
+
+
+class DeadLetter(BusMessage):
+    """A message a durable consumer gave up on (shared/deadletter.py), kept with why for an operator.
+
+    ``payload`` is the original message as it was stored (UTF-8 text; base64 when ``payload_base64``, for
+    bytes that are not text), so it can be read, fixed and published again on ``subject``."""
+
+    service: str  # the NATS user whose consumer gave up
+    consumer: str  # the durable consumer
+    stream: str
+    subject: str
+    stream_seq: int
+    delivered: int  # deliveries, the failed one included
+    error: ErrorInfo  # code: malformed | unstorable | retries_exhausted; message: the exception
+    failed_at_s: float
+    payload: str
+    payload_base64: bool = False

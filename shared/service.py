@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 
+from shared import metrics
 from shared.bus import BusError, KvMirror
 from shared.messages import WorkerState
 from shared.policy.cluster import live_workers
@@ -21,6 +22,7 @@ def run_service(run: Callable[[asyncio.Event], Awaitable[None]], service: str, s
     """Run ``run(stop)`` until it returns; ``stop`` is set by SIGINT or SIGTERM."""
     configure_logging(settings.log_level)
     setup_tracing(service, settings.otlp_endpoint)
+    metrics.serve(settings.metrics_host, settings.metrics_port)
 
     async def _main() -> None:
         stop = asyncio.Event()

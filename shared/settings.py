@@ -48,6 +48,10 @@ class CommonSettings(NatsSettings):
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     heartbeat_interval_s: float = Field(1.0, gt=0, description="how often workers publish their state")
     heartbeat_timeout_s: float = Field(5.0, gt=0, description="a worker silent this long is gone")
+    metrics_port: int = Field(0, ge=0, le=65535, description="placement, the orchestrator and the forecaster serve "
+                              "Prometheus /metrics (warmserve_dead_letters_total) on this port; 0: none. The "
+                              "gateway serves its /metrics on its own HTTP port")
+    metrics_host: str = Field("127.0.0.1", description="listen address of WARMSERVE_METRICS_PORT (0.0.0.0 in containers)")
 
     @field_validator("log_level")
     @classmethod

@@ -147,8 +147,16 @@ FORECAST_ADMIN = Subject(
     reply=m.AdminReply, publishers=(OPERATOR,), subscribers=(FORECASTER,),
 )
 
+DEAD_LETTER = Subject(
+    "warmserve.deadletter.{service}", m.DeadLetter, Durability.STREAM,
+    "A message a service's durable consumer gave up on (data it can never store, or failing past its delivery "
+    "limit), with the error; for an operator to read (`warmserve deadletters`) and publish again once fixed.",
+    publishers=(FORECASTER, PLACEMENT, ORCHESTRATOR), readers=(OPERATOR,),
+)
+
 SUBJECTS: tuple[Subject, ...] = (
     INFER, CANCEL, SCALE, WORKER_CMD, WORKER_EVENT, DEMAND, FORECAST, PLACEMENT_PLAN, ADMIN, FORECAST_ADMIN,
+    DEAD_LETTER,
 )
 
 
@@ -167,6 +175,8 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec("WARMSERVE_FORECAST", (FORECAST.wildcard, PLACEMENT_PLAN.pattern), 24 * 3600,
                "forecasts and placement plans"),
     StreamSpec("WARMSERVE_EVENTS", (WORKER_EVENT.wildcard,), 7 * 24 * 3600, "worker lifecycle events"),
+    StreamSpec("WARMSERVE_DEADLETTER", (DEAD_LETTER.wildcard,), 30 * 24 * 3600,
+               "messages durable consumers gave up on, with the error"),
 )
 
 

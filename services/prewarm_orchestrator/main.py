@@ -7,6 +7,7 @@ import logging
 import time
 
 from nats.js.api import DeliverPolicy
+from psycopg.errors import ForeignKeyViolation
 from sqlalchemy.exc import IntegrityError
 
 from services.prewarm_orchestrator.core import Command, OrchestratorConfig, OrchestratorCore
@@ -166,17 +167,19 @@ class Orchestrator:
                           instance_id=result.instance_id, seconds=time.monotonic() - started)
 
     async def on_event(self, event: WorkerEvent, msg) -> None:
-        """Worker events -> Postgres, acknowledged only once stored."""
+        """Worker events -> Postgres, acknowledged only once stored. A failure is raised to ``bus.consume``,
+        which retries it (Postgres away) or moves the event to the dead-letter stream (it cannot be stored)."""
         try:
             async with self.sessions() as session:
                 await repo.record_event(session, event)
                 await session.commit()
-            await msg.ack()
-        except IntegrityError:  # the model left the catalog since
-            await msg.term()
-        except Exception as exc:  # Postgres away: leave it unacked, JetStream redelivers
-            log.warning("could not store event (%s); will retry", brief(exc))
-            await msg.nak(delay=2.0)
+        except IntegrityError as exc:
+            if not isinstance(exc.orig, ForeignKeyViolation):
+                raise
+            log.info("dropping an event of %s: the model left the catalog since", event.model)
+            await msg.term()  # its history went with it (on delete cascade)
+            return
+        await msg.ack()
 
     async def touch_workers(self) -> None:
         while True:

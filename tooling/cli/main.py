@@ -244,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     from tooling.cli import forecast
 
     forecast.add_parser(sub)
+
+    from tooling.cli import deadletters
+
+    deadletters.add_parser(sub)
     return p
 
 
