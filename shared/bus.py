@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from shared import deadletter
 from shared.messages import BusMessage
+from shared.policy.cluster import silence
 from shared.settings import NatsSettings
 from shared.subjects import BUCKETS, STREAMS, BucketSpec
 from shared.telemetry import inject_headers
@@ -430,7 +431,7 @@ class KvMirror(Generic[M]):
 
     def __init__(self, kv: KeyValue, value_type: type[M],
                  on_change: Callable[[], Awaitable[None] | None] | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, expire_after_s: float | None = None):
         self._kv = kv
         self._type = value_type
         self._on_change = on_change
@@ -441,6 +442,13 @@ class KvMirror(Generic[M]):
         self._blind: list[tuple[float, float]] = []
         self._blind_since: float | None = None  # the watch is down since then (None: watching)
         self._resumed_at = float("inf")  # when the current watch's snapshot was read
+
+    ``seen_at[key]`` is when the current value was written as this reader knows it, on the reader's own
+    clock: its receipt time for a live update, the server's timestamp for one read from the store (a
+    snapshot). Liveness is judged on it, never on a time the writer put in its value (a writer's clock may
+    be off). An entry silent for longer than ``expire_after_s`` while the mirror watched (default: the
+    bucket's TTL, after which the server has dropped it from the store too; expiry sends watchers nothing)
+    is dropped, so entries of writers that went away (ephemeral worker ids) do not pile up in every mirror.
         self._heard_at: dict[str, float] = {}  # key -> when its latest live update arrived
 
     def blind(self, now: float | None = None) -> list[tuple[float, float]]:
@@ -452,9 +460,14 @@ class KvMirror(Generic[M]):
     def heard_since_resume(self, key: str) -> bool:
         return self._heard_at.get(key, float("-inf")) >= self._resumed_at
 
+        if expire_after_s is None:
+            expire_after_s = next((b.ttl_s for b in BUCKETS if b.name == getattr(kv, "_name", None)), None)
+        self.expire_after_s = expire_after_s
     def _went_blind(self) -> None:
+        self.seen_at: dict[str, float] = {}
         if self._blind_since is None and self.ready.is_set():
             self._blind_since = self._clock()
+        self._expiry: asyncio.Task | None = None
 
     def _resumed(self) -> None:
         now = self._clock()
@@ -469,9 +482,35 @@ class KvMirror(Generic[M]):
 
     async def stop(self, timeout_s: float = 3.0) -> None:
         """Stop watching; bounded, so a slow or absent server cannot stall a service's shutdown."""
-        if self._task:
-            self._task.cancel()
-            await asyncio.wait([self._task], timeout=timeout_s)
+    def prune(self, now: float | None = None) -> list[str]:
+        """Drop the entries silent for longer than ``expire_after_s`` (the mirror's outages not counted);
+        returns their keys."""
+        if not self.expire_after_s:
+            return []
+        now = self._clock() if now is None else now
+        blind = self.blind(now)
+        gone = [k for k, t in self.seen_at.items() if silence(t, now, blind) > self.expire_after_s]
+        for key in gone:
+            self._forget(key)
+        return gone
+
+    def _forget(self, key: str) -> None:
+        self.items.pop(key, None)
+        self.seen_at.pop(key, None)
+        self._heard_at.pop(key, None)
+
+    async def _expire(self) -> None:
+        every = min(self.expire_after_s / 4, 5.0)
+        while True:
+            await asyncio.sleep(every)
+            if self.prune():
+                await self._changed()
+
+        tasks = [t for t in (self._task, self._expiry) if t is not None]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
 
     async def _run(self) -> None:
         nc = getattr(getattr(self._kv, "_js", None), "_nc", None)  # the connection the bucket was opened on
@@ -482,23 +521,27 @@ class KvMirror(Generic[M]):
                 if nc is not None:
                     watchdog = asyncio.create_task(_stop_on_reconnect(watcher, nc, self._went_blind))
                 fresh: dict[str, M] = {}
+        if self.expire_after_s:
+            self._expiry = asyncio.create_task(self._expire(), name=f"kv-expiry-{self._type.__name__}")
                 initial = True
                 async for entry in watcher:
                     if entry is None:  # end of the initial snapshot
                         initial = False
-                        self.items = fresh
+                        self.items, self.seen_at = fresh, fresh_seen
+                        self._heard_at = {k: t for k, t in self._heard_at.items() if k in fresh}
                         self._resumed()
                         self.ready.set()
                         await self._changed()
                         continue
                     if not initial:
-                        self._heard_at[entry.key] = self._clock()
-                    target = fresh if initial else self.items
+                        self._heard_at[entry.key] = now
+                    target, seen = (fresh, fresh_seen) if initial else (self.items, self.seen_at)
                     if entry.operation in ("DEL", "PURGE") or not entry.value:
                         target.pop(entry.key, None)
                     else:
                         try:
                             target[entry.key] = self._type.decode(entry.value)
+                fresh_seen: dict[str, float] = {}
                         except ValueError as exc:
                             log.warning("skipping bad %s value for %s: %s", self._type.__name__, entry.key, exc)
                             continue
@@ -508,17 +551,23 @@ class KvMirror(Generic[M]):
                 raise
             except Exception as exc:  # reconnects, consumer loss: start a fresh watch
                 self._went_blind()
+                    now = self._clock()
                 log.warning("KV watch on %s interrupted (%s); rewatching", self._type.__name__, exc)
                 await asyncio.sleep(0.5)
             finally:
                 if watchdog is not None:
                     watchdog.cancel()
+                        seen.pop(entry.key, None)
+                        self._heard_at.pop(entry.key, None)
                 if watcher is not None:
                     try:
                         await asyncio.wait_for(watcher.stop(), 2.0)
                     except (Exception, asyncio.CancelledError):
                         pass
 
+                        # from the store: when the server stored it (never later than now); live: now
+                        stored = getattr(entry.created, "timestamp", None)
+                        seen[entry.key] = min(stored(), now) if initial and stored else now
     async def _changed(self) -> None:
         if self._on_change is not None:
             result = self._on_change()

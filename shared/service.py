@@ -55,8 +55,9 @@ def brief(exc: BaseException) -> str:
 
 def seen_workers(mirror: KvMirror[WorkerState], timeout_s: float, *, reachable: bool = False) -> list[WorkerState]:
     """The live workers in a mirror of the workers bucket, the mirror's own outages not counted as their
-    silence (a NATS restart does not make every worker look gone to whoever reconnects first).
+    silence (a NATS restart does not make every worker look gone to whoever reconnects first), and each
+    worker's silence counted from when the mirror saw its state (on this reader's clock, not the worker's).
     ``reachable``: only those heard since the mirror's watch resumed, the ones a command can reach now."""
     now = time.time()
-    live = live_workers(mirror.items.values(), now, timeout_s, mirror.blind(now))
+    live = live_workers(mirror.items.values(), now, timeout_s, mirror.blind(now), mirror.seen_at)
     return [w for w in live if mirror.heard_since_resume(w.worker_id)] if reachable else live

@@ -26,7 +26,9 @@ class RoutingTable:
         return self.catalog.ready.is_set() and self.workers.ready.is_set()
 
     def live(self) -> list[WorkerState]:
-        return live_workers(self.workers.items.values(), time.time(), self.heartbeat_timeout_s)
+        # silence counted from when this gateway saw each state, never from the worker's clock
+        return live_workers(self.workers.items.values(), time.time(), self.heartbeat_timeout_s,
+                            seen_at=self.workers.seen_at)
 
     def model(self, slug: str) -> ModelSpec:
         spec = self.catalog.items.get(slug)

@@ -8,24 +8,36 @@ heartbeats (``ClusterView.from_workers``), the simulator from its own state; the
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 from shared.messages import CopyState, Outcome, WorkerState
 
 
-def live_workers(states: Iterable[WorkerState], now_s: float, timeout_s: float,
-                 blind: Sequence[tuple[float, float]] = ()) -> list[WorkerState]:
-    """Workers silent for at most ``timeout_s``, sorted by id for determinism.
-
-    Silence is counted only while the reader could see: time inside ``blind`` (the reader's own outages,
-    a NATS restart) is not held against a worker, so a worker that had no way to be heard does not
+def silence(seen_s: float, now_s: float, blind: Sequence[tuple[float, float]] = ()) -> float:
+    """Seconds since ``seen_s`` that the reader could have heard a writer: time inside ``blind`` (the
+    reader's own outages, a NATS restart) does not count, so a writer that had no way to be heard does not
     count as gone, and a plan is not moved off it, because the reader was away."""
-    def silence(hb: float) -> float:
-        unseen = sum(max(0.0, min(end, now_s) - max(start, hb)) for start, end in blind)
-        return now_s - hb - unseen
-    return sorted((w for w in states if silence(w.heartbeat_at_s) <= timeout_s), key=lambda w: w.worker_id)
+    unseen = sum(max(0.0, min(end, now_s) - max(start, seen_s)) for start, end in blind)
+    return now_s - seen_s - unseen
+
+
+def live_workers(states: Iterable[WorkerState], now_s: float, timeout_s: float,
+                 blind: Sequence[tuple[float, float]] = (),
+                 seen_at: Mapping[str, float] | None = None) -> list[WorkerState]:
+    """Workers silent for at most ``timeout_s`` (``silence``), sorted by id for determinism.
+
+    ``seen_at``: when the reader saw each worker's latest state (by worker id), on the reader's clock (the
+    KV mirror's receipt time, or the server's timestamp for a state read from the store), never the
+    worker's own ``heartbeat_at_s``: a worker whose clock runs behind would be invisible, one ahead never
+    declared dead. A worker missing from it has not been seen. Without it (states on one clock: the
+    simulator, hand-built tests) the states' own heartbeat times count."""
+    def seen(w: WorkerState) -> float:
+        if seen_at is None:
+            return w.heartbeat_at_s
+        return seen_at.get(w.worker_id, float("-inf"))
+    return sorted((w for w in states if silence(seen(w), now_s, blind) <= timeout_s), key=lambda w: w.worker_id)
 
 
 @dataclass(frozen=True)

@@ -169,3 +169,33 @@ def test_scale_up_needs_room_for_the_kv_cache_too():
     w = worker("w1", budget=5 * GB).model_copy(update={"kv_cache_bytes": 2 * GB})
     assert choose_worker(m, [w]) is None  # weights fit, weights + KV do not
     assert choose_worker(m, [w.model_copy(update={"kv_cache_bytes": 0})]).worker_id == "w1"
+
+
+def test_live_workers_count_silence_from_when_the_reader_saw_each_state_not_the_workers_clock():
+    ws = [worker("behind", hb=40.0), worker("ahead", hb=160.0), worker("unseen", hb=100.0)]
+    seen = {"behind": 99.0, "ahead": 90.0}  # the reader's receipt times
+    assert [w.worker_id for w in live_workers(ws, now_s=100.0, timeout_s=5.0, seen_at=seen)] == ["behind"]
+    assert live_workers(ws, now_s=100.0, timeout_s=5.0, seen_at=seen, blind=[(90.0, 100.0)])[0].worker_id == "ahead"
+
+
+def test_a_kv_mirror_forgets_entries_silent_past_its_expiry_but_not_for_its_own_outages():
+    from types import SimpleNamespace
+
+    from shared.bus import KvMirror
+    from shared.subjects import WORKERS_BUCKET
+
+    now = [100.0]
+    m = KvMirror(SimpleNamespace(_name=WORKERS_BUCKET.name), WorkerState, clock=lambda: now[0])
+    assert m.expire_after_s == WORKERS_BUCKET.ttl_s  # the bucket's own TTL by default
+    m.expire_after_s = 10.0
+    m.ready.set()
+    m.items = {"gone": worker("gone"), "here": worker("here")}
+    m.seen_at = {"gone": 80.0, "here": 99.0}
+    m._went_blind()  # the mirror loses its watch at 100 for 30 s: nobody's silence grows meanwhile
+    now[0] = 130.0
+    assert m.prune() == ["gone"] and set(m.items) == {"here"}  # 20 s silent before the outage
+    m._resumed()
+    now[0] = 139.0
+    assert m.prune() == [] and set(m.items) == {"here"}  # 1 + 9 s seen silent
+    now[0] = 141.0
+    assert m.prune() == ["here"] and m.items == {} and m.seen_at == {}

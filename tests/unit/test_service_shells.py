@@ -87,7 +87,8 @@ def orchestrator(nc, workers, catalog) -> Orchestrator:
     o.nc = nc
     # a workers mirror that never lost its watch and has heard every worker since
     o.workers = SimpleNamespace(items={w.worker_id: w for w in workers}, blind=lambda now=None: [],
-                                heard_since_resume=lambda key: True)
+                                heard_since_resume=lambda key: True,
+                                seen_at={w.worker_id: w.heartbeat_at_s for w in workers})  # as if seen then
     o.catalog = SimpleNamespace(items={m.slug: m for m in catalog})
     o.operator = SimpleNamespace(items={})
     o.plan = SimpleNamespace(items={})
