@@ -81,6 +81,10 @@ class GatewaySettings(CommonSettings):
     first_token_timeout_s: float = Field(60.0, gt=0, description="wait for a worker's first chunk")
     inter_token_timeout_s: float = Field(30.0, gt=0, description="longest silence between chunks")
     demand_interval_s: float = Field(1.0, gt=0, description="how often arrivals are published")
+    demand_buffer_samples: int = Field(36_000, ge=0, description="demand samples (one per model and interval) kept "
+                                       "while NATS is away and published once it is back; beyond this the oldest "
+                                       "are dropped (warmserve_demand_samples_dropped_total) and forecasts "
+                                       "undercount that demand")
     queue_wait_s: float = Field(60.0, gt=0, description="longest a request waits for an instance "
                                                         "(a cold start included) before a 503")
     queue_size: int = Field(256, ge=0, description="requests that may wait per model; more get a 503")
@@ -150,6 +154,9 @@ class ForecasterSettings(DatabaseSettings):
                                   description="candidate methods, comma-separated (see docs/forecasting.md)")
     close_grace_s: float = Field(2.0, ge=0, description="demand samples for a window are accepted this long after it ends")
     retry_interval_s: float = Field(10.0, gt=0, description="pending history writes are retried (and new models get a first forecast) this often")
+    outage_grace_s: float = Field(10.0, ge=0, description="after the forecaster was cut off from NATS, no window "
+                                  "closes until this long after it is back: gateways publish the demand samples "
+                                  "they kept meanwhile, and they are counted in their windows")
 
 
 class PlacementSettings(DatabaseSettings):

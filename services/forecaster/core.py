@@ -7,11 +7,16 @@ of pending writes); ``due`` whether a round is owed. The next boundary is kept a
 window no longer than the retry interval cannot be stepped over. A round closes every finished window
 (idle ones as zero), feeds them to the forecasters, forgets models that left the catalog and returns the
 closed windows and the new forecasts as data, for the shell to store and publish. Time is passed in.
+
+While the shell is cut off from NATS, gateways keep their samples and publish them once it is back
+(``services/gateway/demand.py``); so no round runs from the start of such an outage until
+``outage_grace_s`` after its end (the shell passes the intervals it could not see the bus as ``blind``), and
+the windows of the outage are closed with those samples in them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from services.forecaster.windows import WindowBook
@@ -26,6 +31,7 @@ class ForecastRoundConfig:
     close_grace_s: float = 2.0  # samples for a window are accepted this long after it ends
     retry_interval_s: float = 10.0  # the shell wakes at least this often between rounds
     startup_backtest_windows: int = 12  # windows replayed at (re)build so method selection survives a restart
+    outage_grace_s: float = 10.0  # rounds wait this long after an outage of the bus, for buffered samples
 
 
 @dataclass(frozen=True)
@@ -86,14 +92,24 @@ class ForecastCore:
 
     # ---- when --------------------------------------------------------------------------------------------
 
-    def due(self, now_s: float) -> bool:
-        return self.next_round_s is None or now_s >= self.next_round_s
+    def held_until(self, now_s: float, blind: Iterable[tuple[float, float]] = ()) -> float | None:
+        """Until when rounds wait after the shell's outages of the bus (``blind``: (start, end) intervals, an
+        ongoing one ending now): ``outage_grace_s`` after the latest end. None: no round waits."""
+        ends = [end + self.config.outage_grace_s for _, end in blind if end + self.config.outage_grace_s > now_s]
+        return max(ends, default=None)
 
-    def wake_at(self, now_s: float) -> float:
-        """When the shell should look again: the next boundary, or a retry interval from now if sooner."""
-        if self.next_round_s is None:
-            return now_s
-        return min(self.next_round_s, now_s + self.config.retry_interval_s)
+    def due(self, now_s: float, blind: Iterable[tuple[float, float]] = ()) -> bool:
+        owed = self.next_round_s is None or now_s >= self.next_round_s
+        return owed and self.held_until(now_s, blind) is None
+
+    def wake_at(self, now_s: float, blind: Iterable[tuple[float, float]] = ()) -> float:
+        """When the shell should look again: the next boundary (or the end of a hold after an outage, if a
+        round is owed by then), or a retry interval from now if sooner."""
+        at = now_s if self.next_round_s is None else self.next_round_s
+        held = self.held_until(now_s, blind)
+        if held is not None:
+            at = max(at, held)
+        return min(at, now_s + self.config.retry_interval_s)
 
     # ---- what ---------------------------------------------------------------------------------------------
 

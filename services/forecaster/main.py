@@ -44,7 +44,8 @@ class Forecaster:
         self.config = forecast_config(settings)
         self.core = ForecastCore(ForecastRoundConfig(
             forecast=self.config, window_s=settings.window_s, close_grace_s=settings.close_grace_s,
-            retry_interval_s=settings.retry_interval_s, startup_backtest_windows=settings.startup_backtest_windows))
+            retry_interval_s=settings.retry_interval_s, startup_backtest_windows=settings.startup_backtest_windows,
+            outage_grace_s=settings.outage_grace_s))
         self.outbox = Outbox.empty()
         self.caught_up = asyncio.Event()
         self.busy = asyncio.Lock()  # rounds, imports and reloads take turns with the forecasters
@@ -74,6 +75,11 @@ class Forecaster:
         return {}
 
     # ---- the round at every window boundary --------------------------------------------------------
+
+    def blind(self) -> list[tuple[float, float]]:
+        """When this forecaster could not see the bus (its catalog mirror's outages): the gateways' samples
+        of those intervals arrive late, so rounds wait for them (``ForecastCore.due``)."""
+        return self.catalog.blind()
 
     async def round(self, now: float) -> None:
         async with self.busy:
@@ -163,7 +169,7 @@ class Forecaster:
             await pause(stop, 0.2)
         while not stop.is_set():  # the first round (windows closed while we were away), then one per boundary
             try:
-                if self.core.due(time.time()):
+                if self.core.due(time.time(), self.blind()):
                     await self.round(time.time())
                 else:
                     await self.first_forecasts()
@@ -171,7 +177,7 @@ class Forecaster:
             except Exception as exc:  # a round that keeps failing is retried, never in a tight loop
                 log.warning("forecast round failed: %s", brief(exc))
                 await pause(stop, 1.0)
-            await pause(stop, max(0.0, self.core.wake_at(time.time()) - time.time()))
+            await pause(stop, max(0.0, self.core.wake_at(time.time(), self.blind()) - time.time()))
         await admin.unsubscribe()
         consumer.cancel()
         await asyncio.wait([consumer], timeout=3)

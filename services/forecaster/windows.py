@@ -14,6 +14,7 @@ class _Open:
     area: float = 0.0  # integral of concurrency over time, summed over gateways
     arrivals: int = 0
     peak_by_second: dict[int, float] = field(default_factory=lambda: defaultdict(float))
+    seen: set[tuple[str, int]] = field(default_factory=set)  # (gateway, start in ms) of the samples counted
 
 
 class WindowBook:
@@ -21,7 +22,8 @@ class WindowBook:
 
     Every window of a model that has been seen is closed in order, idle ones as zero, so a model
     that goes quiet is forecast down instead of keeping its last busy value. Samples that arrive
-    for an already closed window are counted in ``late`` and dropped.
+    for an already closed window are counted in ``late`` and dropped, and a sample counted already (a
+    gateway's retry after an outage, a redelivery) in ``duplicates``.
     """
 
     def __init__(self, window_s: float, keep: int = 7 * 288):
@@ -30,6 +32,7 @@ class WindowBook:
         self.open: dict[tuple[str, float], _Open] = {}
         self.next_start: dict[str, float] = {}  # model -> first window not closed yet
         self.late = 0
+        self.duplicates = 0
 
     def resume(self, model: str, next_start_s: float) -> None:
         """Windows before ``next_start_s`` are already closed (and stored): samples for them are late."""
@@ -49,6 +52,11 @@ class WindowBook:
             self.late += 1
             return
         w = self.open.setdefault((s.model, start), _Open())
+        key = (s.gateway_id, round(s.start_s * 1000))
+        if key in w.seen:
+            self.duplicates += 1
+            return
+        w.seen.add(key)
         w.area += s.concurrency_avg * s.interval_s
         w.arrivals += s.arrivals
         w.peak_by_second[int(s.start_s)] += s.concurrency_peak  # gateways' peaks add up within a second

@@ -49,7 +49,9 @@ class Gateway:
     def __init__(self, settings: GatewaySettings):
         self.settings = settings
         self.metrics = GatewayMetrics()
-        self.demand = DemandPublisher(settings.gateway_id, settings.demand_interval_s)
+        self.demand = DemandPublisher(settings.gateway_id, settings.demand_interval_s,
+                                      buffer_max=settings.demand_buffer_samples, on_drop=self.metrics.demand_dropped.inc)
+        self.metrics.demand_buffered.set_function(lambda: len(self.demand.pending))
         self.tracer = trace.get_tracer("warmserve.gateway")
         self.buckets: dict[str, TokenBucket] = {}
         self.key_slots = KeySlots(settings.key_max_concurrency)
@@ -70,7 +72,7 @@ class Gateway:
         self.table = RoutingTable(self.catalog, self.workers, s.heartbeat_timeout_s, core)
         self.admission = Admission(self.table, self._scale, core, wait_s=s.queue_wait_s,
                                    on_queue_change=lambda m, n: self.metrics.queue_depth.labels(m).set(n))
-        self._demand_task = asyncio.create_task(self.demand.run(self.js))
+        self._demand_task = asyncio.create_task(self.demand.run(self.js, lambda: self.nc.is_connected))
 
     @property
     def body_limit(self) -> int:

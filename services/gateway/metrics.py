@@ -21,3 +21,8 @@ class GatewayMetrics:
                                registry=self.registry)
         self.queue_depth = Gauge("warmserve_queue_depth", "Requests waiting for an instance", ["model"],
                                  registry=self.registry)
+        self.demand_buffered = Gauge("warmserve_demand_samples_buffered", "Demand samples waiting for NATS",
+                                     registry=self.registry)
+        self.demand_dropped = Counter("warmserve_demand_samples_dropped", "Demand samples dropped because the "
+                                      "buffer was full while NATS was away (forecasts undercount that demand)",
+                                      registry=self.registry)

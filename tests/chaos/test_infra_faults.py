@@ -77,12 +77,21 @@ def test_nats_restart_every_service_reconnects_and_state_survives(cluster):
     before = asyncio.run(stream_counts(cluster["nats_url"]))
     server = next(p for p in psutil.Process(up.proc.pid).children() if "nats-server" in p.name())
     args, port = server.cmdline(), int(cluster["nats_url"].rsplit(":", 1)[1])
+    window = WINDOW_S * (time.time() // WINDOW_S + 1)  # the outage's window: no request of this test before it
+    time.sleep(window - time.time())
     # a pin is sent, and NATS goes away while its prewarm command may be in flight
     assert cli(env, "prewarm", "pin", "after-nats", "--copies", "1").returncode == 0
     server.terminate()
     until(lambda: not server.is_running() or server.status() == psutil.STATUS_ZOMBIE, timeout=15,
           what="nats-server stopped")  # the supervisor reaps it only when the cluster stops
-    time.sleep(3)
+    stopped_at = time.time()
+    while time.time() > window + WINDOW_S - 4:  # too late to send much in this window: the next one
+        window += WINDOW_S
+    # demand while NATS is away, all of it in one window (a gateway's sample starts up to a second before its
+    # requests): the gateway keeps it, and the forecaster, cut off too, counts it once NATS is back
+    sent = send_requests(cluster, start_s=window + 2, end_s=window + WINDOW_S - 2)
+    # still away when that window is due to close (its end plus the forecaster's 2 s grace)
+    time.sleep(max(stopped_at + 3, window + WINDOW_S + 3) - time.time())
     restarted = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert wait_port(port, 15, proc=restarted)
@@ -106,10 +115,35 @@ def test_nats_restart_every_service_reconnects_and_state_survives(cluster):
                         "where model = 'after-nats' order by at")
         assert len(prewarm_loads(cluster, "after-nats")) == 1, history  # applied once, not lost
         assert sum(m.get("after-nats") == "prewarmed" for m in workers(env).values()) == 1
+        # the windows around the outage are stored, none missing, and the outage's holds every request sent in it
+        around = [window - WINDOW_S, window, window + WINDOW_S]
+
+        def windows_stored():
+            rows = dict(query(cluster["database_url"], "select extract(epoch from window_start)::float, arrivals "
+                              "from observed_load where model = 'tiny-llama' and window_start >= to_timestamp(:a) "
+                              "and window_start <= to_timestamp(:b)", a=around[0], b=around[-1]))
+            return rows if len(rows) == len(around) else None
+        rows = until(windows_stored, timeout=60, what=f"the windows {around} stored")
+        assert rows[window] == sent, (rows, sent)
     finally:
         cli(env, "prewarm", "unpin", "after-nats")
         # the supervisor's nats-server is gone; this one now serves the cluster until the module ends
         cluster["extra_procs"].append(restarted)
+
+
+WINDOW_S = 10  # the cluster's forecast window (WARMSERVE_WINDOW_S)
+
+
+def send_requests(cluster, start_s: float, end_s: float) -> int:
+    """Requests to tiny-llama sent every half second from ``start_s`` to ``end_s``, each in a thread of its own
+    (they may wait for NATS, or end with a clear error): how many were sent."""
+    time.sleep(max(start_s - time.time(), 0))
+    sent = 0
+    while time.time() < end_s:
+        threading.Thread(target=_chat_or_none, args=(cluster,), daemon=True).start()
+        sent += 1
+        time.sleep(0.5)
+    return sent
 
 
 def _chat_or_none(cluster):

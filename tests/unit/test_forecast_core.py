@@ -66,3 +66,36 @@ def test_rebuild_replays_stored_history_with_gaps_as_zero_and_resumes_after_it()
     assert c.book.next_start == {"a": 40.0} and len(c.series["a"].peak.history) == 4
     [fc] = c.forecast(["a"], now_s=41.0)
     assert fc.window_start_s == 40.0 and fc.history_windows == 4 and fc.predicted_peak > 0
+
+
+def test_windows_of_a_bus_outage_wait_for_the_samples_gateways_kept_and_count_them():
+    """The forecaster cut off from NATS 108-125 s (so was every gateway): the round owed at 112 waits until
+    the outage grace after the end has passed, and the samples the gateway publishes on reconnect, with their
+    own timestamps, are counted in their windows instead of being late."""
+    c = core(window_s=10.0, grace_s=2.0)
+    c.book.resume("a", 100.0)
+    c.round(100.5, catalog=["a"])
+    c.add(sample("a", 105.0, arrivals=1))
+    outage = (108.0, 125.0)
+    for now in (112.0, 118.0):  # under way: it ends "now"
+        assert not c.due(now, [(outage[0], now)]) and c.wake_at(now, [(outage[0], now)]) == now + 10.0
+    after = [outage]
+    assert not c.due(126.0, after) and c.wake_at(126.0, after) == 135.0  # the grace after the outage
+    for t in range(108, 126):  # the gateway's buffer, published on reconnect
+        c.add(sample("a", float(t), arrivals=2))
+    assert c.due(135.0, after)
+    closed = {o.start_s: o.arrivals for _, o in c.round(135.0, ["a"]).closed}
+    assert closed == {100.0: 1 + 2 * 2, 110.0: 2 * 10, 120.0: 2 * 6}
+    assert c.book.late == 0
+    assert c.due(142.0, after)  # an outage long past holds nothing
+
+
+def test_a_sample_counted_once_however_often_it_arrives():
+    """A gateway's retry after an outage, or a redelivery, brings a sample the window has already counted."""
+    c = core()
+    c.book.resume("a", 100.0)
+    for _ in range(3):
+        c.add(sample("a", 101.0, arrivals=4))
+    c.add(sample("a", 101.0, arrivals=1, gateway="gw-2"))  # another gateway's, the same second
+    [(_, obs)] = c.round(112.5, ["a"]).closed
+    assert obs.arrivals == 5 and c.book.duplicates == 2
