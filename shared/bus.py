@@ -425,6 +425,13 @@ class KvMirror(Generic[M]):
     says whether ``key`` was written after the current watch began, which proves its writer is connected
     to the server this reader now talks to (and, its subscriptions being restored before its writes,
     can be sent requests).
+
+    ``seen_at[key]`` is when the current value was written as this reader knows it, on the reader's own
+    clock: its receipt time for a live update, the server's timestamp for one read from the store (a
+    snapshot). Liveness is judged on it, never on a time the writer put in its value (a writer's clock may
+    be off). An entry silent for longer than ``expire_after_s`` while the mirror watched (default: the
+    bucket's TTL, after which the server has dropped it from the store too; expiry sends watchers nothing)
+    is dropped, so entries of writers that went away (ephemeral worker ids) do not pile up in every mirror.
     """
 
     MAX_BLIND_INTERVALS = 64  # older outages no longer matter to anyone's heartbeat
@@ -436,19 +443,17 @@ class KvMirror(Generic[M]):
         self._type = value_type
         self._on_change = on_change
         self._clock = clock
+        if expire_after_s is None:
+            expire_after_s = next((b.ttl_s for b in BUCKETS if b.name == getattr(kv, "_name", None)), None)
+        self.expire_after_s = expire_after_s
         self.items: dict[str, M] = {}
+        self.seen_at: dict[str, float] = {}
         self.ready = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._expiry: asyncio.Task | None = None
         self._blind: list[tuple[float, float]] = []
         self._blind_since: float | None = None  # the watch is down since then (None: watching)
         self._resumed_at = float("inf")  # when the current watch's snapshot was read
-
-    ``seen_at[key]`` is when the current value was written as this reader knows it, on the reader's own
-    clock: its receipt time for a live update, the server's timestamp for one read from the store (a
-    snapshot). Liveness is judged on it, never on a time the writer put in its value (a writer's clock may
-    be off). An entry silent for longer than ``expire_after_s`` while the mirror watched (default: the
-    bucket's TTL, after which the server has dropped it from the store too; expiry sends watchers nothing)
-    is dropped, so entries of writers that went away (ephemeral worker ids) do not pile up in every mirror.
         self._heard_at: dict[str, float] = {}  # key -> when its latest live update arrived
 
     def blind(self, now: float | None = None) -> list[tuple[float, float]]:
@@ -460,28 +465,6 @@ class KvMirror(Generic[M]):
     def heard_since_resume(self, key: str) -> bool:
         return self._heard_at.get(key, float("-inf")) >= self._resumed_at
 
-        if expire_after_s is None:
-            expire_after_s = next((b.ttl_s for b in BUCKETS if b.name == getattr(kv, "_name", None)), None)
-        self.expire_after_s = expire_after_s
-    def _went_blind(self) -> None:
-        self.seen_at: dict[str, float] = {}
-        if self._blind_since is None and self.ready.is_set():
-            self._blind_since = self._clock()
-        self._expiry: asyncio.Task | None = None
-
-    def _resumed(self) -> None:
-        now = self._clock()
-        if self._blind_since is not None:
-            self._blind = [*self._blind, (self._blind_since, now)][-self.MAX_BLIND_INTERVALS:]
-            self._blind_since = None
-        self._resumed_at = now
-
-    def start(self) -> KvMirror[M]:
-        self._task = asyncio.create_task(self._run(), name=f"kv-mirror-{self._type.__name__}")
-        return self
-
-    async def stop(self, timeout_s: float = 3.0) -> None:
-        """Stop watching; bounded, so a slow or absent server cannot stall a service's shutdown."""
     def prune(self, now: float | None = None) -> list[str]:
         """Drop the entries silent for longer than ``expire_after_s`` (the mirror's outages not counted);
         returns their keys."""
@@ -506,6 +489,25 @@ class KvMirror(Generic[M]):
             if self.prune():
                 await self._changed()
 
+    def _went_blind(self) -> None:
+        if self._blind_since is None and self.ready.is_set():
+            self._blind_since = self._clock()
+
+    def _resumed(self) -> None:
+        now = self._clock()
+        if self._blind_since is not None:
+            self._blind = [*self._blind, (self._blind_since, now)][-self.MAX_BLIND_INTERVALS:]
+            self._blind_since = None
+        self._resumed_at = now
+
+    def start(self) -> KvMirror[M]:
+        self._task = asyncio.create_task(self._run(), name=f"kv-mirror-{self._type.__name__}")
+        if self.expire_after_s:
+            self._expiry = asyncio.create_task(self._expire(), name=f"kv-expiry-{self._type.__name__}")
+        return self
+
+    async def stop(self, timeout_s: float = 3.0) -> None:
+        """Stop watching; bounded, so a slow or absent server cannot stall a service's shutdown."""
         tasks = [t for t in (self._task, self._expiry) if t is not None]
         for t in tasks:
             t.cancel()
@@ -521,8 +523,7 @@ class KvMirror(Generic[M]):
                 if nc is not None:
                     watchdog = asyncio.create_task(_stop_on_reconnect(watcher, nc, self._went_blind))
                 fresh: dict[str, M] = {}
-        if self.expire_after_s:
-            self._expiry = asyncio.create_task(self._expire(), name=f"kv-expiry-{self._type.__name__}")
+                fresh_seen: dict[str, float] = {}
                 initial = True
                 async for entry in watcher:
                     if entry is None:  # end of the initial snapshot
@@ -533,41 +534,40 @@ class KvMirror(Generic[M]):
                         self.ready.set()
                         await self._changed()
                         continue
+                    now = self._clock()
                     if not initial:
                         self._heard_at[entry.key] = now
                     target, seen = (fresh, fresh_seen) if initial else (self.items, self.seen_at)
                     if entry.operation in ("DEL", "PURGE") or not entry.value:
                         target.pop(entry.key, None)
+                        seen.pop(entry.key, None)
+                        self._heard_at.pop(entry.key, None)
                     else:
                         try:
                             target[entry.key] = self._type.decode(entry.value)
-                fresh_seen: dict[str, float] = {}
                         except ValueError as exc:
                             log.warning("skipping bad %s value for %s: %s", self._type.__name__, entry.key, exc)
                             continue
+                        # from the store: when the server stored it (never later than now); live: now
+                        stored = getattr(entry.created, "timestamp", None)
+                        seen[entry.key] = min(stored(), now) if initial and stored else now
                     if not initial:
                         await self._changed()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # reconnects, consumer loss: start a fresh watch
                 self._went_blind()
-                    now = self._clock()
                 log.warning("KV watch on %s interrupted (%s); rewatching", self._type.__name__, exc)
                 await asyncio.sleep(0.5)
             finally:
                 if watchdog is not None:
                     watchdog.cancel()
-                        seen.pop(entry.key, None)
-                        self._heard_at.pop(entry.key, None)
                 if watcher is not None:
                     try:
                         await asyncio.wait_for(watcher.stop(), 2.0)
                     except (Exception, asyncio.CancelledError):
                         pass
 
-                        # from the store: when the server stored it (never later than now); live: now
-                        stored = getattr(entry.created, "timestamp", None)
-                        seen[entry.key] = min(stored(), now) if initial and stored else now
     async def _changed(self) -> None:
         if self._on_change is not None:
             result = self._on_change()
