@@ -13,7 +13,7 @@ import psutil
 import pytest
 from openai import OpenAI
 
-from tests.e2e.conftest import ROOT, start_cluster
+from tests.e2e.conftest import ROOT, start_cluster, until
 
 pytestmark = pytest.mark.e2e
 
@@ -118,10 +118,17 @@ def test_rate_limited_and_disabled_keys(cluster):
         slow.models.list()
     assert int(exc.value.response.headers["retry-after"]) >= 1
     assert cli(cluster["env"], "key", "disable", "slow-client").returncode == 0
-    time.sleep(1.5)  # the gateway's key mirror follows within moments
-    with pytest.raises(openai.AuthenticationError) as exc:
-        slow.models.list()
-    assert "disabled" in exc.value.message
+
+    def refused():  # the gateway's key mirror follows within moments (a fixed wait would flake when slow)
+        try:
+            slow.models.list()
+        except openai.AuthenticationError as err:
+            return err
+        except openai.RateLimitError:
+            return None
+        return None
+
+    assert "disabled" in until(refused, timeout=30, every=1.1, what="the disabled key refused").message
     listed = json.loads(cli(cluster["env"], "key", "list").stdout)
     assert any(k["name"] == "slow-client" and k["disabled"] and "key" not in k for k in listed)
 
@@ -146,7 +153,9 @@ def test_worker_killed_mid_stream_ends_the_stream_and_the_next_request_is_served
         victim.kill()
         killed_at = time.monotonic()
         rest = [line for line in lines if line.startswith("data: ")]
-    assert time.monotonic() - killed_at < 10
+    # noticed (the worker's silence: a 3 s heartbeat timeout here), not left to the 30 s inter-token timeout;
+    # the margin is for a loaded machine
+    assert time.monotonic() - killed_at < 20
     assert rest[-1] == "data: [DONE]"
     error = json.loads(rest[-2][6:])["error"]
     assert error["code"] in ("responder_lost", "timeout") and "worker" in error["message"]
