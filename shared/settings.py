@@ -131,6 +131,9 @@ class WorkerSettings(CommonSettings):
     sim_profile: Literal["fast", "a100"] = Field(
         "fast", description="sim engine timings: fast (a small model, for tests and demos) or a100 (7B-70B fp16 "
                             "on an A100 over PCIe, the simulator's constants: 5 s engine start, 60 ms per 1k-token prefill)")
+    sim_engine_start_s: float | None = Field(
+        None, ge=0, description="sim engine: seconds each model load takes before its weights move (engine start), "
+                                "instead of the profile's; long loads let fault tests kill a worker mid-activation")
     idle_copy_policy: Literal["evict", "keep-lru"] = Field(
         "evict", description="prewarmed copies the placement plan does not list: evict (at once; the plan is the only "
                              "reason to hold weights) or keep-lru (kept while memory allows, least recently used "

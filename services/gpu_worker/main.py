@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from nats.aio.msg import Msg
 from pydantic import ValidationError
@@ -12,7 +13,7 @@ from pydantic import ValidationError
 from services.gpu_worker.engines import EngineError, make_engine
 from services.gpu_worker.gpu import Gpu
 from services.gpu_worker.memory import MemoryPool
-from services.gpu_worker.streaming import ChunkCoalescer
+from services.gpu_worker.streaming import ChunkCoalescer, RequesterWatch
 from services.gpu_worker.worker import Worker
 from shared import bus
 from shared.messages import (
@@ -21,27 +22,28 @@ from shared.messages import (
 from shared.settings import WorkerSettings, load_settings
 from shared.subjects import CANCEL, INFER, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET
 from shared.service import brief, run_service
-from shared.telemetry import extract_context, tracer
+from shared.telemetry import extract_context, inject_headers, tracer
 
 log = logging.getLogger("warmserve.gpu_worker")
 
 
 class WorkerService:
-    def __init__(self, settings: WorkerSettings):
+    def __init__(self, settings: WorkerSettings, clock: Callable[[], float] = time.time):
         self.settings = settings
+        self._clock = clock  # this machine's wall clock (readers judge liveness on their own clocks, not this)
         self.gpu = Gpu(settings.device)
         budget = settings.memory_budget_bytes
         if self.gpu.present:
             budget = min(budget, int(self.gpu.total_bytes() * 0.92))
         self.events: asyncio.Queue[WorkerEvent] = asyncio.Queue()
         engine = make_engine(settings.engine, device=settings.device, kv_cache_bytes=settings.kv_cache_bytes,
-                             sim_profile=settings.sim_profile,
+                             sim_profile=settings.sim_profile, sim_engine_start_s=settings.sim_engine_start_s,
                              gpu=self.gpu)
         self.worker = Worker(settings.worker_id, engine, MemoryPool(budget),
                              batch_capacity=settings.batch_capacity,
-                             kv_bytes_per_instance=settings.kv_cache_bytes, emit=self.events.put_nowait,
+                             kv_bytes_per_instance=settings.kv_cache_bytes, emit=self.events.put_nowait, clock=clock,
                              idle_copy_policy=settings.idle_copy_policy)
-        self.started_at = time.time()
+        self.started_at = clock()
         self.tracer = tracer("warmserve.gpu_worker")
         self._tasks: set[asyncio.Task] = set()
         self._requests: dict[str, asyncio.Task] = {}  # request id -> the task generating it
@@ -54,7 +56,7 @@ class WorkerService:
             # memory an engine failed to release counts as weights: it is not free for placement either
             weight_bytes=mem.bytes_of(mem.weights) + mem.bytes_of(mem.stranded), kv_bytes=mem.bytes_of(mem.kv),
             batch_capacity=w.batch_capacity, copies=w.snapshot(), gpu=self.gpu.stats(),
-            heartbeat_at_s=time.time(), started_at_s=self.started_at,
+            heartbeat_at_s=self._clock(), started_at_s=self.started_at,
             reclaimable_bytes=w.reclaimable_bytes(), in_flight=w.in_flight,
             kv_cache_bytes=0 if getattr(w.engine, "kv_allocated_at_load", False) else (w.kv_bytes_per_instance or 0),
         )
@@ -89,9 +91,11 @@ class WorkerService:
         seq = 0
         task = asyncio.current_task()
         self._requests[req.request_id] = task
+        token = self.requesters.start(req.request_id)
         try:
-            await self._generate(msg, req, seq)
+            await self._generate(msg, req, seq, token)
         finally:
+            self.requesters.end(token)
             if self._requests.get(req.request_id) is task:
                 del self._requests[req.request_id]
 
@@ -105,7 +109,26 @@ class WorkerService:
             log.info("cancelling %s: its client went away", req.request_id)
             task.cancel()
 
-    async def _generate(self, msg: Msg, req: InferRequest, seq: int) -> None:
+    async def on_probe_answer(self, msg: Msg) -> None:
+        """NATS's no-responders answer to a probing chunk: nobody listens for that stream any more."""
+        if not msg.headers or msg.headers.get(bus.STATUS_HEADER) != "503":
+            return
+        request_id = self.requesters.on_no_responders(msg.subject)
+        task = self._requests.get(request_id) if request_id else None
+        if task is not None:
+            log.info("stopping %s: nobody listens for its output any more (a lost cancel, or its gateway is gone)",
+                     request_id)
+            task.cancel()
+
+    async def _send(self, msg: Msg, chunk: InferChunk, token: str) -> None:
+        """One chunk to the requester; now and then as a probe whether it still listens (``RequesterWatch``)."""
+        probe = self.requesters.reply_for(token)
+        if probe is None:
+            await bus.reply(self.nc, msg, chunk)
+        elif msg.reply:
+            await self.nc.publish(msg.reply, chunk.encode(), reply=probe, headers=inject_headers())
+
+    async def _generate(self, msg: Msg, req: InferRequest, seq: int, token: str) -> None:
         with self.tracer.start_as_current_span("worker.generate", context=extract_context(msg.headers),
                                                attributes={"warmserve.model": req.model,
                                                            "warmserve.request_id": req.request_id}) as span:
@@ -126,7 +149,7 @@ class WorkerService:
                         break
                     text = coalescer.add(delta.text)
                     if text:
-                        await bus.reply(self.nc, msg, InferChunk(request_id=req.request_id, seq=seq, text=text))
+                        await self._send(msg, InferChunk(request_id=req.request_id, seq=seq, text=text), token)
                         seq += 1
                 if final is None:  # the engine ended without saying why
                     final = InferChunk(request_id=req.request_id, seq=seq, text=coalescer.flush(),
@@ -183,6 +206,7 @@ class WorkerService:
         self.js = self.nc.jetstream()
         buckets = await bus.ensure_all(self.js)
         self.kv = buckets[WORKERS_BUCKET.name]
+        self.requesters = RequesterWatch(self.nc.new_inbox())
         loops = [asyncio.create_task(self.heartbeat()), asyncio.create_task(self.forward_events())]
 
         async def on_command(msg: Msg) -> None:
@@ -193,7 +217,8 @@ class WorkerService:
 
         subs = [await self.nc.subscribe(WORKER_CMD.format(worker=s.worker_id), cb=on_command),
                 await self.nc.subscribe(INFER.format(worker=s.worker_id), cb=on_infer),
-                await self.nc.subscribe(CANCEL.format(worker=s.worker_id), cb=self.on_cancel)]
+                await self.nc.subscribe(CANCEL.format(worker=s.worker_id), cb=self.on_cancel),
+                await self.nc.subscribe(f"{self.requesters.prefix}.*", cb=self.on_probe_answer)]
         log.info("worker %s up: engine=%s device=%s budget=%d bytes", s.worker_id, s.engine, s.device,
                  self.worker.memory.budget_bytes)
         await stop.wait()

@@ -38,3 +38,27 @@ def test_coalescer_sends_first_and_slow_text_at_once_and_merges_bursts():
     now[0] = 0.101
     c.add("f")
     assert c.flush() == "f"
+
+
+def test_a_stream_stops_after_two_probes_in_a_row_find_nobody_listening():
+    from services.gpu_worker.streaming import RequesterWatch
+
+    now = [0.0]
+    w = RequesterWatch("_INBOX.w.x", every_s=2.0, misses=2, clock=lambda: now[0])
+    t = w.start("req-1")
+    first = w.reply_for(t)
+    assert first == f"_INBOX.w.x.{t}"  # the first chunk probes at once
+    assert w.reply_for(t) is None  # then once every 2 s
+    assert w.on_no_responders(first) is None  # one miss may be a reconnect race
+    now[0] = 2.0
+    second = w.reply_for(t)
+    assert w.on_no_responders(second) == "req-1"  # two in a row: nobody listens
+    u = w.start("req-2")
+    now[0] = 4.0
+    assert w.on_no_responders(w.reply_for(u)) is None
+    now[0] = 6.0
+    w.reply_for(u)  # no answer: the requester got this one
+    now[0] = 8.0
+    assert w.on_no_responders(w.reply_for(u)) is None  # misses count only in a row
+    w.end(u)
+    assert w.reply_for(u) is None and w.on_no_responders(f"_INBOX.w.x.{u}") is None

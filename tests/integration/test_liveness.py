@@ -1,0 +1,181 @@
+"""Liveness and leaks with real services on a real nats-server: readers judge a worker's liveness on their own
+clock, not the worker's; mirrors forget the entries of workers that went away; a worker stops a generation
+nobody listens to any more."""
+
+import asyncio
+import contextlib
+import time
+from dataclasses import replace
+
+import pytest
+
+from services.gateway.admission_core import AdmissionCore
+from services.gateway.routing import RoutingTable
+from services.gpu_worker.main import WorkerService
+from shared import bus
+from shared.messages import (
+    CommandKind, CommandResult, InferChunk, InferRequest, ModelSpec, SamplingParams, WorkerCommand, WorkerState,
+)
+from shared.model_folder import max_context, weight_bytes
+from shared.service import seen_workers
+from shared.settings import WorkerSettings
+from shared.subjects import CATALOG_BUCKET, INFER, WORKER_CMD, WORKERS_BUCKET
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def spec(tiny_model):
+    return ModelSpec(slug="tiny", path=str(tiny_model), parameter_bytes=weight_bytes(tiny_model),
+                     max_context_tokens=max_context(tiny_model))
+
+
+async def command(nc, wid, kind, model, spec=None):
+    cmd = WorkerCommand(kind=kind, model=model, spec=spec)
+    return await bus.request(nc, WORKER_CMD.format(worker=wid), cmd, CommandResult, timeout=20)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(nats_url, wid, clock=time.time, **settings):
+    """A sim worker service in this process, answering commands, with its own wall clock."""
+    service = WorkerService(WorkerSettings(**{"nats_url": nats_url, "worker_id": wid, "engine": "sim",
+                                              "memory_budget_bytes": 512 * 2**20, "kv_cache_bytes": 64 * 2**20,
+                                              "heartbeat_interval_s": 0.2, **settings}), clock=clock)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        await eventually(lambda: _answers(nats_url, wid), timeout=10, every=0.05, what=f"{wid} answering commands")
+        yield service
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 40)
+
+
+async def _answers(nats_url, wid) -> bool:
+    probe = await bus.connect(nats_url, "svc-test-probe")
+    try:
+        await probe.request(WORKER_CMD.format(worker=wid), b"{}", timeout=1)
+        return True
+    except Exception:
+        return False
+    finally:
+        await probe.close()
+
+
+async def test_liveness_is_judged_on_the_readers_clock_not_the_workers(nats_url, nc, spec):
+    """A worker whose clock is a minute behind is visible and routable; one a minute ahead is declared dead
+    within the heartbeat timeout once it stops, by a mirror that watched it and by one started afterwards
+    (which reads the server's timestamp of its last state)."""
+    js = nc.jetstream()
+    buckets = await bus.ensure_all(js)
+    await buckets[CATALOG_BUCKET.name].put("tiny", spec.encode())
+    workers = bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState).start()
+    catalog = bus.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
+    table = RoutingTable(catalog, workers, 2.0, AdmissionCore(queue_size=4))
+    later = None
+    try:
+        async with running_worker(nats_url, "skew-behind", clock=lambda: time.time() - 60) as behind, \
+                running_worker(nats_url, "skew-ahead", clock=lambda: time.time() + 60) as ahead:
+            assert (await command(nc, "skew-behind", CommandKind.ACTIVATE, "tiny", spec)).ok
+
+            async def routable():
+                route = table.try_route("tiny")
+                live = {w.worker_id for w in seen_workers(workers, 2.0)}
+                return route if route and {"skew-behind", "skew-ahead"} <= live else None
+
+            route = await eventually(routable, timeout=10, what="both skewed workers live and one routable")
+            assert route.worker_id == "skew-behind"
+
+            async def silent():  # the ahead worker hangs: it heartbeats no more (its entry stays)
+                pass
+            ahead.publish_state = silent
+
+            async def ahead_gone():
+                live = {w.worker_id for w in seen_workers(workers, 2.0)}
+                return "skew-ahead" not in live and "skew-behind" in live and not table.alive(
+                    replace(route, worker_id="skew-ahead", incarnation=ahead.started_at))
+            await eventually(ahead_gone, timeout=15, what="the worker with a clock ahead declared dead")
+            later = bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState).start()
+            await asyncio.wait_for(later.ready.wait(), 10)
+            assert "skew-ahead" in later.items  # its last state is still stored
+            assert [w.worker_id for w in seen_workers(later, 2.0)] == ["skew-behind"]
+            assert behind.worker.in_flight == 0
+    finally:
+        for mirror in (workers, catalog, later):
+            if mirror is not None:
+                await mirror.stop()
+        await buckets[CATALOG_BUCKET.name].delete("tiny")
+
+
+async def test_a_generation_nobody_listens_to_stops_without_a_cancel(nats_url, nc, spec):
+    """The requester drops its inbox and its cancel is lost (none is sent here): the worker notices that
+    nobody listens and stops within a few seconds, not after the 40 s its ``max_tokens`` take. A requester
+    that listens gets every token (probing does not end live streams)."""
+    slow = spec.model_copy(update={"slug": "slow", "parameter_bytes": 27 * 2**29,  # 13.5 GiB: 20 ms a token
+                                   "max_context_tokens": 8192})
+    async with running_worker(nats_url, "svc-nolistener", memory_budget_bytes=32 * 2**30) as svc:
+        assert (await command(nc, "svc-nolistener", CommandKind.ACTIVATE, "slow", slow)).ok
+        subject = INFER.format(worker="svc-nolistener")
+        listened = asyncio.ensure_future(_collect(nc, subject, InferRequest(
+            model="slow", prompt="stay", sampling=SamplingParams(max_tokens=250, seed=1))))  # about 5 s
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        abandoned = InferRequest(model="slow", prompt="go", sampling=SamplingParams(max_tokens=2000, seed=2))
+        await nc.publish(subject, abandoned.encode(), reply=inbox)
+        first = InferChunk.decode((await sub.next_msg(timeout=10)).data)
+        assert first.error is None and not first.last
+        await sub.unsubscribe()  # the requester is gone; no cancel follows
+        await eventually(lambda: _async(abandoned.request_id not in svc._requests), timeout=15, every=0.1,
+                         what="the worker to stop the generation nobody listens to")
+        chunks = await asyncio.wait_for(listened, 30)
+        assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 250
+        await eventually(lambda: _async(svc.worker.in_flight == 0), timeout=5, what="nothing in flight")
+
+
+async def _async(value):
+    return value
+
+
+async def _collect(nc, subject, req):
+    return [c async for c in bus.request_stream(nc, subject, req, InferChunk, first_timeout=10, idle_timeout=10,
+                                                is_last=lambda c: c.last)]
+
+
+async def test_mirrors_forget_the_entries_of_workers_that_went_away(nc):
+    """Ephemeral worker ids: each heartbeats a little and goes away without deleting its entry (a lost
+    machine, a killed pod). A mirror drops an entry once it has been silent for its expiry (by default the
+    bucket's TTL, when the server has dropped it too), so what every request scans stays bounded."""
+    js = nc.jetstream()
+    buckets = await bus.ensure_all(js)
+    assert bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState).expire_after_s == WORKERS_BUCKET.ttl_s
+    kv = await js.create_key_value(bucket="test-ephemeral-workers", history=1)
+    mirror = bus.KvMirror(kv, WorkerState, expire_after_s=1.0).start()
+
+    def state(wid):
+        return WorkerState(worker_id=wid, node="n", device="cpu:0", engine="sim", memory_budget_bytes=1,
+                           heartbeat_at_s=time.time()).encode()
+
+    async def steady():  # one worker that stays
+        while True:
+            await kv.put("steady", state("steady"))
+            await asyncio.sleep(0.2)
+
+    beating = asyncio.ensure_future(steady())
+    try:
+        await asyncio.wait_for(mirror.ready.wait(), 5)
+        peak = 0
+        for i in range(60):  # each comes, heartbeats twice and is gone
+            for _ in range(2):
+                await kv.put(f"eph-{i}", state(f"eph-{i}"))
+            await asyncio.sleep(0.02)
+            peak = max(peak, len(mirror.items))
+        assert peak > 10  # they were there
+
+        async def only_steady():
+            return set(mirror.items) == set(mirror.seen_at) == {"steady"} and set(mirror._heard_at) <= {"steady"}
+        await eventually(only_steady, timeout=10, every=0.1, what="the mirror to forget the workers that left")
+    finally:
+        beating.cancel()
+        await mirror.stop()
+        await js.delete_key_value("test-ephemeral-workers")
