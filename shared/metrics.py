@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +18,10 @@ DEAD_LETTERS = Counter(
     "warmserve_dead_letters", "Messages a durable consumer gave up on and moved to WARMSERVE_DEADLETTER "
     "(alert on any increase: history is missing until an operator publishes them again)",
     ["service", "stream"], registry=REGISTRY)
+
+SKIPPED_ROWS = Gauge(
+    "warmserve_sync_skipped_rows", "Rows of a Postgres table (models, api_keys) placement's last sync could not "
+    "publish to the gateways (alert on any above 0: the log names each row and why)", ["table"], registry=REGISTRY)
 
 
 def serve(host: str, port: int) -> None:

@@ -11,7 +11,7 @@ from nats.js.api import DeliverPolicy
 
 from services.placement.admin import Admin
 from services.placement.core import PlacementCore, PlacementCoreConfig
-from shared import bus
+from shared import bus, metrics
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
 from shared.messages import ApiKeyRecord, Forecast, ModelSpec, OperatorHold, PlacementPlan, WorkerState
@@ -72,6 +72,7 @@ class Placement:
             if seen.get(name) != why:
                 log.error("%s row %r is not published to the gateways and skipped until fixed: %s", table, name, why)
         self.skipped[table] = bad
+        metrics.SKIPPED_ROWS.labels(table).set(len(bad))
 
     @property
     def current(self) -> PlacementPlan | None:  # the plan in force (published)

@@ -226,6 +226,7 @@ async def test_a_bad_catalog_row_holds_back_neither_the_other_models_nor_the_api
     """Rows written around the admin verbs (a slug with a trailing newline, which once passed validation, and
     a key whose hash is no digest) cannot be KV keys: each is skipped and logged once, every other model and
     key reaches the gateways' buckets, and the periodic sync goes on publishing rows added later."""
+    from shared import metrics
     from shared.apikeys import hash_key
     from shared.db.models import ApiKey
     from shared.subjects import APIKEYS_BUCKET, CATALOG_BUCKET
@@ -261,6 +262,8 @@ async def test_a_bad_catalog_row_holds_back_neither_the_other_models_nor_the_api
         assert set(svc.catalog.items) >= {"br-good", "br-later"} and "tiny\n" not in svc.catalog.items
         assert svc.skipped == {"models": {"tiny\n": svc.skipped["models"]["tiny\n"]},
                                "api_keys": {"br-bad": "its key_hash is not a SHA-256 hex digest"}}
+        for table in ("models", "api_keys"):
+            assert metrics.REGISTRY.get_sample_value("warmserve_sync_skipped_rows", {"table": table}) == 1
         logged = [r.getMessage() for r in caplog.records if r.name == "warmserve.placement" and "skipped" in r.getMessage()]
         assert sum("'tiny\\n'" in m for m in logged) == 1 and sum("'br-bad'" in m for m in logged) == 1, logged
     finally:
