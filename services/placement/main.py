@@ -82,7 +82,15 @@ class Placement:
     def latest(self) -> PlacementPlan | None:  # the newest computed, for `placement show`
         return self.core.latest
 
+    def prune_forecasts(self, now_s: float) -> None:
+        """Forget the forecasts of models no longer in the catalog (removed, or renamed), once a window old:
+        younger ones may belong to a model whose catalog entry this mirror has not seen yet."""
+        for slug, fc in list(self.forecasts.items()):
+            if slug not in self.catalog.items and now_s - fc.made_at_s > fc.window_s:
+                del self.forecasts[slug]
+
     async def replan(self) -> None:
+        self.prune_forecasts(time.time())
         view = ClusterView.from_workers(
             seen_workers(self.workers, self.settings.heartbeat_timeout_s))
         plan = self.core.plan(view, self.catalog.items, self.forecasts, list(self.operator.items.values()), time.time())

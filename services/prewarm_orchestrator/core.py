@@ -8,8 +8,9 @@ prewarmed copy (``shared.policy.scaleup``), else a handover whose giver fits, a 
 (``shared.policy.sharing``), a handover that trades, a cold load on a free device, a guest loaded there, in
 that order. Every command it hands out
 marks its (device, model) busy until ``on_result`` reports how it ended; a failed command is not retried on
-that (device, model, kind) before a doubling back-off (1 s to 30 s). Time is passed in; nothing here
-sleeps, sends or stores.
+that (device, model, kind) before a doubling back-off (1 s to 30 s); one whose worker died while it was
+out (``worker_lost``) keeps that device out of scale-ups for ``lost_hold_s``. Time is passed in; nothing
+here sleeps, sends or stores.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from shared.policy.sharing import SharingConfig, choose_shared, promotions
 
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0
 DRAINED = "worker drained by an operator"
+WORKER_LOST = "worker_lost"  # a command's error code: its worker died (or restarted) while it was out
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class OrchestratorConfig:
     shared_tier: bool = True  # a quiet model with no free device may serve next to another (shared.policy.sharing)
     shared_quiet: float = 0.25  # quiet: load and forecast peak at most this x B
     shared_max_instances: int = 4  # instances on one device, its host included
+    lost_hold_s: float = 10.0  # a worker lost with a command out takes no scale-up for this long
     idle_copy_policy: IdleCopyPolicy = "evict"  # unplanned prewarmed copies: evicted, or kept (shared.policy.keepalive)
 
 
@@ -103,11 +106,16 @@ class GatewayLoad:
         self.reports.setdefault(model, {})[gateway] = (at_s, concurrency)
 
     def current(self, now_s: float) -> dict[str, float]:
+        """Each model's fresh total. Reports too old to count are dropped: gateways come and go (a restarted
+        one may have a new id) and models leave the catalog, so nothing here outlives ``max_age_s``."""
         out = {}
-        for model, by_gw in self.reports.items():
-            fresh = [c for t, c in by_gw.values() if now_s - t <= self.max_age_s]
-            if fresh:
-                out[model] = sum(fresh)
+        for model, by_gw in list(self.reports.items()):
+            for gw in [g for g, (t, _) in by_gw.items() if now_s - t > self.max_age_s]:
+                del by_gw[gw]
+            if by_gw:
+                out[model] = sum(c for _, c in by_gw.values())
+            else:
+                del self.reports[model]
         return out
 
 
@@ -118,6 +126,7 @@ class OrchestratorCore:
         self.kv_busy: dict[tuple[str, str], Command] = {}  # (device, model) -> KV target in flight
         self.retry_at: dict[tuple[str, str, CommandKind], tuple[float, float]] = {}  # -> (not before, delay)
         self.kv_unsupported: set[str] = set()  # devices whose engine cannot resize KV (vLLM)
+        self.lost: dict[str, float] = {}  # device -> until when no scale-up goes there (lost with a command out)
         self.windows: dict[str, LoadWindow] = {}
         self.gateway_load = GatewayLoad(config.gateway_load_max_age_s)
         self.forecasts: dict[str, Forecast] = {}
@@ -140,6 +149,16 @@ class OrchestratorCore:
         return {m: f for m, f in self.forecasts.items()
                 if now_s - f.window_start_s <= self.config.forecast_max_age_windows * f.window_s}
 
+    def _prune(self, view: ClusterView, now_s: float) -> None:
+        """Forget what no decision will read again, so nothing grows with models or workers that came and
+        went: forecasts too old to act on (a model that left the catalog is forecast no more), lost marks
+        that ran out, and back-offs and KV findings of devices that are gone."""
+        self.forecasts = self.fresh_forecasts(now_s)
+        self.lost = {d: t for d, t in self.lost.items() if t > now_s}
+        present = {d.device_id for d in view.devices}
+        self.retry_at = {k: v for k, v in self.retry_at.items() if k[0] in present or v[0] > now_s}
+        self.kv_unsupported &= present
+
     def peaks(self, now_s: float) -> dict[str, float]:
         """Each model's forecast peak concurrency (upper quantile) for the next window, if fresh."""
         return {m: f.predicted_peak_upper for m, f in self.fresh_forecasts(now_s).items()}
@@ -152,6 +171,9 @@ class OrchestratorCore:
         table = self.kv_busy if command.kind is CommandKind.SET_KV_TARGET else self.busy
         if table.get(command.key) is command:
             del table[command.key]
+        if error_code == WORKER_LOST:  # not chosen again until it has been back a while (a restart, a resume)
+            for device in command.devices:
+                self.lost[device] = now_s + self.config.lost_hold_s
         retry_key = (command.devices[0], command.model, command.kind)
         if ok or command.scale_up:
             self.retry_at.pop(retry_key, None)
@@ -164,6 +186,10 @@ class OrchestratorCore:
     def retry_in(self, command: Command, now_s: float) -> float:
         return max(self.retry_at.get((command.devices[0], command.model, command.kind), (now_s, 0.0))[0] - now_s, 0.0)
 
+    def lost_now(self, now_s: float) -> list[str]:
+        """Devices lost with a command out, still held back from scale-ups."""
+        return [d for d, until in self.lost.items() if until > now_s]
+
     @property
     def scaling(self) -> set[str]:
         """Models with an activation in flight."""
@@ -175,6 +201,7 @@ class OrchestratorCore:
              drained: Collection[str] = ()) -> Round:
         """Reconcile with the plan, then autoscale and push KV targets. ``drained``: devices an operator
         drains (their instances stop whatever the load; nothing new goes there)."""
+        self._prune(view, now_s)
         commands: list[Command] = []
         for a in reconcile(plan, view, min_active=self.config.min_active, busy=self.busy,
                            idle_copy_policy=self.config.idle_copy_policy):
@@ -274,13 +301,14 @@ class OrchestratorCore:
         # a device busy with this model's prewarm may still be the best choice; one it is being activated on
         # (an earlier scale-up of the same round) or evicted from is not
         busy = {device for (device, m), c in self.busy.items() if m != model or c.kind is not CommandKind.PREWARM}
-        busy |= set(drained)
+        unusable = set(drained) | set(self.lost_now(now_s))
+        busy |= unusable
         choice = choose_group(view, model, tp, shard_bytes, busy=busy)
         if choice is not None and choice.outcome is Outcome.PREWARM_HIT:
             return self._activate(model, choice, f"scale-up ({reason}, {waiting} waiting)")
         served = sum(i.in_flight for i in view.instances_of(model))
         demand = max(self.gateway_load.current(now_s).get(model, 0.0) - served, float(waiting))  # waiting
-        taken = {g for c in self.busy.values() for g in c.devices} | set(drained)
+        taken = {g for c in self.busy.values() for g in c.devices} | unusable
         loads, peaks = self.loads(now_s), self.peaks(now_s)
         guest = choose_shared(view, model, tp, shard_bytes, demand, loads, peaks, busy=taken,
                               config=self.sharing) if self.config.shared_tier else None

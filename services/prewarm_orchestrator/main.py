@@ -10,7 +10,7 @@ from nats.js.api import DeliverPolicy
 from psycopg.errors import ForeignKeyViolation
 from sqlalchemy.exc import IntegrityError
 
-from services.prewarm_orchestrator.core import Command, OrchestratorConfig, OrchestratorCore
+from services.prewarm_orchestrator.core import WORKER_LOST, Command, OrchestratorConfig, OrchestratorCore
 from shared import bus
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
@@ -28,6 +28,8 @@ from shared.subjects import (
 from shared.telemetry import extract_context, tracer
 
 log = logging.getLogger("warmserve.orchestrator")
+LIVENESS_CHECK_S = 0.5  # how often a command's worker is checked while its answer is awaited
+MAX_PLACEMENTS = 3  # a scale-up whose worker dies is placed again, at most this many times in all
 
 
 class Orchestrator:
@@ -44,7 +46,7 @@ class Orchestrator:
             forecast_scale_down=settings.forecast_scale_down, handover=settings.handover,
             handover_margin=settings.handover_margin, shared_tier=settings.shared_tier,
             shared_quiet=settings.shared_quiet, shared_max_instances=settings.shared_max_instances,
-            idle_copy_policy=settings.idle_copy_policy))
+            idle_copy_policy=settings.idle_copy_policy, lost_hold_s=2 * settings.heartbeat_timeout_s))
         self._tasks: set[asyncio.Task] = set()
         self._scaling: dict[str, asyncio.Task] = {}  # model -> the scale-up every asker awaits
         self.tracer = tracer("warmserve.orchestrator")
@@ -85,8 +87,9 @@ class Orchestrator:
                                 reason=cmd.reason, instance_id=cmd.instance_id, drain=cmd.drain,
                                 kv_free_blocks=cmd.kv_free_blocks, replace_active=cmd.replace_active,
                                 share=cmd.share)
-            result = await bus.request(self.nc, WORKER_CMD.format(worker=cmd.worker_id), msg, CommandResult,
-                                       timeout=self.settings.command_timeout_s, resend_on_reconnect=True)
+            result = await self._unless_lost(cmd.worker_id, bus.request(
+                self.nc, WORKER_CMD.format(worker=cmd.worker_id), msg, CommandResult,
+                timeout=self.settings.command_timeout_s, resend_on_reconnect=True))
         except Exception as exc:  # no answer, or one that does not decode: retried after the back-off
             code = exc.code if isinstance(exc, bus.BusError) else "bad_reply"
             result = CommandResult(command_id=msg.command_id if msg else "", ok=False,
@@ -98,6 +101,32 @@ class Orchestrator:
             log.warning("%s %s on %s failed: %s (retry in %.0f s)", cmd.kind.value, cmd.model, cmd.worker_id,
                         result.error.message if result.error else "", self.core.retry_in(cmd, time.time()))
         return result
+
+    def _incarnation(self, worker_id: str) -> float | None:
+        """The start time of the worker process live under ``worker_id`` (None: none is)."""
+        return next((w.started_at_s for w in seen_workers(self.workers, self.settings.heartbeat_timeout_s)
+                     if w.worker_id == worker_id), None)
+
+    async def _unless_lost(self, worker_id: str, aw):
+        """``aw`` (a command's answer), unless its worker dies first: its heartbeat goes stale (silence while
+        the mirror could not see does not count, as everywhere) or another process heartbeats under its id (a
+        restart). Then BusError('worker_lost') at once, instead of waiting out the command timeout."""
+        task = asyncio.ensure_future(aw)
+        incarnation = self._incarnation(worker_id)
+        try:
+            while True:
+                done, _ = await asyncio.wait([task], timeout=LIVENESS_CHECK_S)
+                if done:
+                    return task.result()
+                current = self._incarnation(worker_id)
+                if current is None or (incarnation is not None and current != incarnation):
+                    raise bus.BusError(WORKER_LOST, f"worker {worker_id} "
+                                       f"{'restarted' if current is not None else 'stopped heartbeating'} "
+                                       "while the command was out")
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def on_demand(self, msg) -> None:
         """Gateways' per-second demand (in flight and queued): the autoscaler's view of waiting requests."""
@@ -150,21 +179,24 @@ class Orchestrator:
         spec = self.catalog.items.get(req.model)
         if spec is None:
             return ScaleReply(ok=False, error=ErrorInfo(code="not_found", message=f"no model {req.model!r}"))
-        answer = self.core.scale_up(self.view(), req.model, spec.tensor_parallel_size, spec.parameter_bytes,
-                                    time.time(), reason=req.reason, waiting=req.waiting, drained=self.drained())
-        if answer.command is None:
-            if answer.error_code:
-                return ScaleReply(ok=False, error=ErrorInfo(code=answer.error_code, message=answer.error))
-            return ScaleReply(ok=True, outcome=answer.outcome, worker_id=answer.worker_id,
-                              instance_id=answer.instance_id)
-        result = await self.command(answer.command)
-        log.info("scale-up %s on %s: %s (%s, %.2f s)", req.model, answer.worker_id,
-                 "ok" if result.ok else (result.error.message if result.error else "failed"),
-                 answer.outcome.value, time.monotonic() - started)
-        if not result.ok:
-            return ScaleReply(ok=False, error=result.error)
-        return ScaleReply(ok=True, outcome=answer.outcome, worker_id=answer.worker_id,
-                          instance_id=result.instance_id, seconds=time.monotonic() - started)
+        for _ in range(MAX_PLACEMENTS):  # again elsewhere when the chosen worker dies during the activation
+            answer = self.core.scale_up(self.view(), req.model, spec.tensor_parallel_size, spec.parameter_bytes,
+                                        time.time(), reason=req.reason, waiting=req.waiting, drained=self.drained())
+            if answer.command is None:
+                if answer.error_code:
+                    return ScaleReply(ok=False, error=ErrorInfo(code=answer.error_code, message=answer.error))
+                return ScaleReply(ok=True, outcome=answer.outcome, worker_id=answer.worker_id,
+                                  instance_id=answer.instance_id)
+            result = await self.command(answer.command)
+            log.info("scale-up %s on %s: %s (%s, %.2f s)", req.model, answer.worker_id,
+                     "ok" if result.ok else (result.error.message if result.error else "failed"),
+                     answer.outcome.value, time.monotonic() - started)
+            if result.ok:
+                return ScaleReply(ok=True, outcome=answer.outcome, worker_id=answer.worker_id,
+                                  instance_id=result.instance_id, seconds=time.monotonic() - started)
+            if not result.error or result.error.code != WORKER_LOST:
+                break
+        return ScaleReply(ok=False, error=result.error)
 
     async def on_event(self, event: WorkerEvent, msg) -> None:
         """Worker events -> Postgres, acknowledged only once stored. A failure is raised to ``bus.consume``,
@@ -186,7 +218,9 @@ class Orchestrator:
             try:
                 async with self.sessions() as session:
                     for w in seen_workers(self.workers, self.settings.heartbeat_timeout_s):
-                        await repo.touch_worker(session, w)
+                        # last seen on this reader's clock (the worker's own may be off)
+                        seen = self.workers.seen_at.get(w.worker_id, w.heartbeat_at_s)
+                        await repo.touch_worker(session, w.model_copy(update={"heartbeat_at_s": seen}))
                     await session.commit()
             except Exception as exc:
                 log.warning("could not record worker liveness: %s", brief(exc))

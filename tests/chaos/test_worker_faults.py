@@ -136,3 +136,65 @@ def test_stuck_worker_times_out_and_leaves_routing(cluster):
         stuck.send_signal(signal.SIGCONT)
     until(lambda: stuck_id in workers(env), timeout=15, what="the worker back after SIGCONT")
     assert stuck.is_running() and stuck.status() != "stopped"
+
+
+async def first_command(nats_url: str, worker_id: str, kind: str, then, timeout_s: float) -> float:
+    """Subscribe to one worker's commands, call ``then()``, and return when a ``kind`` command reached it."""
+    nc = await bus.connect(nats_url, "chaos-observer", deadline_s=5)
+    seen = asyncio.Event()
+    try:
+        async def record(msg):
+            if json.loads(msg.data).get("kind") == kind:
+                seen.set()
+
+        sub = await nc.subscribe(f"warmserve.worker.{worker_id}.cmd", cb=record)
+        await nc.flush()
+        then()
+        await asyncio.wait_for(seen.wait(), timeout_s)
+        await sub.unsubscribe()
+    finally:
+        await nc.close()
+    return time.monotonic()
+
+
+def test_worker_killed_during_a_cold_activation(cluster):
+    """The worker chosen for a scale-up dies while it loads the model (a 60 s load here): the orchestrator
+    notices its heartbeat go stale, gives up on it and activates the model on another worker, so the
+    requests waiting for that instance are served within about the heartbeat timeout, not after the
+    activation's 120 s command timeout (nor refused once the gateway's 20 s queue wait runs out)."""
+    env, url, key = cluster["env"], cluster["url"], cluster["key"]
+    slow = spawn_worker(cluster["up"], "worker-slow", WARMSERVE_SIM_ENGINE_START_S="60")
+    try:
+        until(lambda: "worker-slow" in workers(env), timeout=30, what="worker-slow registered")
+        for w in ("worker-0", "worker-1"):  # the only place to activate is worker-slow
+            assert cli(env, "worker", "drain", w).returncode == 0
+        until(lambda: not any(m for w, m in workers(env).items() if w != "worker-slow"
+                              and "active" in m.values()), timeout=30, what="drained workers serve nothing")
+        assert "active" not in workers(env)["worker-slow"].values()
+        served: list = []
+        waiters = [threading.Thread(target=plain, args=(url, key, served)) for _ in range(2)]
+
+        def send():
+            for t in waiters:
+                t.start()
+
+        asyncio.run(first_command(cluster["nats_url"], "worker-slow", "activate", send, timeout_s=30))
+        undrain = [threading.Thread(target=cli, args=(env, "worker", "undrain", w)) for w in ("worker-0", "worker-1")]
+        for t in undrain:
+            t.start()
+        for t in undrain:
+            t.join(30)
+        assert not served, served  # nothing could serve them yet: the activation takes a minute
+        slow.kill()
+        killed = time.monotonic()
+        for t in waiters:
+            t.join(60)
+        waited = time.monotonic() - killed
+        assert [status for status, _ in served] == [200, 200], served
+        assert waited < HEARTBEAT_TIMEOUT_S + 15, f"served {waited:.1f} s after the kill"
+        assert any(m.get("tiny-llama") == "active" for w, m in workers(env).items() if w != "worker-slow")
+    finally:
+        slow.kill()
+        slow.wait()
+        for w in ("worker-0", "worker-1"):
+            cli(env, "worker", "undrain", w)

@@ -3,7 +3,7 @@ table and back-off, all with the clock passed in."""
 
 from dataclasses import replace
 
-from services.prewarm_orchestrator.core import OrchestratorConfig, OrchestratorCore
+from services.prewarm_orchestrator.core import WORKER_LOST, OrchestratorConfig, OrchestratorCore
 from shared.messages import CommandKind, CopyState, Outcome, PlannedCopy
 from shared.policy.autoscale import AutoscaleConfig
 from shared.policy.cluster import CopyView
@@ -320,3 +320,42 @@ def test_the_oldest_instance_on_a_device_is_its_host_and_a_model_whose_hosted_in
         c.on_demand("a", "gw", float(t), 20.0)
         sent += c.step(v, plan, now_s=float(t)).commands
     assert [cmd.instance_id for cmd in sent if cmd.kind is CommandKind.DEACTIVATE] == ["w0-a"]
+
+
+def test_a_worker_lost_during_an_activation_takes_no_scale_up_until_its_hold_ends():
+    c = OrchestratorCore(OrchestratorConfig(lost_hold_s=10.0))
+    v = view(worker("w0", ("a", CopyState.PREWARMED)), worker("w1"))
+    first = c.scale_up(v, "a", 1, GB, now_s=100.0, reason="no_instance", waiting=2)
+    assert (first.worker_id, first.outcome) == ("w0", Outcome.PREWARM_HIT)
+    c.on_result(first.command, False, 103.0, error_code=WORKER_LOST)
+    assert c.busy == {} and c.lost_now(103.0) == ["w0"]
+    # its entry may still look live for a moment (or a restarted process heartbeats under its id): not chosen
+    again = c.scale_up(v, "a", 1, GB, now_s=103.0, reason="no_instance", waiting=2)
+    assert (again.worker_id, again.outcome) == ("w1", Outcome.COLD)
+    c.on_result(again.command, True, 104.0)
+    c.step(v, [PlannedCopy(model="a", worker_id="w0")], now_s=113.5)
+    assert c.lost == {}  # the hold ran out and is forgotten
+    assert c.scale_up(v, "a", 1, GB, now_s=113.5).worker_id == "w0"
+
+
+def test_nothing_the_core_keeps_grows_with_gateways_models_and_workers_that_came_and_went():
+    c = core()
+    for i in range(50):  # ephemeral gateways, models and workers, each heard from once
+        c.on_demand(f"m{i}", f"gw-{i}", at_s=100.0, concurrency=1.0)
+        c.on_forecast(forecast(f"m{i}", 1.0, 2.0).model_copy(update={"window_start_s": 0.0, "window_s": 60.0}))
+        cmd = c.step(view(worker(f"w{i}", ("a", CopyState.ACTIVE, GB, 0))), [PlannedCopy(model="b", worker_id=f"w{i}")],
+                     now_s=100.0).commands
+        for k in cmd:
+            c.on_result(k, False, 100.0, error_code="unsupported")
+    assert len(c.retry_at) >= 50 and len(c.forecasts) == 50  # backing off, still young
+    assert c.kv_unsupported == {"w49"}  # each round forgets what it learnt of devices no longer there
+    c.on_forecast(forecast("kept", 1.0, 2.0).model_copy(update={"window_start_s": 120.0, "window_s": 60.0}))
+    c.on_demand("kept", "gw-live", at_s=199.0, concurrency=1.0)
+    live = view(worker("w-live"))
+    c.step(live, [], now_s=200.0)
+    assert set(c.gateway_load.reports) == {"kept"} and set(c.gateway_load.reports["kept"]) == {"gw-live"}
+    assert set(c.forecasts) == {"kept"}  # the others are older than two windows: never acted on again
+    assert c.retry_at == {} and c.kv_unsupported == set()  # their workers are gone and their back-offs over
+    for now in (400.0, 500.0):  # and once "kept" is quiet and its forecast old, nothing at all
+        c.step(live, [], now_s=now)
+    assert (c.windows, c.forecasts, c.gateway_load.reports) == ({}, {}, {})

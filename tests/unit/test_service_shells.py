@@ -135,6 +135,38 @@ async def test_a_worker_that_does_not_answer_fails_the_ask_clearly_and_frees_the
     assert o.core.busy == {} and o.core.retry_at == {}
 
 
+@pytest.mark.parametrize("fate", ["dies", "restarts"])
+async def test_an_activation_whose_worker_dies_is_placed_on_another_worker_at_once(fate):
+    """The orchestrator does not wait out the command timeout on a dead worker (nor make every later asker
+    wait on that scale-up): it watches the worker while the answer is out and, once its heartbeat is stale
+    or another process heartbeats under its id, activates the model elsewhere."""
+    nc, now = InMemoryNats(), time.time()
+    o = orchestrator(nc, [worker("w0", ("m", CopyState.PREWARMED), heartbeat_s=now, started_s=1.0),
+                          worker("w1", heartbeat_s=now)], [model("m")])
+    o.settings = OrchestratorSettings(heartbeat_timeout_s=3, command_timeout_s=120)
+    sent = []
+
+    async def fake_worker(msg):
+        cmd = WorkerCommand.decode(msg.data)
+        sent.append(msg.subject)
+        if msg.subject == WORKER_CMD.format(worker="w0"):  # the activation starts, then its worker is gone
+            if fate == "dies":
+                o.workers.seen_at["w0"] = time.time() - 10  # silent ever since
+            else:  # a supervisor restarted it: a new process, empty, heartbeating under the same id
+                o.workers.items["w0"] = worker("w0", heartbeat_s=time.time(), started_s=2.0)
+            return
+        await nc.publish(msg.reply, CommandResult(command_id=cmd.command_id, ok=True, instance_id="i-1").encode())
+
+    await nc.subscribe(WORKER_CMD.wildcard, cb=fake_worker)
+    ask = ScaleRequest(model="m", reason="no_instance", waiting=2)
+    first, later = o._start_scale_up(ask), o._start_scale_up(ask)  # a later ask waits on the same scale-up
+    assert first is later
+    reply = await asyncio.wait_for(first, 10)  # far below the 120 s command timeout
+    assert reply.ok and (reply.worker_id, reply.outcome, reply.instance_id) == ("w1", Outcome.COLD, "i-1")
+    assert sent == [WORKER_CMD.format(worker="w0"), WORKER_CMD.format(worker="w1")]
+    assert o.core.busy == {} and o.core.lost_now(time.time()) == ["w0"]
+
+
 async def test_after_a_nats_outage_the_orchestrator_commands_only_workers_heard_again():
     """Its own outage is no worker's silence (a plan is not moved off a worker because the orchestrator was
     away), but a command goes only to a worker heard since the watch resumed: before that, the worker's
@@ -148,3 +180,17 @@ async def test_after_a_nats_outage_the_orchestrator_commands_only_workers_heard_
     assert [d.device_id for d in o.view().devices] == ["w0", "w2"]
     o.workers.blind = lambda at=None: []  # no outage: 8 s of silence is death
     assert not o.view().devices
+
+
+def test_placement_forgets_the_forecasts_of_models_that_left_the_catalog():
+    from services.placement.main import Placement
+    from shared.settings import PlacementSettings
+    from tests.factories import forecast
+
+    p = Placement(PlacementSettings())
+    p.catalog = SimpleNamespace(items={"kept": model("kept")})
+    for slug in ("kept", "removed", "just-registered"):
+        p.forecasts[slug] = forecast(slug, 1.0, 2.0).model_copy(update={"made_at_s": 1000.0, "window_s": 300.0})
+    p.forecasts["just-registered"] = p.forecasts["just-registered"].model_copy(update={"made_at_s": 1290.0})
+    p.prune_forecasts(now_s=1301.0)  # a window after the first two were made
+    assert set(p.forecasts) == {"kept", "just-registered"}  # the last may be ahead of this catalog mirror
