@@ -68,7 +68,9 @@ class Engine(Protocol):
         """Make the model's weights resident; return the bytes measured resident."""
 
     async def unload(self, model: str) -> int:
-        """Drop the model; return the bytes measured freed."""
+        """Drop the model; return the bytes measured freed. Raise while the model's memory may still be
+        held (the worker keeps it charged and calls again later), and keep what failed to stop so that
+        the next call retries it: returning (even 0) tells the worker the memory is free."""
 
     async def activate(self, model: str, kv_bytes: int) -> None:
         """Map a KV cache of ``kv_bytes`` for the model so it can serve."""

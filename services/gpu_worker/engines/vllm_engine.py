@@ -58,6 +58,9 @@ class VllmEngine:
         self.kv_allocated_at_load = not self.cuda  # CPU vLLM sizes its KV cache when the engine starts
         self.gpu = gpu
         self._engines: dict[str, _Running] = {}
+        # runs whose stop raised: their processes may still hold memory, so the model's next unload
+        # retries them and reports success only once every one of them has stopped
+        self._stuck: dict[str, list[_Running]] = {}
         self._cores: dict[str, int] = {}  # model -> core reserved for its engine (CPU)
         # env vars and the temp dir are process-wide while an engine starts; on a GPU the lock also keeps
         # device-wide memory measurements of one engine free of another's start or stop
@@ -183,13 +186,27 @@ class VllmEngine:
             pass
 
     async def unload(self, model: str) -> int:
-        """Stop the engine; returns the bytes that were measurably freed."""
+        """Stop the engine, and retry any earlier stop of this model that failed; returns the bytes that
+        were measurably freed. Raises while any of them fails to stop, so a caller never hands back memory
+        an engine's processes may still hold (the worker keeps it charged and calls again later)."""
         async with self._lock:
             run = self._engines.pop(model, None)
-            self._cores.pop(model, None)
-            if run is None:
-                return 0
-            return await self._stop(run)
+            if run is not None:
+                self._cores.pop(model, None)
+                self._stuck.setdefault(model, []).append(run)
+            freed, failure = 0, None
+            for run in list(self._stuck.get(model, ())):
+                try:
+                    freed += await self._stop(run)
+                except Exception as exc:
+                    failure = failure or exc
+                    continue
+                self._stuck[model].remove(run)
+            if not self._stuck.get(model):
+                self._stuck.pop(model, None)
+            if failure is not None:
+                raise failure
+            return freed
 
     async def _stop(self, run: _Running) -> int:
         device_before = self._device_used()
@@ -207,7 +224,7 @@ class VllmEngine:
                 log.warning("engine process %d of %s did not exit; killing it", p.pid, run.spec.slug)
                 p.kill()
             shutil.rmtree(run.tmpdir, ignore_errors=True)
-            run.engine = None  # avoid AsyncLLM.__del__ running again at interpreter exit
+        run.engine = None  # stopped: avoid AsyncLLM.__del__ running again at interpreter exit
         if self.cuda:
             return max(device_before - self._device_used(), 0)
         return sum(rss[p.pid] for p in gone)  # memory of the processes that are measurably gone
@@ -230,8 +247,11 @@ class VllmEngine:
                                          "CUDA sleep mode releases all of it or none)")
 
     async def close(self) -> None:
-        for model in list(self._engines):
-            await self.unload(model)
+        for model in list(self._engines) + [m for m in self._stuck if m not in self._engines]:
+            try:
+                await self.unload(model)
+            except Exception as exc:  # stop the others all the same
+                log.warning("stopping the vLLM engine of %s failed: %r", model, exc)
 
     def _running(self, model: str) -> _Running:
         run = self._engines.get(model)
