@@ -12,17 +12,19 @@ from shared import metrics
 from shared.bus import BusError, KvMirror
 from shared.messages import WorkerState
 from shared.policy.cluster import live_workers
-from shared.settings import CommonSettings
+from shared.settings import CommonSettings, ControlPlaneSettings
 from shared.telemetry import configure_logging, setup_tracing
 
 log = logging.getLogger(__name__)
 
 
 def run_service(run: Callable[[asyncio.Event], Awaitable[None]], service: str, settings: CommonSettings) -> None:
-    """Run ``run(stop)`` until it returns; ``stop`` is set by SIGINT or SIGTERM."""
+    """Run ``run(stop)`` until it returns; ``stop`` is set by SIGINT or SIGTERM. Only the control-plane
+    services serve ``WARMSERVE_METRICS_PORT`` (a worker on the same host would find it taken)."""
     configure_logging(settings.log_level)
     setup_tracing(service, settings.otlp_endpoint)
-    metrics.serve(settings.metrics_host, settings.metrics_port)
+    if isinstance(settings, ControlPlaneSettings):
+        metrics.serve(settings.metrics_host, settings.metrics_port)
 
     async def _main() -> None:
         stop = asyncio.Event()

@@ -48,10 +48,6 @@ class CommonSettings(NatsSettings):
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     heartbeat_interval_s: float = Field(1.0, gt=0, description="how often workers publish their state")
     heartbeat_timeout_s: float = Field(5.0, gt=0, description="a worker silent this long is gone")
-    metrics_port: int = Field(0, ge=0, le=65535, description="placement, the orchestrator and the forecaster serve "
-                              "Prometheus /metrics (warmserve_dead_letters_total) on this port; 0: none. The "
-                              "gateway serves its /metrics on its own HTTP port")
-    metrics_host: str = Field("127.0.0.1", description="listen address of WARMSERVE_METRICS_PORT (0.0.0.0 in containers)")
 
     @field_validator("log_level")
     @classmethod
@@ -71,6 +67,17 @@ class DatabaseSettings(CommonSettings):
         description="Postgres URL (postgresql://...; psycopg 3 is used whatever the scheme says). Each service "
                     "connects as its own role (docs/operations.md, Security); migrations as the tables' owner",
     )
+
+
+class ControlPlaneSettings(DatabaseSettings):
+    """Placement, the orchestrator and the forecaster: they have no HTTP server, so their Prometheus metrics
+    get a port of their own (one per process: two processes on one host need two ports)."""
+
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics (warmserve_dead_letters_total, "
+                              "warmserve_sync_skipped_rows) on this port; 0: none. One port per process: under "
+                              "`warmserve up` see its own WARMSERVE_METRICS_PORT. The gateway serves its /metrics "
+                              "on its HTTP port; the workers serve none")
+    metrics_host: str = Field("127.0.0.1", description="listen address of WARMSERVE_METRICS_PORT (0.0.0.0 in containers)")
 
 
 class GatewaySettings(CommonSettings):
@@ -146,7 +153,7 @@ class WorkerSettings(CommonSettings):
         return check_token(v, "worker_id")
 
 
-class ForecasterSettings(DatabaseSettings):
+class ForecasterSettings(ControlPlaneSettings):
     window_s: float = Field(300.0, gt=0, description="forecast window (docs/design.md, 'Forecasting': 300 s)")
     horizon_windows: int = Field(3, ge=1, le=288, description="windows forecast at each window boundary")
     upper_quantile: float = Field(0.9, gt=0, lt=1, description="quantile of recent errors added for the upper forecast")
@@ -162,7 +169,7 @@ class ForecasterSettings(DatabaseSettings):
                                   "they kept meanwhile, and they are counted in their windows")
 
 
-class PlacementSettings(DatabaseSettings):
+class PlacementSettings(ControlPlaneSettings):
     replan_interval_s: float = Field(5.0, gt=0, description="replan at least this often (and on every change)")
     catalog_sync_interval_s: float = Field(10.0, gt=0, description="Postgres catalog -> KV resync period")
     batch_capacity: int = Field(32, ge=1, description="B: concurrent requests one instance serves (docs/design.md, 'Placement')")
@@ -181,7 +188,7 @@ class PlacementSettings(DatabaseSettings):
                                        "its choice of worker moves as loads change, so a pinned copy can be planned twice")
 
 
-class OrchestratorSettings(DatabaseSettings):
+class OrchestratorSettings(ControlPlaneSettings):
     reconcile_interval_s: float = Field(0.5, gt=0, description="about every 0.5 s (docs/design.md, 'Prewarming and scaling')")
     command_timeout_s: float = Field(120.0, gt=0, description="longest a prewarm/activate may take")
     min_active_per_model: int = Field(0, ge=0, description="instances kept active per model however idle (0: scale to zero, the next request is a prewarm hit)")
@@ -230,6 +237,9 @@ class LocalClusterSettings(DatabaseSettings):
     engine: str = Field("auto", pattern="^(auto|sim|vllm)$",
                         description="engine of the local workers; auto: vllm when installed, else sim")
     worker_memory_budget_bytes: int = Field(6 * 1024**3, gt=0, description="memory budget of each local worker")
+    metrics_port: int = Field(0, ge=0, le=65533, description="control-plane /metrics: placement on this port, the "
+                              "orchestrator on the next, the forecaster on the one after; 0: none. The gateway "
+                              "serves its own on WARMSERVE_GATEWAY_PORT, the workers none")
 
 
     @property

@@ -6,7 +6,9 @@ from __future__ import annotations
 from shared import settings as S
 
 SECTIONS = (
-    (S.CommonSettings, "Every service"), (S.GatewaySettings, "gateway"), (S.WorkerSettings, "gpu-worker"),
+    (S.CommonSettings, "Every service"),
+    (S.ControlPlaneSettings, "placement, prewarm-orchestrator and forecaster"),
+    (S.GatewaySettings, "gateway"), (S.WorkerSettings, "gpu-worker"),
     (S.ForecasterSettings, "forecaster"), (S.PlacementSettings, "placement"),
     (S.OrchestratorSettings, "prewarm-orchestrator"), (S.LocalClusterSettings, "`warmserve up` (local cluster)"),
     (S.MigrateSettings, "`warmserve migrate`"),
@@ -40,8 +42,8 @@ def _default(field) -> str:
 def render() -> str:
     parts = [HEADER]
     for cls, title in SECTIONS:
-        fields = cls.model_fields if cls is S.CommonSettings else {
-            k: v for k, v in cls.model_fields.items() if k not in S.CommonSettings.model_fields}
+        shown = {k for base, _ in SECTIONS if base is not cls and issubclass(cls, base) for k in base.model_fields}
+        fields = {k: v for k, v in cls.model_fields.items() if k not in shown}  # each once, in its own section
         rows = [f"| `WARMSERVE_{name.upper()}` | `{_default(f)}` | {f.description or ''} |" for name, f in fields.items()]
         parts.append(f"## {title}\n\n| variable | default | meaning |\n|---|---|---|\n" + "\n".join(rows) + "\n")
     parts.append(FOOTER)

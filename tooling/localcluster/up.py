@@ -22,6 +22,8 @@ from shared.settings import LocalClusterSettings
 
 DEMO_MODEL = "tiny-llama"
 SERVICES = ("forecaster", "placement", "prewarm_orchestrator", "gateway")  # plus one gpu_worker per worker
+# WARMSERVE_METRICS_PORT + this is each control-plane service's metrics port (all run on this one host)
+METRICS_OFFSET = {"placement": 0, "prewarm_orchestrator": 1, "forecaster": 2}
 CLUSTER_FILE = "cluster.json"
 MAX_RESTARTS, RESTART_WINDOW_S = 3, 60.0
 
@@ -76,7 +78,7 @@ class Cluster:
         """The environment of a service process (``service``: its module under services/), with its own
         NATS user's URL."""
         s = self.settings
-        return self._database_env(service, env_with({
+        return self._metrics_env(service, self._database_env(service, env_with({
             "WARMSERVE_NATS_URL": self.nats_urls[SERVICE_USERS[service]],
             "WARMSERVE_PORT": str(s.gateway_port), "WARMSERVE_HOST": "127.0.0.1",
             "WARMSERVE_LOG_LEVEL": s.log_level, "WARMSERVE_ENGINE": s.resolved_engine,
@@ -84,7 +86,16 @@ class Cluster:
             # a short forecast window so the local demo shows forecasts within minutes
             "WARMSERVE_WINDOW_S": os.environ.get("WARMSERVE_WINDOW_S", "60"),
             "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-        }))
+        })))
+
+    def _metrics_env(self, service: str, env: dict[str, str]) -> dict[str, str]:
+        """Each control-plane service its own metrics port (``METRICS_OFFSET``), the others none: one
+        WARMSERVE_METRICS_PORT for every process on this host would be taken by the first, and the rest
+        would exit, be restarted, and stop the cluster."""
+        env.pop("WARMSERVE_METRICS_PORT", None)
+        if self.settings.metrics_port and service in METRICS_OFFSET:
+            env["WARMSERVE_METRICS_PORT"] = str(self.settings.metrics_port + METRICS_OFFSET[service])
+        return env
 
     def _database_env(self, service: str, env: dict[str, str]) -> dict[str, str]:
         """Placement, the orchestrator and the forecaster get their own role's URL; the gateway and the workers
@@ -277,6 +288,12 @@ def smoke_request(gateway_url: str, api_key: str, model: str = DEMO_MODEL) -> st
             f"outcome {outcome}, finish {resp.choices[0].finish_reason})")
 
 
+def _control_plane_metrics(settings: LocalClusterSettings) -> str:
+    if not settings.metrics_port:
+        return ""
+    return "; " + ", ".join(f"{svc} on :{settings.metrics_port + off}" for svc, off in METRICS_OFFSET.items())
+
+
 def up(settings: LocalClusterSettings, smoke: bool = True, ready_timeout_s: float = 180.0,
        exit_after_smoke: bool = False) -> int:
     state_dir = settings.state_dir.resolve()
@@ -329,7 +346,7 @@ def up(settings: LocalClusterSettings, smoke: bool = True, ready_timeout_s: floa
             print(f"      answer: {answer}")
         print(f"\nWarmServe is up in {time.monotonic() - progress.t0:.1f} s.\n"
               f"  OpenAI API:  {cluster.gateway_url}/v1   (model '{DEMO_MODEL}', API key {api_key})\n"
-              f"  metrics:     {cluster.gateway_url}/metrics\n"
+              f"  metrics:     {cluster.gateway_url}/metrics{_control_plane_metrics(settings)}\n"
               f"  NATS:        {without_user(cluster.operator_nats_url)}   "
               f"(operator credentials in {state_dir / CLUSTER_FILE})\n"
               f"  logs:        {state_dir / 'logs'}\n"
