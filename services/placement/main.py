@@ -54,7 +54,9 @@ class Placement:
 
     async def sync_keys(self) -> None:
         """API keys Postgres -> KV, keyed by hash: the gateway checks keys without the database. A row that is
-        not a valid key is skipped and the others sync."""
+        not a valid key is skipped and the others sync; its last published record is deleted like any key not
+        in the table, so a key whose row went bad (say, disabled while its hash was overwritten) fails closed
+        rather than authenticating as it last did."""
         async with self.sessions() as session:
             rows, bad = await repo.key_records(session)
         self._skipped("api_keys", bad)
@@ -62,8 +64,7 @@ class Placement:
             if self.keys.items.get(key_hash) != record:
                 await self.keys_kv.put(key_hash, record.encode())
         for key_hash in set(self.keys.items) - set(rows):
-            if self.keys.items[key_hash].name not in bad:
-                await self.keys_kv.delete(key_hash)
+            await self.keys_kv.delete(key_hash)
 
     def _skipped(self, table: str, bad: dict[str, str]) -> None:
         """Log the rows of ``table`` a sync skips: each once, not every round."""
