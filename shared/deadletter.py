@@ -15,7 +15,10 @@ The limit is kept here, not as the consumer's ``max_deliver`` on the server: the
 Postgres outage from a poison message, and a message past its limit there is silently never delivered again.
 Giving up publishes a ``DeadLetter`` (the original payload, the error, the consumer, stream and delivery
 count) to ``warmserve.deadletter.<service>``, counts it in ``warmserve_dead_letters_total`` and terminates
-the message; if that publish fails, the message is redelivered instead, so nothing is dropped.
+the message; if that publish fails, the message is redelivered instead, so nothing is dropped. A payload that
+would not fit in a dead letter under NATS's max_payload (less ``HEADROOM`` for headers) is cut to fit and
+flagged; should the dead letter still be too large, the message is terminated with an error logged: a
+message that can never be dead-lettered would otherwise be redelivered forever.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ MAX_DELIVER = 5  # deliveries of a message failing for an unknown reason before 
 TRANSIENT_DELAY_S = 2.0  # between retries while a dependency is away
 MAX_BACKOFF_S = 30.0
 _POISON_SQLSTATE = ("22", "23")  # data exception, integrity constraint violation
+HEADROOM = 16 * 1024  # kept free under max_payload for a dead letter's headers (message id, trace context)
+DEFAULT_MAX_PAYLOAD = 1024 * 1024  # nats-server's default, when the connection does not say
 
 
 class Fault(str, enum.Enum):
@@ -80,27 +85,56 @@ def service_of(durable: str) -> str:
     return durable if SLUG_RE.match(durable) else "unknown"
 
 
-def letter(msg: Msg, durable: str, code: str, exc: BaseException, now_s: float) -> DeadLetter:
+def letter(msg: Msg, durable: str, code: str, exc: BaseException, now_s: float,
+           max_bytes: int | None = None) -> DeadLetter:
+    """The dead letter of ``msg``; with ``max_bytes``, its payload cut (and flagged) until it encodes to at
+    most that many bytes (JSON escapes can make a payload several times its size)."""
     meta = msg.metadata
+    data = msg.data
     try:
-        payload, b64 = msg.data.decode(), False
+        text_payload: str | None = data.decode()
     except UnicodeDecodeError:
-        payload, b64 = base64.b64encode(msg.data).decode(), True
+        text_payload = None
     text = f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-    return DeadLetter(service=service_of(durable), consumer=durable, stream=meta.stream, subject=msg.subject,
-                      stream_seq=meta.sequence.stream, delivered=meta.num_delivered,
-                      error=ErrorInfo(code=code, message=text[:1000]), failed_at_s=now_s, payload=payload,
-                      payload_base64=b64)
+
+    def make(keep: int) -> DeadLetter:  # keep: characters of text, or bytes before base64
+        if text_payload is not None:
+            payload, whole = text_payload[:keep], keep >= len(text_payload)
+        else:
+            payload, whole = base64.b64encode(data[:keep]).decode(), keep >= len(data)
+        return DeadLetter(service=service_of(durable), consumer=durable, stream=meta.stream, subject=msg.subject,
+                          stream_seq=meta.sequence.stream, delivered=meta.num_delivered,
+                          error=ErrorInfo(code=code, message=text[:1000]), failed_at_s=now_s, payload=payload,
+                          payload_base64=text_payload is None, payload_truncated=not whole, payload_bytes=len(data))
+
+    whole = make(len(text_payload) if text_payload is not None else len(data))
+    if max_bytes is None or len(whole.encode()) <= max_bytes:
+        return whole
+    lo, hi = 0, len(text_payload) if text_payload is not None else len(data)  # the longest prefix that fits
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if len(make(mid).encode()) <= max_bytes else (lo, mid)
+    return make(lo)
 
 
-async def give_up(js: JetStreamContext, msg: Msg, durable: str, code: str, exc: BaseException) -> bool:
+async def give_up(js: JetStreamContext, msg: Msg, durable: str, code: str, exc: BaseException,
+                  max_payload: int | None = None) -> bool:
     """Move ``msg`` to the dead-letter stream and terminate it; False (and the message redelivered later)
-    if the dead letter could not be stored."""
-    dead = letter(msg, durable, code, exc, time.time())
+    if the dead letter could not be stored, or (terminated, logged) if it can never fit in a NATS message.
+    ``max_payload``: the server's (by default, what the connection was told)."""
+    if max_payload is None:  # nats-py keeps the connection on the context, privately
+        max_payload = getattr(getattr(js, "_nc", None), "max_payload", None) or DEFAULT_MAX_PAYLOAD
+    dead = letter(msg, durable, code, exc, time.time(), max_bytes=max(max_payload - HEADROOM, 0))
     try:
         # one dead letter per stored message, however often a give-up is retried
         headers = inject_headers({"Nats-Msg-Id": f"{dead.stream}:{dead.stream_seq}:{durable}"})
         await js.publish(DEAD_LETTER.format(service=dead.service), dead.encode(), headers=headers)
+    except nats.errors.MaxPayloadError as publish_exc:  # retrying cannot make it fit
+        log.error("%s: gave up on %s #%d from %s (%s: %s) but its dead letter is too large to store (%s); "
+                  "terminated without one, the original stays in %s until it ages out", durable, dead.stream,
+                  dead.stream_seq, dead.subject, code, dead.error.message, publish_exc, dead.stream)
+        await msg.term()
+        return False
     except Exception as publish_exc:
         log.warning("%s: could not store the dead letter of %s #%d (%s); it will be redelivered", durable,
                     dead.stream, dead.stream_seq, publish_exc)

@@ -367,7 +367,9 @@ class DeadLetter(BusMessage):
     """A message a durable consumer gave up on (shared/deadletter.py), kept with why for an operator.
 
     ``payload`` is the original message as it was stored (UTF-8 text; base64 when ``payload_base64``, for
-    bytes that are not text), so it can be read, fixed and published again on ``subject``."""
+    bytes that are not text), so it can be read, fixed and published again on ``subject``. A payload too
+    large to fit in a dead letter under NATS's max_payload is cut (``payload_truncated``; its size was
+    ``payload_bytes``): then only its start is kept, and the original is still in its stream until it ages out."""
 
     service: str  # the NATS user whose consumer gave up
     consumer: str  # the durable consumer
@@ -379,3 +381,5 @@ class DeadLetter(BusMessage):
     failed_at_s: float
     payload: str
     payload_base64: bool = False
+    payload_truncated: bool = False
+    payload_bytes: int | None = None  # the original payload's size

@@ -235,3 +235,35 @@ async def test_each_consuming_service_may_store_its_dead_letters_under_its_own_u
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_a_message_too_large_to_wrap_is_dead_lettered_cut_to_fit_not_retried_forever(nc, nats_url, database_url,
+                                                                                         db):
+    """A malformed event as large as NATS allows (quotes, which JSON doubles): its dead letter would be over
+    max_payload, so its payload is cut to fit and flagged, and the consumer moves on."""
+    js = nc.jetstream()
+    await bus.ensure_all(js)
+    orch = Orchestrator(OrchestratorSettings(nats_url=nats_url, database_url=database_url))
+    orch.sessions = db
+    started = time.time()
+    consumer = asyncio.create_task(bus.consume(js, WORKER_EVENT.wildcard, "orchestrator-events", WorkerEvent,
+                                               orch.on_event, start_s=started - 0.5))
+    try:
+        subject = WORKER_EVENT.format(worker="w-dl")
+        huge = b"{" + b'"' * (nc.max_payload - 1024)
+        await js.publish(subject, huge, headers={"Nats-Msg-Id": f"dl-huge-{started}"})
+        await bus.js_publish(js, subject, event("good-after-huge"), msg_id=f"dl-good-huge-{started}")
+        await eventually(lambda: rows(db, "select event_id from model_events where event_id = 'good-after-huge'"),
+                         timeout=20, what="the event after the huge one stored")
+        [cut] = await eventually(lambda: dead_letters(js, "orchestrator", started), timeout=10, what="its dead letter")
+        assert cut.error.code == "malformed" and cut.payload_truncated and cut.payload_bytes == len(huge)
+        assert huge.decode().startswith(cut.payload) and len(cut.payload) > nc.max_payload // 4
+        assert len(cut.encode()) <= nc.max_payload - 16 * 1024
+
+        async def settled():  # terminated, not waiting for another delivery
+            info = await js.consumer_info("WARMSERVE_EVENTS", "orchestrator-events")
+            return info.num_ack_pending == 0 and info.num_pending == 0
+        await eventually(settled, timeout=10, what="the consumer to have nothing pending")
+    finally:
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)

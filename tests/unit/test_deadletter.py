@@ -1,5 +1,7 @@
 """Which failures of a durable consumer's handler are retried and which are given up on."""
 
+import base64
+
 import psycopg
 import psycopg.errors as pe
 import pytest
@@ -63,3 +65,46 @@ def test_the_dead_letter_counter_is_served_on_the_metrics_port_and_a_taken_port_
         with pytest.raises(SystemExit, match="cannot serve metrics on 127.0.0.1"):
             metrics.serve("127.0.0.1", taken.getsockname()[1])
     metrics.serve("127.0.0.1", 0)  # off: nothing started
+
+
+class _Msg:
+    """Just what shared.deadletter reads of a JetStream message."""
+
+    def __init__(self, data: bytes):
+        from types import SimpleNamespace
+
+        self.data, self.subject = data, "warmserve.event.worker.w0"
+        self.metadata = SimpleNamespace(stream="WARMSERVE_EVENTS", sequence=SimpleNamespace(stream=7), num_delivered=1)
+        self.acted = []
+
+    async def term(self):
+        self.acted.append("term")
+
+    async def nak(self, delay=None):
+        self.acted.append("nak")
+
+
+def test_a_payload_too_large_for_a_dead_letter_is_cut_to_fit_and_flagged():
+    from shared.deadletter import letter
+
+    for data in (b"{" + b'"\n' * 5000, bytes(range(256)) * 40):  # escapes double it or more; bytes go as base64
+        small = letter(_Msg(data), "orchestrator-events", "malformed", ValueError("bad"), 0.0)
+        assert not small.payload_truncated and small.payload_bytes == len(data)
+        cut = letter(_Msg(data), "orchestrator-events", "malformed", ValueError("bad"), 0.0, max_bytes=4000)
+        assert cut.payload_truncated and cut.payload_bytes == len(data) and 3900 < len(cut.encode()) <= 4000
+        kept = base64.b64decode(cut.payload) if cut.payload_base64 else cut.payload.encode()
+        assert data.startswith(kept) and kept
+
+
+async def test_a_dead_letter_that_can_never_fit_terminates_the_message_instead_of_redelivering_it():
+    import nats.errors
+
+    from shared.deadletter import give_up
+
+    class TooSmall:
+        async def publish(self, *args, **kwargs):
+            raise nats.errors.MaxPayloadError
+
+    msg = _Msg(b"{not json")
+    assert await give_up(TooSmall(), msg, "orchestrator-events", "malformed", ValueError("bad"), max_payload=100) is False
+    assert msg.acted == ["term"]

@@ -73,6 +73,8 @@ def cmd_deadletters(a) -> int:
               f"{d['delivered']} deliver{'y' if d['delivered'] == 1 else 'ies'}; {d['error']['code']}: "
               f"{d['error']['message']}")
         payload = d["payload"] if not d["payload_base64"] else f"(base64) {d['payload']}"
+        if d.get("payload_truncated"):
+            payload = f"(first part of {d['payload_bytes']} bytes) {payload}"
         print(f"    {payload[:300]}{'...' if len(payload) > 300 else ''}")
     return 0
 
