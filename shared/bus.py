@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from typing import Generic, TypeVar
 
 import nats
@@ -427,9 +429,9 @@ class KvMirror(Generic[M]):
     can be sent requests).
 
     ``seen_at[key]`` is when the current value was written as this reader knows it, on the reader's own
-    clock: its receipt time for a live update, the server's timestamp for one read from the store (a
-    snapshot). Liveness is judged on it, never on a time the writer put in its value (a writer's clock may
-    be off). An entry silent for longer than ``expire_after_s`` while the mirror watched (default: the
+    clock: its receipt time for a live update; for one read from the store (a snapshot), its age on the
+    server's clock subtracted from the reader's now (``snapshot_seen_at``). Liveness is judged on it, never on
+    a time the writer or the server put in a value (either clock may be off). An entry silent for longer than ``expire_after_s`` while the mirror watched (default: the
     bucket's TTL, after which the server has dropped it from the store too; expiry sends watchers nothing)
     is dropped, so entries of writers that went away (ephemeral worker ids) do not pile up in every mirror.
     """
@@ -523,12 +525,13 @@ class KvMirror(Generic[M]):
                 if nc is not None:
                     watchdog = asyncio.create_task(_stop_on_reconnect(watcher, nc, self._went_blind))
                 fresh: dict[str, M] = {}
-                fresh_seen: dict[str, float] = {}
+                fresh_seen: dict[str, float | None] = {}  # the server's timestamps until the snapshot ends
                 initial = True
                 async for entry in watcher:
                     if entry is None:  # end of the initial snapshot
                         initial = False
-                        self.items, self.seen_at = fresh, fresh_seen
+                        server_now = await self._server_now()
+                        self.items, self.seen_at = fresh, snapshot_seen_at(fresh_seen, self._clock(), server_now)
                         self._heard_at = {k: t for k, t in self._heard_at.items() if k in fresh}
                         self._resumed()
                         self.ready.set()
@@ -548,9 +551,9 @@ class KvMirror(Generic[M]):
                         except ValueError as exc:
                             log.warning("skipping bad %s value for %s: %s", self._type.__name__, entry.key, exc)
                             continue
-                        # from the store: when the server stored it (never later than now); live: now
+                        # from the store: when the server stored it, on the server's clock; live: now
                         stored = getattr(entry.created, "timestamp", None)
-                        seen[entry.key] = min(stored(), now) if initial and stored else now
+                        seen[entry.key] = (stored() if stored else None) if initial else now
                     if not initial:
                         await self._changed()
             except asyncio.CancelledError:
@@ -568,11 +571,39 @@ class KvMirror(Generic[M]):
                     except (Exception, asyncio.CancelledError):
                         pass
 
+    async def _server_now(self) -> float | None:
+        """The server's clock now: the ``ts`` of the bucket's stream info (nats-server 2.10 and later), or
+        None where it cannot be had (an older server, a timeout)."""
+        js = getattr(self._kv, "_js", None)
+        nc, stream = getattr(js, "_nc", None), getattr(self._kv, "_stream", None)
+        if nc is None or stream is None:
+            return None
+        try:
+            reply = await nc.request(f"{js._prefix}.STREAM.INFO.{stream}", b"", timeout=2.0)
+            ts = json.loads(reply.data).get("ts")
+            return datetime.fromisoformat(ts).timestamp() if ts else None
+        except Exception as exc:
+            log.debug("no server time from %s: %s", stream, exc)
+            return None
+
     async def _changed(self) -> None:
         if self._on_change is not None:
             result = self._on_change()
             if asyncio.iscoroutine(result):
                 await result
+
+
+def snapshot_seen_at(stored: dict[str, float | None], now: float,
+                     server_now: float | None = None) -> dict[str, float]:
+    """When each entry of a snapshot was written, on the reader's clock: its age on the server's clock
+    (``server_now`` less its timestamp) subtracted from the reader's ``now``. The server's timestamps are not
+    comparable with ``now``: a server clock behind the reader's by more than the heartbeat timeout made every
+    worker in a snapshot look dead. Without ``server_now`` (a server older than 2.10) ages are taken behind
+    the snapshot's newest entry, which counts as written ``now``: silences are undercounted by that entry's
+    (about a heartbeat while any writer is live). An entry without a timestamp counts as written ``now``."""
+    known = [t for t in stored.values() if t is not None]
+    ref = server_now if server_now is not None else max(known, default=0.0)
+    return {k: now if t is None else now - max(0.0, ref - t) for k, t in stored.items()}
 
 
 async def _stop_on_reconnect(watcher, nc: NATS, went_blind: Callable[[], None], every_s: float = 0.25) -> None:
