@@ -488,8 +488,11 @@ class KvMirror(Generic[M]):
         every = min(self.expire_after_s / 4, 5.0)
         while True:
             await asyncio.sleep(every)
-            if self.prune():
-                await self._changed()
+            try:  # a failing on_change must not end expiry for the mirror's life, silently
+                if self.prune():
+                    await self._changed()
+            except Exception as exc:
+                log.warning("KV expiry on %s failed (%s); retrying in %.1f s", self._type.__name__, exc, every)
 
     def _went_blind(self) -> None:
         if self._blind_since is None and self.ready.is_set():

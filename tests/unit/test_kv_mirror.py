@@ -1,4 +1,5 @@
-"""KvMirror on a fake bucket: a snapshot's timestamps are the server's clock, not the reader's."""
+"""KvMirror on a fake bucket: a snapshot's timestamps are the server's clock, not the reader's, and a failing
+on_change does not end expiry."""
 
 import asyncio
 import json
@@ -10,6 +11,7 @@ import pytest
 from shared.bus import KvMirror, snapshot_seen_at
 from shared.messages import WorkerState
 from shared.subjects import WORKERS_BUCKET
+from tests.helpers import eventually
 
 
 def state(wid: str) -> WorkerState:
@@ -78,3 +80,25 @@ async def test_a_snapshot_from_a_server_with_a_skewed_clock_keeps_live_workers_l
     finally:
         await mirror.stop()
 
+
+async def test_expiry_survives_an_on_change_that_raises():
+    now = [100.0]
+    calls = []
+
+    def on_change():
+        calls.append(now[0])
+        if len(calls) == 2:  # the first expiry's
+            raise RuntimeError("boom")
+
+    mirror = KvMirror(bucket(entry("a", 100.0), entry("b", 100.0)), WorkerState, on_change=on_change,
+                      clock=lambda: now[0], expire_after_s=0.2).start()
+    try:
+        await asyncio.wait_for(mirror.ready.wait(), 5)
+        assert len(calls) == 1  # the snapshot
+        now[0] = 101.0
+        await eventually(lambda: len(calls) == 2)  # both expired at once; on_change raised
+        mirror.items["c"], mirror.seen_at["c"] = state("c"), 101.0  # a later entry, silent from now on
+        now[0] = 102.0
+        await eventually(lambda: len(calls) == 3 and set(mirror.items) == set())  # expiry still runs
+    finally:
+        await mirror.stop()
