@@ -319,6 +319,14 @@ class _ClosingStream(StreamingResponse):
             await self._on_close()
 
 
+LOGGED_DETAIL_CHARS = 300
+
+
+def shorten(text: str, limit: int = LOGGED_DETAIL_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out (the full text is in the trace)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 class Served:
     """Bookkeeping of one request, closed exactly once whatever way it ends."""
 
@@ -355,9 +363,9 @@ class Served:
         and the request's span; the client has the error's stable code and sentence."""
         if isinstance(exc, ApiError) and not self._done:
             errors.record(self.span, exc)
-            if exc.detail and not logged:
+            if exc.detail and not logged:  # shortened: a worker's message may quote the prompt
                 log.log(logging.WARNING if exc.status >= 500 else logging.INFO, "request %s failed with %s %s: %s",
-                        self.request_id, exc.status, exc.code, exc.detail)
+                        self.request_id, exc.status, exc.code, shorten(exc.detail))
 
     def done(self, status: int, last: InferChunk | None = None) -> None:
         if self._done:

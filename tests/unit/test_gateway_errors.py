@@ -325,3 +325,18 @@ def test_a_stream_that_fails_midway_ends_with_the_stable_message(served_by, span
         assert err["message"] in ({m for _, m in errors.WORKER_ERRORS.values()} | {errors.INTERNAL[2]})
         _no_leak(resp.text)
         assert "leak-worker-7" in caplog.text, (code, caplog.text)  # the operator still learns which worker
+
+
+def test_a_failed_requests_logged_detail_is_shortened(caplog):
+    """A worker's message may quote the prompt: the log line keeps its start only."""
+    from unittest.mock import MagicMock
+
+    from services.gateway.app import LOGGED_DETAIL_CHARS, Served
+
+    served = Served(MagicMock(), "tiny", "req-1", MagicMock())
+    detail = "engine_error: prompt was " + "secret " * 200
+    with caplog.at_level("INFO", logger="warmserve.gateway"):
+        served.failed(errors.ApiError(500, "failed", code="engine_error", detail=detail))
+    [line] = [r.getMessage() for r in caplog.records if "req-1" in r.getMessage()]
+    assert line.count("secret") < 60 and len(line) < LOGGED_DETAIL_CHARS + 120
+    assert line.endswith(f"({len(detail) - LOGGED_DETAIL_CHARS} more characters)")
