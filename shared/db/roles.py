@@ -60,7 +60,8 @@ def role_exists(conn: Connection, name: str) -> bool:
 def ensure_login(url: str, service: str, password: str) -> str:
     """Create (or update the password of) ``service``'s login user in the database of ``url``, which must
     be an owner's URL with the right to create roles (the one migrations run with). Returns the
-    service's URL: ``url`` with the login user and password in it."""
+    service's URL: ``url`` with the login user and password in it. The server is sent the password's
+    SCRAM-SHA-256 verifier, never the password: DDL lands in the server's log (log_statement=ddl)."""
     if not password:
         raise ValueError(f"an empty password for the {service} database user")
     target = make_url(sqlalchemy_url(url))
@@ -72,7 +73,7 @@ def ensure_login(url: str, service: str, password: str) -> str:
             if not role_exists(conn, group):
                 raise RuntimeError(f"role {group} is missing: bring the database to the latest schema first "
                                    "(warmserve migrate)")
-            secret = _literal(conn, password)
+            secret = _literal(conn, scram_verifier(conn, login, password))
             verb = "alter" if role_exists(conn, login) else "create"
             conn.exec_driver_sql(f"{verb} role {quote(conn, login)} login inherit nosuperuser nocreatedb "
                                  f"nocreaterole nobypassrls password {secret}")
@@ -86,6 +87,13 @@ def service_url(url: str, user: str, password: str) -> str:
     """``url`` (any scheme WarmServe accepts) with another user and password."""
     parsed = make_url(url.replace("postgres://", "postgresql://", 1))
     return parsed.set(username=user, password=password).render_as_string(hide_password=False)
+
+
+def scram_verifier(conn: Connection, user: str, password: str) -> str:
+    """The SCRAM-SHA-256 verifier Postgres stores for ``password`` (``SCRAM-SHA-256$<iterations>:<salt>$
+    <StoredKey>:<ServerKey>``), computed here by libpq (PQencryptPasswordConn) with a random salt."""
+    pgconn = conn.connection.driver_connection.pgconn
+    return pgconn.encrypt_password(password.encode(), user.encode(), b"scram-sha-256").decode()
 
 
 def _literal(conn: Connection, value: str) -> str:

@@ -202,3 +202,46 @@ def test_migrate_command_creates_the_logins_whose_passwords_are_set(database_url
     with pytest.raises(SystemExit) as exit_:
         cli(["migrate"])
     assert exit_.value.code == 2 and "WARMSERVE_DB_PLACEMENT_PASSWORD" in capsys.readouterr().err
+
+
+def test_a_login_password_reaches_postgres_only_as_its_scram_verifier(database_url):
+    """DDL lands in the server's log (log_statement=ddl): the statements ensure_login runs never hold the
+    password, and what Postgres stores is the SCRAM-SHA-256 verifier of that password (checked here from
+    RFC 5802's definitions, independently of the code that made it)."""
+    import base64
+    import hashlib
+    import hmac
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine, make_url
+
+    password = "s3cret-Pw-\u00e9"
+    sent: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        sent.append(f"{statement} {parameters!r}")
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        ensure_login(database_url, "placement", password)
+        ensure_login(database_url, "placement", password)  # an existing login: alter role
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+    assert sum("create role" in s for s in sent) == 1 and sum("alter role" in s for s in sent) == 1
+    assert not [s for s in sent if password in s or "s3cret" in s]
+
+    login = login_role(make_url(database_url).database, "placement")
+    engine = sync_engine(sqlalchemy_url(database_url))
+    try:
+        with engine.connect() as conn:
+            stored = conn.execute(text("select rolpassword from pg_authid where rolname = :n"), {"n": login}).scalar_one()
+    finally:
+        engine.dispose()
+    method, rest = stored.split("$", 1)
+    params, keys = rest.split("$")
+    iterations, salt = params.split(":")
+    stored_key, server_key = (base64.b64decode(k) for k in keys.split(":"))
+    assert method == "SCRAM-SHA-256" and int(iterations) >= 4096
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(salt), int(iterations))
+    assert stored_key == hashlib.sha256(hmac.new(salted, b"Client Key", "sha256").digest()).digest()
+    assert server_key == hmac.new(salted, b"Server Key", "sha256").digest()
