@@ -3,6 +3,7 @@ dead-letter stream with its error and the consumer moves on; a Postgres outage i
 
 import asyncio
 import time
+import uuid
 
 import pytest
 from sqlalchemy import text
@@ -267,3 +268,22 @@ async def test_a_message_too_large_to_wrap_is_dead_lettered_cut_to_fit_not_retri
     finally:
         consumer.cancel()
         await asyncio.gather(consumer, return_exceptions=True)
+
+
+async def test_listing_one_services_dead_letters_reads_only_the_newest(nc, nats_url):
+    """`warmserve deadletters --service X --limit N` reads about N letters, not the stream's history, and
+    stops at X's last letter even when the stream's last message is another service's."""
+    js = nc.jetstream()
+    await bus.ensure_all(js)
+    tag = uuid.uuid4().hex[:8]
+    seqs = [(await js.publish(DEAD_LETTER.format(service="orchestrator"), f"o-{tag}-{i}".encode())).seq
+            for i in range(12)]
+    await js.publish(DEAD_LETTER.format(service="forecaster"), f"f-{tag}".encode())  # the stream's last
+    counts: dict = {}
+    listed = await deadletters.read(nats_url, "orchestrator", limit=2, counts=counts)
+    assert [d["seq"] for d in listed] == seqs[-2:]
+    assert counts["read"] <= 4, counts  # from about the 2nd newest, not from the first of 12 and more
+    everything: dict = {}
+    assert [d["seq"] for d in await deadletters.read(nats_url, "orchestrator", limit=1000, counts=everything)
+            ][-12:] == seqs
+    assert everything["read"] >= 12

@@ -11,10 +11,11 @@ import json
 import time
 
 
-async def read(nats_url: str, service: str | None = None, limit: int = 50) -> list[dict]:
-    """The newest ``limit`` dead letters (of one service, or all), oldest first, with their stream sequence."""
-    from nats.js.api import ConsumerConfig, DeliverPolicy
-
+async def read(nats_url: str, service: str | None = None, limit: int = 50, counts: dict | None = None) -> list[dict]:
+    """The newest ``limit`` dead letters (of one service, or all), oldest first, with their stream sequence.
+    Reads from about the ``limit``-th newest of them, not the stream's whole history, and stops at the last
+    one for its subject (the consumer's ``num_pending`` reaching 0), not at the stream's last message, which
+    may be another service's. ``counts["read"]``: how many letters it read."""
     from shared import bus
     from shared.messages import DeadLetter
     from shared.subjects import DEAD_LETTER
@@ -26,32 +27,60 @@ async def read(nats_url: str, service: str | None = None, limit: int = 50) -> li
             info = await js.stream_info("WARMSERVE_DEADLETTER")
         except Exception:  # never created: no service has run this version yet
             return []
-        last = info.state.last_seq
-        if not info.state.messages:
+        if not info.state.messages or limit < 1:
             return []
         subject = DEAD_LETTER.format(service=service) if service else DEAD_LETTER.wildcard
-        start = max(last - limit + 1, info.state.first_seq)  # (fewer when other services' letters are among them)
-        sub = await js.subscribe(subject, ordered_consumer=True, config=ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=info.state.first_seq if service else start))
+        first, last = info.state.first_seq, info.state.last_seq
+        span = limit  # widened until it holds ``limit`` of this subject's letters (or reaches the first)
+        while True:
+            start = max(last - span + 1, first)
+            pending = await _pending_from(js, subject, start)
+            if start == first or pending >= limit:
+                break
+            span *= 2
+        if not pending:
+            return []
         out: list[dict] = []
+        sub = await _ordered(js, subject, start)
         try:
             while True:
                 try:
-                    msg = await sub.next_msg(timeout=1.0)
-                except Exception:
+                    msg = await sub.next_msg(timeout=5.0)
+                except Exception:  # none left (a stream emptied meanwhile)
                     break
                 try:
                     letter = DeadLetter.decode(msg.data).model_dump()
                 except ValueError:
                     letter = {"undecodable": msg.data[:200].decode(errors="replace")}
                 out.append({"seq": msg.metadata.sequence.stream, **letter})
-                if msg.metadata.sequence.stream >= last:
+                if not msg.metadata.num_pending:  # the last one of this subject
                     break
         finally:
             await sub.unsubscribe()
+        if counts is not None:
+            counts["read"] = len(out)
         return out[-limit:]
     finally:
         await nc.close()
+
+
+async def _ordered(js, subject: str, start: int):
+    from nats.js.api import ConsumerConfig, DeliverPolicy
+
+    return await js.subscribe(subject, ordered_consumer=True, config=ConsumerConfig(
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start))
+
+
+async def _pending_from(js, subject: str, start: int) -> int:
+    """How many letters of ``subject`` the stream holds from sequence ``start`` on (one message read)."""
+    sub = await _ordered(js, subject, start)
+    try:
+        msg = await sub.next_msg(timeout=5.0)
+        return msg.metadata.num_pending + 1
+    except Exception:  # none
+        return 0
+    finally:
+        await sub.unsubscribe()
 
 
 def cmd_deadletters(a) -> int:
