@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from shared import bus
+from shared.admin import AdminClient
 from tests.chaos.conftest import (
     cli, ended_with_error, gateway_gauge, service_process, spawn_worker, stream, until, workers,
 )
@@ -138,8 +139,9 @@ def test_stuck_worker_times_out_and_leaves_routing(cluster):
     assert stuck.is_running() and stuck.status() != "stopped"
 
 
-async def first_command(nats_url: str, worker_id: str, kind: str, then, timeout_s: float) -> float:
-    """Subscribe to one worker's commands, call ``then()``, and return when a ``kind`` command reached it."""
+async def first_command(nats_url: str, worker_id: str, kind: str, then, timeout_s: float, after=None) -> float:
+    """Subscribe to one worker's commands, call ``then()``, and return when a ``kind`` command reached it
+    (and ``await after(nc)`` has run on the same connection, if given)."""
     nc = await bus.connect(nats_url, "chaos-observer", deadline_s=5)
     seen = asyncio.Event()
     try:
@@ -152,6 +154,8 @@ async def first_command(nats_url: str, worker_id: str, kind: str, then, timeout_
         then()
         await asyncio.wait_for(seen.wait(), timeout_s)
         await sub.unsubscribe()
+        if after is not None:
+            await after(nc)
     finally:
         await nc.close()
     return time.monotonic()
@@ -178,12 +182,11 @@ def test_worker_killed_during_a_cold_activation(cluster):
             for t in waiters:
                 t.start()
 
-        asyncio.run(first_command(cluster["nats_url"], "worker-slow", "activate", send, timeout_s=30))
-        undrain = [threading.Thread(target=cli, args=(env, "worker", "undrain", w)) for w in ("worker-0", "worker-1")]
-        for t in undrain:
-            t.start()
-        for t in undrain:
-            t.join(30)
+        async def undrain(nc):  # in process: two CLI processes could eat much of the 20 s queue wait
+            for w in ("worker-0", "worker-1"):
+                await AdminClient(nc).call("worker-undrain", {"worker_id": w}, timeout=15)
+
+        asyncio.run(first_command(cluster["nats_url"], "worker-slow", "activate", send, timeout_s=30, after=undrain))
         assert not served, served  # nothing could serve them yet: the activation takes a minute
         slow.kill()
         killed = time.monotonic()
