@@ -30,7 +30,7 @@ from shared import deadletter
 from shared.messages import BusMessage
 from shared.policy.cluster import silence
 from shared.settings import NatsSettings
-from shared.subjects import BUCKETS, STREAMS, BucketSpec
+from shared.subjects import BUCKETS, STREAMS, BucketSpec, responder_worker
 from shared.telemetry import inject_headers
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,23 @@ def inbox_prefix_for(user: str | None) -> str:
     """Reply inboxes of a NATS user: ``_INBOX.<user>``, so the server can let each user subscribe to its
     own replies only (tooling/localcluster/nats_auth.py). Without a (plain) user name: ``_INBOX``."""
     return f"{INBOX_PREFIX}.{user}" if user and _USER_RE.fullmatch(user) else INBOX_PREFIX
+
+
+def worker_inbox(prefix: str, worker_id: str) -> str:
+    """Where a request to one worker wants its replies: under the asker's inbox prefix, addressed to the
+    worker (``_INBOX.<asker>.worker.<id>``). A worker's NATS user may publish only there, no service but
+    workers may publish there (tooling/localcluster/nats_auth.py)."""
+    return f"{prefix}.worker.{worker_id}"
+
+
+def reply_inbox(nc: NATS, subject: str) -> str:
+    """A private inbox for one request on ``subject``, addressed to the worker that answers it if one does."""
+    inbox = nc.new_inbox()
+    worker_id = responder_worker(subject)
+    if worker_id is None:
+        return inbox
+    prefix, _, unique = inbox.rpartition(".")
+    return f"{worker_inbox(prefix, worker_id)}.{unique}"
 
 
 def _url_user(url: str) -> str | None:
@@ -210,8 +227,8 @@ async def request(nc: NATS, subject: str, msg: BusMessage, reply_type: type[M], 
     ``resend_on_reconnect``: a request or its reply that was on the wire when the connection dropped is
     lost, and waiting would last the whole ``timeout``; the same message is sent again after every
     reconnect instead. Only for requests the responder runs once per message id (worker commands)."""
-    if resend_on_reconnect:
-        return await _request_resending(nc, subject, msg, reply_type, timeout)
+    if resend_on_reconnect or responder_worker(subject) is not None:  # the latter: an addressed inbox
+        return await _request_resending(nc, subject, msg, reply_type, timeout, resend=resend_on_reconnect)
     try:
         resp = await nc.request(subject, msg.encode(), timeout=timeout, headers=inject_headers())
     except nats.errors.NoRespondersError:
@@ -222,8 +239,8 @@ async def request(nc: NATS, subject: str, msg: BusMessage, reply_type: type[M], 
 
 
 async def _request_resending(nc: NATS, subject: str, msg: BusMessage, reply_type: type[M], timeout: float,
-                             poll_s: float = 0.25) -> M:
-    inbox = nc.new_inbox()
+                             poll_s: float = 0.25, resend: bool = True) -> M:
+    inbox = reply_inbox(nc, subject)
     sub = await nc.subscribe(inbox)  # restored on reconnect before anything this client sends next
     payload, headers = msg.encode(), inject_headers()
     loop = asyncio.get_running_loop()
@@ -238,7 +255,7 @@ async def _request_resending(nc: NATS, subject: str, msg: BusMessage, reply_type
             try:
                 reply = await sub.next_msg(timeout=min(poll_s, left))
             except nats.errors.TimeoutError:
-                if nc.stats["reconnects"] != seen:
+                if resend and nc.stats["reconnects"] != seen:
                     seen = nc.stats["reconnects"]
                     log.info("reconnected while waiting on %s: sending the request again", subject)
                     await nc.publish(subject, payload, reply=inbox, headers=headers)
@@ -266,7 +283,7 @@ async def request_stream(
     """
     payload, headers = msg.encode(), inject_headers()
     check_size(nc, subject, payload, headers)
-    inbox = nc.new_inbox()
+    inbox = reply_inbox(nc, subject)
     sub = await nc.subscribe(inbox)
     try:
         await nc.publish(subject, payload, reply=inbox, headers=headers)

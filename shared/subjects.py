@@ -27,7 +27,14 @@ SERVICE_USERS = {  # the package under services/ -> the user its process connect
     "gateway": GATEWAY, "forecaster": FORECASTER, "placement": PLACEMENT, "prewarm_orchestrator": ORCHESTRATOR,
     "gpu_worker": WORKER,
 }
-USERS = (GATEWAY, FORECASTER, PLACEMENT, ORCHESTRATOR, WORKER, OPERATOR)
+USERS = (GATEWAY, FORECASTER, PLACEMENT, ORCHESTRATOR, WORKER, OPERATOR)  # WORKER: a role, one user per worker
+WORKER_USER_PREFIX = "worker-"
+
+
+def worker_user(worker_id: str) -> str:
+    """The NATS user of one worker (``worker-<id>``): each worker has its own, allowed only its own subjects,
+    its own key in the workers bucket, and replies into inboxes addressed to it (``responder_worker``)."""
+    return WORKER_USER_PREFIX + check_token(worker_id, "worker id")
 
 
 class Durability(str, enum.Enum):
@@ -160,6 +167,17 @@ SUBJECTS: tuple[Subject, ...] = (
 )
 
 
+def responder_worker(subject: str) -> str | None:
+    """The worker that answers a request on the concrete ``subject`` (its inference or command subject), or
+    None. Requesters address their reply inbox to it (``shared.bus.reply_inbox``): a worker may publish only
+    into inboxes addressed to it, so it cannot answer, or forge chunks of, another worker's requests."""
+    for s in SUBJECTS:
+        if s.reply is not None and WORKER in s.subscribers and "worker" in s.tokens \
+                and subject_matches(s.wildcard, subject):
+            return check_token(subject.split(".")[s.pattern.split(".").index("{worker}")], "worker id")
+    return None
+
+
 @dataclass(frozen=True)
 class StreamSpec:
     """A JetStream stream holding the durable subjects."""
@@ -190,12 +208,13 @@ class BucketSpec:
     doc: str
     writers: tuple[str, ...] = ()
     readers: tuple[str, ...] = ()
+    keyed_by_worker: bool = False  # key = worker id: each worker may write its own key only
 
 
 WORKERS_BUCKET = BucketSpec(
     "warmserve-workers", m.WorkerState, 60.0,
     "key = worker id; the worker's state, rewritten every heartbeat. Stale after heartbeat_timeout_s.",
-    writers=(WORKER,), readers=(GATEWAY, PLACEMENT, ORCHESTRATOR),
+    writers=(WORKER,), readers=(GATEWAY, PLACEMENT, ORCHESTRATOR), keyed_by_worker=True,
 )
 CATALOG_BUCKET = BucketSpec(
     "warmserve-catalog", m.ModelSpec, None,

@@ -60,9 +60,13 @@ def service_process(up: Launched, module: str, worker_id: str | None = None) -> 
 
 
 def spawn_worker(up: Launched, worker_id: str, **env: str) -> subprocess.Popen:
-    """A worker outside the supervisor (nothing restarts it): its death is final, as a lost machine's."""
-    base = service_process(up, "gpu_worker", "worker-0").environ()  # the same settings and credentials
-    wenv = dict(base, WARMSERVE_WORKER_ID=worker_id, WARMSERVE_DEVICE="cpu:9", **env)
+    """A worker outside the supervisor (nothing restarts it): its death is final, as a lost machine's.
+    It joins with its own NATS user, added to the running nats-server (``infra.add_worker``)."""
+    from tooling.localcluster.infra import add_worker
+
+    base = service_process(up, "gpu_worker", "worker-0").environ()  # the same settings
+    url = add_worker(Path(up.env["WARMSERVE_STATE_DIR"]), worker_id)
+    wenv = dict(base, WARMSERVE_WORKER_ID=worker_id, WARMSERVE_DEVICE="cpu:9", WARMSERVE_NATS_URL=url, **env)
     with open(Path(up.env["WARMSERVE_STATE_DIR"]) / "logs" / f"{worker_id}.log", "ab") as log:
         return subprocess.Popen([sys.executable, "-m", "services.gpu_worker"], env=wenv, stdout=log,
                                 stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=die_with_parent)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from nats.js.api import DeliverPolicy
 from shared import bus
 from tooling.localcluster.infra import nats_server_binary
 from tooling.localcluster.nats_auth import (
-    OPERATOR, PERMISSIONS, USERS, NatsUsers, compose_config, server_config, with_user, without_user,
+    OPERATOR, PERMISSIONS, NatsUsers, compose_config, env_password, server_config, users_for, with_user,
+    without_user,
 )
 from tooling.localcluster.processes import free_port, wait_port
 from shared.messages import (
@@ -35,12 +37,16 @@ from shared.messages import (
 )
 from shared.subjects import (
     ADMIN, APIKEYS_BUCKET, CANCEL, CATALOG_BUCKET, DEMAND, FORECAST, FORECAST_ADMIN, INFER, OPERATOR_BUCKET,
-    PLACEMENT_BUCKET, PLACEMENT_KEY, PLACEMENT_PLAN, SCALE, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET, subject_matches,
+    PLACEMENT_BUCKET, PLACEMENT_KEY, PLACEMENT_PLAN, SCALE, WORKER, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET,
+    subject_matches, worker_user,
 )
-from tests.helpers import eventually
+from tests.helpers import eventually, flushed
 
 pytestmark = pytest.mark.integration
 QUIET_S = 0.5  # how long a dropped message is given to show up anyway
+WORKERS = ("w1", "w2")  # the workers the secured server has users for
+W1, W2 = (worker_user(w) for w in WORKERS)
+ALL_USERS = users_for(WORKERS)  # user -> permissions
 
 
 @dataclass
@@ -48,6 +54,9 @@ class Secured:
     base: str
     users: NatsUsers
     log: Path
+    conf: Path
+    port: int
+    proc: subprocess.Popen
 
     def url(self, user: str) -> str:
         return self.users.url(self.base, user)
@@ -60,6 +69,12 @@ class Secured:
         return re.findall(r'"\$G/user:([^"]+)" - (Publish|Subscription) Violation - Subject "([^"]+)"',
                           self.log.read_text())
 
+    def add_worker(self, path: Path, worker_id: str) -> None:
+        """Give a new worker its user: rewrite the config and reload the running server (SIGHUP)."""
+        self.users = NatsUsers.load_or_create(path, (*self.users.workers, worker_id))
+        self.conf.write_text(server_config(self.port, self.conf.parent / "js", self.users))
+        self.proc.send_signal(signal.SIGHUP)
+
     async def refused(self, user: str, kind: str, subject: str) -> None:
         await eventually(lambda: _true((user, kind, subject) in self.violations()), timeout=5,
                          what=f"the server to log {user}'s {kind.lower()} violation on {subject}")
@@ -71,7 +86,7 @@ async def _true(value: bool) -> bool:
 
 @pytest.fixture
 def secured(tmp_path):
-    users = NatsUsers.load_or_create(tmp_path / "users.json")
+    users = NatsUsers.load_or_create(tmp_path / "users.json", WORKERS)
     port = free_port()
     conf = tmp_path / "nats.conf"
     conf.write_text(server_config(port, tmp_path / "js", users))
@@ -79,7 +94,7 @@ def secured(tmp_path):
     with open(log, "w") as out:
         proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
     assert wait_port(port, 10.0, proc=proc)
-    yield Secured(f"nats://127.0.0.1:{port}", users, log)
+    yield Secured(f"nats://127.0.0.1:{port}", users, log, conf, port, proc)
     proc.terminate()
     proc.wait(10)
 
@@ -93,11 +108,15 @@ async def close_all(*conns) -> None:
 
 def test_passwords_are_kept_private_and_across_restarts(tmp_path):
     path = tmp_path / "state" / "nats-users.json"
-    users = NatsUsers.load_or_create(path)
-    assert set(users.passwords) == set(USERS) == set(PERMISSIONS)
-    assert len(set(users.passwords.values())) == len(USERS)  # one password each
-    assert NatsUsers.load_or_create(path) == users
+    users = NatsUsers.load_or_create(path, WORKERS)
+    assert set(users.passwords) == set(ALL_USERS) == set(PERMISSIONS) | {W1, W2}
+    assert WORKER not in users.passwords  # no user shared by every worker
+    assert users.workers == WORKERS
+    assert len(set(users.passwords.values())) == len(ALL_USERS)  # one password each
+    assert NatsUsers.load_or_create(path, WORKERS) == users
     assert oct(path.stat().st_mode & 0o777) == "0o600"
+    more = NatsUsers.load_or_create(path, (*WORKERS, "w3"))  # a worker added: the others keep their passwords
+    assert {u: more.passwords[u] for u in users.passwords} == users.passwords and more.workers == (*WORKERS, "w3")
 
 
 def test_an_older_users_file_is_regenerated(tmp_path):
@@ -105,52 +124,61 @@ def test_an_older_users_file_is_regenerated(tmp_path):
     path.write_text(json.dumps({"operator_password": "op-secret", "service_password": "svc-secret"}))
     path.chmod(0o644)
     users = NatsUsers.load_or_create(path)
-    assert set(users.passwords) == set(USERS)
+    assert set(users.passwords) == set(PERMISSIONS)
     assert users.password(OPERATOR) == "op-secret"  # the operator's URL keeps working
     assert "svc-secret" not in users.passwords.values() and "service" not in users.passwords
     assert json.loads(path.read_text()) == {"users": users.passwords}
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     assert NatsUsers.load_or_create(path) == users
+    path.write_text(json.dumps({"users": {**users.passwords, WORKER: "shared-secret"}}))  # the shared worker user
+    assert NatsUsers.load_or_create(path) == users  # is gone
     path.write_text("not json")
-    assert set(NatsUsers.load_or_create(path).passwords) == set(USERS)
+    assert set(NatsUsers.load_or_create(path).passwords) == set(PERMISSIONS)
 
 
 # ---- the table, statically -----------------------------------------------------------------------------
 
 def may(user: str, direction: str, subject: str) -> bool:
-    rule = PERMISSIONS[user][direction]
+    rule = ALL_USERS[user][direction]
     return (any(subject_matches(p, subject) for p in rule["allow"])
             and not any(subject_matches(p, subject) for p in rule.get("deny", [])))
 
 
 def who_may(direction: str, subject: str) -> set[str]:
-    return {u for u in USERS if may(u, direction, subject)}
+    return {u for u in ALL_USERS if may(u, direction, subject)}
 
 
 @pytest.mark.parametrize("direction, subject, users", [
     ("publish", WORKER_CMD.format(worker="w1"), {"orchestrator", OPERATOR}),
-    ("subscribe", WORKER_CMD.format(worker="w1"), {"worker", OPERATOR}),
+    ("subscribe", WORKER_CMD.format(worker="w1"), {W1, OPERATOR}),  # each worker its own subjects only
     ("publish", INFER.format(worker="w1"), {"gateway", OPERATOR}),
-    ("subscribe", INFER.format(worker="w1"), {"worker", OPERATOR}),
+    ("subscribe", INFER.format(worker="w1"), {W1, OPERATOR}),
+    ("subscribe", INFER.format(worker="w2"), {W2, OPERATOR}),
     ("publish", CANCEL.format(worker="w1"), {"gateway", OPERATOR}),
+    ("subscribe", CANCEL.format(worker="w2"), {W2, OPERATOR}),
     ("publish", SCALE.format(model="m"), {"gateway", OPERATOR}),
     ("subscribe", SCALE.format(model="m"), {"orchestrator", OPERATOR}),
     ("publish", DEMAND.format(model="m"), {"gateway", OPERATOR}),
     ("publish", FORECAST.format(model="m"), {"forecaster", OPERATOR}),
     ("publish", PLACEMENT_PLAN.pattern, {"placement", OPERATOR}),
-    ("publish", WORKER_EVENT.format(worker="w1"), {"worker", OPERATOR}),
+    ("publish", WORKER_EVENT.format(worker="w1"), {W1, OPERATOR}),
     ("publish", ADMIN.format(verb="key-create"), {OPERATOR}),
     ("publish", FORECAST_ADMIN.format(verb="import"), {OPERATOR}),
     ("subscribe", ADMIN.format(verb="key-create"), {"placement", OPERATOR}),
     ("subscribe", FORECAST_ADMIN.format(verb="import"), {"forecaster", OPERATOR}),
-    ("publish", "$KV.warmserve-workers.w1", {"worker", OPERATOR}),
+    ("publish", "$KV.warmserve-workers.w1", {W1, OPERATOR}),  # a worker writes its own key only
+    ("publish", "$KV.warmserve-workers.w2", {W2, OPERATOR}),
     ("publish", "$KV.warmserve-catalog.m", {"placement", OPERATOR}),
     ("publish", "$KV.warmserve-apikeys.h", {"placement", OPERATOR}),
     ("publish", "$KV.warmserve-operator.drain.w1", {"placement", OPERATOR}),
     ("publish", "$KV.warmserve-placement.current", {"placement", OPERATOR}),
     ("subscribe", "_INBOX.operator.x.y", {OPERATOR}),  # admin replies (a new API key) reach the operator only
     ("subscribe", "_INBOX.gateway.x", {"gateway", OPERATOR}),
-    ("publish", "_INBOX.gateway.x", {"worker", "orchestrator", OPERATOR}),
+    ("subscribe", "_INBOX.worker-w1.x", {W1, OPERATOR}),
+    ("publish", "_INBOX.gateway.x", {"orchestrator", OPERATOR}),  # scale replies; no worker answers there
+    ("publish", "_INBOX.gateway.worker.w1.x", {W1, OPERATOR}),  # a request to w1: w1 alone answers
+    ("publish", "_INBOX.orchestrator.worker.w2.x", {W2, OPERATOR}),
+    ("publish", "_INBOX.operator.worker.w1.x", {W1, OPERATOR}),
     ("publish", "$JS.API.STREAM.DELETE.WARMSERVE_DEMAND", {OPERATOR}),
     ("publish", "$JS.API.STREAM.PURGE.KV_warmserve-workers", {OPERATOR}),
     ("publish", "$JS.API.STREAM.MSG.DELETE.KV_warmserve-catalog", {OPERATOR}),
@@ -184,7 +212,7 @@ def test_the_durable_consumers_in_the_table_are_the_services_own():
 
 
 def test_only_the_operator_may_do_anything():
-    for user in USERS:
+    for user in ALL_USERS:
         assert may(user, "publish", "anything.at.all") == (user == OPERATOR)
         assert may(user, "subscribe", ">") == (user == OPERATOR)
 
@@ -195,7 +223,7 @@ async def test_each_service_can_do_its_job_with_its_own_user(secured):
     """What each service does on the bus (shared/bus.py helpers, as its main.py uses them), under its user:
     nothing is refused."""
     gw, wk, orch, pl, fc, op = [await secured.connect(u) for u in
-                                ("gateway", "worker", "orchestrator", "placement", "forecaster", OPERATOR)]
+                                ("gateway", W1, "orchestrator", "placement", "forecaster", OPERATOR)]
     assert bytes(gw._inbox_prefix) == b"_INBOX.gateway"  # replies come back to the user's own inboxes
     mirrors: list[bus.KvMirror] = []
     tasks: list[asyncio.Task] = []
@@ -284,7 +312,7 @@ async def test_each_service_can_do_its_job_with_its_own_user(secured):
         await orch.subscribe(SCALE.wildcard, queue="orchestrator", cb=on_scale)
         await orch.jetstream().subscribe(DEMAND.wildcard, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW,
                                          cb=on_demand)
-        await orch.flush()
+        await flushed(orch)
 
         # forecaster: its durable demand consumer (recreated from a start time), forecasts, its admin verbs
         samples: list[DemandSample] = []
@@ -351,7 +379,7 @@ async def test_each_service_can_do_its_job_with_its_own_user(secured):
         assert reply.ok and reply.result == {"status": "fine"}
         await wkv.delete("w1")  # a stopping worker removes itself
         for nc in (gw, wk, orch, pl, fc):
-            await nc.flush()
+            await flushed(nc)
         assert secured.violations() == []
     finally:
         for t in tasks:
@@ -367,13 +395,14 @@ def test_the_local_cluster_starts_each_service_as_its_own_user(tmp_path):
     from tooling.localcluster.up import SERVICES, Cluster
     from shared.settings import LocalClusterSettings
 
-    users = NatsUsers.load_or_create(tmp_path / "users.json")
     cluster = Cluster(LocalClusterSettings(state_dir=tmp_path, workers=2), tmp_path)
-    cluster.nats_urls = {u: users.url("nats://127.0.0.1:4222", u) for u in USERS}
+    users = NatsUsers.load_or_create(tmp_path / "users.json", cluster.worker_ids)
+    cluster.nats_urls = {u: users.url("nats://127.0.0.1:4222", u) for u in users.passwords}
     for name, (_, env) in _commands(cluster).items():
         user = {"gateway": "gateway", "forecaster": "forecaster", "placement": "placement",
-                "prewarm_orchestrator": "orchestrator"}.get(name, "worker" if name.startswith("gpu_worker") else None)
+                "prewarm_orchestrator": "orchestrator"}.get(name) or worker_user(env["WARMSERVE_WORKER_ID"])
         assert env["WARMSERVE_NATS_URL"] == users.url("nats://127.0.0.1:4222", user), name
+    assert {env.get("WARMSERVE_WORKER_ID") for _, env in cluster.commands.values()} == {None, "worker-0", "worker-1"}
     assert set(_commands(cluster)) == set(SERVICES) | {"gpu_worker-0", "gpu_worker-1"}
 
 
@@ -407,7 +436,7 @@ class Listener:
                 await msg.respond(b"answered")
 
         await self.nc.subscribe(subject, cb=cb)
-        await self.nc.flush()
+        await flushed(self.nc)
         return self
 
 
@@ -419,13 +448,13 @@ async def publish_is_dropped(secured: Secured, offender, user: str, subject: str
         await offender.publish(subject, b"forbidden")
         with pytest.raises(nats.errors.TimeoutError):  # a request gets no answer either
             await offender.request(subject, b"forbidden", timeout=QUIET_S)
-        await offender.flush()
+        await flushed(offender)
         await secured.refused(user, "Publish", subject)
         # the server refuses a message before routing it: once the refusal is logged it can never arrive.
         # A message the operator sends afterwards through the same listener is the barrier that proves it.
         barrier = subject.replace("*", "barrier").replace(">", "barrier")
         await op.publish(barrier, b"barrier")
-        await op.flush()
+        await flushed(op)
         await _until(lambda: barrier in listener.got, what="the operator's barrier message")
         assert listener.got == [barrier], f"{user} reached {subject}"
     finally:
@@ -441,7 +470,7 @@ async def subscription_gets_nothing(secured: Secured, offender, user: str, subje
             got.append(msg.subject)
 
         await offender.subscribe(subject, cb=cb)
-        await offender.flush()
+        await flushed(offender)
         await secured.refused(user, "Subscription", subject)
         # the operator listens too: once its own copy of the secret has arrived, the server has delivered it
         # to every subscription it accepted; a round trip on the offender's connection then flushes anything
@@ -449,9 +478,9 @@ async def subscription_gets_nothing(secured: Secured, offender, user: str, subje
         seen = await Listener(op).on(subject)
         secret = subject.replace("*", "w1").replace(">", "x")
         await op.publish(secret, b"secret")
-        await op.flush()
+        await flushed(op)
         await _until(lambda: secret in seen.got, what="the operator's own copy of the secret")
-        await offender.flush()
+        await flushed(offender)
         await asyncio.sleep(0)  # callbacks of messages read before the round trip's answer run first
         assert got == [], f"{user} received {subject}"
     finally:
@@ -492,28 +521,147 @@ async def test_gateway_reaches_no_worker_command_admin_subject_or_bucket_write(s
 
 
 async def test_a_worker_publishes_no_admin_request_or_other_services_commands(secured):
-    wk = await secured.connect("worker")
+    wk = await secured.connect(W1)
     try:
         for subject in (ADMIN.format(verb="worker-drain"), WORKER_CMD.format(worker="w2"), SCALE.format(model="m"),
                         INFER.format(worker="w2"), DEMAND.format(model="m"), FORECAST.format(model="m"),
                         PLACEMENT_PLAN.pattern):
-            await publish_is_dropped(secured, wk, "worker", subject)
-        await subscription_gets_nothing(secured, wk, "worker", SCALE.wildcard)
-        await subscription_gets_nothing(secured, wk, "worker", "_INBOX.gateway.>")  # other users' replies
-        await kv_put_is_refused(secured, wk, "worker", CATALOG_BUCKET.name, "m")
-        await kv_put_is_refused(secured, wk, "worker", PLACEMENT_BUCKET.name, PLACEMENT_KEY)
+            await publish_is_dropped(secured, wk, W1, subject)
+        await subscription_gets_nothing(secured, wk, W1, SCALE.wildcard)
+        await subscription_gets_nothing(secured, wk, W1, "_INBOX.gateway.>")  # other users' replies
+        await kv_put_is_refused(secured, wk, W1, CATALOG_BUCKET.name, "m")
+        await kv_put_is_refused(secured, wk, W1, PLACEMENT_BUCKET.name, PLACEMENT_KEY)
     finally:
         await bus.close(wk)
 
 
+async def test_a_worker_reads_only_its_own_requests_and_writes_only_its_own_state(secured):
+    """Each worker has its own user: w1 cannot read w2's requests or commands, forge w2's state or events,
+    or answer into an inbox it was not asked from; its own streamed request is served."""
+    w1, gw = await secured.connect(W1), await secured.connect("gateway")
+    try:
+        for subject in (INFER.format(worker="w2"), WORKER_CMD.format(worker="w2"), CANCEL.format(worker="w2"),
+                        INFER.wildcard, "_INBOX.worker-w2.>"):
+            await subscription_gets_nothing(secured, w1, W1, subject)
+        await kv_put_is_refused(secured, w1, W1, WORKERS_BUCKET.name, "w2")
+        await publish_is_dropped(secured, w1, W1, WORKER_EVENT.format(worker="w2"))
+        for inbox in ("_INBOX.gateway.worker.w2.forged",  # a gateway's request to w2
+                      "_INBOX.gateway.forged", "_INBOX.orchestrator.forged"):  # other requests' inboxes
+            await publish_is_dropped(secured, w1, W1, inbox)
+
+        async def on_infer(msg):
+            req = InferRequest.decode(msg.data)
+            for i in range(50):  # a streamed reply: every chunk is a publish into the gateway's inbox
+                await bus.reply(w1, msg, InferChunk(request_id=req.request_id, seq=i, text="x"))
+            await bus.reply(w1, msg, InferChunk(request_id=req.request_id, seq=50, finish_reason="stop"))
+
+        await w1.subscribe(INFER.format(worker="w1"), cb=on_infer)
+        await bus.js_publish(w1.jetstream(), WORKER_EVENT.format(worker="w1"), WorkerEvent(
+            worker_id="w1", model="m", from_state=CopyState.ABSENT, to_state=CopyState.LOADING, at_s=time.time()),
+            msg_id="own-event")
+        kv = (await bus.ensure_all(w1.jetstream()))[WORKERS_BUCKET.name]
+        await kv.put("w1", WorkerState(worker_id="w1", node="n", device="cpu:0", engine="sim",
+                                       memory_budget_bytes=1).encode())
+        await kv.delete("w1")
+        chunks = [c async for c in bus.request_stream(
+            gw, INFER.format(worker="w1"), InferRequest(model="m", prompt="hi"), InferChunk, first_timeout=5,
+            idle_timeout=5, is_last=lambda c: c.last)]
+        assert [c.seq for c in chunks] == list(range(51))
+        assert not [v for v in secured.violations() if v[0] == "gateway"]
+    finally:
+        await close_all(w1, gw)
+
+
+async def test_a_worker_added_at_runtime_gets_a_user_and_streams_in_flight_go_on(secured, tmp_path):
+    """A worker joining later gets its user through a config reload; replies are allowed by static
+    permissions (inboxes addressed to the worker), so a stream in flight during the reload loses nothing.
+    (nats-server's allow_responses would not do: a reload resets every client's response permissions.)"""
+    w1, gw = await secured.connect(W1), await secured.connect("gateway")
+    w3 = None
+    release = asyncio.Event()
+    try:
+        async def on_infer(msg):
+            req = InferRequest.decode(msg.data)
+            await bus.reply(w1, msg, InferChunk(request_id=req.request_id, seq=0, text="before"))
+            await release.wait()
+            for i in range(1, 5):
+                await bus.reply(w1, msg, InferChunk(request_id=req.request_id, seq=i, text="after"))
+            await bus.reply(w1, msg, InferChunk(request_id=req.request_id, seq=5, finish_reason="stop"))
+
+        await w1.subscribe(INFER.format(worker="w1"), cb=on_infer)
+        await flushed(w1)
+        stream = bus.request_stream(gw, INFER.format(worker="w1"), InferRequest(model="m", prompt="hi"),
+                                    InferChunk, first_timeout=5, idle_timeout=20, is_last=lambda c: c.last)
+        first = await anext(stream)
+        reloads = secured.log.read_text().count("Reloaded server configuration")
+        secured.add_worker(tmp_path / "users.json", "w3")
+        await eventually(lambda: _true(secured.log.read_text().count("Reloaded server configuration") > reloads),
+                         timeout=10, what="the server to reload its configuration")
+        release.set()
+        rest = [c async for c in stream]
+        assert [c.seq for c in [first, *rest]] == list(range(6))
+        w3 = await secured.connect(worker_user("w3"))  # the new worker serves its own subjects
+
+        async def on_command(msg):
+            await bus.reply(w3, msg, CommandResult(command_id=WorkerCommand.decode(msg.data).command_id, ok=True))
+
+        await w3.subscribe(WORKER_CMD.format(worker="w3"), cb=on_command)
+        await flushed(w3)
+        orch = await secured.connect("orchestrator")
+        try:
+            assert (await bus.request(orch, WORKER_CMD.format(worker="w3"), WorkerCommand(kind=CommandKind.EVICT,
+                                      model="m"), CommandResult, timeout=5)).ok
+        finally:
+            await bus.close(orch)
+        assert secured.violations() == []
+    finally:
+        release.set()
+        await close_all(w1, gw, *([w3] if w3 else []))
+
+
+def test_a_worker_joins_a_running_local_cluster(tmp_path):
+    """``infra.add_worker``: what `warmserve up`'s nats-server needs for a worker started later."""
+    from urllib.parse import urlsplit
+
+    from tooling.localcluster.infra import add_worker, start_nats
+
+    proc, base, users = start_nats(tmp_path, 0, ["worker-0"])
+    try:
+        url = add_worker(tmp_path, "worker-x")  # returns once the server accepts the new user
+        assert urlsplit(url).username == "worker-worker-x" and urlsplit(url).port == urlsplit(base).port
+        assert NatsUsers.load_or_create(tmp_path / "nats-users.json", keep_workers=True).workers == (
+            "worker-0", "worker-x")
+
+        async def serve() -> None:
+            wx, op = await bus.connect(url, "worker-x"), await bus.connect(users.url(base, OPERATOR), "op")
+            try:
+                async def on_infer(msg):
+                    req = InferRequest.decode(msg.data)
+                    await bus.reply(wx, msg, InferChunk(request_id=req.request_id, seq=0, finish_reason="stop"))
+
+                await wx.subscribe(INFER.format(worker="worker-x"), cb=on_infer)
+                await flushed(wx)
+                chunks = [c async for c in bus.request_stream(
+                    op, INFER.format(worker="worker-x"), InferRequest(model="m"), InferChunk, first_timeout=5,
+                    idle_timeout=5, is_last=lambda c: c.last)]
+                assert [c.seq for c in chunks] == [0]
+            finally:
+                await close_all(wx, op)
+
+        asyncio.run(serve())
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 async def test_the_orchestrator_commands_workers_but_sends_no_admin_request(secured):
-    orch, wk = await secured.connect("orchestrator"), await secured.connect("worker")
+    orch, wk = await secured.connect("orchestrator"), await secured.connect(W1)
     try:
         async def on_command(msg):
             await bus.reply(wk, msg, CommandResult(command_id=WorkerCommand.decode(msg.data).command_id, ok=True))
 
         await wk.subscribe(WORKER_CMD.format(worker="w1"), cb=on_command)
-        await wk.flush()
+        await flushed(wk)
         result = await bus.request(orch, WORKER_CMD.format(worker="w1"),
                                    WorkerCommand(kind=CommandKind.EVICT, model="m"), CommandResult, timeout=5)
         assert result.ok
@@ -538,7 +686,7 @@ async def test_placement_and_the_forecaster_answer_admin_requests_but_send_none(
         await pl.subscribe(ADMIN.wildcard, queue="placement", cb=placement)
         await fc.subscribe(FORECAST_ADMIN.wildcard, queue="forecaster", cb=forecaster)
         for nc in (pl, fc):
-            await nc.flush()
+            await flushed(nc)
         assert (await bus.request(op, ADMIN.format(verb="worker-list"), AdminRequest(), AdminReply, 5)).result \
             == "placement"
         assert (await bus.request(op, FORECAST_ADMIN.format(verb="status"), AdminRequest(), AdminReply, 5)).result \
@@ -555,7 +703,9 @@ async def test_placement_and_the_forecaster_answer_admin_requests_but_send_none(
 
 async def test_unknown_or_missing_credentials_are_refused_at_once(secured):
     for url in (secured.base, with_user(secured.base, "gateway", "wrong"),
-                with_user(secured.base, "service", secured.users.password("gateway"))):  # the old shared user
+                with_user(secured.base, "service", secured.users.password("gateway")),  # the old shared users
+                with_user(secured.base, WORKER, secured.users.password(W1)),
+                with_user(secured.base, W2, secured.users.password(W1))):  # a worker with another's password
         with pytest.raises(bus.BusError) as exc_info:
             await asyncio.wait_for(bus.connect(url, "intruder", deadline_s=30), 10)  # no 30 s of retries
         assert exc_info.value.code == "nats_unauthorized" and "wrong" not in str(exc_info.value)
@@ -578,5 +728,8 @@ def test_credentials_never_appear_in_printed_urls():
 def test_compose_nats_config_is_generated_from_the_same_table():
     conf = (Path(__file__).parents[2] / "infra" / "nats" / "nats.conf").read_text()
     assert conf == compose_config(), "regenerate: python -m tooling.localcluster.nats_auth > infra/nats/nats.conf"
-    for user in USERS:
-        assert f"$WARMSERVE_NATS_{user.upper()}_PASSWORD" in conf
+    for user in ("gateway", "worker-worker-0", OPERATOR):
+        assert f"password: $WARMSERVE_NATS_{user.upper().replace('-', '_')}_PASSWORD," in conf
+        assert env_password(user) in conf
+    assert f'user: "{WORKER}"' not in conf
+    assert compose_config(["worker-0", "worker-1"]).count("WORKER_WORKER_") == 2  # one user per worker

@@ -20,6 +20,7 @@ import yaml
 
 from tooling.cli.compose_secrets import ensure_env_file, required_secrets
 from tooling.cli.main import SERVICE_MODULES, build_parser
+from tooling.localcluster.nats_auth import env_password
 
 ROOT = Path(__file__).parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -96,20 +97,23 @@ def test_migration_job_runs_cli_commands_that_exist():
 
 
 def test_each_service_connects_to_nats_as_its_own_user():
-    from tooling.localcluster.nats_auth import OPERATOR, SERVICE_USERS, USERS
+    from tooling.localcluster.nats_auth import COMPOSE_WORKERS, OPERATOR, SERVICE_USERS, users_for
+    from shared.subjects import worker_user
 
     nats_env = _services()["nats"]["environment"]
-    for user in USERS:  # nats.conf reads every user's password from its environment, which compose requires
-        var = f"WARMSERVE_NATS_{user.upper()}_PASSWORD"
+    for user in users_for(COMPOSE_WORKERS):  # nats.conf reads every user's password from its environment,
+        var = env_password(user)[1:]        # which compose requires (a worker's: WARMSERVE_NATS_WORKER_<ID>_...)
         assert _required_ref(nats_env[var], var), nats_env[var]
     services = yaml.safe_load(interpolate(COMPOSE.read_text(), _secrets()))["services"]
     assert "./infra/nats/nats.conf:/etc/nats/nats.conf:ro" in services["nats"]["volumes"]
     for name, svc in services.items():
         if _runs_service(svc):
-            user = SERVICE_USERS[SERVICE_MODULES[svc["command"][1]].split(".")[1]]
+            worker_id = svc["environment"].get("WARMSERVE_WORKER_ID")
+            service = SERVICE_MODULES[svc["command"][1]].split(".")[1]
+            user = worker_user(worker_id) if worker_id else SERVICE_USERS[service]
             url = urlsplit(svc["environment"]["WARMSERVE_NATS_URL"])
             assert (url.username, url.hostname) == (user, "nats"), name
-            assert url.password == _secrets()[f"WARMSERVE_NATS_{user.upper()}_PASSWORD"], name
+            assert url.password == _secrets()[env_password(user)[1:]], name
     assert "WARMSERVE_NATS_URL" not in _env(services["migrate"])  # it needs Postgres only
     operator = urlsplit(services["placement"]["environment"]["WARMSERVE_OPERATOR_NATS_URL"])
     assert operator.username == OPERATOR  # `docker compose exec placement warmserve ...`
@@ -175,7 +179,7 @@ def test_a_generated_env_file_is_all_compose_needs(tmp_path):
     for name, svc in services.items():
         if _runs_service(svc):
             url = urlsplit(svc["environment"]["WARMSERVE_NATS_URL"])
-            assert url.password == services["nats"]["environment"][f"WARMSERVE_NATS_{url.username.upper()}_PASSWORD"]
+            assert url.password == services["nats"]["environment"][env_password(url.username)[1:]]
     assert len(set(env.values())) == len(env)  # every secret its own
 
 

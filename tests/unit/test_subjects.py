@@ -2,7 +2,7 @@ import pytest
 
 from shared import messages as m
 from shared.subjects import (
-    ADMIN, BUCKETS, DEMAND, INFER, SLUG_RE, STREAMS, SUBJECTS, WORKER_CMD, Durability, check_token,
+    ADMIN, BUCKETS, CANCEL, DEMAND, INFER, SLUG_RE, STREAMS, SUBJECTS, WORKER_CMD, Durability, check_token,
 )
 
 
@@ -68,16 +68,39 @@ def test_every_subject_and_bucket_says_who_uses_it():
 
 
 def test_permissions_are_generated_from_the_subject_table():
-    from tooling.localcluster.nats_auth import PERMISSIONS, inbox
+    from tooling.localcluster.nats_auth import ANY_WORKER_INBOX, PERMISSIONS, inbox, worker_inbox_of, worker_permissions
 
-    gw, worker, orch = PERMISSIONS["gateway"], PERMISSIONS["worker"], PERMISSIONS["orchestrator"]
-    assert INFER.wildcard in gw["publish"]["allow"] and INFER.wildcard in worker["subscribe"]["allow"]
+    gw, worker, orch = PERMISSIONS["gateway"], worker_permissions("w1"), PERMISSIONS["orchestrator"]
+    assert "worker" not in PERMISSIONS  # no user shared by the workers: each has its own
+    assert INFER.wildcard in gw["publish"]["allow"] and worker["subscribe"]["allow"][:3] == [
+        INFER.format(worker="w1"), CANCEL.format(worker="w1"), WORKER_CMD.format(worker="w1")]
     assert WORKER_CMD.wildcard in orch["publish"]["allow"] and WORKER_CMD.wildcard not in gw["publish"]["allow"]
-    # a responder may answer into the inboxes of the users that ask it, and only those
-    assert {inbox("gateway"), inbox("orchestrator"), inbox("operator")} <= set(worker["publish"]["allow"])
-    assert inbox("worker") not in orch["publish"]["allow"]
-    assert "$KV.warmserve-workers.>" in worker["publish"]["allow"]
+    # a responder may answer into the inboxes of the users that ask it, and only those; a worker only into
+    # inboxes addressed to it (shared.bus.reply_inbox), where no other service may publish
+    assert inbox("gateway") in orch["publish"]["allow"]  # scale replies
+    askers = ("gateway", "orchestrator", "operator")
+    assert {worker_inbox_of(u, "w1") for u in askers} <= set(worker["publish"]["allow"])
+    assert not any(p.startswith("_INBOX.") and "worker" not in p for p in worker["publish"]["allow"])
+    assert ANY_WORKER_INBOX in orch["publish"]["deny"] and ANY_WORKER_INBOX not in worker["publish"].get("deny", [])
+    assert inbox("worker-w1") not in orch["publish"]["allow"]
+    assert [p for p in worker["publish"]["allow"] if p.startswith("$KV.")] == ["$KV.warmserve-workers.w1"]
     assert not any(p.startswith("$KV.") for p in gw["publish"]["allow"])  # the gateway writes no bucket
+
+
+def test_requests_to_a_worker_get_an_inbox_addressed_to_it():
+    from shared.bus import reply_inbox
+    from shared.subjects import SCALE, responder_worker
+
+    assert responder_worker(INFER.format(worker="w1")) == responder_worker(WORKER_CMD.format(worker="w1")) == "w1"
+    assert responder_worker(CANCEL.format(worker="w1")) is None  # no reply
+    assert responder_worker(SCALE.format(model="m")) is None
+
+    class Conn:
+        def new_inbox(self):
+            return "_INBOX.gateway.abc123"
+
+    assert reply_inbox(Conn(), INFER.format(worker="w1")) == "_INBOX.gateway.worker.w1.abc123"
+    assert reply_inbox(Conn(), SCALE.format(model="m")) == "_INBOX.gateway.abc123"
 
 
 def test_subject_matching_follows_nats_wildcards():

@@ -9,9 +9,10 @@ import shutil
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
-from tooling.localcluster.nats_auth import NatsUsers, server_config
+from tooling.localcluster.nats_auth import PID_FILE, NatsUsers, server_config
 from tooling.localcluster.processes import port_free, spawn, tail, wait_port
 
 log = logging.getLogger(__name__)
@@ -31,9 +32,9 @@ def nats_server_binary() -> str:
     return found
 
 
-def start_nats(state_dir: Path, port: int) -> tuple[subprocess.Popen, str, NatsUsers]:
-    """A nats-server with JetStream and the cluster's users (one per service, and operator); returns the process,
-    its URL without credentials, and the users."""
+def start_nats(state_dir: Path, port: int, workers: Iterable[str] = ()) -> tuple[subprocess.Popen, str, NatsUsers]:
+    """A nats-server with JetStream and the cluster's users (one per service, one per worker in ``workers``,
+    and operator); returns the process, its URL without credentials, and the users."""
     if not port_free(port):
         raise StartError(f"port {port} is taken, so the embedded nats-server cannot start: "
                          "stop what uses it or set WARMSERVE_NATS_PORT (0 picks a free port)")
@@ -43,15 +44,59 @@ def start_nats(state_dir: Path, port: int) -> tuple[subprocess.Popen, str, NatsU
         port = free_port()
     data = state_dir / "nats"
     data.mkdir(parents=True, exist_ok=True)
-    users = NatsUsers.load_or_create(state_dir / "nats-users.json")
-    conf = data / "nats.conf"
-    conf.write_text(server_config(port, data, users))
-    os.chmod(conf, 0o600)
-    proc = spawn([nats_server_binary(), "-c", str(conf)], state_dir / "logs" / "nats-server.log")
+    users = NatsUsers.load_or_create(state_dir / "nats-users.json", workers)
+    _write_config(state_dir, port, users)
+    proc = spawn([nats_server_binary(), "-c", str(data / "nats.conf")], state_dir / "logs" / "nats-server.log")
     if not wait_port(port, 15.0, proc=proc):
         proc.kill()
         raise StartError(f"nats-server did not start:\n{tail(state_dir / 'logs' / 'nats-server.log')}")
+    (data / "port").write_text(str(port))
     return proc, f"nats://127.0.0.1:{port}", users
+
+
+def _write_config(state_dir: Path, port: int, users: NatsUsers) -> None:
+    conf = state_dir / "nats" / "nats.conf"
+    tmp = conf.with_name("nats.conf.tmp")
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(server_config(port, state_dir / "nats", users, pid_file=state_dir / "nats" / PID_FILE))
+    os.replace(tmp, conf)  # a reload never reads half a file
+
+
+def add_worker(state_dir: Path, worker_id: str, timeout_s: float = 15.0) -> str:
+    """Give a worker that joins a running local cluster its own NATS user: its password is added to the
+    cluster's users, nats.conf is rewritten and the running nats-server reloads it (SIGHUP). Returns the
+    worker's NATS URL once the server accepts it. Permissions are static (a worker answers into inboxes
+    addressed to it), so a reload cuts no stream in flight."""
+    import asyncio
+    import signal
+    import time
+
+    from shared import bus
+
+    users = NatsUsers.load_or_create(state_dir / "nats-users.json", [worker_id], keep_workers=True)
+    data = state_dir / "nats"
+    try:
+        port, pid = int((data / "port").read_text()), int((data / PID_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise StartError(f"no running local nats-server under {state_dir} ({exc})") from None
+    _write_config(state_dir, port, users)
+    os.kill(pid, signal.SIGHUP)
+    url = users.worker_url(f"nats://127.0.0.1:{port}", worker_id)
+
+    async def accepted() -> bool:
+        try:
+            await bus.close(await bus.connect(url, f"add-worker-{worker_id}", deadline_s=1))
+            return True
+        except bus.BusError:
+            return False
+
+    deadline = time.monotonic() + timeout_s
+    while not asyncio.run(accepted()):  # the reload is asynchronous
+        if time.monotonic() > deadline:
+            raise StartError(f"nats-server did not accept worker {worker_id}'s user within {timeout_s:.0f} s")
+        time.sleep(0.1)
+    return url
 
 
 class EmbeddedPostgres:

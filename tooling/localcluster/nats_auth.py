@@ -1,4 +1,4 @@
-"""NATS users for a cluster: one user per service, each allowed only the subjects it uses.
+"""NATS users for a cluster: one user per service and one per worker, each allowed only the subjects it uses.
 
 ``PERMISSIONS`` (user -> publish / subscribe allow and deny lists) is generated from the subject, stream
 and bucket table in ``shared/subjects.py``, which says for every subject who publishes and who subscribes
@@ -11,14 +11,19 @@ keeps the two equal).
 The rules, in short (docs/architecture.md has the table):
 
 - Core subjects are exact: only the orchestrator publishes worker commands, only the gateway publishes
-  inference, cancel and scale requests, workers subscribe to worker subjects, placement and the
-  forecaster subscribe to admin subjects, and only ``operator`` (everything) publishes admin requests.
+  inference, cancel and scale requests, placement and the forecaster subscribe to admin subjects, and only
+  ``operator`` (everything) publishes admin requests.
+- Workers: each worker ``<id>`` has its own user ``worker-<id>`` (``users_for``), allowed only its own
+  subjects (``{worker}`` = its id), its own key in a bucket keyed by worker, and replies into inboxes
+  addressed to it (``shared.bus.reply_inbox``), where no service user may publish. Not nats-server's
+  ``allow_responses``: a config reload (adding a worker) resets it and would cut every stream in flight.
 - Replies: every service subscribes to its own inbox only (``_INBOX.<user>.>``: ``shared.bus.connect``
   takes the inbox prefix from the user in the URL), so no service reads another's replies (an admin
   reply can hold a new API key). A responder may publish into the inboxes of the users that ask it.
 - JetStream and KV go through API subjects: each service may create and read the streams and buckets
   every service ensures at start (``shared.bus.ensure_all``), create consumers on the streams it reads,
-  run its own durable consumer, and write (``$KV.<bucket>.>``) only the buckets it owns. Deleting or
+  run its own durable consumer, and write (``$KV.<bucket>.>``, a worker ``$KV.<bucket>.<id>``) only the
+  buckets it owns. Deleting or
   purging streams, or updating them (placement alone may update a stream whose configuration changed),
   is left to ``operator``.
 """
@@ -30,11 +35,15 @@ import os
 import secrets
 import sys
 from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from shared.bus import INBOX_PREFIX, inbox_prefix_for
-from shared.subjects import ADMIN, BUCKETS, OPERATOR, PLACEMENT, SERVICE_USERS, STREAMS, SUBJECTS, USERS, BucketSpec, Subject
+from shared.bus import INBOX_PREFIX, inbox_prefix_for, worker_inbox
+from shared.subjects import (
+    ADMIN, BUCKETS, OPERATOR, PLACEMENT, SERVICE_USERS, STREAMS, SUBJECTS, USERS, WORKER, WORKER_USER_PREFIX,
+    SLUG_RE, BucketSpec, Subject, check_token, worker_user,
+)
 
 ADMIN_SUBJECTS = ADMIN.pattern.split("{", 1)[0] + ">"  # warmserve.admin.> (forecaster verbs included)
 JS_API = "$JS.API"
@@ -59,6 +68,14 @@ def inbox(user: str) -> str:
     return f"{inbox_prefix_for(user)}.>"
 
 
+def worker_inbox_of(asker: str, worker_id: str) -> str:
+    """The inboxes of ``asker``'s requests to worker ``worker_id`` (``shared.bus.reply_inbox``)."""
+    return f"{worker_inbox(inbox_prefix_for(asker), worker_id)}.>"
+
+
+ANY_WORKER_INBOX = worker_inbox(f"{INBOX_PREFIX}.*", ">")  # _INBOX.*.worker.>: where workers alone answer
+
+
 def _ensure_all() -> list[str]:
     """What ``shared.bus.ensure_all`` asks: find, create (idempotent) and read every stream and bucket."""
     names = [s.name for s in STREAMS] + [kv_stream(b) for b in BUCKETS]
@@ -79,9 +96,9 @@ def _read_kv(bucket: BucketSpec) -> list[str]:
                                    f"{JS_API}.STREAM.MSG.GET.{stream}"]
 
 
-def _write_kv(bucket: BucketSpec) -> list[str]:
-    """Put, delete and purge keys of a bucket (KV writes are publishes on ``$KV.<bucket>.<key>``)."""
-    return [f"$KV.{bucket.name}.>"]
+def _write_kv(bucket: BucketSpec, key: str = ">") -> list[str]:
+    """Put, delete and purge keys of a bucket, or one key (KV writes are publishes on ``$KV.<bucket>.<key>``)."""
+    return [f"$KV.{bucket.name}.{key}"]
 
 
 def _durable(subject: Subject, name: str) -> list[str]:
@@ -104,36 +121,56 @@ def _perms(publish: list[str], subscribe: list[str], publish_deny: list[str] | N
 
 # ---- the table ---------------------------------------------------------------------------------------
 
-NOT_ADMIN = [ADMIN_SUBJECTS]  # explicit for every service user: only operator publishes admin requests
+# explicit for every service user: only operator publishes admin requests, and only a worker answers into
+# inboxes addressed to it (``_INBOX.<asker>.worker.<id>.<unique>``, shared.bus.reply_inbox)
+NOT_ADMIN = [ADMIN_SUBJECTS]
 EXTRA_PUBLISH = {  # beyond the table: placement may update a stream whose configuration changed
     PLACEMENT: [f"{JS_API}.STREAM.UPDATE.{s.name}" for s in STREAMS],
 }
 
 
-def _name(subject: Subject) -> str:
-    return subject.wildcard if subject.tokens else subject.pattern
+def _name(subject: Subject, worker_id: str | None = None) -> str:
+    """The subject's pattern: every identifier ``*``, but a worker's own id in place of ``{worker}``."""
+    if not subject.tokens:
+        return subject.pattern
+    return subject.pattern.format(**{t: worker_id if t == "worker" and worker_id else "*" for t in subject.tokens})
 
 
-def permissions_of(user: str) -> dict:
-    """A service user's permissions, from who publishes and subscribes what in ``shared/subjects.py``."""
-    publish = [_name(s) for s in SUBJECTS if user in s.publishers]
-    subscribe = [_name(s) for s in SUBJECTS if user in s.subscribers]
-    for s in SUBJECTS:  # a responder answers into the inboxes of whoever asks it
+def permissions_of(user: str, worker_id: str | None = None) -> dict:
+    """A service user's permissions, from who publishes and subscribes what in ``shared/subjects.py``;
+    for the worker role, those of the one worker ``worker_id`` (its own subjects, inbox and key)."""
+    me = worker_user(worker_id) if user == WORKER else user  # the worker's own user and inbox
+    publish = [_name(s, worker_id) for s in SUBJECTS if user in s.publishers]
+    subscribe = [_name(s, worker_id) for s in SUBJECTS if user in s.subscribers]
+    for s in SUBJECTS:  # a responder answers into the inboxes of whoever asks it (a worker: addressed to it)
         if s.reply is not None and user in s.subscribers:
-            publish += [inbox(p) for p in s.publishers]
+            publish += [worker_inbox_of(p, worker_id) if user == WORKER else inbox(p) for p in s.publishers]
     publish += _ensure_all()
     for s in SUBJECTS:
         publish += [p for owner, name in s.durables if owner == user for p in _durable(s, name)]
         if user in s.readers:
             publish += _read_stream(stream_of(s))
     publish += [p for b in BUCKETS if user in b.readers for p in _read_kv(b)]
-    publish += [p for b in BUCKETS if user in b.writers for p in _write_kv(b)]
+    publish += [p for b in BUCKETS if user in b.writers
+                for p in _write_kv(b, worker_id if b.keyed_by_worker and worker_id else ">")]
     publish += EXTRA_PUBLISH.get(user, [])
-    return _perms(publish, subscribe + [inbox(user)], NOT_ADMIN)
+    deny = NOT_ADMIN + ([] if user == WORKER else [ANY_WORKER_INBOX])
+    return _perms(publish, subscribe + [inbox(me)], deny)
 
 
-PERMISSIONS: dict[str, dict] = {**{u: permissions_of(u) for u in USERS if u != OPERATOR},
+def worker_permissions(worker_id: str) -> dict:
+    """The permissions of worker ``worker_id``'s own user."""
+    return permissions_of(WORKER, check_token(worker_id, "worker id"))
+
+
+# the service users and operator; each worker's user is added for the workers a cluster has (users_for)
+PERMISSIONS: dict[str, dict] = {**{u: permissions_of(u) for u in USERS if u not in (OPERATOR, WORKER)},
                                 OPERATOR: _perms([">"], [">"])}
+
+
+def users_for(workers: Iterable[str]) -> dict[str, dict]:
+    """Every user of a cluster whose workers are ``workers`` (ids) with its permissions."""
+    return {**PERMISSIONS, **{worker_user(w): worker_permissions(w) for w in workers}}
 
 WHY = {
     "gateway": "sends inference (streamed replies), cancel and scale requests and demand samples; mirrors the "
@@ -146,8 +183,8 @@ WHY = {
     "orchestrator": "the only sender of worker commands; answers gateways' scale requests; reads worker events "
                     "through its durable consumer, demand and forecasts through ordered ones; mirrors workers, plan, "
                     "catalog and operator holds",
-    "worker": "serves inference (chunks into gateways' inboxes, or an operator's) and commands (answers the orchestrator); publishes "
-              "its events and its state (the workers bucket, which only workers write)",
+    WORKER: "worker {id}: serves its own inference and commands (replies only into inboxes addressed to it), "
+            "publishes its own events and its own key in the workers bucket (which only workers write)",
     OPERATOR: "admin requests and anything else an operator needs (the CLI, warmserve up, tests)",
 }
 
@@ -166,11 +203,21 @@ class NatsUsers:
     def url(self, base: str, user: str) -> str:
         return with_user(base, user, self.passwords[user])
 
+    def worker_url(self, base: str, worker_id: str) -> str:
+        return self.url(base, worker_user(worker_id))
+
+    @property
+    def workers(self) -> tuple[str, ...]:
+        """The ids of the workers that have a user."""
+        return workers_of(self.passwords)
+
     @classmethod
-    def load_or_create(cls, path: Path) -> NatsUsers:
+    def load_or_create(cls, path: Path, workers: Iterable[str] = (), *, keep_workers: bool = False) -> NatsUsers:
         """Passwords kept in ``path`` (mode 600), created on first use: a restarted cluster keeps them.
-        A file from an older version (other users) is rewritten with the missing users added; an operator
-        password it holds is kept."""
+        The service users, operator, and one user per worker in ``workers`` (and, with ``keep_workers``, the
+        workers the file already has); other users the file holds (other workers, the shared worker user of
+        older versions) are dropped. A file from an older version is rewritten with the missing users added;
+        an operator password it holds is kept."""
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -180,8 +227,11 @@ class NatsUsers:
         known = data.get("users") if isinstance(data.get("users"), dict) else {}
         if isinstance(data.get("operator_password"), str):  # the two-user file (operator, service)
             known = {OPERATOR: data["operator_password"], **known}
+        kept = [w for w in workers_of(known) if SLUG_RE.fullmatch(w)] if keep_workers else []
+        workers = [*kept, *workers]
+        wanted = [u for u in USERS if u != WORKER] + [worker_user(w) for w in dict.fromkeys(workers)]
         passwords = {u: known[u] if isinstance(known.get(u), str) and known[u] else secrets.token_urlsafe(24)
-                     for u in USERS}
+                     for u in wanted}
         if passwords != known or set(data) != {"users"}:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
@@ -194,17 +244,26 @@ class NatsUsers:
         return cls(passwords)
 
 
+def workers_of(users: Iterable[str]) -> tuple[str, ...]:
+    """The worker ids among NATS user names (``worker-<id>``; no service user starts so)."""
+    return tuple(u[len(WORKER_USER_PREFIX):] for u in users if u.startswith(WORKER_USER_PREFIX))
+
+
 def env_password(user: str) -> str:
-    """The environment reference docker compose's nats.conf uses for ``user``'s password."""
-    return f"$WARMSERVE_NATS_{user.upper()}_PASSWORD"
+    """The environment reference docker compose's nats.conf uses for ``user``'s password
+    (``worker-0``'s: ``$WARMSERVE_NATS_WORKER_WORKER_0_PASSWORD``)."""
+    return f"$WARMSERVE_NATS_{user.upper().replace('-', '_')}_PASSWORD"
 
 
 def authorization_block(passwords: dict[str, str]) -> str:
-    """The ``authorization`` section of a nats-server config: ``PERMISSIONS`` with each user's password
-    (a value starting with ``$`` is an environment reference)."""
-    missing = set(PERMISSIONS) - set(passwords)
-    if missing:
-        raise ValueError(f"no password for NATS user(s) {sorted(missing)}")
+    """The ``authorization`` section of a nats-server config: the service users, operator and the workers
+    named in ``passwords`` (``worker-<id>``) with each user's password (a value starting with ``$`` is an
+    environment reference)."""
+    users = users_for(workers_of(passwords))
+    missing, unknown = set(users) - set(passwords), set(passwords) - set(users)
+    if missing or unknown:
+        raise ValueError(f"no password for NATS user(s) {sorted(missing)}" if missing
+                         else f"unknown NATS user(s) {sorted(unknown)}")
 
     def value(v: str) -> str:
         return v if v.startswith("$") else json.dumps(v)
@@ -215,9 +274,10 @@ def authorization_block(passwords: dict[str, str]) -> str:
         return ["["] + [f"{indent}  {json.dumps(s)}" for s in items] + [f"{indent}]"]
 
     lines = ["authorization {", "  users = ["]
-    for user, perms in PERMISSIONS.items():
-        lines.append(f"    # {user}: {WHY[user]}")
-        lines.append(f"    {{user: {user}, password: {value(passwords[user])}, permissions: {{")
+    for user, perms in users.items():
+        why = WHY[user] if user in WHY else WHY[WORKER].format(id=user[len(WORKER_USER_PREFIX):])
+        lines.append(f"    # {user}: {why}")
+        lines.append(f"    {{user: {json.dumps(user)}, password: {value(passwords[user])}, permissions: {{")
         for direction in ("publish", "subscribe"):
             lines.append(f"      {direction}: {{")
             for kind in ("allow", "deny"):
@@ -268,18 +328,21 @@ PID_FILE = "nats-server.pid"
 COMPOSE_WORKERS = ("worker-0",)  # the workers docker-compose.yml runs
 
 
-def compose_config() -> str:
-    """``infra/nats/nats.conf``: the same users and rules, passwords from the environment."""
+def compose_config(workers: Iterable[str] = COMPOSE_WORKERS) -> str:
+    """``infra/nats/nats.conf``: the same users and rules, one user per worker in ``workers``, passwords
+    from the environment."""
+    workers = tuple(workers)
     return (
         "# nats-server for docker compose: JetStream, monitoring, and the WarmServe users.\n"
-        "# One user per service, each allowed only the subjects it uses; operator may publish admin requests.\n"
+        "# One user per service, each allowed only the subjects it uses; operator may publish admin requests;\n"
+        f"# one user per worker (worker-<id>), allowed only its own subjects and key: {', '.join(workers)}.\n"
         "# Passwords come from the environment (docker-compose.yml passes them; change them).\n"
         "# Generated by `python -m tooling.localcluster.nats_auth` from tooling/localcluster/nats_auth.py\n"
-        "# (a test keeps the two equal).\n"
+        "# (a test keeps the two equal); for other workers: `... nats_auth --workers worker-0 worker-1`.\n"
         "port: 4222\n"
         "http_port: 8222\n"
         'jetstream { store_dir: "/data" }\n'
-        + authorization_block({u: env_password(u) for u in PERMISSIONS}))
+        + authorization_block({u: env_password(u) for u in users_for(workers)}))
 
 
 # Where infra/compose.tls.yml mounts the certificates (WARMSERVE_NATS_TLS_DIR) in the nats container.
@@ -311,9 +374,14 @@ def without_user(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-__all__ = ["ADMIN_SUBJECTS", "INBOX_PREFIX", "NatsUsers", "OPERATOR", "PERMISSIONS", "SERVICE_USERS", "USERS", "WHY",
+__all__ = ["ADMIN_SUBJECTS", "ANY_WORKER_INBOX", "COMPOSE_WORKERS", "INBOX_PREFIX", "NatsUsers", "OPERATOR",
+           "PERMISSIONS", "SERVICE_USERS", "USERS", "WHY", "users_for", "worker_inbox_of", "worker_permissions",
+           "worker_user", "workers_of",
            "ServerTls", "authorization_block", "compose_config", "compose_tls_config", "env_password", "inbox",
            "server_config", "tls_block", "with_user", "without_user"]
 
 if __name__ == "__main__":
-    sys.stdout.write(compose_tls_config() if sys.argv[1:] == ["tls"] else compose_config())
+    if sys.argv[1:2] == ["--workers"]:
+        sys.stdout.write(compose_config(check_token(w, "worker id") for w in sys.argv[2:]))
+    else:
+        sys.stdout.write(compose_tls_config() if sys.argv[1:] == ["tls"] else compose_config())

@@ -16,7 +16,7 @@ import httpx
 
 from tooling.localcluster.db_users import ROLE_OF, service_urls
 from tooling.localcluster.infra import EmbeddedPostgres, StartError, start_nats
-from tooling.localcluster.nats_auth import OPERATOR, SERVICE_USERS, USERS, without_user
+from tooling.localcluster.nats_auth import OPERATOR, SERVICE_USERS, USERS, WORKER, without_user, worker_user
 from tooling.localcluster.processes import become_subreaper, env_with, kill_orphans, port_free, spawn, stop_all, tail
 from shared.settings import LocalClusterSettings
 
@@ -62,7 +62,7 @@ class Cluster:
     restarts: dict[str, list[float]] = field(default_factory=dict)
     nats: subprocess.Popen | None = None
     postgres: EmbeddedPostgres | None = None
-    nats_urls: dict[str, str] = field(default_factory=dict)  # by NATS user: each service connects as its own
+    nats_urls: dict[str, str] = field(default_factory=dict)  # by NATS user: each service and worker its own
     operator_nats_url: str = ""  # what warmserve up and the CLI connect with (operator credentials)
     database_url: str = ""  # the owner's: migrations, the demo model, cluster.json (the operator's CLI)
     database_urls: dict[str, str] = field(default_factory=dict)  # by database role: each service its own
@@ -74,12 +74,17 @@ class Cluster:
     def log(self, name: str) -> Path:
         return self.state_dir / "logs" / f"{name}.log"
 
-    def service_env(self, service: str) -> dict[str, str]:
+    @property
+    def worker_ids(self) -> list[str]:
+        return [f"worker-{i}" for i in range(self.settings.workers)]
+
+    def service_env(self, service: str, worker_id: str | None = None) -> dict[str, str]:
         """The environment of a service process (``service``: its module under services/), with its own
-        NATS user's URL."""
+        NATS user's URL (a worker's: that worker's own user)."""
         s = self.settings
+        user = worker_user(worker_id) if worker_id else SERVICE_USERS[service]
         return self._metrics_env(service, self._database_env(service, env_with({
-            "WARMSERVE_NATS_URL": self.nats_urls[SERVICE_USERS[service]],
+            "WARMSERVE_NATS_URL": self.nats_urls[user],
             "WARMSERVE_PORT": str(s.gateway_port), "WARMSERVE_HOST": "127.0.0.1",
             "WARMSERVE_LOG_LEVEL": s.log_level, "WARMSERVE_ENGINE": s.resolved_engine,
             "WARMSERVE_MEMORY_BUDGET_BYTES": str(s.worker_memory_budget_bytes),
@@ -108,9 +113,10 @@ class Cluster:
         return env
 
     def start_services(self) -> None:
-        for i in range(self.settings.workers):
+        for i, worker_id in enumerate(self.worker_ids):
             name = f"gpu_worker-{i}"
-            wenv = dict(self.service_env("gpu_worker"), WARMSERVE_WORKER_ID=f"worker-{i}", WARMSERVE_DEVICE=f"cpu:{i}")
+            wenv = dict(self.service_env("gpu_worker", worker_id), WARMSERVE_WORKER_ID=worker_id,
+                        WARMSERVE_DEVICE=f"cpu:{i}")
             self.commands[name] = ([sys.executable, "-m", "services.gpu_worker"], wenv)
         for svc in SERVICES:
             self.commands[svc] = ([sys.executable, "-m", f"services.{svc}"], self.service_env(svc))
@@ -312,10 +318,11 @@ def up(settings: LocalClusterSettings, smoke: bool = True, ready_timeout_s: floa
             raise StartError(f"port {settings.gateway_port} is taken: set WARMSERVE_GATEWAY_PORT to a free port")
         with progress.step("NATS with JetStream"):
             if settings.external_nats:  # a server the operator runs, with its own credentials (or none)
-                cluster.nats_urls = {user: settings.nats_url for user in USERS}
-            else:  # one user per service, each allowed only its own subjects (nats_auth.PERMISSIONS)
-                cluster.nats, base, users = start_nats(state_dir, settings.nats_port)
-                cluster.nats_urls = {user: users.url(base, user) for user in USERS}
+                users = [u for u in USERS if u != WORKER] + [worker_user(w) for w in cluster.worker_ids]
+                cluster.nats_urls = dict.fromkeys(users, settings.nats_url)
+            else:  # one user per service and per worker, each allowed only its own subjects (nats_auth)
+                cluster.nats, base, users = start_nats(state_dir, settings.nats_port, cluster.worker_ids)
+                cluster.nats_urls = {user: users.url(base, user) for user in users.passwords}
             cluster.operator_nats_url = cluster.nats_urls[OPERATOR]
         with progress.step("PostgreSQL"):
             if settings.external_database:
