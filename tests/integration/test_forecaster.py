@@ -62,10 +62,10 @@ async def stored(database_url, model):
     return {round(float(t), 3): (avg, n) for t, avg, n in rows}
 
 
-async def test_restart_loses_nothing_and_counts_nothing_twice(nats_url, database_url, nc):
+async def test_restart_loses_nothing_and_counts_nothing_twice(nats_urls, database_url, nc):
     js = nc.jetstream()
     await register(nc, database_url, "fc-restart")
-    svc, stop, task = await start(settings(nats_url, database_url))
+    svc, stop, task = await start(settings(nats_urls["forecaster"], database_url))
     now = time.time()
     base = (now // W) * W - 6 * W
     for k in range(5):  # five past windows with concurrency k + 1
@@ -86,7 +86,7 @@ async def test_restart_loses_nothing_and_counts_nothing_twice(nats_url, database
     await asyncio.wait_for(task, 20)
     await demand(js, "fc-restart", future + 0.7, area=5.0, gw="gw-b")  # arrives while the forecaster is down
 
-    svc2, stop2, task2 = await start(settings(nats_url, database_url))
+    svc2, stop2, task2 = await start(settings(nats_urls["forecaster"], database_url))
     try:
         rows = await eventually(lambda: _has(database_url, "fc-restart", future), what="the future window to be stored")
         assert rows[round(future, 3)] == (pytest.approx((3.0 + 5.0) / W), 2)  # both samples, each once
@@ -141,9 +141,10 @@ async def admin(nc, verb, args=None, raw=None):
     return AdminReply.decode(msg.data)
 
 
-async def test_history_import_warms_the_forecaster(nats_url, database_url, nc, monkeypatch, capsys):
+async def test_history_import_warms_the_forecaster(nats_url, nats_urls, database_url, nc, monkeypatch, capsys):
     await register(nc, database_url, "fc-import")
-    svc, stop, task = await start(settings(nats_url, database_url, window_s=300.0, startup_backtest_windows=12))
+    svc, stop, task = await start(settings(nats_urls["forecaster"], database_url, window_s=300.0,
+                                           startup_backtest_windows=12))
     try:
         await eventually(lambda: _caught_up(svc), what="the forecaster to start")
         monkeypatch.setenv("WARMSERVE_NATS_URL", nats_url)
@@ -175,9 +176,9 @@ async def _caught_up(svc):
     return svc.caught_up.is_set() and svc.rounds["count"] > 0
 
 
-async def test_bad_admin_messages_get_clear_errors_and_change_nothing(nats_url, database_url, nc):
+async def test_bad_admin_messages_get_clear_errors_and_change_nothing(nats_urls, database_url, nc):
     await register(nc, database_url, "fc-bad")
-    svc, stop, task = await start(settings(nats_url, database_url, window_s=300.0))
+    svc, stop, task = await start(settings(nats_urls["forecaster"], database_url, window_s=300.0))
     try:
         await eventually(lambda: _caught_up(svc), what="the forecaster to start")
         cases = [

@@ -113,13 +113,13 @@ def flatmap_body(context, body):  # half the bodies name the served model
 
 
 @pytest.fixture(scope="module")
-def gateway(nats_url):
+def gateway(nats_url, nats_urls):
     from schemathesis.python.asgi import shutdown_lifespans
 
-    worker = FakeWorker(nats_url)
+    worker = FakeWorker(nats_url)  # as the operator: it also seeds the catalog and the key
     worker.start()
     APP.target = create_app(GatewaySettings(
-        nats_url=nats_url, gateway_id="gw-fuzz", queue_wait_s=0.5, heartbeat_timeout_s=3600,
+        nats_url=nats_urls["gateway"], gateway_id="gw-fuzz", queue_wait_s=0.5, heartbeat_timeout_s=3600,
         first_token_timeout_s=2, inter_token_timeout_s=2))
     yield APP
     shutdown_lifespans()  # the gateway's lifespan: close its NATS connection while the server is up

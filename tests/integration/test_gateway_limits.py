@@ -83,7 +83,7 @@ class Worker:
 
 
 @pytest.fixture
-async def gateway(nats_url, nc):
+async def gateway(nats_urls, nc):
     buckets = await bus.ensure_all(nc.jetstream())
     catalog, workers, keys = (buckets[b.name] for b in (CATALOG_BUCKET, WORKERS_BUCKET, APIKEYS_BUCKET))
     await catalog.put(MODEL, ModelSpec(slug=MODEL, path="/m", parameter_bytes=1, max_context_tokens=512).encode())
@@ -100,9 +100,9 @@ async def gateway(nats_url, nc):
             await nc.subscribe(CANCEL.format(worker=WORKER), cb=worker.on_cancel)]
 
     port = free_port()
-    app = create_app(GatewaySettings(nats_url=nats_url, port=port, gateway_id="gw-limits", key_max_concurrency=3,
-                                     heartbeat_timeout_s=3600, queue_wait_s=1, inter_token_timeout_s=0.5,
-                                     max_body_bytes=4096))
+    app = create_app(GatewaySettings(nats_url=nats_urls["gateway"], port=port, gateway_id="gw-limits",
+                                     key_max_concurrency=3, heartbeat_timeout_s=3600, queue_wait_s=1,
+                                     inter_token_timeout_s=0.5, max_body_bytes=4096))
     # log_config=None: uvicorn's own loggers (access log included) propagate to the test's capture
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, log_level="debug",
                                            timeout_graceful_shutdown=5))

@@ -75,12 +75,12 @@ def planned(buckets):
     return get
 
 
-async def test_plans_follow_forecasts_and_history_is_written_once(nats_url, database_url, nc, cluster):
+async def test_plans_follow_forecasts_and_history_is_written_once(nats_urls, database_url, nc, cluster):
     js = nc.jetstream()
     fc = Forecast(model="pl-hot", window_start_s=0, window_s=300, predicted_avg=40.0, predicted_peak=60.0,
                   predicted_peak_upper=90.0, method="naive", made_at_s=time.time())
     await bus.js_publish(js, FORECAST.format(model="pl-hot"), fc, msg_id="pl-hot-1")
-    svc, stop, task = await start(nats_url, database_url)
+    svc, stop, task = await start(nats_urls["placement"], database_url)
     try:
         get = planned(cluster)
         # 40 / 32 -> 2 foundation replicas; one copy per worker at most; pl-idle has no forecast: no copy
@@ -91,7 +91,7 @@ async def test_plans_follow_forecasts_and_history_is_written_once(nats_url, data
         stop.set()
         await asyncio.wait_for(task, 20)
 
-    svc, stop, task = await start(nats_url, database_url)  # restarted: same inputs, same plan, no new history
+    svc, stop, task = await start(nats_urls["placement"], database_url)  # restarted: same plan, no new history
     try:
         replayed = fc.model_copy(update={"made_at_s": time.time()})
         await bus.js_publish(js, FORECAST.format(model="pl-hot"), replayed,
@@ -143,8 +143,8 @@ async def _contains(get, model):
         return False
 
 
-async def test_bad_operator_requests_get_clear_errors_and_change_nothing(nats_url, database_url, nc, cluster):
-    svc, stop, task = await start(nats_url, database_url)
+async def test_bad_operator_requests_get_clear_errors_and_change_nothing(nats_urls, database_url, nc, cluster):
+    svc, stop, task = await start(nats_urls["placement"], database_url)
     try:
         await eventually(lambda: _has_workers(svc), what="placement to see the workers")
         cases = [
@@ -186,12 +186,12 @@ def test_key_create_cli_sends_the_limits(monkeypatch):
                     ("key-create", {"name": "team-b"})]
 
 
-async def test_key_create_carries_its_limits_to_the_gateways_bucket(nats_url, database_url, nc):
+async def test_key_create_carries_its_limits_to_the_gateways_bucket(nats_urls, database_url, nc):
     from shared.apikeys import hash_key
     from shared.messages import ApiKeyRecord
     from shared.subjects import APIKEYS_BUCKET
 
-    svc, stop, task = await start(nats_url, database_url)
+    svc, stop, task = await start(nats_urls["placement"], database_url)
     try:
         await eventually(lambda: _answers(nc), what="placement to answer admin requests")
         made = await admin(nc, "key-create", {"name": "team-a", "rate_limit_rps": 5.0, "max_concurrency": 3})
@@ -221,7 +221,7 @@ async def _answers(nc):
         return False
 
 
-async def test_a_bad_catalog_row_holds_back_neither_the_other_models_nor_the_api_keys(nats_url, database_url, nc,
+async def test_a_bad_catalog_row_holds_back_neither_the_other_models_nor_the_api_keys(nats_urls, database_url, nc,
                                                                                        caplog):
     """Rows written around the admin verbs (a slug with a trailing newline, which once passed validation, and
     a key whose hash is no digest) cannot be KV keys: each is skipped and logged once, every other model and
@@ -249,7 +249,7 @@ async def test_a_bad_catalog_row_holds_back_neither_the_other_models_nor_the_api
             return False
 
     key_b = None
-    svc, stop, task = await start(nats_url, database_url)
+    svc, stop, task = await start(nats_urls["placement"], database_url)
     try:
         await eventually(lambda: present(catalog, "br-good"), what="the good model in the catalog bucket")
         await eventually(lambda: present(keys, hash_key(key_a)), what="the key in the API keys bucket")

@@ -23,7 +23,7 @@ from tests.helpers import eventually
 pytestmark = pytest.mark.integration
 
 
-async def test_scale_up_request_is_one_trace(spans, nats_url, database_url, tiny_model):
+async def test_scale_up_request_is_one_trace(spans, nats_url, nats_urls, database_url, tiny_model):
     spec = ModelSpec(slug="traced", path=str(tiny_model), parameter_bytes=weight_bytes(tiny_model),
                      max_context_tokens=max_context(tiny_model))
     engine = create_engine(database_url)
@@ -38,12 +38,13 @@ async def test_scale_up_request_is_one_trace(spans, nats_url, database_url, tiny
     await catalog.put("traced", spec.encode())
 
     stop = asyncio.Event()
-    worker = WorkerService(WorkerSettings(nats_url=nats_url, worker_id="trace-worker", heartbeat_interval_s=0.2))
-    orchestrator = Orchestrator(OrchestratorSettings(nats_url=nats_url, database_url=database_url,
+    worker = WorkerService(WorkerSettings(nats_url=nats_urls.worker("trace-worker"), worker_id="trace-worker",
+                                          heartbeat_interval_s=0.2))
+    orchestrator = Orchestrator(OrchestratorSettings(nats_url=nats_urls["orchestrator"], database_url=database_url,
                                                      min_active_per_model=0))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(GatewaySettings(
-        nats_url=nats_url, port=port, gateway_id="gw-trace", require_api_key=False, queue_wait_s=20)),
+        nats_url=nats_urls["gateway"], port=port, gateway_id="gw-trace", require_api_key=False, queue_wait_s=20)),
         host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5))
     tasks = [asyncio.create_task(worker.run(stop)), asyncio.create_task(orchestrator.run(stop)),
              asyncio.create_task(server.serve())]

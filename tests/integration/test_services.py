@@ -18,7 +18,7 @@ from shared.messages import (
 from shared.model_folder import max_context, weight_bytes
 from shared.settings import GatewaySettings, WorkerSettings
 from shared.subjects import CATALOG_BUCKET, INFER, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET
-from tests.helpers import eventually
+from tests.helpers import eventually, request_raw
 
 pytestmark = pytest.mark.integration
 
@@ -30,9 +30,9 @@ def spec(tiny_model):
 
 
 @pytest.fixture
-async def worker(nats_url, request):
+async def worker(nats_url, nats_urls, request):
     wid = f"svc-{request.node.name[-20:].replace('_', '-').strip('-')}"
-    service = WorkerService(WorkerSettings(nats_url=nats_url, worker_id=wid, engine="sim",
+    service = WorkerService(WorkerSettings(nats_url=nats_urls.worker(wid), worker_id=wid, engine="sim",
                                            memory_budget_bytes=512 * 2**20, kv_cache_bytes=64 * 2**20,
                                            heartbeat_interval_s=0.2))
     stop = asyncio.Event()
@@ -41,7 +41,7 @@ async def worker(nats_url, request):
 
     async def answering():  # the worker has subscribed to its command subject (a malformed command is refused)
         try:
-            await probe.request(WORKER_CMD.format(worker=wid), b"{}", timeout=1)
+            await request_raw(probe, WORKER_CMD.format(worker=wid), b"{}", timeout=1)
             return getattr(service, "kv", None) is not None
         except Exception:
             return False
@@ -60,7 +60,7 @@ async def command(nc, wid, kind, model, spec=None, command_id=None):
 
 async def test_worker_over_nats(nc, worker, spec):
     wid = worker.settings.worker_id
-    raw = await nc.request(WORKER_CMD.format(worker=wid), b'{"kind": "launch"}', timeout=5)
+    raw = await request_raw(nc, WORKER_CMD.format(worker=wid), b'{"kind": "launch"}', timeout=5)
     bad = CommandResult.decode(raw.data)
     assert not bad.ok and bad.error.code == "bad_request"
 
@@ -79,7 +79,7 @@ async def test_worker_over_nats(nc, worker, spec):
     assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 6
     assert [c.seq for c in chunks] == sorted(c.seq for c in chunks)
 
-    raw = await nc.request(INFER.format(worker=wid), b"garbage", timeout=5)
+    raw = await request_raw(nc, INFER.format(worker=wid), b"garbage", timeout=5)
     assert InferChunk.decode(raw.data).error.code == "bad_request"
     other = InferRequest(model="nope", prompt="x")
     [err] = [c async for c in bus.request_stream(nc, INFER.format(worker=wid), other, InferChunk, first_timeout=5,
@@ -97,12 +97,12 @@ async def test_worker_over_nats(nc, worker, spec):
 
 
 @pytest.fixture
-async def gateway(nats_url, nc, worker, spec):
+async def gateway(nats_urls, nc, worker, spec):
     kv = await nc.jetstream().key_value(CATALOG_BUCKET.name)
     await kv.put("tiny", spec.encode())
     await kv.put("cold", spec.model_copy(update={"slug": "cold"}).encode())
     port = free_port()
-    app = create_app(GatewaySettings(nats_url=nats_url, port=port, demand_interval_s=0.2,
+    app = create_app(GatewaySettings(nats_url=nats_urls["gateway"], port=port, demand_interval_s=0.2,
                                      gateway_id="gw-test", queue_wait_s=2, require_api_key=False))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            timeout_graceful_shutdown=5))
@@ -181,7 +181,7 @@ async def test_gateway_errors_are_openai_shaped(spans, gateway, nc, worker, spec
         assert "warmserve_ttft_seconds_bucket" in metrics
 
 
-async def test_api_keys_and_rate_limits(nats_url, nc):
+async def test_api_keys_and_rate_limits(nats_urls, nc):
     from shared.apikeys import hash_key, new_key
     from shared.messages import ApiKeyRecord
     from shared.subjects import APIKEYS_BUCKET
@@ -194,7 +194,8 @@ async def test_api_keys_and_rate_limits(nats_url, nc):
     await keys.put(hash_key(slow), ApiKeyRecord(id="k2", name="slow", rate_limit_rps=1.0).encode())
     await keys.put(hash_key(off), ApiKeyRecord(id="k3", name="off", disabled=True).encode())
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(GatewaySettings(nats_url=nats_url, port=port, gateway_id="gw-auth")),
+    server = uvicorn.Server(uvicorn.Config(create_app(GatewaySettings(nats_url=nats_urls["gateway"], port=port,
+                                                                      gateway_id="gw-auth")),
                                            host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5))
     task = asyncio.create_task(server.serve())
     while not server.started:

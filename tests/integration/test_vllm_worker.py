@@ -18,7 +18,7 @@ from shared.model_folder import max_context, weight_bytes
 from tooling.modelgen import TinyLlamaShape, create_tiny_llama
 from shared.settings import GatewaySettings, WorkerSettings
 from shared.subjects import CATALOG_BUCKET, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET
-from tests.helpers import eventually
+from tests.helpers import eventually, request_raw
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")]
@@ -43,12 +43,12 @@ def specs(tmp_path_factory):
     return out
 
 
-async def test_prewarm_activate_serve_switch_serve(nats_url, specs):
+async def test_prewarm_activate_serve_switch_serve(nats_url, nats_urls, specs):
     nc = await bus.connect(nats_url, "vllm-test")
     js = nc.jetstream()
     wid = "vllm-worker"
-    service = WorkerService(WorkerSettings(nats_url=nats_url, worker_id=wid, engine="vllm", memory_budget_bytes=BUDGET,
-                                           kv_cache_bytes=KV, heartbeat_interval_s=0.2))
+    service = WorkerService(WorkerSettings(nats_url=nats_urls.worker(wid), worker_id=wid, engine="vllm",
+                                           memory_budget_bytes=BUDGET, kv_cache_bytes=KV, heartbeat_interval_s=0.2))
     stop = asyncio.Event()
     worker_task = asyncio.create_task(service.run(stop))
 
@@ -57,7 +57,7 @@ async def test_prewarm_activate_serve_switch_serve(nats_url, specs):
             await js.key_value(CATALOG_BUCKET.name)
             await js.key_value(WORKERS_BUCKET.name)
             await js.stream_info("WARMSERVE_EVENTS")
-            await nc.request(WORKER_CMD.format(worker=wid), b"{}", timeout=1)
+            await request_raw(nc, WORKER_CMD.format(worker=wid), b"{}", timeout=1)
             return True
         except Exception:
             return False
@@ -70,7 +70,7 @@ async def test_prewarm_activate_serve_switch_serve(nats_url, specs):
     workers_kv = await js.key_value(WORKERS_BUCKET.name)
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(GatewaySettings(nats_url=nats_url, port=port, gateway_id="gw-vllm",
+    server = uvicorn.Server(uvicorn.Config(create_app(GatewaySettings(nats_url=nats_urls["gateway"], port=port, gateway_id="gw-vllm",
                                                                                 require_api_key=False, queue_wait_s=2)),
                                            host="127.0.0.1", port=port, log_level="warning",
                                            timeout_graceful_shutdown=5))
