@@ -119,7 +119,6 @@ class GatewaySettings(CommonSettings):
                                                            "400 (context_length_exceeded) without reaching a worker")
 
 
-
 class WorkerSettings(CommonSettings):
     worker_id: str = Field("worker-0", description="unique per worker; used in subjects")
     node: str = Field(default_factory=lambda: socket.gethostname().lower(), description="node name (default: hostname)")

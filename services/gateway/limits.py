@@ -32,7 +32,6 @@ def check_request(body: ChatCompletionRequest | CompletionRequest, spec: ModelSp
         raise ApiError(400, f"{name} ({value}) must be below the context of '{spec.slug}' "
                             f"({spec.max_context_tokens} tokens), which the prompt shares",
                        code="context_length_exceeded", param=name)
-
     # A cheap bound instead of tokenising here: no token covers more than max_chars_per_token characters,
     # so a longer prompt needs more tokens than the context has room for. It never refuses a prompt that
     # fits (as long as the setting is true of the tokenizers); the worker checks the exact count.
@@ -106,8 +105,6 @@ def too_large_for_bus(detail: str) -> ApiError:
     """The request as sent to a worker is more than NATS carries (a body under the limit grew on the way)."""
     return ApiError(413, "The request is too large to send to a model server; shorten the prompt",
                     code="request_too_large", detail=detail)
-
-
 
 
 async def read_body(receive: Receive, headers: Headers, limit: int) -> bytes | None:
