@@ -52,6 +52,15 @@ def serving_worker(env) -> str:
     return until(busy, timeout=10, every=0.2, what="a worker with a request in flight")
 
 
+def only_place_to_serve(env, worker: str) -> None:
+    """Wait for ``worker`` to register, then drain the cluster's own workers until they serve nothing."""
+    until(lambda: worker in workers(env), timeout=30, what=f"{worker} registered")
+    for w in ("worker-0", "worker-1"):
+        assert cli(env, "worker", "drain", w).returncode == 0
+    until(lambda: not any(m for w, m in workers(env).items() if w != worker and "active" in m.values()),
+          timeout=30, what="drained workers serve nothing")
+
+
 def test_worker_killed_mid_stream(cluster):
     """The client's stream ends with an error event; requests queued behind it are served elsewhere (or
     get a clear 503); placement drops the dead worker within the heartbeat timeout and the orchestrator
@@ -59,11 +68,7 @@ def test_worker_killed_mid_stream(cluster):
     env, url, key = cluster["env"], cluster["url"], cluster["key"]
     lost = spawn_worker(cluster["up"], "worker-x")
     try:
-        until(lambda: "worker-x" in workers(env), timeout=30, what="worker-x registered")
-        for w in ("worker-0", "worker-1"):  # the only place to serve is worker-x
-            assert cli(env, "worker", "drain", w).returncode == 0
-        until(lambda: not any(m for w, m in workers(env).items() if w != "worker-x"
-                              and "active" in m.values()), timeout=30, what="drained workers serve nothing")
+        only_place_to_serve(env, "worker-x")
         out: dict = {}
         streamer = threading.Thread(target=stream, args=(url, key, out))
         streamer.start()
@@ -169,11 +174,7 @@ def test_worker_killed_during_a_cold_activation(cluster):
     env, url, key = cluster["env"], cluster["url"], cluster["key"]
     slow = spawn_worker(cluster["up"], "worker-slow", WARMSERVE_SIM_ENGINE_START_S="60")
     try:
-        until(lambda: "worker-slow" in workers(env), timeout=30, what="worker-slow registered")
-        for w in ("worker-0", "worker-1"):  # the only place to activate is worker-slow
-            assert cli(env, "worker", "drain", w).returncode == 0
-        until(lambda: not any(m for w, m in workers(env).items() if w != "worker-slow"
-                              and "active" in m.values()), timeout=30, what="drained workers serve nothing")
+        only_place_to_serve(env, "worker-slow")
         assert "active" not in workers(env)["worker-slow"].values()
         served: list = []
         waiters = [threading.Thread(target=plain, args=(url, key, served)) for _ in range(2)]

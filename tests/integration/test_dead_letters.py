@@ -2,6 +2,7 @@
 dead-letter stream with its error and the consumer moves on; a Postgres outage is retried, never given up on."""
 
 import asyncio
+import contextlib
 import time
 import uuid
 
@@ -69,6 +70,23 @@ async def rows(sessions, sql: str) -> list:
         return (await session.execute(text(sql))).all()
 
 
+@contextlib.asynccontextmanager
+async def running(consumer):
+    """``consumer`` (a ``bus.consume`` loop) running for the block, cancelled after it."""
+    task = asyncio.create_task(consumer)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def settled(js) -> bool:
+    """The orchestrator's event consumer has nothing pending or waiting for an acknowledgement."""
+    info = await js.consumer_info("WARMSERVE_EVENTS", "orchestrator-events")
+    return info.num_ack_pending == 0 and info.num_pending == 0
+
+
 def event(event_id: str) -> WorkerEvent:
     return WorkerEvent(event_id=event_id, worker_id="w-dl", model="dl", from_state=CopyState.LOADING,
                        to_state=CopyState.PREWARMED, at_s=time.time())
@@ -81,9 +99,8 @@ async def test_an_event_that_cannot_be_stored_is_dead_lettered_and_the_next_one_
     orch.sessions = db
     before = dead_letters_counted("orchestrator", "WARMSERVE_EVENTS")
     started = time.time()
-    consumer = asyncio.create_task(bus.consume(js, WORKER_EVENT.wildcard, "orchestrator-events", WorkerEvent,
-                                               orch.on_event, start_s=started - 0.5))
-    try:
+    async with running(bus.consume(js, WORKER_EVENT.wildcard, "orchestrator-events", WorkerEvent,
+                                   orch.on_event, start_s=started - 0.5)):
         subject = WORKER_EVENT.format(worker="w-dl")
         await bus.js_publish(js, subject, event(TOO_LONG), msg_id=f"dl-bad-{started}")
         await js.publish(subject, b"{not json", headers={"Nats-Msg-Id": f"dl-malformed-{started}"})
@@ -105,14 +122,8 @@ async def test_an_event_that_cannot_be_stored_is_dead_lettered_and_the_next_one_
         assert await rows(db, f"select event_id from model_events where event_id = '{TOO_LONG[:32]}'") == []
         listed = await deadletters.read(nats_url, "orchestrator", limit=1000)  # `warmserve deadletters`
         assert any(d["stream_seq"] == bad.stream_seq and d["error"]["code"] == "unstorable" for d in listed)
-
-        async def settled():  # nothing waits for redelivery: both were terminated
-            info = await js.consumer_info("WARMSERVE_EVENTS", "orchestrator-events")
-            return info.num_ack_pending == 0 and info.num_pending == 0
-        await eventually(settled, timeout=10, what="the consumer to have nothing pending")
-    finally:
-        consumer.cancel()
-        await asyncio.gather(consumer, return_exceptions=True)
+        # nothing waits for redelivery: both were terminated
+        await eventually(lambda: settled(js), timeout=10, what="the consumer to have nothing pending")
 
 
 async def _two(letters):
@@ -127,9 +138,8 @@ async def test_a_plan_that_cannot_be_stored_is_dead_lettered(nc, nats_url, datab
     placement.sessions = db
     before = dead_letters_counted("placement", "WARMSERVE_FORECAST")
     started = time.time()
-    consumer = asyncio.create_task(bus.consume(js, PLACEMENT_PLAN.pattern, "placement-history", PlacementPlan,
-                                               placement.store_plan, start_s=started - 0.5))
-    try:
+    async with running(bus.consume(js, PLACEMENT_PLAN.pattern, "placement-history", PlacementPlan,
+                                   placement.store_plan, start_s=started - 0.5)):
         await bus.js_publish(js, PLACEMENT_PLAN.pattern, PlacementPlan(plan_id=TOO_LONG, created_at_s=started),
                              msg_id=f"dl-plan-bad-{started}")
         good = PlacementPlan(created_at_s=started)
@@ -140,9 +150,6 @@ async def test_a_plan_that_cannot_be_stored_is_dead_lettered(nc, nats_url, datab
         assert [PlacementPlan.decode(d.payload).plan_id for d in letters] == [TOO_LONG]
         assert letters[0].error.code == "unstorable" and letters[0].consumer == "placement-history"
         assert dead_letters_counted("placement", "WARMSERVE_FORECAST") == before + 1
-    finally:
-        consumer.cancel()
-        await asyncio.gather(consumer, return_exceptions=True)
 
 
 async def test_postgres_away_is_retried_past_the_delivery_limit_and_lands_once_it_is_back(nc, nats_url, database_url, db):
@@ -158,20 +165,18 @@ async def test_postgres_away_is_retried_past_the_delivery_limit_and_lands_once_i
         await orch.on_event(ev, msg)
 
     started = time.time()
-    consumer = asyncio.create_task(bus.consume(js, WORKER_EVENT.wildcard, "orchestrator-events", WorkerEvent,
-                                               handle, start_s=started - 0.5, max_deliver=2))
     try:
-        await bus.js_publish(js, WORKER_EVENT.format(worker="w-dl"), event("while-pg-away"), msg_id=f"dl-away-{started}")
-        await eventually(lambda: _true(max(deliveries, default=0) > 2), timeout=30,
-                         what="the event delivered more often than the limit")
-        assert await dead_letters(js, "orchestrator", started) == []  # an outage is not a poison message
-        orch.sessions = db  # Postgres is back
-        await eventually(lambda: rows(db, "select event_id from model_events where event_id = 'while-pg-away'"),
-                         timeout=20, what="the event stored once Postgres is back")
-        assert await dead_letters(js, "orchestrator", started) == []
+        async with running(bus.consume(js, WORKER_EVENT.wildcard, "orchestrator-events", WorkerEvent,
+                                       handle, start_s=started - 0.5, max_deliver=2)):
+            await bus.js_publish(js, WORKER_EVENT.format(worker="w-dl"), event("while-pg-away"), msg_id=f"dl-away-{started}")
+            await eventually(lambda: _true(max(deliveries, default=0) > 2), timeout=30,
+                             what="the event delivered more often than the limit")
+            assert await dead_letters(js, "orchestrator", started) == []  # an outage is not a poison message
+            orch.sessions = db  # Postgres is back
+            await eventually(lambda: rows(db, "select event_id from model_events where event_id = 'while-pg-away'"),
+                             timeout=20, what="the event stored once Postgres is back")
+            assert await dead_letters(js, "orchestrator", started) == []
     finally:
-        consumer.cancel()
-        await asyncio.gather(consumer, return_exceptions=True)
         await away.dispose()
 
 
@@ -185,17 +190,13 @@ async def test_a_message_that_keeps_failing_is_given_up_on_after_the_limit(nc):
         raise RuntimeError("a bug")
 
     started = time.time()
-    consumer = asyncio.create_task(bus.consume(js, WORKER_EVENT.wildcard, "orchestrator-events", WorkerEvent,
-                                               broken, start_s=started - 0.5, max_deliver=3))
-    try:
+    async with running(bus.consume(js, WORKER_EVENT.wildcard, "orchestrator-events", WorkerEvent,
+                                   broken, start_s=started - 0.5, max_deliver=3)):
         await bus.js_publish(js, WORKER_EVENT.format(worker="w-dl"), event("always-fails"), msg_id=f"dl-bug-{started}")
         letters = await eventually(lambda: dead_letters(js, "orchestrator", started), timeout=30, what="a dead letter")
         assert [(d.error.code, d.delivered) for d in letters] == [("retries_exhausted", 3)]
         assert "RuntimeError: a bug" == letters[0].error.message
         assert [d for d in deliveries if d >= 1] == [1, 2, 3]  # with backoff in between, then never again
-    finally:
-        consumer.cancel()
-        await asyncio.gather(consumer, return_exceptions=True)
 
 
 async def _true(value):
@@ -247,9 +248,8 @@ async def test_a_message_too_large_to_wrap_is_dead_lettered_cut_to_fit_not_retri
     orch = Orchestrator(OrchestratorSettings(nats_url=nats_url, database_url=database_url))
     orch.sessions = db
     started = time.time()
-    consumer = asyncio.create_task(bus.consume(js, WORKER_EVENT.wildcard, "orchestrator-events", WorkerEvent,
-                                               orch.on_event, start_s=started - 0.5))
-    try:
+    async with running(bus.consume(js, WORKER_EVENT.wildcard, "orchestrator-events", WorkerEvent,
+                                   orch.on_event, start_s=started - 0.5)):
         subject = WORKER_EVENT.format(worker="w-dl")
         huge = b"{" + b'"' * (nc.max_payload - 1024)
         await js.publish(subject, huge, headers={"Nats-Msg-Id": f"dl-huge-{started}"})
@@ -260,14 +260,8 @@ async def test_a_message_too_large_to_wrap_is_dead_lettered_cut_to_fit_not_retri
         assert cut.error.code == "malformed" and cut.payload_truncated and cut.payload_bytes == len(huge)
         assert huge.decode().startswith(cut.payload) and len(cut.payload) > nc.max_payload // 4
         assert len(cut.encode()) <= nc.max_payload - 16 * 1024
-
-        async def settled():  # terminated, not waiting for another delivery
-            info = await js.consumer_info("WARMSERVE_EVENTS", "orchestrator-events")
-            return info.num_ack_pending == 0 and info.num_pending == 0
-        await eventually(settled, timeout=10, what="the consumer to have nothing pending")
-    finally:
-        consumer.cancel()
-        await asyncio.gather(consumer, return_exceptions=True)
+        # terminated, not waiting for another delivery
+        await eventually(lambda: settled(js), timeout=10, what="the consumer to have nothing pending")
 
 
 async def test_listing_one_services_dead_letters_reads_only_the_newest(nc, nats_url):
