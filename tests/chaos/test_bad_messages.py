@@ -11,6 +11,7 @@ import pytest
 
 from shared import bus
 from tests.chaos.conftest import cli, service_process, workers
+from tests.helpers import request_raw
 
 pytestmark = pytest.mark.chaos
 
@@ -28,7 +29,7 @@ async def replies(url: str, subject: str, payloads: list[bytes]) -> list[dict | 
     try:
         for data in payloads:
             try:
-                out.append(json.loads((await nc.request(subject, data, timeout=5)).data))
+                out.append(json.loads((await request_raw(nc, subject, data, timeout=5)).data))
             except nats.errors.TimeoutError:
                 out.append(None)
     finally:
