@@ -315,10 +315,11 @@ async def request_stream(
             pass
 
 
-async def reply(nc: NATS, msg: Msg, answer: BusMessage) -> None:
-    """Answer a request (no-op for fire-and-forget messages without a reply subject)."""
+async def reply(nc: NATS, msg: Msg, answer: BusMessage, reply_to: str = "") -> None:
+    """Answer a request (no-op for fire-and-forget messages without a reply subject); ``reply_to`` asks
+    for an answer to the answer (a worker's probe whether its requester still listens)."""
     if msg.reply:
-        await nc.publish(msg.reply, answer.encode(), headers=inject_headers())
+        await nc.publish(msg.reply, answer.encode(), reply=reply_to, headers=inject_headers())
 
 
 async def ensure_streams(js: JetStreamContext) -> None:

@@ -13,7 +13,16 @@ from typing import Literal, TypeVar
 from pydantic import Field, FilePath, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.policy.keepalive import IdleCopyPolicy
 from shared.subjects import check_token
+
+
+def idle_copy_policy_field():
+    """One definition for the workers' and the orchestrator's setting, which must agree."""
+    return Field("evict", description="prewarmed copies the placement plan does not list: evict (at once; the plan "
+                 "is the only reason to hold weights) or keep-lru (kept while memory allows, least recently used "
+                 "evicted first when a load, a KV cache or a planned copy needs room: the load test's keep-alive "
+                 "baseline). Set the same on the orchestrator and the workers")
 
 S = TypeVar("S", bound="CommonSettings")
 
@@ -140,11 +149,7 @@ class WorkerSettings(CommonSettings):
     sim_engine_start_s: float | None = Field(
         None, ge=0, description="sim engine: seconds each model load takes before its weights move (engine start), "
                                 "instead of the profile's; long loads let fault tests kill a worker mid-activation")
-    idle_copy_policy: Literal["evict", "keep-lru"] = Field(
-        "evict", description="prewarmed copies the placement plan does not list: evict (at once; the plan is the only "
-                             "reason to hold weights) or keep-lru (kept while memory allows, least recently used "
-                             "evicted first when a load, a KV cache or a planned copy needs room: the load test's "
-                             "keep-alive baseline). Set the same on the orchestrator and the workers")
+    idle_copy_policy: IdleCopyPolicy = idle_copy_policy_field()
 
     @field_validator("worker_id")
     @classmethod
@@ -209,11 +214,7 @@ class OrchestratorSettings(ControlPlaneSettings):
     shared_quiet: float = Field(0.25, gt=0, le=1, description="quiet enough to share a worker: load and forecast peak "
                                 "at most this share of B")
     shared_max_instances: int = Field(4, ge=2, description="instances one worker serves at once under the shared tier")
-    idle_copy_policy: Literal["evict", "keep-lru"] = Field(
-        "evict", description="prewarmed copies the placement plan does not list: evict (at once; the plan is the only "
-                             "reason to hold weights) or keep-lru (kept while memory allows, least recently used "
-                             "evicted first when a load, a KV cache or a planned copy needs room: the load test's "
-                             "keep-alive baseline). Set the same on the orchestrator and the workers")
+    idle_copy_policy: IdleCopyPolicy = idle_copy_policy_field()
 
     @model_validator(mode="after")
     def _band(self):

@@ -11,6 +11,7 @@ a token.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 import string
 from dataclasses import dataclass
@@ -167,6 +168,7 @@ SUBJECTS: tuple[Subject, ...] = (
 )
 
 
+@functools.lru_cache(maxsize=4096)  # asked on every request to a worker; few distinct subjects
 def responder_worker(subject: str) -> str | None:
     """The worker that answers a request on the concrete ``subject`` (its inference or command subject), or
     None. Requesters address their reply inbox to it (``shared.bus.reply_inbox``): a worker may publish only

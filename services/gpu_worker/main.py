@@ -22,7 +22,7 @@ from shared.messages import (
 from shared.settings import WorkerSettings, load_settings
 from shared.subjects import CANCEL, INFER, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET
 from shared.service import brief, run_service
-from shared.telemetry import extract_context, inject_headers, tracer
+from shared.telemetry import extract_context, tracer
 
 log = logging.getLogger("warmserve.gpu_worker")
 
@@ -122,11 +122,7 @@ class WorkerService:
 
     async def _send(self, msg: Msg, chunk: InferChunk, token: str) -> None:
         """One chunk to the requester; now and then as a probe whether it still listens (``RequesterWatch``)."""
-        probe = self.requesters.reply_for(token)
-        if probe is None:
-            await bus.reply(self.nc, msg, chunk)
-        elif msg.reply:
-            await self.nc.publish(msg.reply, chunk.encode(), reply=probe, headers=inject_headers())
+        await bus.reply(self.nc, msg, chunk, reply_to=self.requesters.reply_for(token) or "")
 
     async def _generate(self, msg: Msg, req: InferRequest, seq: int, token: str) -> None:
         with self.tracer.start_as_current_span("worker.generate", context=extract_context(msg.headers),

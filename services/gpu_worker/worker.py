@@ -234,11 +234,8 @@ class Worker:
         if chosen is None:
             raise EngineError("insufficient_memory", f"{for_model} needs {n_bytes} bytes on {self.worker_id}; "
                                                      "evicting every prewarmed copy would not free enough")
-        for slug in chosen:
-            other = self.copies[slug]
-            freed = await self.engine.unload(other.spec.slug)  # measured
-            self.memory.give_back(self.memory.weights, other.spec.slug)
-            self._move(other, CopyState.ABSENT, n_bytes=freed, reason=f"evicted to make room for {for_model}")
+        for slug in chosen:  # an unload that fails keeps its pages charged, as for any other unload
+            await self._drop_broken(self.copies[slug], f"evicted to make room for {for_model}")
 
     async def evict(self, model: str, reason: str = "evict") -> None:
         async with self._lock:
@@ -354,7 +351,7 @@ class Worker:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _drop_broken(self, copy: Copy, reason: str) -> int | None:
-        """Take a copy in an unknown state out of service and unload it. Returns the bytes freed, or None
+        """Take a copy out of service (evicted, or in an unknown state) and unload it. Returns the bytes freed, or None
         when the unload failed (its pages stay charged, see ``_unload_or_strand``)."""
         freed = await self._unload_or_strand(copy.spec.slug)
         self._move(copy, CopyState.ABSENT, n_bytes=freed or 0,

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 IdleCopyPolicy = Literal["evict", "keep-lru"]
-IDLE_COPY_POLICIES: tuple[str, ...] = ("evict", "keep-lru")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from shared.messages import CommandKind, PlannedCopy
 from shared.policy.cluster import ClusterView, CopyView
-from shared.policy.keepalive import IdleCopy, IdleCopyPolicy, victims
+from shared.policy.keepalive import IdleCopy, IdleCopyPolicy, eviction_order, victims
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,6 @@ def unplanned_to_evict(unplanned: Sequence[CopyView], planned: dict[tuple[str, s
         idle = [IdleCopy(c.model, c.bytes, c.idle_since_s) for c in here.values()]
         chosen = victims(idle, d.free_bytes if d else 0, need, "keep-lru")
         if chosen is None:  # not enough even so: the plan wins, as under ``evict``
-            chosen = victims(idle, 0, None, "keep-lru")
+            chosen = [c.model for c in eviction_order(idle, "keep-lru")]
         out += [here[m] for m in chosen]
     return out

@@ -109,8 +109,10 @@ def cmd_deadletters(a) -> int:
 
 
 def add_parser(sub) -> None:
+    from shared.subjects import DEAD_LETTER
+
     dl = sub.add_parser("deadletters", help="messages services gave up on (they cannot be stored), with the error")
-    dl.add_argument("--service", choices=("placement", "orchestrator", "forecaster"),
+    dl.add_argument("--service", choices=sorted(DEAD_LETTER.publishers),
                     help="only this service's")
     dl.add_argument("--limit", type=int, default=50, help="the newest this many")
     dl.add_argument("--json", action="store_true")
