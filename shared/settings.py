@@ -119,6 +119,11 @@ class GatewaySettings(CommonSettings):
                                                           "requests in flight this long; what is still running "
                                                           "1 s before the end gets a 503 or an error event "
                                                           "(gateway_shutdown)")
+    keep_alive_s: float = Field(75.0, gt=0, description="how long an idle client connection stays open. "
+                                "Longer than the idle timeout of clients' connection pools (5 s in httpx and "
+                                "the openai client) and of load balancers in front (often 60 s), so the client "
+                                "side always closes first: a server that closes first races a request sent "
+                                "on the connection just then, which the client sees as a reset")
     max_prompt_chars: int = Field(512 * 1024, ge=1, description="most characters in a request's prompt or "
                                                                "messages together (more: 400); the worker then "
                                                                "checks tokens against the model's context")

@@ -29,9 +29,13 @@ def main() -> None:
     configure_logging(settings.log_level)
     setup_tracing("gateway", settings.otlp_endpoint)
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                            timeout_graceful_shutdown=settings.shutdown_grace_s)
-    DrainingServer(config, app.state.gateway).run()
+    DrainingServer(server_config(app, settings), app.state.gateway).run()
+
+
+def server_config(app, settings: GatewaySettings) -> uvicorn.Config:
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                          timeout_graceful_shutdown=settings.shutdown_grace_s,
+                          timeout_keep_alive=settings.keep_alive_s)
 
 
 if __name__ == "__main__":
