@@ -56,6 +56,7 @@ class ModelSpec(BusMessage):
     tensor_parallel_size: int = 1
     max_context_tokens: int = 2048
     status: ModelStatus = ModelStatus.ACTIVE
+    tool_parser: str | None = None  # vLLM's tool-call parser for tool_choice "auto" (e.g. "hermes"); None: no auto
 
 
 class ApiKeyRecord(BusMessage):
@@ -71,28 +72,90 @@ class ApiKeyRecord(BusMessage):
 # ---------------------------------------------------------------- inference
 
 
+class FunctionCall(BusMessage):
+    name: str
+    arguments: str = ""  # JSON text, as the OpenAI API sends it
+
+
+class ToolCall(BusMessage):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BusMessage):
+    """One chat message as the model's chat template receives it. Content parts are joined by the gateway
+    (text parts with newlines, as vLLM does for templates that take a string); ``None`` content is an
+    assistant turn that only called tools."""
+
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: str | None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class StructuredOutput(BusMessage):
+    """A constraint on the answer's form, passed to vLLM's structured outputs (exactly one is set)."""
+
+    json_schema: dict[str, Any] | None = None  # response_format json_schema, or vLLM's structured_outputs.json
+    json_object: bool | None = None  # response_format json_object: any JSON object
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 class SamplingParams(BusMessage):
+    """vLLM's sampling parameters as the OpenAI server sets them; defaults change nothing."""
+
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    top_k: int = 0  # 0: all tokens
+    min_p: float = 0.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = Field(default_factory=list)
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None  # top logprobs per generated token (0: only the chosen token's); None: none
+    structured: StructuredOutput | None = None
+
+
+class Tools(BusMessage):
+    """Tools offered to a chat model: the function definitions go to the chat template; ``choice`` is
+    "none", "auto" (the catalog's tool parser reads calls out of the text), "required" or a function's name
+    (both: the answer is constrained to calls of the given functions)."""
+
+    definitions: list[dict[str, Any]]  # [{"type": "function", "function": {...}}], as the client sent them
+    choice: str = "auto"
+    named: bool = False  # ``choice`` is a function's name
 
 
 class InferRequest(BusMessage):
-    """One generation request routed to a worker; the reply inbox receives InferChunk messages."""
+    """One generation request routed to a worker; the reply inbox receives InferChunk messages.
+
+    A completions request sends ``prompt`` (one text), or ``prompts`` (several texts or token-id lists:
+    one choice group per prompt, choice index = prompt index x n + i, as vLLM numbers them)."""
 
     request_id: str = Field(default_factory=new_id)
     model: str
     instance_id: str | None = None
     messages: list[ChatMessage] | None = None
     prompt: str | None = None
+    prompts: list[str | list[int]] | None = None
+    echo: bool = False  # completions: the answer starts with its prompt; chat: ignored (the gateway has it)
+    tools: Tools | None = None
     sampling: SamplingParams = Field(default_factory=SamplingParams)
+    usage_every_chunk: bool = False  # stream_options.continuous_usage_stats: counts on every chunk
 
 
 class Usage(BusMessage):
@@ -104,19 +167,68 @@ class Usage(BusMessage):
         return self.prompt_tokens + self.completion_tokens
 
 
+class TopLogprob(BusMessage):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(BusMessage):
+    """One generated token with its log-probability and the ``top`` alternatives asked for."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top: list[TopLogprob] = Field(default_factory=list)
+
+
+class ToolCallDelta(BusMessage):
+    """A tool call, or in a stream a piece of one (``index`` says which: later pieces add to ``arguments``)."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+class ChoiceDelta(BusMessage):
+    """What one choice produced in one engine step (one SSE event at the gateway)."""
+
+    index: int = 0
+    text: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+    finish_reason: Literal["stop", "length", "abort", "tool_calls"] | None = None
+    stop_reason: int | str | None = None  # the stop string or token id that ended it, as vLLM reports
+
+
 class InferChunk(BusMessage):
-    """A piece of a streamed answer. The last chunk has ``finish_reason`` (or ``error``) set."""
+    """A piece of a streamed answer. The last chunk has ``finish_reason`` (or ``error``) set.
+
+    The plain case (one choice, no logprobs, no tools) uses ``text`` alone, the smallest message. Otherwise
+    ``deltas`` holds each choice's output of each step, in order, and ``text``/``finish_reason`` are left
+    empty except that the last chunk's ``finish_reason`` marks the end of the whole stream."""
 
     request_id: str
     seq: int
     text: str = ""
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: Literal["stop", "length", "abort", "tool_calls"] | None = None
     usage: Usage | None = None
     error: ErrorInfo | None = None
+    deltas: list[ChoiceDelta] = Field(default_factory=list)
+    prompt_texts: list[str] | None = None  # echo: each prompt's (detokenised) text, on the first chunk
 
     @property
     def last(self) -> bool:
         return self.finish_reason is not None or self.error is not None
+
+    def choice_deltas(self) -> list[ChoiceDelta]:
+        """Every choice's deltas, the plain case included."""
+        if self.deltas:
+            return self.deltas
+        if self.text or self.finish_reason:
+            return [ChoiceDelta(text=self.text, finish_reason=self.finish_reason)]
+        return []
 
 
 # ---------------------------------------------------------------- workers
