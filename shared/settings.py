@@ -144,8 +144,10 @@ class WorkerSettings(CommonSettings):
     )
     batch_capacity: int = Field(32, gt=0, description="requests one instance serves at once (B); "
                                                    "gateways send an instance no more than this")
-    chunk_interval_s: float = Field(0.01, ge=0, description="text produced faster than this is sent "
-                                                            "as one chunk (the first token never waits)")
+    chunk_interval_s: float = Field(0.0, ge=0, description="0: every engine step is its own chunk and SSE "
+                                    "event, as vLLM's server streams (clients measure inter-token latency "
+                                    "right). Above 0: steps produced faster than this are merged into one "
+                                    "(fewer messages; the first token never waits)")
     kv_cache_bytes: int = Field(1024**3, gt=0, description="KV cache an active instance reserves; "
                                                           "the rest of the budget stays prewarm capacity")
     sim_profile: Literal["fast", "a100"] = Field(
