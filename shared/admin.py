@@ -11,6 +11,7 @@ anything that speaks NATS). The reply is an ``AdminReply``: ``ok`` with a result
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -24,6 +25,21 @@ from shared.subjects import ADMIN, FORECAST_ADMIN, Subject, check_token
 # identifiers that end up in NATS subjects and KV keys: validated once, here
 Slug = Annotated[str, AfterValidator(lambda v: check_token(v, "model slug"))]
 WorkerId = Annotated[str, AfterValidator(lambda v: check_token(v, "worker id"))]
+
+# vLLM's tool-parser names are short identifiers ("hermes", "llama3_json", "granite-20b-fc"). Only the shape is
+# checked: neither the CLI nor placement imports vLLM, so an unknown name is reported by the worker, on the
+# first request with tool_choice "auto" for that model. \Z, not $ (which also matches before a final newline).
+TOOL_PARSER_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z")
+
+
+def check_tool_parser(value: str) -> str:
+    if not isinstance(value, str) or not TOOL_PARSER_RE.match(value):
+        raise ValueError(f"invalid tool parser {value!r}: a vLLM tool parser's name (e.g. hermes, llama3_json), "
+                         "1-64 characters of a-z, 0-9, '_' and '-', starting with a letter or digit")
+    return value
+
+
+ToolParser = Annotated[str, AfterValidator(check_tool_parser)]
 
 
 class Args(BaseModel):
@@ -41,6 +57,16 @@ class RegisterArgs(Args):
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     max_context_tokens: int | None = Field(None, ge=16)
     status: ModelStatus = ModelStatus.ACTIVE
+    tool_parser: ToolParser | None = Field(
+        None, description="vLLM's tool-call parser for tool_choice \"auto\"; left out, a registered model keeps "
+                          "its own, null clears it")
+
+
+class UpdateArgs(Args):
+    """``model-update``: set or clear a registered model's tool parser without registering it again."""
+
+    slug: Slug
+    tool_parser: ToolParser | None = Field(description="vLLM's tool-call parser for tool_choice \"auto\"; null: none")
 
 
 class SlugArgs(Args):
@@ -110,6 +136,7 @@ def _verbs(subject: Subject, *verbs: tuple[str, type[Args], str]) -> dict[str, V
 PLACEMENT_VERBS = _verbs(
     ADMIN,
     ("model-register", RegisterArgs, "add or update a catalog model (sizes read from its folder if not given)"),
+    ("model-update", UpdateArgs, "change a catalog model's tool parser"),
     ("model-list", NoArgs, "the catalog"),
     ("model-remove", SlugArgs, "remove a model from the catalog"),
     ("worker-list", NoArgs, "live workers and what each holds"),

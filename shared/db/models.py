@@ -25,6 +25,7 @@ class Model(Base):
     tensor_parallel_size: Mapped[int] = mapped_column(Integer, default=1)
     max_context_tokens: Mapped[int] = mapped_column(Integer, default=2048)
     status: Mapped[str] = mapped_column(String(16), default="active")
+    tool_parser: Mapped[str | None] = mapped_column(String(64), nullable=True)  # vLLM's, for tool_choice "auto"
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()

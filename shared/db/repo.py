@@ -11,6 +11,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from shared.admin import check_tool_parser
 from shared.apikeys import hash_key, new_key
 from shared.db.models import ApiKey, ForecastRecord, Model, ModelEvent, ObservedLoad, PlacementDecision, Worker
 from shared.messages import (
@@ -30,22 +31,35 @@ def to_spec(row: Model) -> ModelSpec:
     return ModelSpec(
         slug=row.slug, path=row.path, parameter_bytes=row.parameter_bytes,
         tensor_parallel_size=row.tensor_parallel_size, max_context_tokens=row.max_context_tokens,
-        status=ModelStatus(row.status),
+        status=ModelStatus(row.status), tool_parser=row.tool_parser,
     )
 
 
-async def upsert_model(session: AsyncSession, spec: ModelSpec) -> None:
+async def upsert_model(session: AsyncSession, spec: ModelSpec, *, keep_tool_parser: bool = False) -> ModelSpec:
+    """Add or replace a catalog row; returns it as stored. ``keep_tool_parser``: a row that exists keeps its
+    tool parser (registering again without naming one, as ``warmserve up`` does, clears nothing)."""
     values = dict(
         slug=spec.slug, path=spec.path, parameter_bytes=spec.parameter_bytes,
         tensor_parallel_size=spec.tensor_parallel_size, max_context_tokens=spec.max_context_tokens,
-        status=spec.status.value,
+        status=spec.status.value, tool_parser=spec.tool_parser,
     )
+    kept = {"slug"} | ({"tool_parser"} if keep_tool_parser else set())
     stmt = insert(Model).values(**values)
     stmt = stmt.on_conflict_do_update(
         index_elements=[Model.slug],
-        set_={k: stmt.excluded[k] for k in values if k != "slug"} | {"updated_at": datetime.now(timezone.utc)},
-    )
-    await session.execute(stmt)
+        set_={k: stmt.excluded[k] for k in values if k not in kept} | {"updated_at": datetime.now(timezone.utc)},
+    ).returning(Model).execution_options(populate_existing=True)  # a row this session holds is refreshed
+    row = (await session.execute(stmt)).scalar_one()
+    return to_spec(row)
+
+
+async def set_tool_parser(session: AsyncSession, slug: str, tool_parser: str | None) -> ModelSpec | None:
+    """Set (or, with None, clear) a model's tool parser; None if there is no such model."""
+    row = (await session.execute(
+        update(Model).where(Model.slug == slug)
+        .values(tool_parser=tool_parser, updated_at=datetime.now(timezone.utc)).returning(Model)
+    )).scalar_one_or_none()
+    return to_spec(row) if row is not None else None
 
 
 async def list_models(session: AsyncSession) -> list[ModelSpec]:
@@ -56,12 +70,15 @@ async def list_models(session: AsyncSession) -> list[ModelSpec]:
 async def catalog_entries(session: AsyncSession) -> tuple[dict[str, ModelSpec], dict[str, str]]:
     """The catalog as placement publishes it, each row read on its own: (slug -> entry, slug -> why) for the
     rows that are valid entries and those that are not (a slug that cannot be a subject token or KV key, an
-    unknown status: rows written around the admin verbs), so one bad row cannot hold back the others."""
+    unknown status, a malformed tool parser: rows written around the admin verbs), so one bad row cannot hold back the others."""
     rows = (await session.execute(select(Model).order_by(Model.slug))).scalars().all()
     good, bad = {}, {}
     for row in rows:
         try:
-            good[check_token(row.slug, "model slug")] = to_spec(row)
+            check_token(row.slug, "model slug")
+            if row.tool_parser is not None:
+                check_tool_parser(row.tool_parser)
+            good[row.slug] = to_spec(row)
         except ValueError as exc:
             bad[row.slug] = " ".join(str(exc).split())
     return good, bad

@@ -35,10 +35,22 @@ def test_migrations_create_every_table_and_downgrade_cleanly(database_url):
             "alembic_version"} <= tables
     downgrade(database_url, "base")
     assert set(inspect(engine).get_table_names()) == {"alembic_version"}
+    upgrade(database_url, "0005")  # 0006 adds models.tool_parser, nullable: rows from before it have none
+    assert "tool_parser" not in {c["name"] for c in inspect(engine).get_columns("models")}
+    with engine.begin() as conn:
+        conn.execute(text("insert into models (slug, path, parameter_bytes, tensor_parallel_size, "
+                          "max_context_tokens, status) values ('old', '/m/old', 1, 1, 16, 'active')"))
+    upgrade(database_url)
+    [column] = [c for c in inspect(engine).get_columns("models") if c["name"] == "tool_parser"]
+    assert column["nullable"]
+    with engine.connect() as conn:
+        assert conn.execute(text("select tool_parser from models where slug = 'old'")).one() == (None,)
+    downgrade(database_url, "0005")
+    assert "tool_parser" not in {c["name"] for c in inspect(engine).get_columns("models")}
     upgrade(database_url)
     upgrade(database_url)  # already at head: nothing to do
     with engine.connect() as conn:
-        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0005"
+        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0006"
     engine.dispose()
 
 
@@ -52,7 +64,7 @@ async def test_catalog_history_and_forecasts(database_url):
         await s.commit()
     async with sessions() as s:
         [got] = await repo.list_models(s)
-    assert got.parameter_bytes == 456 and got.status is ModelStatus.DISABLED
+    assert got.parameter_bytes == 456 and got.status is ModelStatus.DISABLED and got.tool_parser is None
 
     now = time.time()
     event = WorkerEvent(worker_id="w0", model="m1", from_state=CopyState.LOADING, to_state=CopyState.PREWARMED,
@@ -104,3 +116,36 @@ async def test_catalog_history_and_forecasts(database_url):
         await s.commit()
         assert (await s.execute(text("select count(*) from model_events"))).scalar() == 0  # cascades
     await engine.dispose()
+
+
+async def test_tool_parser_is_stored_kept_on_reregistration_changed_and_cleared(database_url):
+    engine = create_engine(database_url)
+    sessions = sessionmaker(engine)
+    spec = ModelSpec(slug="tp", path="/models/tp", parameter_bytes=1, tool_parser="hermes")
+    try:
+        async with sessions() as s:
+            assert (await repo.upsert_model(s, spec)).tool_parser == "hermes"
+            again = spec.model_copy(update={"tool_parser": None, "parameter_bytes": 2})
+            stored = await repo.upsert_model(s, again, keep_tool_parser=True)  # as `warmserve up` registers
+            assert (stored.parameter_bytes, stored.tool_parser) == (2, "hermes")
+            await s.commit()
+        async with sessions() as s:
+            [got] = await repo.list_models(s)
+            assert got.tool_parser == "hermes"
+            assert (await repo.set_tool_parser(s, "tp", "llama3_json")).tool_parser == "llama3_json"
+            assert await repo.set_tool_parser(s, "missing", "hermes") is None
+            await s.commit()
+        async with sessions() as s:
+            entries, bad = await repo.catalog_entries(s)
+            assert entries["tp"].tool_parser == "llama3_json" and bad == {}
+            assert (await repo.upsert_model(s, spec.model_copy(update={"tool_parser": None}))).tool_parser is None
+            await s.commit()
+        async with sessions() as s:
+            [got] = await repo.list_models(s)
+            assert got.tool_parser is None
+            # a row written around the admin verbs with a malformed parser is no catalog entry
+            await s.execute(text("update models set tool_parser = 'Bad Name' where slug = 'tp'"))
+            entries, bad = await repo.catalog_entries(s)
+            assert entries == {} and "invalid tool parser 'Bad Name'" in bad["tp"]
+    finally:
+        await engine.dispose()
