@@ -8,7 +8,7 @@ from pathlib import Path
 
 from shared.admin import (
     PLACEMENT_VERBS, AdminError, Dispatcher, HistoryArgs, KeyArgs, KeyNameArgs, NoArgs, PinArgs, RegisterArgs, SlugArgs,
-    UnpinArgs, WorkerArgs,
+    UnpinArgs, UpdateArgs, WorkerArgs,
 )
 from shared.db import repo
 from shared.messages import ModelSpec, OperatorHold
@@ -24,7 +24,7 @@ class Admin:
     def __init__(self, service):
         self.svc = service
         self.dispatcher = Dispatcher(PLACEMENT_VERBS, {
-            "model-register": self.model_register, "model-list": self.model_list,
+            "model-register": self.model_register, "model-update": self.model_update, "model-list": self.model_list,
             "model-remove": self.model_remove, "worker-list": self.worker_list,
             "placement-history": self.placement_history,
             "key-create": self.key_create, "key-list": self.key_list,
@@ -46,10 +46,20 @@ class Admin:
         if not size:
             raise AdminError("bad_request", f"{a.path} holds no *.safetensors weights")
         spec = ModelSpec(slug=a.slug, path=str(path), parameter_bytes=size, tensor_parallel_size=a.tensor_parallel_size,
-                         max_context_tokens=context, status=a.status)
-        async with self.svc.sessions() as session:
-            await repo.upsert_model(session, spec)
+                         max_context_tokens=context, status=a.status, tool_parser=a.tool_parser)
+        async with self.svc.sessions() as session:  # no tool_parser given: a registered model keeps its own
+            spec = await repo.upsert_model(session, spec, keep_tool_parser="tool_parser" not in a.model_fields_set)
             await session.commit()
+        await self.svc.sync_catalog()
+        return spec.model_dump(mode="json")
+
+    async def model_update(self, a: UpdateArgs) -> dict:
+        """Set or clear a model's tool parser; the workers see it through the catalog bucket."""
+        async with self.svc.sessions() as session:
+            spec = await repo.set_tool_parser(session, a.slug, a.tool_parser)
+            await session.commit()
+        if spec is None:
+            raise AdminError("not_found", f"no model {a.slug!r} in the catalog")
         await self.svc.sync_catalog()
         return spec.model_dump(mode="json")
 

@@ -170,6 +170,64 @@ async def _has_workers(svc):
     return hasattr(svc, "workers") and {"pl-w0", "pl-w1"} <= set(svc.workers.items)
 
 
+async def test_a_tool_parser_reaches_the_catalog_bucket_changes_and_bad_names_change_nothing(nats_urls, database_url,
+                                                                                              nc):
+    """Operator -> Postgres -> catalog bucket: the ModelSpec a worker reads carries the model's tool parser."""
+    from shared.subjects import CATALOG_BUCKET
+
+    catalog = (await bus.ensure_all(nc.jetstream()))[CATALOG_BUCKET.name]
+
+    async def published(expected):
+        try:
+            return ModelSpec.decode((await catalog.get("tp-m")).value).tool_parser == expected
+        except Exception:  # not there (yet)
+            return False
+
+    async def stored():
+        return (await rows(database_url, "select tool_parser from models where slug = 'tp-m'"))[0][0]
+
+    register = {"slug": "tp-m", "path": "/m/tp", "parameter_bytes": GB, "max_context_tokens": 512}
+    svc, stop, task = await start(nats_urls["placement"], database_url)
+    try:
+        await eventually(lambda: _answers(nc), what="placement to answer admin requests")
+        made = await admin(nc, "model-register", register | {"tool_parser": "hermes"})
+        assert made.ok and made.result["tool_parser"] == "hermes", made
+        await eventually(lambda: published("hermes"), what="the tool parser in the catalog bucket")
+
+        again = await admin(nc, "model-register", register | {"parameter_bytes": 2 * GB})  # none named: kept
+        assert again.ok and again.result["tool_parser"] == "hermes", again
+        assert (await admin(nc, "model-update", {"slug": "tp-m", "tool_parser": "llama3_json"})).ok
+        await eventually(lambda: published("llama3_json"), what="the updated tool parser in the catalog bucket")
+        assert [m["tool_parser"] for m in (await admin(nc, "model-list")).result if m["slug"] == "tp-m"] == \
+            ["llama3_json"]
+
+        for verb, args, code in [
+            ("model-update", {"slug": "tp-m", "tool_parser": "Hermes"}, "bad_request"),
+            ("model-update", {"slug": "tp-m", "tool_parser": "hermes\n"}, "bad_request"),
+            ("model-update", {"slug": "tp-m", "tool_parser": "a" * 65}, "bad_request"),
+            ("model-update", {"slug": "tp-m", "tool_parser": ""}, "bad_request"),
+            ("model-update", {"slug": "tp-m"}, "bad_request"),  # nothing to change: say so
+            ("model-update", {"slug": "nope", "tool_parser": "hermes"}, "not_found"),
+            ("model-register", register | {"tool_parser": "my parser"}, "bad_request"),
+        ]:
+            reply = await admin(nc, verb, args)
+            assert not reply.ok and reply.error.code == code, (verb, args, reply)
+            if code == "bad_request" and "tool_parser" in args:
+                assert "invalid tool parser" in reply.error.message, reply
+        assert await stored() == "llama3_json"
+        assert (await rows(database_url, "select parameter_bytes from models where slug = 'tp-m'"))[0][0] == 2 * GB
+        assert await published("llama3_json")
+
+        cleared = await admin(nc, "model-update", {"slug": "tp-m", "tool_parser": None})
+        assert cleared.ok and cleared.result["tool_parser"] is None
+        await eventually(lambda: published(None), what="the cleared tool parser in the catalog bucket")
+        assert await stored() is None
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        await catalog.delete("tp-m")
+
+
 def test_key_create_cli_sends_the_limits(monkeypatch):
     from tooling.cli import main as cli
 
