@@ -2,6 +2,8 @@
 across restarts and replays, operator drains and pins, bad admin requests."""
 
 import asyncio
+import json
+import re
 import time
 
 import pytest
@@ -242,6 +244,55 @@ def test_key_create_cli_sends_the_limits(monkeypatch):
     cli.cmd_key(cli.build_parser().parse_args(["key", "create", "team-b"]))
     assert sent == [("key-create", {"name": "team-a", "rate_limit_rps": 5.0, "max_concurrency": 3}),
                     ("key-create", {"name": "team-b"})]
+
+
+def test_model_cli_sends_the_tool_parser_and_refuses_a_bad_name_before_sending(monkeypatch, capsys, tmp_path):
+    from tooling.cli import main as cli
+
+    sent = []
+    catalog = [{"slug": "m", "status": "active", "tensor_parallel_size": 1, "parameter_bytes": GB,
+                "max_context_tokens": 512, "path": "/m", "tool_parser": "hermes"},
+               {"slug": "n", "status": "active", "tensor_parallel_size": 1, "parameter_bytes": GB,
+                "max_context_tokens": 512, "path": "/n", "tool_parser": None}]
+
+    async def fake_admin(verb, args):
+        sent.append((verb, args))
+        return catalog if verb == "model-list" else {}
+
+    def run(*argv):
+        cli.cmd_model(cli.build_parser().parse_args(["model", *argv]))
+
+    monkeypatch.setattr(cli, "_admin", fake_admin)
+    path = str(tmp_path.resolve())
+    run("register", "m", path, "--tool-parser", "hermes")
+    run("register", "m", path)
+    run("register", "m", path, "--no-tool-parser")
+    run("update", "m", "--tool-parser", "granite-20b-fc")
+    run("update", "m", "--no-tool-parser")
+    assert sent == [("model-register", {"slug": "m", "path": path, "tensor_parallel_size": 1, "tool_parser": "hermes"}),
+                    ("model-register", {"slug": "m", "path": path, "tensor_parallel_size": 1}),
+                    ("model-register", {"slug": "m", "path": path, "tensor_parallel_size": 1, "tool_parser": None}),
+                    ("model-update", {"slug": "m", "tool_parser": "granite-20b-fc"}),
+                    ("model-update", {"slug": "m", "tool_parser": None})]
+    sent.clear()
+    capsys.readouterr()
+    for argv in (["update", "m", "--tool-parser", "Hermes"], ["update", "m", "--tool-parser", "a.b"],
+                 ["register", "m", path, "--tool-parser", "x y"], ["update", "m"],
+                 ["update", "m", "--tool-parser", "hermes", "--no-tool-parser"]):
+        with pytest.raises(SystemExit) as exc:
+            run(*argv)
+        assert exc.value.code == 2, argv
+    assert sent == []
+    assert capsys.readouterr().err.count("invalid tool parser") == 3
+
+    run("list")
+    listed = capsys.readouterr().out.splitlines()
+    assert "tool parser" in listed[0]
+    assert re.search(r"^m\s+active\s+1\s.*\shermes\s+/m$", listed[1]) and re.search(r"^n\s.*\s-\s+/n$", listed[2])
+    run("show", "m")
+    assert json.loads(capsys.readouterr().out)["tool_parser"] == "hermes"
+    with pytest.raises(SystemExit, match="no model 'zz'"):
+        run("show", "zz")
 
 
 async def test_key_create_carries_its_limits_to_the_gateways_bucket(nats_urls, database_url, nc):

@@ -69,6 +69,24 @@ def cmd_settings_doc(a) -> int:
     return 0
 
 
+def _tool_parser_arg(value: str) -> str:
+    """``--tool-parser``: refused here, before NATS, if it cannot be a parser's name (whether vLLM has it is
+    known only to the workers)."""
+    from shared.admin import check_tool_parser
+
+    try:
+        return check_tool_parser(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _tool_parser_choice(a) -> dict:
+    """``--tool-parser NAME`` / ``--no-tool-parser`` as admin arguments; neither: nothing sent."""
+    if a.no_tool_parser:
+        return {"tool_parser": None}
+    return {"tool_parser": a.tool_parser} if a.tool_parser else {}
+
+
 def cmd_model(a) -> int:
     if a.action == "make-tiny":
         from shared.model_folder import weight_bytes
@@ -87,16 +105,24 @@ def cmd_model(a) -> int:
             args["max_context_tokens"] = a.max_context
         if a.parameter_bytes:
             args["parameter_bytes"] = a.parameter_bytes
-        _print(asyncio.run(_admin("model-register", args)))
+        _print(asyncio.run(_admin("model-register", args | _tool_parser_choice(a))))
+    elif a.action == "update":
+        _print(asyncio.run(_admin("model-update", {"slug": a.slug} | _tool_parser_choice(a))))
+    elif a.action == "show":
+        found = [m for m in asyncio.run(_admin("model-list", {})) if m["slug"] == a.slug]
+        if not found:
+            sys.exit(f"error (not_found): no model {a.slug!r} in the catalog")
+        _print(found[0])
     elif a.action == "list":
         models = asyncio.run(_admin("model-list", {}))
         if a.json:
             _print(models)
             return 0
-        print(f"{'model':24s} {'status':9s} {'TP':>3s} {'GiB':>7s} {'context':>8s}  path")
+        print(f"{'model':24s} {'status':9s} {'TP':>3s} {'GiB':>7s} {'context':>8s} {'tool parser':16s}  path")
         for m in models:
             print(f"{m['slug']:24s} {m['status']:9s} {m['tensor_parallel_size']:3d} "
-                  f"{m['parameter_bytes'] / 2**30:7.2f} {m['max_context_tokens']:8d}  {m['path']}")
+                  f"{m['parameter_bytes'] / 2**30:7.2f} {m['max_context_tokens']:8d} "
+                  f"{m.get('tool_parser') or '-':16s}  {m['path']}")
     else:
         _print(asyncio.run(_admin("model-remove", {"slug": a.slug})))
     return 0
@@ -158,6 +184,15 @@ def cmd_chat(a) -> int:
     return 0
 
 
+def _tool_parser_flags(parser: argparse.ArgumentParser, more: str, required: bool = False) -> None:
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument("--tool-parser", metavar="NAME", type=_tool_parser_arg,
+                       help="vLLM's tool-call parser for tool_choice \"auto\" (e.g. hermes, llama3_json); an "
+                            "unknown name is reported by the worker when a request needs it" + more)
+    group.add_argument("--no-tool-parser", action="store_true",
+                       help="clear it: the model has no tool parser for tool_choice \"auto\"")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="warmserve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -198,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     reg.add_argument("--max-context", type=int, help="context length (read from config.json if omitted)")
     reg.add_argument("--parameter-bytes", type=int, help="weight bytes (read from the folder if omitted)")
+    _tool_parser_flags(reg, " (neither flag: a registered model keeps its own)")
+    upd = msub.add_parser("update", help="change a registered model's tool parser")
+    upd.add_argument("slug")
+    _tool_parser_flags(upd, "", required=True)
     tiny = msub.add_parser("make-tiny", help="create a random-weight Llama model offline and register it")
     tiny.add_argument("slug", help="catalog id: a-z, 0-9 and '-'")
     tiny.add_argument("--size", default="5m", choices=["5m", "300m"], help="5m for tests, 300m for demos")
@@ -205,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--dir", type=Path, help="parent folder (default: the state folder's models/)")
     tiny.add_argument("--no-register", action="store_true", help="only create the folder")
     msub.add_parser("list", help="list the catalog").add_argument("--json", action="store_true")
+    msub.add_parser("show", help="one model's catalog entry as JSON").add_argument("slug")
     rm = msub.add_parser("remove", help="remove a model")
     rm.add_argument("slug")
     model.set_defaults(func=cmd_model)

@@ -188,7 +188,8 @@ async def ensure_demo_model(database_url: str, path: Path) -> Path:
         async with sessionmaker(engine)() as session:
             await repo.upsert_model(session, ModelSpec(slug=DEMO_MODEL, path=str(path.resolve()),
                                                        parameter_bytes=weight_bytes(path),
-                                                       max_context_tokens=max_context(path)))
+                                                       max_context_tokens=max_context(path)),
+                                    keep_tool_parser=True)  # one the operator set survives a restart
             await session.commit()
     finally:
         await engine.dispose()
