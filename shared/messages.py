@@ -128,6 +128,8 @@ class SamplingParams(BusMessage):
     logit_bias: dict[int, float] | None = None
     logprobs: int | None = None  # top logprobs per generated token (0: only the chosen token's); None: none
     structured: StructuredOutput | None = None
+    fill_context: bool = False  # chat without max_tokens: generate up to the context's end, as vLLM does
+    # (max_tokens is then only the cap of a worker that does not read this field)
 
 
 class Tools(BusMessage):
