@@ -18,11 +18,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from services.gateway import errors
 from services.gateway.admission import Admission
 from services.gateway.admission_core import AdmissionCore
-from services.gateway.api_types import ChatCompletionRequest, CompletionRequest
+from services.gateway.api_types import REMOVED_GUIDED_FIELDS, ChatCompletionRequest, CompletionRequest
 from services.gateway.demand import DemandPublisher
 from services.gateway.errors import ApiError
 from services.gateway.limits import Guard, KeySlots, body_limit, check_request, prompt_param, too_large_for_bus
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.responses import ResponseBuilder
 from services.gateway.routing import RoutingTable
 from services.gateway.shutdown import Drain
 from shared import bus
@@ -37,7 +38,6 @@ from shared.subjects import APIKEYS_BUCKET, CANCEL, CATALOG_BUCKET, INFER, SCALE
 
 log = logging.getLogger("warmserve.gateway")
 OUTCOME_HEADER = "x-warmserve-outcome"
-DEFAULT_MAX_TOKENS = 256
 MAX_ROUTES = 3  # a request that no worker started is routed again, at most this often
 CLIENT_CLOSED = 499  # nginx's "client closed request"
 CUT_BEFORE_END_S = 1.0  # of the shutdown grace: time to send the errors and close before uvicorn cancels
@@ -183,20 +183,20 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        infer = InferRequest(request_id=f"chatcmpl-{new_id()}", model=body.model, messages=body.messages,
-                             sampling=body.sampling(DEFAULT_MAX_TOKENS))
-        return await serve(body, infer, chat=True)
+        request_id = f"chatcmpl-{new_id()}"
+        return await serve(body, body.infer(request_id))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        infer = InferRequest(request_id=f"cmpl-{new_id()}", model=body.model, prompt=body.prompt,
-                             sampling=body.sampling(DEFAULT_MAX_TOKENS))
-        return await serve(body, infer, chat=False)
+        request_id = f"cmpl-{new_id()}"
+        return await serve(body, body.infer(request_id))
 
-    async def serve(body, infer: InferRequest, chat: bool):
+    async def serve(body: ChatCompletionRequest | CompletionRequest, infer: InferRequest):
+        log_ignored(infer.request_id, body.ignored_fields())
         spec = gw.table.model(body.model)  # 404 before anything else
         check_request(body, spec, gw.settings)  # 400 for what no worker would accept
         pparam = prompt_param(body)
+        built = ResponseBuilder(body, infer.request_id, body.model, int(time.time()))
         span = gw.tracer.start_span("gateway.request", attributes={
             "warmserve.model": body.model, "warmserve.request_id": infer.request_id, "warmserve.stream": body.stream})
         served = Served(gw, body.model, infer.request_id, span)
@@ -233,11 +233,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         infer = routed
         served.first_token()
         headers = {OUTCOME_HEADER: served.outcome}
-        created = int(time.time())
+        built.take(first)
 
         if not body.stream:
             try:
-                text, last = await gw.drain.unless_cut(_collect(first, stream, pparam))
+                last = await gw.drain.unless_cut(_collect(first, stream, pparam, built))
             except BaseException as exc:
                 served.failed(exc)
                 served.done(_status_of(exc))
@@ -245,15 +245,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             finally:
                 await stream.aclose()
             served.done(200, last)
-            return JSONResponse(_full_response(infer, body.model, chat, created, text, last), headers=headers)
-
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return JSONResponse(built.response(), headers=headers)
 
         async def sse() -> AsyncIterator[str]:
             status, last, chunk = 200, first, first
             try:
-                if chat:
-                    yield _sse(_chunk(infer, body.model, chat, created, role=True))
+                for event in built.start_events():
+                    yield _sse(event)
                 while True:
                     if chunk.error:
                         err = errors.from_worker(chunk.error.code, chunk.error.message, pparam)
@@ -261,13 +259,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                         served.failed(err)
                         yield _sse(err.body())
                         break
-                    if chunk.text or chunk.finish_reason:
-                        yield _sse(_chunk(infer, body.model, chat, created, text=chunk.text,
-                                          finish_reason=chunk.finish_reason))
+                    for event in built.events(chunk):
+                        yield _sse(event)
                     last = chunk
                     if chunk.last:
-                        if include_usage and chunk.usage:
-                            yield _sse(_chunk(infer, body.model, chat, created, usage=chunk.usage, empty=True))
+                        for event in built.end_events():
+                            yield _sse(event)
                         break
                     chunk = await gw.drain.unless_cut(_next(stream))
             except bus.BusError as exc:
@@ -424,51 +421,36 @@ async def _next(stream: AsyncIterator[InferChunk]) -> InferChunk:
     return await anext(stream)
 
 
-async def _collect(first: InferChunk, stream: AsyncIterator[InferChunk], prompt_param: str) -> tuple[str, InferChunk]:
-    """The whole answer of a non-streaming request."""
-    text, last = first.text, first
+async def _collect(first: InferChunk, stream: AsyncIterator[InferChunk], prompt_param: str,
+                   built: ResponseBuilder) -> InferChunk:
+    """The whole answer of a non-streaming request, collected per choice into ``built``; the last chunk."""
+    built.add(first)
+    last = first
     try:
         while not last.last:
             chunk = await anext(stream)
             if chunk.error:
                 raise errors.from_worker(chunk.error.code, chunk.error.message, prompt_param)
-            text += chunk.text
+            built.add(chunk)
             last = chunk
     except bus.BusError as exc:
         raise errors.from_bus(exc) from None
-    return text, last
+    return last
 
 
-def _usage(u) -> dict:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.total_tokens}
+IGNORED_NAMES_LOGGED = 20
 
 
-def _full_response(infer: InferRequest, model: str, chat: bool, created: int, text: str, last: InferChunk) -> dict:
-    choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
-    return {"id": infer.request_id, "object": "chat.completion" if chat else "text_completion",
-            "created": created, "model": model, "choices": [choice],
-            "usage": _usage(last.usage) if last.usage else None}
-
-
-def _chunk(infer: InferRequest, model: str, chat: bool, created: int, *, text: str = "", role: bool = False,
-           finish_reason: str | None = None, usage=None, empty: bool = False) -> dict:
-    if empty:
-        choices = []
-    elif chat:
-        delta = {"role": "assistant", "content": ""} if role else {"content": text}
-        choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
-    else:
-        choices = [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]
-    out = {"id": infer.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
-           "created": created, "model": model, "choices": choices}
-    if usage is not None:
-        out["usage"] = _usage(usage)
-    return out
+def log_ignored(request_id: str, names: list[str]) -> None:
+    """Parameters nothing here defines are ignored, as vLLM's server ignores them: logged once per request by
+    name (never their values; names cut short and ASCII-escaped, since a client chooses them)."""
+    if not names:
+        return
+    shown = ", ".join(ascii(n[:64])[1:-1] for n in names[:IGNORED_NAMES_LOGGED])
+    more = f" and {len(names) - IGNORED_NAMES_LOGGED} more" if len(names) > IGNORED_NAMES_LOGGED else ""
+    removed = sorted(REMOVED_GUIDED_FIELDS.intersection(names))
+    note = f" ({', '.join(removed)}: removed from vLLM, the answer is not constrained)" if removed else ""
+    log.info("request %s: ignored unknown parameters %s%s%s", request_id, shown, more, note)
 
 
 def _sse(payload: dict) -> str:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from opentelemetry import trace
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.gateway.api_types import ParamError
 
 log = logging.getLogger("warmserve.gateway")
 
@@ -99,17 +102,26 @@ def record(span: trace.Span, err: ApiError) -> None:
         span.add_event("warmserve.error", {"code": err.code or "", "detail": err.detail})
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+# pydantic names a union's member in an error's location (``stop.str``, ``tool_choice.literal['none',...]``,
+# ``content.function-after[...]``): not a parameter, so left out of ``param``
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|[a-z-]+\[.*\]|[A-Z]\w*)$")
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
+    """The message, ``param`` and code of a request's first validation error. A ``ParamError`` raised by a
+    validator adds its path below the validator's location, and its own code."""
     err = exc.errors()[0]
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _UNION_MEMBER.match(str(p))]
+    cause = (err.get("ctx") or {}).get("error")
+    code = "invalid_request"
+    if isinstance(cause, ParamError):
+        loc, code = loc + list(cause.path), cause.code
     param = ".".join(loc) or None
     if err.get("type") == "json_invalid":
-        return f"request body is not valid JSON: {err.get('msg')}", None
-    if err.get("type") == "extra_forbidden":
-        return f"unsupported parameter: {param}", param
+        return f"request body is not valid JSON: {err.get('msg')}", None, "invalid_json"
     if err.get("type") == "missing" and not loc:
-        return "request body is required", None
-    return f"{param or 'body'}: {str(err.get('msg')).removeprefix('Value error, ')}", param
+        return "request body is required", None, code
+    return f"{param or 'body'}: {str(err.get('msg')).removeprefix('Value error, ')}", param, code
 
 
 def install(app: FastAPI) -> None:
@@ -119,8 +131,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):
-        message, param = _validation_message(exc)
-        code = "invalid_json" if exc.errors()[0].get("type") == "json_invalid" else "invalid_request"
+        message, param, code = _validation_message(exc)
         return ApiError(400, message, code=code, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)

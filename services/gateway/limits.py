@@ -22,6 +22,14 @@ def check_request(body: ChatCompletionRequest | CompletionRequest, spec: ModelSp
     if chat and len(body.messages) > s.max_messages:
         raise ApiError(400, f"{len(body.messages)} messages sent; at most {s.max_messages} are accepted",
                        code="too_many_messages", param="messages")
+    if chat and body.tool_choice_value != "none" and spec.tool_parser is None:
+        # vLLM's server without a tool-call parser refuses every tool_choice but "none" the same way
+        choice = body.tool_choice_value
+        named = f'the function "{choice.function.name}"' if not isinstance(choice, str) else f'"{choice}"'
+        default = " (the default when tools are sent)" if body.tool_choice is None else ""
+        raise ApiError(400, f"tool_choice {named}{default} needs a tool-call parser, and none is configured for "
+                            f"'{spec.slug}'; send tool_choice \"none\" or no tools", code="invalid_request",
+                       param="tool_choice")
     chars = body.prompt_chars()
     if chars > s.max_prompt_chars:
         raise ApiError(400, f"the prompt has {chars} characters; at most {s.max_prompt_chars} are accepted",
@@ -34,16 +42,28 @@ def check_request(body: ChatCompletionRequest | CompletionRequest, spec: ModelSp
                        code="context_length_exceeded", param=name)
     # A cheap bound instead of tokenising here: no token covers more than max_chars_per_token characters,
     # so a longer prompt needs more tokens than the context has room for. It never refuses a prompt that
-    # fits (as long as the setting is true of the tokenizers); the worker checks the exact count.
+    # fits (as long as the setting is true of the tokenizers); the worker checks the exact count. Each of a
+    # completions request's prompts is its own sequence; token-id prompts are counted exactly.
     room = spec.max_context_tokens - (requested[1] if requested is not None else 0)
-    if chars > room * s.max_chars_per_token:
-        answer = f", less {requested[0]} ({requested[1]})" if requested is not None else ""
-        raise ApiError(400, f"the prompt has {chars} characters, so at least {-(-chars // s.max_chars_per_token)} "
-                            f"tokens; the context of '{spec.slug}' holds {spec.max_context_tokens} tokens{answer}",
-                       code="context_length_exceeded", param=prompt_param(body))
+    answer = f", less {requested[0]} ({requested[1]})" if requested is not None else ""
+    prompts = [sum(len(m.content or "") for m in body.messages)] if chat else body.prompt_list
+    for i, prompt in enumerate(prompts):
+        where = prompt_param(body) if len(prompts) == 1 else f"prompt.{i}"
+        if isinstance(prompt, list):
+            if len(prompt) > room:
+                raise ApiError(400, f"the prompt has {len(prompt)} tokens; the context of '{spec.slug}' holds "
+                                    f"{spec.max_context_tokens} tokens{answer}", code="context_length_exceeded",
+                               param=where)
+            continue
+        size = prompt if isinstance(prompt, int) else len(prompt)
+        if size > room * s.max_chars_per_token:
+            raise ApiError(400, f"the prompt has {size} characters, so at least {-(-size // s.max_chars_per_token)} "
+                                f"tokens; the context of '{spec.slug}' holds {spec.max_context_tokens} tokens{answer}",
+                           code="context_length_exceeded", param=where)
 
 
 def prompt_param(body) -> str:
+    """The parameter that holds a request's prompt (named by a context or prompt-size error)."""
     return "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
 
 

@@ -197,7 +197,7 @@ async def test_concurrency_limit_per_key_and_slots_given_back_however_requests_e
         assert "error" in events[-1], (content, events)
     assert (await http.post(post, json=chat("quick", model="nope"), headers=auth(LIMITED))).status_code == 404
     assert (await http.post(post, json=chat("x" * 5000), headers=auth(LIMITED))).status_code == 413
-    assert (await http.post(post, json=chat("quick", top_k=3), headers=auth(LIMITED))).status_code == 400
+    assert (await http.post(post, json=chat("quick", top_k=-3), headers=auth(LIMITED))).status_code == 400
     await eventually(lambda: _held_is(gw, "lim-a", 0), timeout=5, what="every slot back")
 
     # clients that give up on a non-streamed request, before its first chunk and while it generates:
