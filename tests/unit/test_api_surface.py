@@ -492,3 +492,12 @@ def test_a_choice_the_worker_left_unfinished_is_finished_at_the_end():
     assert [(e["choices"][0]["index"], e["choices"][0]["finish_reason"]) for e in events[2:]] == [
         (0, "stop"), (1, None), (1, "abort")]
     assert [c["finish_reason"] for c in built(body, chunks, stream=False)["choices"]] == ["stop", "abort"]
+
+
+def test_the_api_page_names_every_parameter():
+    from pathlib import Path
+
+    page = (Path(__file__).parents[2] / "docs" / "api.md").read_text()
+    for cls in (ChatCompletionRequest, CompletionRequest):
+        for name, field in cls.model_fields.items():
+            assert f"`{field.alias or name}`" in page, f"{cls.__name__}.{name} is not in docs/api.md"
