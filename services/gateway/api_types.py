@@ -60,7 +60,24 @@ def _quoted(value: object, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit] + "...'"
 
 
+def _encodable_json(v: Any) -> Any:
+    """A free-form JSON value (a tool's parameters, a schema) holds no lone surrogates either: walked without
+    recursion, since its depth is the client's."""
+    pending = [v]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            _encodable(item)
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return v
+
+
 Text = Annotated[str, AfterValidator(_encodable)]
+JsonObject = Annotated[dict[str, Any], AfterValidator(_encodable_json)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 TokenId = Annotated[int, Field(ge=0, lt=TOKEN_ID_LIMIT)]
 
@@ -166,7 +183,7 @@ class Message(_Model):
 class FunctionDefinition(_Model):
     name: Text = Field(min_length=1, max_length=256)
     description: Text | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: JsonObject | None = None
     strict: bool | None = None
 
 
@@ -191,7 +208,7 @@ class NamedToolChoice(_Model):
 class JsonSchemaFormat(_Model):
     name: Text
     description: Text | None = None
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    schema_: JsonObject | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
@@ -203,7 +220,7 @@ class ResponseFormat(_Model):
 class StructuredOutputs(_Model):
     """vLLM's ``structured_outputs``: exactly one constraint."""
 
-    json_: dict[str, Any] | Text | None = Field(None, alias="json")
+    json_: JsonObject | Text | None = Field(None, alias="json")
     regex: Text | None = None
     choice: list[Text] | None = Field(None, min_length=1)
     grammar: Text | None = None

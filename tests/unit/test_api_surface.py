@@ -501,3 +501,23 @@ def test_the_api_page_names_every_parameter():
     for cls in (ChatCompletionRequest, CompletionRequest):
         for name, field in cls.model_fields.items():
             assert f"`{field.alias or name}`" in page, f"{cls.__name__}.{name} is not in docs/api.md"
+
+
+@pytest.mark.parametrize("path, raw, param", [
+    ("/v1/chat/completions", b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": '
+                             b'"function", "function": {"name": "f", "parameters": {"a": ["\\ud800"]}}}]}',
+     "tools.0.function.parameters"),
+    ("/v1/chat/completions", b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": '
+                             b'"a\\udfffb"}]}]}', "messages.0.content"),
+    ("/v1/chat/completions", b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": '
+                             b'{"type": "json_schema", "json_schema": {"name": "n", "schema": {"\\ud800": 1}}}}',
+     "response_format.json_schema.schema"),
+    ("/v1/completions", b'{"model": "m", "prompt": "x", "structured_outputs": {"json": {"a": "\\udfff"}}}',
+     "structured_outputs.json"),
+    ("/v1/completions", b'{"model": "m", "prompt": ["ok", "\\ud800"]}', "prompt.1"),
+])
+def test_lone_surrogates_anywhere_sent_on_are_400_not_500(gateway, path, raw, param):
+    """Free-form JSON (a tool's parameters, a schema) goes to the worker as UTF-8: a lone surrogate in it would
+    fail there, or fail encoding the bus message with a 500."""
+    err = refused(gateway.post(path, content=raw, headers={"content-type": "application/json"}), param)
+    assert "surrogate" in err["message"]
