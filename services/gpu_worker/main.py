@@ -13,11 +13,12 @@ from pydantic import ValidationError
 from services.gpu_worker.engines import EngineError, make_engine
 from services.gpu_worker.gpu import Gpu
 from services.gpu_worker.memory import MemoryPool
-from services.gpu_worker.streaming import ChunkCoalescer, RequesterWatch
+from services.gpu_worker.streaming import ChunkCoalescer, RequesterWatch, merge_deltas
 from services.gpu_worker.worker import Worker
 from shared import bus
 from shared.messages import (
-    CancelRequest, CommandResult, ErrorInfo, InferChunk, InferRequest, Usage, WorkerCommand, WorkerEvent, WorkerState,
+    CancelRequest, ChoiceDelta, CommandResult, ErrorInfo, InferChunk, InferRequest, Usage, WorkerCommand, WorkerEvent,
+    WorkerState,
 )
 from shared.settings import WorkerSettings, load_settings
 from shared.subjects import CANCEL, INFER, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET
@@ -125,31 +126,48 @@ class WorkerService:
         await bus.reply(self.nc, msg, chunk, reply_to=self.requesters.reply_for(token) or "")
 
     async def _generate(self, msg: Msg, req: InferRequest, seq: int, token: str) -> None:
+        """One chunk per engine step (steps are merged only with ``chunk_interval_s`` > 0); the last chunk
+        has the stream's finish reason and the usage (every chunk has the running usage when asked)."""
         with self.tracer.start_as_current_span("worker.generate", context=extract_context(msg.headers),
                                                attributes={"warmserve.model": req.model,
                                                            "warmserve.request_id": req.request_id}) as span:
             try:
                 final = None
                 coalescer = ChunkCoalescer(self.settings.chunk_interval_s)
+                every = req.usage_every_chunk
+                prompt_texts = None  # echo: goes out with the first chunk
                 started, first = time.perf_counter(), True
                 async for delta in self.worker.generate(req):
-                    if first and (delta.text or delta.finish_reason):  # prefill ends here
+                    if first and (delta.text or delta.finish_reason or delta.choices):  # prefill ends here
                         first = False
                         span.add_event("first_token", {"prefill_s": time.perf_counter() - started,
                                                         "prompt_tokens": delta.prompt_tokens})
+                    if delta.prompt_texts is not None:
+                        prompt_texts = delta.prompt_texts
+                    usage = (Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens)
+                             if every or delta.finish_reason else None)
                     if delta.finish_reason:
-                        final = InferChunk(request_id=req.request_id, seq=seq, text=coalescer.flush() + delta.text,
-                                           finish_reason=delta.finish_reason,
-                                           usage=Usage(prompt_tokens=delta.prompt_tokens,
-                                                       completion_tokens=delta.completion_tokens))
+                        text, deltas = coalescer.flush() + delta.text, coalescer.flush_deltas()
+                        if delta.choices:  # a plain stream's last step may say which stop string ended it
+                            held = [ChoiceDelta(text=text)] if text else []
+                            text, deltas = "", merge_deltas(deltas + held, delta.choices)
+                        final = InferChunk(request_id=req.request_id, seq=seq, text=text, deltas=deltas,
+                                           finish_reason=delta.finish_reason, usage=usage, prompt_texts=prompt_texts)
                         break
-                    text = coalescer.add(delta.text)
-                    if text:
-                        await self._send(msg, InferChunk(request_id=req.request_id, seq=seq, text=text), token)
+                    if delta.choices:
+                        deltas, text = coalescer.add_deltas(delta.choices), None
+                    else:
+                        deltas, text = None, coalescer.add(delta.text)
+                    if deltas or text or prompt_texts is not None:
+                        await self._send(msg, InferChunk(request_id=req.request_id, seq=seq, text=text or "",
+                                                         deltas=deltas or [], usage=usage,
+                                                         prompt_texts=prompt_texts), token)
                         seq += 1
+                        prompt_texts = None
                 if final is None:  # the engine ended without saying why
                     final = InferChunk(request_id=req.request_id, seq=seq, text=coalescer.flush(),
-                                       finish_reason="length", usage=Usage(prompt_tokens=0, completion_tokens=0))
+                                       deltas=coalescer.flush_deltas(), finish_reason="length",
+                                       usage=Usage(prompt_tokens=0, completion_tokens=0), prompt_texts=prompt_texts)
                 span.set_attribute("warmserve.completion_tokens", final.usage.completion_tokens)
                 await bus.reply(self.nc, msg, final)
             except asyncio.CancelledError:  # deactivated without draining, or the worker is stopping

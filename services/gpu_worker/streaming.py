@@ -1,17 +1,20 @@
-"""Coalescing of generated text into bus chunks.
+"""Coalescing of generated output into bus chunks.
 
-A fast engine on a small model produces a token every few milliseconds; one NATS message per token
-costs more than the tokens are worth. Text is sent at once when the previous chunk went out at least
-``min_interval_s`` ago (so the first token and slow streams are never delayed), and otherwise held
-until the next token or the end. ``RequesterWatch`` stops streams nobody listens to any more.
+By default (``min_interval_s`` 0) every engine step is its own chunk, as vLLM's server streams, so clients
+measure inter-token latency right. With an interval, output is sent at once when the previous chunk went
+out at least ``min_interval_s`` ago (so the first token and slow streams are never delayed), and otherwise
+held until the next step or the end: fewer NATS messages for a fast engine on a small model. Per-choice
+deltas are merged choice by choice. ``RequesterWatch`` stops streams nobody listens to any more.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+from shared.messages import ChoiceDelta, ToolCallDelta
 
 
 class ChunkCoalescer:
@@ -19,21 +22,75 @@ class ChunkCoalescer:
         self.min_interval_s = min_interval_s
         self._clock = clock
         self._held = ""
+        self._held_deltas: list[ChoiceDelta] = []
         self._last_sent = float("-inf")
+
+    def _due(self) -> bool:
+        now = self._clock()
+        if now - self._last_sent < self.min_interval_s:
+            return False
+        self._last_sent = now
+        return True
 
     def add(self, text: str) -> str | None:
         """Text to send now, or None to hold it for a little longer."""
         self._held += text
-        now = self._clock()
-        if not self._held or now - self._last_sent < self.min_interval_s:
+        if not self._held or not self._due():
             return None
-        out, self._held, self._last_sent = self._held, "", now
+        out, self._held = self._held, ""
+        return out
+
+    def add_deltas(self, deltas: Iterable[ChoiceDelta]) -> list[ChoiceDelta] | None:
+        """Choice deltas to send now (one chunk), or None to hold them for a little longer."""
+        self._held_deltas = merge_deltas(self._held_deltas, deltas)
+        if not self._held_deltas or not self._due():
+            return None
+        out, self._held_deltas = self._held_deltas, []
         return out
 
     def flush(self) -> str:
-        """Everything still held (at the end of the stream)."""
+        """Text still held (at the end of the stream)."""
         out, self._held = self._held, ""
         return out
+
+    def flush_deltas(self) -> list[ChoiceDelta]:
+        """Choice deltas still held (at the end of the stream)."""
+        out, self._held_deltas = self._held_deltas, []
+        return out
+
+
+def merge_deltas(held: list[ChoiceDelta], new: Iterable[ChoiceDelta]) -> list[ChoiceDelta]:
+    """``held`` followed by ``new``, each choice's consecutive deltas merged into one (a choice's finished
+    delta stays last). Keeps each choice's order; empty deltas are dropped."""
+    out = list(held)
+    for d in new:
+        if not (d.text or d.logprobs or d.tool_calls or d.finish_reason):
+            continue
+        at = next((i for i in range(len(out) - 1, -1, -1) if out[i].index == d.index), None)
+        if at is None or out[at].finish_reason is not None:
+            out.append(d)
+            continue
+        prev = out[at]
+        out[at] = ChoiceDelta(
+            index=d.index, text=prev.text + d.text,
+            logprobs=(prev.logprobs or []) + (d.logprobs or []) if prev.logprobs or d.logprobs else None,
+            tool_calls=_merge_tool_calls(prev.tool_calls, d.tool_calls),
+            finish_reason=d.finish_reason, stop_reason=d.stop_reason)
+    return out
+
+
+def _merge_tool_calls(a: list[ToolCallDelta] | None, b: list[ToolCallDelta] | None) -> list[ToolCallDelta] | None:
+    """Pieces of tool calls: a piece that only adds arguments to the call before it joins that piece."""
+    if not a or not b:
+        return a or b
+    out = list(a)
+    for piece in b:
+        last = out[-1]
+        if last.index == piece.index and piece.id is None and piece.name is None:
+            out[-1] = last.model_copy(update={"arguments": last.arguments + piece.arguments})
+        else:
+            out.append(piece)
+    return out
 
 
 class RequesterWatch:

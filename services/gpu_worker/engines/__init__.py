@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from shared.messages import InferRequest, ModelSpec
+from shared.messages import ChoiceDelta, InferRequest, ModelSpec
 
 
 T = TypeVar("T")
@@ -33,7 +33,39 @@ async def off_loop(chars: int, fn: Callable[..., T], *args) -> T:
 
 
 def prompt_chars(request: InferRequest) -> int:
-    return sum(len(m.content) for m in request.messages) if request.messages is not None else len(request.prompt or "")
+    """About how many characters tokenising the request's prompts takes (token ids count one each)."""
+    if request.messages is not None:
+        return sum(len(m.content or "") for m in request.messages)
+    if request.prompts is not None:
+        return sum(len(p) for p in request.prompts)
+    return len(request.prompt or "")
+
+
+def prompt_inputs(request: InferRequest) -> list[str | list[int]]:
+    """A completions request's prompts: ``prompts`` when given, else the one ``prompt``."""
+    return list(request.prompts) if request.prompts is not None else [request.prompt or ""]
+
+
+def is_plain(request: InferRequest) -> bool:
+    """One choice of one prompt with no logprobs and no tool calls to parse: the engine streams text alone
+    (the smallest bus chunk); anything else streams per-choice ``ChoiceDelta`` lists."""
+    tools = request.tools is not None and request.tools.choice != "none"
+    return (request.sampling.n == 1 and request.sampling.logprobs is None and not tools
+            and (request.messages is not None or request.prompts is None or len(request.prompts) == 1))
+
+
+def top_logprobs_shown(request: InferRequest) -> int | None:
+    """How many ``top`` alternatives each token's logprobs show, as vLLM's server counts them: chat shows
+    ``top_logprobs`` entries, completions ``logprobs + 1`` (the chosen token counted in); None: all."""
+    k = request.sampling.logprobs
+    if k is None or k < 0:
+        return None
+    return k if request.messages is not None else k + 1
+
+
+def finite_logprob(value: float) -> float:
+    """vLLM's server turns -inf (and NaN) into -9999.0, a number JSON can carry."""
+    return max(value, -9999.0) if value == value else -9999.0
 
 
 class EngineError(Exception):
@@ -46,12 +78,18 @@ class EngineError(Exception):
 
 @dataclass(frozen=True)
 class Delta:
-    """Text produced since the last delta; the final one carries the finish reason and counts."""
+    """What one engine step produced. The plain case (``is_plain``) has ``text`` alone; otherwise
+    ``choices`` holds each choice's output of the step (only choices that produced something) and ``text``
+    is empty. The final delta carries ``finish_reason``, the stream's end marker (per-choice reasons are in
+    ``choices``). Counts run: all prompts' tokens, and the tokens of every choice so far. ``prompt_texts``
+    (echo) comes with the first delta."""
 
     text: str
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    choices: tuple[ChoiceDelta, ...] = ()
+    prompt_texts: list[str] | None = None
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,16 @@
 Used for cluster-scale tests and the simulator. It tokenizes with the model's real tokenizer (so
 prompt lengths and context limits are real) and emits random vocabulary tokens on a modelled
 schedule. Every timing parameter lives in ``SimProfile`` (``shared/perfmodel.py``'s ``PerfModel``).
+
+The request surface is the vLLM engine's, cheaply: ``n`` choices (seeded ``seed + choice index``, as vLLM
+seeds them) decoded as one batch per step, several prompts and token-id prompts, echo, ``stop``,
+``stop_token_ids`` and ``min_tokens`` (stops are masked until then), synthetic finite logprobs with ``top``
+alternatives. The model never ends on its own (no end-of-sequence token), so ``ignore_eos`` changes nothing.
+Structured outputs and forced tool calls get a trivially valid answer in one step: the first of a
+``choice`` list, ``{}`` for a JSON object, the smallest instance of a simple JSON schema (types, enums,
+required properties), a call of the named function (or, for "required", of the first tool) with the
+smallest arguments its parameters allow. Regexes, grammars and schemas beyond that are refused with
+``unsupported``; tool_choice "auto" never calls a tool (and, as with vLLM, needs the catalog's tool parser).
 """
 
 from __future__ import annotations
@@ -11,13 +21,16 @@ import asyncio
 import itertools
 import json
 import random
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from services.gpu_worker.engines import Delta, EngineError, KvUsage, off_loop, prompt_chars
-from shared.messages import InferRequest, ModelSpec
+from services.gpu_worker.engines import (
+    Delta, EngineError, KvUsage, is_plain, off_loop, prompt_chars, prompt_inputs, top_logprobs_shown,
+)
+from shared.messages import ChoiceDelta, InferRequest, ModelSpec, TokenLogprob, ToolCallDelta, TopLogprob
 from shared.perfmodel import GPU_A100_PCIE, PerfModel
 
 
@@ -54,17 +67,34 @@ class _Loaded:
         self.sample_ids = [i for i in range(self.tokenizer.get_vocab_size())
                            if i not in specials and "\ufffd" not in self.tokenizer.decode([i])]
 
-    def prompt_ids(self, request: InferRequest) -> list[int]:
-        """The prompt's token ids (in a thread: ``encode_batch`` releases the GIL, ``encode`` does not)."""
-        return self.tokenizer.encode_batch([self.prompt_text(request)])[0].ids
+    def prompts(self, request: InferRequest) -> tuple[list[list[int]], list[str] | None]:
+        """Each prompt's token ids, and with echo each prompt's text (in a thread: ``encode_batch`` releases
+        the GIL, ``encode`` does not)."""
+        if request.messages is not None:
+            return [self.tokenizer.encode_batch([self.chat_text(request)])[0].ids], None
+        inputs = prompt_inputs(request)
+        texts = [p for p in inputs if isinstance(p, str)]
+        encoded = iter(self.tokenizer.encode_batch(texts) if texts else [])
+        vocab = self.tokenizer.get_vocab_size()
+        ids, echo = [], []
+        for p in inputs:
+            if isinstance(p, str):
+                ids.append(next(encoded).ids)
+                echo.append(p)
+                continue
+            bad = next((t for t in p if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise EngineError("invalid_request", f"Token id {bad} is out of vocabulary")
+            ids.append(list(p))
+            echo.append(self.tokenizer.decode(p, skip_special_tokens=False) if request.echo else "")
+        return ids, echo if request.echo else None
 
-    def prompt_text(self, request: InferRequest) -> str:
-        if request.messages is None:
-            return request.prompt or ""
+    def chat_text(self, request: InferRequest) -> str:
         if self.template is None:
             raise EngineError("no_chat_template", f"model {self.spec.slug} has no chat template")
-        return self.template.render(messages=[m.model_dump() for m in request.messages],
-                                    add_generation_prompt=True, eos_token=self.eos)
+        messages = [{**m.model_dump(exclude_none=True), "content": m.content or ""} for m in request.messages]
+        tools = request.tools.definitions if request.tools is not None else None
+        return self.template.render(messages=messages, tools=tools, add_generation_prompt=True, eos_token=self.eos)
 
 
 def _token_text(value) -> str | None:
@@ -132,38 +162,216 @@ class SimEngine:
         loaded = self._models.get(request.model)
         if loaded is None or request.model not in self._active:
             raise EngineError("not_active", f"{request.model} is not active on this worker")
-        prompt_ids = await off_loop(prompt_chars(request), loaded.prompt_ids, request)
+        prompts, echo = await off_loop(prompt_chars(request), loaded.prompts, request)
         s = request.sampling
         limit = loaded.spec.max_context_tokens
-        if len(prompt_ids) + s.max_tokens > limit:
+        longest = max(map(len, prompts))
+        if longest + s.max_tokens > limit:
             raise EngineError(
                 "context_length_exceeded",
-                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({s.max_tokens}) exceeds "
+                f"prompt ({longest} tokens) plus max_tokens ({s.max_tokens}) exceeds "
                 f"the model's context of {limit} tokens",
             )
-        await asyncio.sleep(self.profile.prefill_s(loaded.spec.parameter_bytes, len(prompt_ids)))
-        rng = random.Random(s.seed)
+        _check_sampling(request)
+        answer = _answer(request, loaded.spec)
+        prompt_tokens = sum(map(len, prompts))
+        await asyncio.sleep(self.profile.prefill_s(loaded.spec.parameter_bytes, prompt_tokens))
         tokens = self._tokens.setdefault(request.model, {})
         key = next(self._request_keys)  # request ids may repeat; KV bookkeeping must not collide
-        tokens[key] = len(prompt_ids)
+        tokens[key] = prompt_tokens
+        run = _SimRun(self, loaded, request, prompt_tokens, len(prompts), echo)
         try:
-            async for delta in self._decode(loaded, request, prompt_ids, rng, tokens, key):
+            steps = run.answer(answer) if answer is not None else run.decode(lambda n: tokens.__setitem__(key, n))
+            async for delta in steps:
                 yield delta
         finally:
             tokens.pop(key, None)
 
-    async def _decode(self, loaded, request, prompt_ids, rng, tokens, key) -> AsyncIterator[Delta]:
+
+def _check_sampling(request: InferRequest) -> None:
+    """The refusals of vLLM's SamplingParams that a client meets most (the vllm engine has them all)."""
+    s = request.sampling
+    bad = ("max_tokens must be at least 1" if s.max_tokens < 1 and not (request.echo and s.max_tokens == 0) else
+           "n must be at least 1" if s.n < 1 else
+           "min_tokens must be less than or equal to max_tokens" if s.min_tokens > max(s.max_tokens, 1) else
+           "temperature must be in [0, 2]" if not 0 <= s.temperature <= 2 else
+           "top_p must be in (0, 1]" if not 0 < s.top_p <= 1 else
+           "stop cannot contain an empty string" if any(not x for x in s.stop) else None)
+    if bad:
+        raise EngineError("invalid_request", bad)
+
+
+class _Choice:
+    def __init__(self, seed: int | None):
+        self.rng = random.Random(seed)
+        self.text = ""
+        self.emitted = 0  # characters of ``text`` sent
+        self.produced = 0
+        self.finish: str | None = None
+
+
+class _SimRun:
+    """One request's choices, decoded as one batch per step."""
+
+    def __init__(self, engine: SimEngine, loaded: _Loaded, request: InferRequest, prompt_tokens: int,
+                 prompt_count: int, echo: list[str] | None):
         s = request.sampling
-        text, produced = "", 0
-        while produced < s.max_tokens:
-            if produced:
-                await asyncio.sleep(self.profile.decode_s(loaded.spec.parameter_bytes))
-            produced += 1
-            tokens[key] = len(prompt_ids) + produced
-            emitted = len(text)
-            text += loaded.tokenizer.decode([rng.choice(loaded.sample_ids)])
-            cut = min((text.find(st) for st in s.stop if st and st in text), default=-1)
-            if cut >= 0:
-                yield Delta(text[emitted:cut] if cut > emitted else "", "stop", len(prompt_ids), produced)
+        self.engine, self.loaded, self.request, self.s = engine, loaded, request, s
+        self.prompt_tokens = prompt_tokens
+        self.plain = is_plain(request)
+        self.top = top_logprobs_shown(request)
+        self.echo = echo
+        self.hide = echo is not None and s.max_tokens == 0  # echo alone: one token generated and dropped
+        self.max_tokens = 1 if self.hide else s.max_tokens
+        self.choices = [_Choice(None if s.seed is None else s.seed + i) for i in range(prompt_count * s.n)]
+        self.stop_ids = set(s.stop_token_ids)
+        self.allowed = [i for i in loaded.sample_ids if i not in self.stop_ids] or loaded.sample_ids
+        self.hold = max(map(len, s.stop), default=1) - 1
+
+    def _delta(self, text: str, choices: list[ChoiceDelta], end: str | None) -> Delta:
+        echo, self.echo = self.echo, None
+        produced = sum(c.produced for c in self.choices)
+        return Delta(text, end, self.prompt_tokens, produced, tuple(choices), echo)
+
+    async def decode(self, track) -> AsyncIterator[Delta]:
+        step = 0
+        while True:
+            running = [(i, c) for i, c in enumerate(self.choices) if c.finish is None]
+            if step:
+                await asyncio.sleep(self.engine.profile.decode_s(self.loaded.spec.parameter_bytes, len(running)))
+            step += 1
+            text, out, end = "", [], None
+            for i, c in running:
+                piece, logprobs, stop_reason = self._token(c)
+                if self.hide:
+                    piece = ""
+                if self.plain and stop_reason is None:
+                    text += piece
+                elif piece or logprobs or c.finish:
+                    out.append(ChoiceDelta(index=i, text=piece, logprobs=logprobs, finish_reason=c.finish,
+                                           stop_reason=stop_reason))
+                if c.finish is not None:
+                    end = c.finish
+            track(self.prompt_tokens + sum(c.produced for c in self.choices))
+            done = all(c.finish is not None for c in self.choices)
+            if text or out or done or self.echo is not None:
+                yield self._delta(text, out, end if done else None)
+            if done:
                 return
-            yield Delta(text[emitted:], "length" if produced == s.max_tokens else None, len(prompt_ids), produced)
+
+    def _token(self, c: _Choice) -> tuple[str, list[TokenLogprob] | None, int | str | None]:
+        """One token of choice ``c``: the text it adds (stops cut or kept as asked), its logprobs, and the
+        stop string or token id that ended the choice."""
+        s, tok = self.s, self.loaded.tokenizer
+        early = c.produced < s.min_tokens  # stops are masked until min_tokens, as vLLM does
+        tid = c.rng.choice(self.allowed if early else self.loaded.sample_ids)
+        c.produced += 1
+        piece = tok.decode([tid])
+        logprobs = self._logprobs(c, tid, piece) if s.logprobs is not None and not self.hide else None
+        if tid in self.stop_ids and not early:
+            c.finish = "stop"
+            return (piece if s.include_stop_str_in_output else ""), logprobs, tid
+        start = len(c.text)
+        c.text += piece
+        if not early:
+            found = ((c.text.find(x, max(start - len(x) + 1, 0)), x) for x in s.stop)  # stops this token completed
+            cut = min(((at, x) for at, x in found if at >= 0), default=None)
+            if cut is not None:
+                at, stop = cut
+                end = at + len(stop) if s.include_stop_str_in_output else at
+                c.text, c.finish = c.text[:end], "stop"
+                out, c.emitted = c.text[c.emitted:], len(c.text)
+                return out, logprobs, stop
+        if c.produced >= self.max_tokens:
+            c.finish = "length"
+        # like vLLM's detokenizer, hold back what may be the start of a stop string until it is known not to be
+        upto = len(c.text) if c.finish or s.include_stop_str_in_output else max(len(c.text) - self.hold, c.emitted)
+        out, c.emitted = c.text[c.emitted:upto], upto
+        return out, logprobs, None
+
+    def _logprobs(self, c: _Choice, tid: int, token: str) -> list[TokenLogprob]:
+        """Synthetic but finite: the chosen token, then ``top`` alternatives by rank (vLLM's order)."""
+        k = self.s.logprobs if self.s.logprobs >= 0 else 5
+        alternatives = c.rng.sample(self.loaded.sample_ids, min(k, len(self.loaded.sample_ids)))
+        chosen = -round(c.rng.uniform(0.05, 6.0), 4)
+        entries = [(tid, token, chosen)] + [(a, self.loaded.tokenizer.decode([a]), -0.5 * (r + 1))
+                                           for r, a in enumerate(alternatives) if a != tid]
+        shown = entries if self.top is None else entries[:self.top]
+        return [TokenLogprob(token=token, logprob=chosen, bytes=list(token.encode()),
+                             top=[TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for _, t, lp in shown])]
+
+    async def answer(self, answer: str | ToolCallDelta) -> AsyncIterator[Delta]:
+        """A structured output or forced tool call: every choice answers at once."""
+        await asyncio.sleep(self.engine.profile.decode_s(self.loaded.spec.parameter_bytes, len(self.choices)))
+        text = answer if isinstance(answer, str) else answer.arguments
+        produced = max(len(self.loaded.tokenizer.encode(text).ids), 1)
+        tools = self.request.tools
+        finish = "stop" if isinstance(answer, str) or tools.named else "tool_calls"
+        out = []
+        for i, c in enumerate(self.choices):
+            c.produced, c.finish = produced, finish
+            if isinstance(answer, str):
+                out.append(ChoiceDelta(index=i, text=answer, finish_reason=finish))
+            else:
+                call = answer.model_copy(update={"id": f"chatcmpl-tool-{uuid.uuid4().hex[:16]}"})
+                out.append(ChoiceDelta(index=i, tool_calls=[call], finish_reason=finish))
+        if self.plain and isinstance(answer, str):
+            yield self._delta(answer, [], finish)
+        else:
+            yield self._delta("", out, finish)
+
+
+def _answer(request: InferRequest, spec: ModelSpec) -> str | ToolCallDelta | None:
+    """The one-step answer of a structured output or forced tool call (None: decode tokens as usual)."""
+    tools = request.tools
+    if tools is not None and tools.choice != "none":
+        if tools.choice == "auto" and not tools.named:
+            if not spec.tool_parser:
+                raise EngineError("invalid_request", f'tool_choice: "auto" needs a tool parser, and the catalog '
+                                                     f"names none for {request.model} (ModelSpec.tool_parser)")
+        else:
+            functions = [d.get("function") or {} for d in tools.definitions if d.get("type", "function") == "function"]
+            fn = next((f for f in functions if f.get("name") == tools.choice), None) if tools.named else \
+                next(iter(functions), None)
+            if fn is None:
+                raise EngineError("invalid_request", f"tool_choice: no function {tools.choice!r} among the tools"
+                                  if tools.named else "tool_choice: \"required\" needs at least one function tool")
+            args = _smallest(fn.get("parameters") or {"type": "object"})
+            return ToolCallDelta(index=0, name=fn["name"], arguments=json.dumps(args))
+    so = request.sampling.structured
+    if so is None:
+        return None
+    if so.choice is not None:
+        if not so.choice:
+            raise EngineError("invalid_request", "structured outputs: choice needs at least one value")
+        return so.choice[0]
+    if so.json_object:
+        return "{}"
+    if so.json_schema is not None:
+        return json.dumps(_smallest(so.json_schema))
+    raise EngineError("unsupported", "the sim engine answers structured outputs only for choice, json_object and "
+                                     "simple JSON schemas; regexes and grammars need the vllm engine")
+
+
+def _smallest(schema: dict):
+    """The smallest instance of a simple JSON schema (types, enum/const, required properties, minItems)."""
+    if not isinstance(schema, dict):
+        raise EngineError("unsupported", "the sim engine reads only JSON schemas that are objects")
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    kind = schema.get("type", "object" if "properties" in schema else None)
+    if isinstance(kind, list):
+        kind = kind[0] if kind else None
+    if kind == "object":
+        props = schema.get("properties") or {}
+        return {name: _smallest(props.get(name, {"type": "string"})) for name in schema.get("required", [])}
+    if kind == "array":
+        return [_smallest(schema.get("items") or {"type": "string"}) for _ in range(schema.get("minItems", 0))]
+    simple = {"string": "x" * schema.get("minLength", 0), "integer": schema.get("minimum", 0),
+              "number": schema.get("minimum", 0), "boolean": False, "null": None}
+    if kind in simple:
+        return simple[kind]
+    raise EngineError("unsupported", f"the sim engine cannot make an instance of the JSON schema {json.dumps(schema)[:200]} "
+                                     f"(it knows types, enum, const, required properties); use the vllm engine")
