@@ -165,13 +165,22 @@ async def test_logprobs(client):
 
 
 async def test_completion_prompt_lists_token_ids_and_echo(client):
-    done = await client.completions.create(model=MODEL, prompt=["once upon", "a time"], max_tokens=3, n=2, seed=4,
-                                           echo=True)
-    assert [c.index for c in done.choices] == [0, 1, 2, 3]
-    assert [c.text.startswith(p) for c, p in zip(done.choices, ["once upon"] * 2 + ["a time"] * 2)] == [True] * 4
+    prompts = ["once upon", "a time"]
+    done = await client.completions.create(model=MODEL, prompt=prompts, max_tokens=3, n=2, seed=4, echo=True)
+    plain = await client.completions.create(model=MODEL, prompt=prompts, max_tokens=3, n=2, seed=4)
+    assert [c.index for c in done.choices] == [0, 1, 2, 3]  # prompt index x n + i
+    assert all(c.text for c in plain.choices)
+    # the same seed, the same answers: echo puts each choice's prompt before it, once
+    assert [c.text for c in done.choices] == [p + c.text for p, c in zip([prompts[0]] * 2 + [prompts[1]] * 2,
+                                                                       plain.choices)]
     assert done.usage.completion_tokens == 12
     ids = await client.completions.create(model=MODEL, prompt=[[5, 6, 7], [8, 9]], max_tokens=2, seed=4)
     assert len(ids.choices) == 2 and all(c.text for c in ids.choices)
+    # a token-id prompt is echoed as the worker's text of it
+    echoed_ids = await client.completions.create(model=MODEL, prompt=[[5, 6, 7], [8, 9]], max_tokens=2, seed=4,
+                                                 echo=True)
+    for e, p in zip(echoed_ids.choices, ids.choices):
+        assert e.text.endswith(p.text) and len(e.text) > len(p.text), (e.text, p.text)
     echoed = await client.completions.create(model=MODEL, prompt="once upon", max_tokens=2, echo=True, seed=4)
     assert echoed.choices[0].text.startswith("once upon") and len(echoed.choices[0].text) > len("once upon")
 
