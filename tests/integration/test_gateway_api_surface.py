@@ -1,6 +1,6 @@
 """vLLM's OpenAI request surface through the real gateway, with the official ``openai`` client, against a
 real sim worker on a real nats-server (docs/api.md): content parts, n, logprobs, completions prompt lists and
-echo, usage in streams, and one SSE event per engine step."""
+echo, tool calls, structured output, usage in streams, and one SSE event per engine step."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ async def served(nats_url, nats_urls, tiny_model):
     """A sim worker with an active instance of MODEL and a gateway in front of it; yields the gateway's URL."""
     nc = await bus.connect(nats_url, "surface-test")
     spec = ModelSpec(slug=MODEL, path=str(tiny_model), parameter_bytes=weight_bytes(tiny_model),
-                     max_context_tokens=max_context(tiny_model))
+                     max_context_tokens=max_context(tiny_model), tool_parser="hermes")
     kv = (await bus.ensure_all(nc.jetstream()))[CATALOG_BUCKET.name]
     await kv.put(MODEL, spec.encode())
     worker = WorkerService(WorkerSettings(nats_url=nats_urls.worker(WORKER), worker_id=WORKER, engine="sim",
@@ -196,3 +196,35 @@ async def test_continuous_usage_stats(served):
     assert all("usage" in e for e in events), events
     counts = [e["usage"]["completion_tokens"] for e in events if e["choices"]]
     assert counts == [1, 2, 3, 4] and events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 4
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+async def test_tool_calls(client):
+    forced = await client.chat.completions.create(model=MODEL, messages=USER, max_tokens=16, tools=[WEATHER],
+                                                  tool_choice="required")
+    [choice] = forced.choices
+    [call] = choice.message.tool_calls
+    assert choice.finish_reason == "tool_calls" and call.type == "function" and call.id
+    assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments)
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=16, tools=[WEATHER], stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    events = [e async for e in stream]
+    pieces = [t for e in events for t in (e.choices[0].delta.tool_calls or [])]
+    assert pieces[0].id and pieces[0].type == "function" and pieces[0].function.name == "get_weather"
+    assert "city" in json.loads("".join(p.function.arguments or "" for p in pieces))
+    assert events[-1].choices[0].finish_reason == "stop"  # a named function ends with "stop", as in vLLM
+
+
+async def test_structured_output_is_passed_to_the_worker(client):
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    answer = await client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=32,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    assert isinstance(json.loads(answer.choices[0].message.content)["answer"], int)
+    picked = await client.completions.create(model=MODEL, prompt="yes or no?", max_tokens=8,
+                                             extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert picked.choices[0].text in {"yes", "no"}
