@@ -73,12 +73,13 @@ def test_errors_reach_the_client_as_openai_errors(cluster):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "x " * 3000}],
                                        max_tokens=8)
-    with pytest.raises(openai.BadRequestError) as exc:  # a parameter we do not support is refused by name
+    with pytest.raises(openai.BadRequestError) as exc:  # a parameter vLLM takes but no worker here honours
         client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "x"}],
-                                       extra_body={"top_k": 5})
-    assert "top_k" in exc.value.message
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "x"}], n=2)
+                                       extra_body={"use_beam_search": True})
+    assert "use_beam_search" in exc.value.message
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "x"}], n=17)
+    assert exc.value.body["param"] == "n"
     with pytest.raises(openai.AuthenticationError) as exc:
         OpenAI(base_url=f"{cluster['url']}/v1", api_key="ws-not-a-key", max_retries=0).models.list()
     assert exc.value.code == "invalid_api_key"
