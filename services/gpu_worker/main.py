@@ -135,6 +135,8 @@ class WorkerService:
                 final = None
                 coalescer = ChunkCoalescer(self.settings.chunk_interval_s)
                 every = req.usage_every_chunk
+                per_step = self.settings.chunk_interval_s <= 0
+                counted = 0  # tokens produced by the steps already looked at
                 prompt_texts = None  # echo: goes out with the first chunk
                 started, first = time.perf_counter(), True
                 async for delta in self.worker.generate(req):
@@ -158,7 +160,11 @@ class WorkerService:
                         deltas, text = coalescer.add_deltas(delta.choices), None
                     else:
                         deltas, text = None, coalescer.add(delta.text)
-                    if deltas or text or prompt_texts is not None:
+                    # a step whose token made no text yet (part of a character, a held-back stop) is still an
+                    # event of its own, as vLLM's server streams it
+                    step = per_step and delta.completion_tokens > counted and not delta.choices
+                    counted = delta.completion_tokens
+                    if deltas or text or step or prompt_texts is not None:
                         await self._send(msg, InferChunk(request_id=req.request_id, seq=seq, text=text or "",
                                                          deltas=deltas or [], usage=usage,
                                                          prompt_texts=prompt_texts), token)

@@ -206,6 +206,11 @@ async def test_one_chunk_per_step_with_running_usage_when_asked(service):
     plain = await stream(service, InferRequest(model="tiny", prompt="x", sampling=SamplingParams(max_tokens=3)))
     assert [c.usage for c in plain[:-1]] == [None, None] and plain[-1].usage.completion_tokens == 3
 
+    # text held back (it may start a stop string) still leaves one chunk per step, as vLLM's server streams
+    held = await stream(service, InferRequest(model="tiny", prompt="x", sampling=SamplingParams(
+        max_tokens=4, seed=2, stop=["~never~" * 20])))
+    assert len(held) == 4 and held[0].text == "" and "".join(c.text for c in held)
+
 
 async def test_several_choices_of_a_step_share_one_chunk(service):
     chunks = await stream(service, InferRequest(model="tiny", prompts=["a", "b"], echo=True,

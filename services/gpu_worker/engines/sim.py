@@ -254,8 +254,7 @@ class _SimRun:
                     end = c.finish
             track(self.prompt_tokens + sum(c.produced for c in self.choices))
             done = all(c.finish is not None for c in self.choices)
-            if text or out or done or self.echo is not None:
-                yield self._delta(text, out, end if done else None)
+            yield self._delta(text, out, end if done else None)  # every step made tokens, if not always text
             if done:
                 return
 

@@ -12,11 +12,21 @@ prewarmed copy, no HTTP server inside the worker.
 
 Bytes are measured, never assumed: on CPU the resident memory of the engine's processes, on CUDA
 the device memory NVML reports before and after.
+
+Requests are served as vLLM's own OpenAI server serves them, with its code where it has it: chat messages
+rendered by vLLM's renderer (the model's chat template, tool definitions, developer role, tool-call
+arguments), sampling parameters mapped as its ``to_sampling_params`` maps them (a refusal of vLLM's is an
+``invalid_request`` naming the parameter), structured outputs through ``StructuredOutputsParams``, tool calls
+read by vLLM's parser for the catalog's ``tool_parser`` (and, where the catalog names none, "required" and
+named tool choices constrained to and read from vLLM's JSON form of the calls), logprobs as its server shows
+them (-inf as -9999.0). Several prompts are one engine request each, run together; every engine step (vLLM's
+DELTA output) becomes one Delta holding what each choice produced in it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -28,10 +38,17 @@ from pathlib import Path
 
 import psutil
 
-from services.gpu_worker.engines import Delta, EngineError, off_loop, prompt_chars
-from shared.messages import InferRequest, ModelSpec
+from services.gpu_worker.engines import (
+    Delta, EngineError, finite_logprob, is_plain, off_loop, prompt_chars, prompt_inputs, top_logprobs_shown,
+)
+from shared.messages import (
+    ChatMessage, ChoiceDelta, InferRequest, ModelSpec, SamplingParams, StructuredOutput, TokenLogprob, ToolCallDelta,
+    TopLogprob,
+)
 
 log = logging.getLogger(__name__)
+
+_UNSET = object()
 
 
 @dataclass
@@ -45,6 +62,7 @@ class _Running:
     resident_bytes: int
     kv_blocks: int = 0
     block_tokens: int = 0
+    parser_cls: object = _UNSET  # vLLM's tool-call parser class for the catalog's tool_parser (found once)
 
 
 class VllmEngine:
@@ -261,54 +279,375 @@ class VllmEngine:
 
     # ------------------------------------------------------------------ inference
 
-    def _prompt_ids(self, run: _Running, request: InferRequest) -> list[int]:
+    def _prepare(self, run: _Running, request: InferRequest) -> _Prepared:
+        """The prompts' token ids as vLLM's server makes them (run in a tokenising thread): chat messages
+        through vLLM's own renderer and the model's chat template, completions prompts encoded with special
+        tokens, token-id prompts as they are (detokenised for echo)."""
         tok = run.tokenizer
         if request.messages is not None:
-            if not getattr(tok, "chat_template", None):
-                raise EngineError("no_chat_template", f"model {request.model} has no chat template")
-            text = tok.apply_chat_template([m.model_dump() for m in request.messages], tokenize=False,
-                                           add_generation_prompt=True)
-            return list(tok.encode(text, add_special_tokens=False))
-        return list(tok.encode(request.prompt or ""))
+            tools = self._tool_calls(run, request)
+            return _Prepared([self._render_chat(run, request)], None, tools)
+        ids, texts = [], []
+        for p in prompt_inputs(request):
+            if isinstance(p, str):
+                ids.append(list(tok.encode(p)))
+                texts.append(p)
+            else:
+                ids.append(list(p))
+                texts.append(_decode(tok, p) if request.echo else "")
+        return _Prepared(ids, texts if request.echo else None, None)
+
+    def _render_chat(self, run: _Running, request: InferRequest) -> list[int]:
+        from jinja2 import TemplateError
+        from vllm.exceptions import VLLMClientError
+        from vllm.renderers.chat_utils import ChatTemplateResolutionError
+        from vllm.renderers.params import ChatParams
+
+        kwargs: dict = {"add_generation_prompt": True, "tokenize": False}
+        if request.tools is not None:  # vLLM's server passes them even with tool_choice "none"
+            kwargs["tools"] = request.tools.definitions
+        try:
+            _, prompt = run.engine.renderer.render_messages([_chat_message(m) for m in request.messages],
+                                                            ChatParams(chat_template_kwargs=kwargs))
+        except ChatTemplateResolutionError as exc:
+            raise EngineError("no_chat_template", f"model {request.model} has no chat template") from exc
+        except (VLLMClientError, ValueError, TemplateError) as exc:
+            raise EngineError("invalid_request", f"messages: {_first_line(exc)}") from exc
+        if "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"])
+        return list(run.tokenizer.encode(prompt["prompt"], add_special_tokens=False))
+
+    def _tool_calls(self, run: _Running, request: InferRequest) -> _ToolCalls | None:
+        """How the answer's tool calls are constrained and read, as vLLM's server does it: the catalog's
+        tool parser (``ModelSpec.tool_parser``) where there is one; without one, "required" and a named
+        function still work (the output is constrained to vLLM's JSON form of the calls and read back from
+        it), "auto" does not."""
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.exceptions import VLLMClientError
+
+        tools = request.tools
+        if tools is None or tools.choice == "none":
+            return None
+        parser_cls = self._parser_class(run)
+        if parser_cls is None:
+            if not tools.named and tools.choice == "auto":
+                raise EngineError("invalid_request", f'tool_choice: "auto" needs a tool parser, and the catalog '
+                                                     f'names none for {request.model} (ModelSpec.tool_parser, '
+                                                     f'vLLM\'s --tool-call-parser)')
+            parser_cls = _json_tool_call_parser()
+        choice = {"type": "function", "function": {"name": tools.choice}} if tools.named else tools.choice
+        s = request.sampling
+        try:
+            vreq = ChatCompletionRequest(model=request.model, messages=[_chat_message(m) for m in request.messages],
+                                         tools=tools.definitions, tool_choice=choice,
+                                         skip_special_tokens=s.skip_special_tokens,
+                                         structured_outputs=_structured(s.structured))
+            model_config = run.engine.model_config
+            vreq = parser_cls(run.tokenizer, vreq.tools, model_config=model_config).adjust_request(vreq)
+        except EngineError:
+            raise
+        except (VLLMClientError, ValueError) as exc:
+            raise EngineError("invalid_request", _first_line(exc)) from exc
+        return _ToolCalls(parser_cls, vreq, tools.named, model_config, run.tokenizer)
+
+    def _parser_class(self, run: _Running):
+        """vLLM's parser for the model's catalog ``tool_parser`` (None: the catalog names none)."""
+        if run.parser_cls is _UNSET:
+            name = run.spec.tool_parser
+            run.parser_cls = None
+            if name:
+                from vllm.parser import ParserManager
+
+                try:
+                    run.parser_cls = ParserManager.get_parser(tool_parser_name=name, enable_auto_tools=True,
+                                                              model_name=run.spec.path, tokenizer=run.tokenizer)
+                except Exception as exc:
+                    run.parser_cls = _UNSET  # asked again (and refused again) on the next request
+                    raise EngineError("tool_parser_unavailable", f"tool parser {name!r} of {run.spec.slug} "
+                                                                 f"cannot be used: {_first_line(exc)}") from exc
+        return run.parser_cls
 
     async def generate(self, request: InferRequest) -> AsyncIterator[Delta]:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.exceptions import VLLMClientError
 
         run = self._running(request.model)
-        ids = await off_loop(prompt_chars(request), self._prompt_ids, run, request)
+        prep = await off_loop(prompt_chars(request), self._prepare, run, request)
         s = request.sampling
         limit = run.spec.max_context_tokens
-        if len(ids) + s.max_tokens > limit:
+        longest = max(map(len, prep.prompts))
+        if longest + s.max_tokens > limit:
             raise EngineError("context_length_exceeded",
-                              f"prompt ({len(ids)} tokens) plus max_tokens ({s.max_tokens}) exceeds "
+                              f"prompt ({longest} tokens) plus max_tokens ({s.max_tokens}) exceeds "
                               f"the model's context of {limit} tokens")
-        params = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
-                                stop=s.stop or None, seed=s.seed, output_kind=RequestOutputKind.DELTA)
-        rid = f"{request.request_id}-{time.monotonic_ns()}"
-        produced = 0
-        finished = False
+        # completions echo with max_tokens 0 returns the prompt alone: vLLM generates one token and drops it
+        hide = prep.echo_texts is not None and s.max_tokens == 0
         try:
-            async for out in run.engine.generate({"prompt_token_ids": ids}, params, request_id=rid):
-                o = out.outputs[0]
-                produced += len(o.token_ids)
-                finish = _finish(o.finish_reason) if out.finished else None
-                finished = out.finished
-                yield Delta(o.text, finish, len(ids), produced)
+            params = _sampling_params(s, max_tokens=1 if hide else s.max_tokens, tools=prep.tools)
+        except (VLLMClientError, ValueError) as exc:
+            raise EngineError("invalid_request", _first_line(exc)) from exc
+        base = f"{request.request_id}-{time.monotonic_ns()}"
+        rids = [base] if len(prep.prompts) == 1 else [f"{base}-{i}" for i in range(len(prep.prompts))]
+        done: set[str] = set()
+        out = _Outputs(request, prep, run.tokenizer, hide)
+        started = False
+        try:
+            async with contextlib.aclosing(_steps(run.engine, prep.prompts, params, rids)) as steps:
+                async for step in steps:
+                    started = True
+                    for p, res in step:
+                        if res.finished:
+                            done.add(rids[p])
+                    delta = out.step(step)
+                    if delta is not None:
+                        yield delta
+        except EngineError:
+            raise
         except Exception as exc:
             if run.engine.errored:  # the engine core died: every later request would fail the same way
                 raise EngineError("engine_dead", f"the vLLM engine of {request.model} died: {exc!r}"[:500]) from exc
+            if isinstance(exc, VLLMClientError) or (isinstance(exc, ValueError) and not started):
+                raise EngineError("invalid_request", _first_line(exc)) from exc  # vLLM refused the request
             raise
         finally:
-            if not finished:  # the caller went away: free the engine's slot now
+            left = [r for r in rids if r not in done]
+            if left:  # the caller went away (or one prompt failed): free the engine's slots now
                 try:
-                    await run.engine.abort(rid)
+                    await run.engine.abort(left)
                 except Exception:
                     pass
 
 
-def _finish(reason: str | None) -> str:
-    return {"stop": "stop", "length": "length"}.get(reason or "", "abort" if reason == "abort" else "stop")
+@dataclass
+class _ToolCalls:
+    """A request's tool calls as vLLM's server reads them: its parser class (one parser per choice: they
+    keep streaming state) and the vLLM request the parser adjusted (structured outputs, special tokens)."""
+
+    parser_cls: type
+    request: object  # vLLM's ChatCompletionRequest
+    named: bool
+    model_config: object
+    tokenizer: object
+
+    def parser(self):
+        return self.parser_cls(self.tokenizer, self.request.tools, model_config=self.model_config)
+
+
+@dataclass
+class _Prepared:
+    prompts: list[list[int]]
+    echo_texts: list[str] | None
+    tools: _ToolCalls | None
+
+
+class _Outputs:
+    """Turns each engine step's RequestOutputs into one Delta: choice index = prompt index x n + i, logprobs
+    and finish reasons as vLLM's server reports them, tool calls parsed as they stream."""
+
+    def __init__(self, request: InferRequest, prep: _Prepared, tokenizer, hide: bool):
+        s = request.sampling
+        self.n = s.n
+        self.plain = is_plain(request)
+        self.logprobs = s.logprobs is not None and not hide
+        self.top = top_logprobs_shown(request)
+        self.tokenizer = tokenizer
+        self.hide = hide
+        self.prompts = prep.prompts
+        self.prompt_tokens = sum(map(len, prep.prompts))
+        self.echo_texts = prep.echo_texts
+        self.tools = prep.tools
+        choices = len(prep.prompts) * s.n
+        self.parsers = [prep.tools.parser() for _ in range(choices)] if prep.tools else None
+        self.tools_streamed = [False] * choices
+        self.left = choices
+        self.produced = 0
+
+    def step(self, step) -> Delta | None:
+        before = self.produced
+        choices: list[ChoiceDelta] = []
+        text, last_reason = "", None
+        for p, res in step:
+            for o in res.outputs:
+                idx = p * self.n + o.index
+                self.produced += len(o.token_ids)
+                reason = None
+                if o.finish_reason is not None:
+                    reason = _finish(o.finish_reason)
+                    self.left -= 1
+                    last_reason = reason
+                piece = "" if self.hide else o.text
+                if self.plain:
+                    if reason is not None and o.stop_reason is not None:  # which stop string or token ended it
+                        choices.append(ChoiceDelta(text=piece, finish_reason=reason, stop_reason=o.stop_reason))
+                    else:
+                        text += piece
+                    continue
+                logprobs = _token_logprobs(o.token_ids, o.logprobs, self.top, self.tokenizer) if self.logprobs else None
+                calls = None
+                if self.parsers is not None:
+                    msg = self.parsers[idx].parse_delta(piece, list(o.token_ids), self.tools.request,
+                                                        self.prompts[p], finished=reason is not None)
+                    piece = (msg.content or "") if msg is not None else ""
+                    if msg is not None and msg.tool_calls:
+                        self.tools_streamed[idx] = True
+                        calls = [c for c in map(_tool_call_piece, msg.tool_calls) if c.id or c.name or c.arguments]
+                    if reason == "stop" and self.tools_streamed[idx] and not self.tools.named:
+                        reason = last_reason = "tool_calls"  # as OpenAI reports calls ("stop" for a named one)
+                if piece or logprobs or calls or reason:
+                    choices.append(ChoiceDelta(index=idx, text=piece, logprobs=logprobs, tool_calls=calls,
+                                               finish_reason=reason, stop_reason=o.stop_reason if reason else None))
+        end = last_reason if self.left == 0 else None
+        echo, self.echo_texts = self.echo_texts, None
+        if not (text or choices or end or echo is not None or self.produced > before):
+            return None
+        return Delta(text, end, self.prompt_tokens, self.produced, tuple(choices), echo)
+
+
+async def _steps(engine, prompts: list[list[int]], params, rids: list[str]) -> AsyncIterator[list]:
+    """Each engine step's outputs as [(prompt index, RequestOutput)]: one engine request per prompt, run
+    concurrently; outputs that arrived together (one step of the engine) come in one list."""
+    if len(prompts) == 1:
+        async for res in engine.generate({"prompt_token_ids": prompts[0]}, params, request_id=rids[0]):
+            yield [(0, res)]
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        try:
+            async for res in engine.generate({"prompt_token_ids": prompts[i]}, params, request_id=rids[i]):
+                queue.put_nowait((i, res))
+        except Exception as exc:
+            queue.put_nowait((i, exc))
+        else:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(prompts))]
+    try:
+        running = len(tasks)
+        while running:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            step = []
+            for i, res in items:
+                if res is None:
+                    running -= 1
+                elif isinstance(res, Exception):
+                    raise res
+                else:
+                    step.append((i, res))
+            if step:
+                yield step
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _sampling_params(s: SamplingParams, *, max_tokens: int, tools: _ToolCalls | None):
+    """vLLM's SamplingParams as its OpenAI server builds them (``to_sampling_params``), streaming deltas; a
+    tool parser's adjustments (constrained calls, special tokens kept) override the request's."""
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    structured = tools.request.structured_outputs if tools else _structured(s.structured)
+    skip_special = tools.request.skip_special_tokens if tools else s.skip_special_tokens
+    return VllmSamplingParams.from_optional(
+        n=s.n, presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+        repetition_penalty=s.repetition_penalty, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+        min_p=s.min_p, seed=s.seed, stop=list(s.stop), stop_token_ids=list(s.stop_token_ids),
+        include_stop_str_in_output=s.include_stop_str_in_output, ignore_eos=s.ignore_eos, max_tokens=max_tokens,
+        min_tokens=s.min_tokens, logprobs=s.logprobs, skip_special_tokens=skip_special,
+        spaces_between_special_tokens=s.spaces_between_special_tokens, output_kind=RequestOutputKind.DELTA,
+        structured_outputs=structured, logit_bias=s.logit_bias, skip_clone=True)
+
+
+def _structured(so: StructuredOutput | None):
+    if so is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return StructuredOutputsParams(json=so.json_schema, json_object=so.json_object or None, regex=so.regex,
+                                   choice=so.choice, grammar=so.grammar)
+
+
+def _json_tool_call_parser():
+    """vLLM's parser with its base ToolParser: "required" and named tool choices constrained to and read from
+    vLLM's JSON form of the calls (what its server does with a tool parser that reads that form)."""
+    from vllm.parser.abstract_parser import DelegatingParser
+    from vllm.tool_parsers import ToolParser
+
+    class _JsonToolCalls(DelegatingParser):
+        reasoning_parser_cls = None
+        tool_parser_cls = ToolParser
+
+    return _JsonToolCalls
+
+
+def _tool_call_piece(tc) -> ToolCallDelta:
+    fn = tc.function
+    return ToolCallDelta(index=tc.index, id=tc.id, name=fn.name if fn else None, arguments=(fn.arguments or "") if fn else "")
+
+
+def _chat_message(m: ChatMessage) -> dict:
+    out: dict = {"role": m.role, "content": m.content}
+    if m.name is not None:
+        out["name"] = m.name
+    if m.tool_calls is not None:
+        out["tool_calls"] = [tc.model_dump() for tc in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _token_logprobs(token_ids, steps, top: int | None, tokenizer) -> list[TokenLogprob]:
+    """vLLM's per-token Logprob dicts as its server shows them: the chosen token with its log-probability and
+    bytes, then ``top`` entries in vLLM's order (the chosen token, then the most likely by rank), finite."""
+    out = []
+    for i, tid in enumerate(token_ids):
+        d = steps[i] if steps is not None and i < len(steps) else None
+        chosen = d.get(tid) if d else None
+        if chosen is None:
+            token = _decode(tokenizer, [tid])
+            out.append(TokenLogprob(token=token, logprob=-9999.0, bytes=list(token.encode("utf-8", errors="replace"))))
+            continue
+        alternatives = list(d.items()) if top is None else list(d.items())[:top]
+        tops = []
+        for alt_id, alt in alternatives:
+            t = alt.decoded_token if alt.decoded_token is not None else _decode(tokenizer, [alt_id])
+            tops.append(TopLogprob(token=t, logprob=finite_logprob(alt.logprob),
+                                   bytes=list(t.encode("utf-8", errors="replace"))))
+        decoded = chosen.decoded_token
+        out.append(TokenLogprob(token=decoded if decoded is not None else _decode(tokenizer, [tid]),
+                                logprob=finite_logprob(chosen.logprob),
+                                bytes=None if decoded is None else list(decoded.encode("utf-8", errors="replace")),
+                                top=tops))
+    return out
+
+
+def _decode(tokenizer, ids) -> str:
+    try:
+        return tokenizer.decode(list(ids))
+    except Exception:  # an id out of the vocabulary: vLLM refuses the prompt itself
+        return ""
+
+
+def _first_line(exc: BaseException) -> str:
+    """vLLM's reason for a refusal, in a line (a pydantic error: its first error, where it is, what it is)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            return f"{'.'.join(map(str, first['loc']))}: {first['msg']}"[:500]
+        except Exception:
+            pass
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else repr(exc))[:500]
+
+
+def _finish(reason: str) -> str:
+    if reason == "error":  # vLLM's server answers a generation error with a 500
+        raise EngineError("internal", "vLLM reported an error while generating")
+    return reason if reason in ("stop", "length", "abort") else "stop"
 
 
 def _is_shared_helper(p: psutil.Process) -> bool:
