@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -280,27 +281,20 @@ async def request_stream(
     ``alive()`` turns false (checked every ``check_every_s`` while waiting), BusError('timeout')
     when the responder goes silent for longer than the current timeout, and BusError('too_large'), before
     sending anything, for a message larger than the server's max_payload.
+
+    Replies are taken from the subscription's own queue, without a task per reply (``next_msg`` makes two
+    tasks and a uuid for every message).
     """
     payload, headers = msg.encode(), inject_headers()
     check_size(nc, subject, payload, headers)
     inbox = reply_inbox(nc, subject)
     sub = await nc.subscribe(inbox)
+    receive = _receiver(sub)
     try:
         await nc.publish(subject, payload, reply=inbox, headers=headers)
         timeout = first_timeout
         while True:
-            waited = 0.0
-            while True:
-                step = min(check_every_s, timeout - waited) if alive is not None else timeout
-                try:
-                    reply = await sub.next_msg(timeout=max(step, 0.001))
-                    break
-                except nats.errors.TimeoutError:
-                    waited += step
-                    if alive is not None and not alive():
-                        raise BusError("responder_lost", f"the worker behind {subject} is gone") from None
-                    if waited >= timeout:
-                        raise BusError("timeout", f"{subject} went silent for {timeout:.1f} s") from None
+            reply = await receive(timeout, alive, check_every_s, subject)
             if reply.headers and reply.headers.get(STATUS_HEADER) == "503":
                 raise BusError("no_responders", f"nobody is listening on {subject}")
             chunk = chunk_type.decode(reply.data)
@@ -313,6 +307,55 @@ async def request_stream(
             await sub.unsubscribe()
         except nats.errors.ConnectionClosedError:
             pass
+
+
+def _receiver(sub) -> Callable[..., Awaitable[Msg]]:
+    """``receive(timeout, alive, check_every_s, subject)``: the subscription's next message, BusError
+    'responder_lost' or 'timeout' as ``request_stream`` says. Reads nats-py's queue of a subscription without
+    a callback directly (a message already there is taken without waiting); any other subscription (a
+    stand-in in tests) through ``next_msg``."""
+    queue: asyncio.Queue | None = getattr(sub, "_pending_queue", None)
+    if not isinstance(queue, asyncio.Queue) or not hasattr(sub, "_pending_size") or not hasattr(sub, "_conn"):
+        return functools.partial(_receive_polling, sub)
+
+    async def receive(timeout: float, alive, check_every_s: float, subject: str) -> Msg:
+        if not queue.empty():
+            reply = queue.get_nowait()
+        else:
+            waited = 0.0
+            while True:
+                step = min(check_every_s, timeout - waited)
+                try:  # a message put just as the timeout strikes stays queued for the next call
+                    async with asyncio.timeout(max(step, 0.001)):
+                        reply = await queue.get()
+                    break
+                except TimeoutError:
+                    waited += step
+                    if sub._conn.is_closed:  # as next_msg says it
+                        raise nats.errors.ConnectionClosedError from None
+                    _check_silence(waited, timeout, alive, subject)
+        sub._pending_size -= len(reply.data)  # nats-py counts it against the slow-consumer limit until taken
+        return reply
+
+    return receive
+
+
+async def _receive_polling(sub, timeout: float, alive, check_every_s: float, subject: str) -> Msg:
+    waited = 0.0
+    while True:
+        step = min(check_every_s, timeout - waited) if alive is not None else timeout
+        try:
+            return await sub.next_msg(timeout=max(step, 0.001))
+        except nats.errors.TimeoutError:
+            waited += step
+            _check_silence(waited, timeout, alive, subject)
+
+
+def _check_silence(waited: float, timeout: float, alive: Callable[[], bool] | None, subject: str) -> None:
+    if alive is not None and not alive():
+        raise BusError("responder_lost", f"the worker behind {subject} is gone") from None
+    if waited >= timeout:
+        raise BusError("timeout", f"{subject} went silent for {timeout:.1f} s") from None
 
 
 async def reply(nc: NATS, msg: Msg, answer: BusMessage, reply_to: str = "") -> None:
