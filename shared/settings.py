@@ -127,6 +127,14 @@ class GatewaySettings(CommonSettings):
     max_prompt_chars: int = Field(512 * 1024, ge=1, description="most characters in a request's prompt or "
                                                                "messages together (more: 400); the worker then "
                                                                "checks tokens against the model's context")
+    gateway_processes: int = Field(1, ge=0, le=64, description="serving processes on this host, sharing the port "
+                                   "(SO_REUSEPORT, Linux) and each API key's rate and concurrency limits (a "
+                                   "shared-memory table); 0: one per CPU core. 1 suits a small host where workers "
+                                   "and NATS share the cores; more where the gateway has cores of its own "
+                                   "(docs/operations.md, Performance)")
+    access_log: bool = Field(False, description="a log line per HTTP request (uvicorn's access log); off by "
+                                                "default, a formatted line and a write for every request: counts "
+                                                "and latencies are in /metrics, each request in its trace")
     max_chars_per_token: int = Field(128, ge=1, description="the most characters one token of any served model's "
                                                            "tokenizer covers: a prompt longer than this many times "
                                                            "the context left after max_tokens cannot fit and gets a "
