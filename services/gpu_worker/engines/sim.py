@@ -57,15 +57,16 @@ class _Loaded:
         specials = {self.tokenizer.token_to_id(t) for t in (self.eos, _token_text(cfg.get("bos_token")),
                                                            _token_text(cfg.get("pad_token")),
                                                            _token_text(cfg.get("unk_token"))) if t}
-        # tokens that are whole characters on their own, so any sequence of them is valid text
         model_cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
         layers = int(model_cfg.get("num_hidden_layers", 1))
         heads = int(model_cfg.get("num_attention_heads", 1))
         kv_heads = int(model_cfg.get("num_key_value_heads", heads))
         head_dim = int(model_cfg.get("head_dim") or model_cfg.get("hidden_size", 64) // heads)
         self.kv_bytes_per_token = 2 * layers * kv_heads * head_dim * 2
+        # tokens that are whole characters on their own, so any sequence of them is valid text (special tokens,
+        # the chat template's too, decode to nothing: not sampled)
         self.sample_ids = [i for i in range(self.tokenizer.get_vocab_size())
-                           if i not in specials and "\ufffd" not in self.tokenizer.decode([i])]
+                           if i not in specials and (t := self.tokenizer.decode([i])) and "\ufffd" not in t]
 
     def prompts(self, request: InferRequest) -> tuple[list[list[int]], list[str] | None]:
         """Each prompt's token ids, and with echo each prompt's text (in a thread: ``encode_batch`` releases
