@@ -18,12 +18,12 @@ import pytest
 from services.gpu_worker.main import WorkerService
 from shared import bus
 from shared.messages import (
-    ChatMessage, CommandKind, CommandResult, InferChunk, InferRequest, ModelSpec, SamplingParams, StructuredOutput,
-    Tools, WorkerCommand,
+    CancelRequest, ChatMessage, CommandKind, CommandResult, InferChunk, InferRequest, ModelSpec, SamplingParams,
+    StructuredOutput, Tools, WorkerCommand,
 )
 from shared.model_folder import max_context, weight_bytes
 from shared.settings import WorkerSettings
-from shared.subjects import INFER, WORKER_CMD
+from shared.subjects import CANCEL, INFER, WORKER_CMD
 from tests.helpers import eventually
 from tooling.modelgen import TinyLlamaShape, create_tiny_llama
 
@@ -79,7 +79,7 @@ async def worker(nats_url, nats_urls, tmp_path_factory):
     try:
         r = await eventually(activated, timeout=300, what="the vLLM worker activating the tiny model")
         assert r.ok, r.error
-        yield nc, Model(path)
+        yield nc, Model(path), service
     finally:
         stop.set()
         await asyncio.wait_for(task, 120)
@@ -105,7 +105,7 @@ def finish_reasons(chunks: list[InferChunk]) -> dict[int, str]:
 
 async def test_json_schema_answers_parse_and_match_their_schema(worker):
     jsonschema = pytest.importorskip("jsonschema")
-    nc, model = worker
+    nc, model, _ = worker
     for n in (1, 2):
         chunks = await generate(nc, InferRequest(model="tiny", messages=CHAT, sampling=SamplingParams(
             max_tokens=80, temperature=0.8, seed=11, n=n, logit_bias=model.no_whitespace,
@@ -126,7 +126,7 @@ async def test_json_schema_answers_parse_and_match_their_schema(worker):
 
 
 async def test_n_choices_with_finite_logprobs_stream_one_chunk_per_step(worker):
-    nc, _ = worker
+    nc, _, _ = worker
     steps = 12
     chunks = await generate(nc, InferRequest(model="tiny", prompt="Once upon a time", sampling=SamplingParams(
         max_tokens=steps, n=2, logprobs=2, ignore_eos=True, seed=5)))
@@ -153,7 +153,7 @@ async def test_n_choices_with_finite_logprobs_stream_one_chunk_per_step(worker):
 
 
 async def test_token_id_prompts_and_echo(worker):
-    nc, model = worker
+    nc, model, _ = worker
     ids = model.tokenizer.encode("The weather today", add_special_tokens=False).ids
     chunks = await generate(nc, InferRequest(model="tiny", prompts=[ids, "Tomorrow it will"], echo=True,
                                              sampling=SamplingParams(max_tokens=3, ignore_eos=True)))
@@ -171,7 +171,7 @@ async def test_token_id_prompts_and_echo(worker):
 
 
 async def test_min_tokens_ignore_eos_and_stop_token_ids(worker):
-    nc, model = worker
+    nc, model, _ = worker
     eos_first = {model.eos: 100.0}  # the model would end at once
 
     async def run(**kw) -> InferChunk:
@@ -196,7 +196,7 @@ async def test_min_tokens_ignore_eos_and_stop_token_ids(worker):
 
 async def test_forced_tool_calls_come_back_as_calls(worker):
     jsonschema = pytest.importorskip("jsonschema")
-    nc, model = worker
+    nc, model, _ = worker
     for choice, named, finish in (("weather", True, "stop"), ("required", False, "tool_calls")):
         chunks = await generate(nc, InferRequest(model="tiny", messages=CHAT, tools=Tools(
             definitions=[WEATHER], choice=choice, named=named), sampling=SamplingParams(
@@ -218,7 +218,7 @@ async def test_forced_tool_calls_come_back_as_calls(worker):
 
 
 async def test_plain_streams_are_one_text_chunk_per_step_with_running_usage(worker):
-    nc, _ = worker
+    nc, _, _ = worker
     steps = 24
     chunks = await generate(nc, InferRequest(model="tiny", prompt="Hello", usage_every_chunk=True,
                                              sampling=SamplingParams(max_tokens=steps, ignore_eos=True)))
@@ -231,3 +231,26 @@ async def test_plain_streams_are_one_text_chunk_per_step_with_running_usage(work
     assert refused.error.code == "invalid_request" and "top_p" in refused.error.message
     [refused] = await generate(nc, InferRequest(model="tiny", prompts=["x", "word " * 600]))
     assert refused.error.code == "context_length_exceeded"
+
+
+async def test_a_cancelled_request_of_several_prompts_frees_every_engine_request(worker):
+    nc, _, service = worker
+    engine = service.worker.engine._engines["tiny"].engine
+    req = InferRequest(model="tiny", prompts=["one", "two", "three"], sampling=SamplingParams(
+        max_tokens=400, n=2, ignore_eos=True))
+    chunks = []
+
+    async def read():
+        async for c in bus.request_stream(nc, INFER.format(worker=WID), req, InferChunk, first_timeout=120,
+                                          idle_timeout=60, is_last=lambda c: c.last):
+            chunks.append(c)
+
+    reading = asyncio.create_task(read())
+    await eventually(lambda: len(chunks) >= 2, timeout=60, every=0.01, what="the first chunks")
+    assert engine.output_processor.get_num_unfinished_requests() >= 3  # an engine request per prompt (and choice)
+    await nc.publish(CANCEL.format(worker=WID), CancelRequest(request_id=req.request_id).encode())
+    await asyncio.wait_for(reading, 60)
+    assert chunks[-1].error.code == "aborted"
+    await eventually(lambda: engine.output_processor.get_num_unfinished_requests() == 0, timeout=30,
+                     what="the engine dropping all three requests")
+    assert service.worker.in_flight == 0
