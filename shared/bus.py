@@ -1,6 +1,7 @@
 """NATS helpers: connect with reconnect, typed request-reply, streamed replies, JetStream, KV.
 
-Every helper injects the current trace context into the message headers.
+Every request and publish carries the current trace context in its headers (a reply does not: its
+requester is in the trace already).
 """
 
 from __future__ import annotations
@@ -360,9 +361,12 @@ def _check_silence(waited: float, timeout: float, alive: Callable[[], bool] | No
 
 async def reply(nc: NATS, msg: Msg, answer: BusMessage, reply_to: str = "") -> None:
     """Answer a request (no-op for fire-and-forget messages without a reply subject); ``reply_to`` asks
-    for an answer to the answer (a worker's probe whether its requester still listens)."""
+    for an answer to the answer (a worker's probe whether its requester still listens).
+
+    Answers carry no trace context: the requester has it already, and every chunk of a streamed answer
+    paid for the header block (injected here, framed, then parsed by the server and the requester)."""
     if msg.reply:
-        await nc.publish(msg.reply, answer.encode(), reply=reply_to, headers=inject_headers())
+        await nc.publish(msg.reply, answer.encode(), reply=reply_to)
 
 
 async def ensure_streams(js: JetStreamContext) -> None:
