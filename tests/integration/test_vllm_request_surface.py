@@ -61,7 +61,8 @@ class Model:
 @pytest.fixture(scope="module")
 async def worker(nats_url, nats_urls, tmp_path_factory):
     path = create_tiny_llama(tmp_path_factory.mktemp("vllm-surface") / "tiny", SHAPE, seed=3)
-    spec = ModelSpec(slug="tiny", path=str(path), parameter_bytes=weight_bytes(path), max_context_tokens=max_context(path))
+    spec = ModelSpec(slug="tiny", path=str(path), parameter_bytes=weight_bytes(path),
+                     max_context_tokens=max_context(path))
     service = WorkerService(WorkerSettings(nats_url=nats_urls.worker(WID), worker_id=WID, engine="vllm",
                                            memory_budget_bytes=6 * 2**30, kv_cache_bytes=512 * 2**20,
                                            heartbeat_interval_s=0.5))
@@ -163,7 +164,8 @@ async def test_token_id_prompts_and_echo(worker):
     with_bos = len(model.tokenizer.encode("Tomorrow it will").ids)  # a text prompt gets the special tokens
     assert chunks[-1].usage.prompt_tokens == len(ids) + with_bos and chunks[-1].usage.completion_tokens == 6
 
-    only = await generate(nc, InferRequest(model="tiny", prompt="Echo me", echo=True, sampling=SamplingParams(max_tokens=0)))
+    only = await generate(nc, InferRequest(model="tiny", prompt="Echo me", echo=True,
+                                           sampling=SamplingParams(max_tokens=0)))
     assert only[0].prompt_texts == ["Echo me"] and not "".join(choice_texts(only).values())
 
     [refused] = await generate(nc, InferRequest(model="tiny", prompts=[[10**6]]))

@@ -22,7 +22,8 @@ from shared.settings import WorkerSettings
 FAST = SimProfile(engine_start_s=0.0, decode_s_per_token_per_gb=0.0, prefill_s_per_token_per_gb=0.0, min_step_s=0.0)
 CHAT = [ChatMessage(role="user", content="hi")]
 WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string", "enum": ["paris", "rome"]}, "days": {"type": "integer"}},
+    "type": "object",
+    "properties": {"city": {"type": "string", "enum": ["paris", "rome"]}, "days": {"type": "integer"}},
     "required": ["city", "days"]}}}
 
 
@@ -64,7 +65,8 @@ async def test_n_choices_of_several_prompts_step_together_numbered_by_prompt(eng
         len(engine._models["tiny"].tokenizer.encode("three").ids)
     texts = {i: "".join(c.text for c in cs) for i, cs in choices.items()}
     assert texts[0] != texts[1]  # each choice its own seed (seed + index, as vLLM seeds them)
-    again = per_choice(await run(engine, prompts=["one two", "three"], sampling=SamplingParams(max_tokens=4, n=2, seed=3)))
+    again = per_choice(await run(engine, prompts=["one two", "three"],
+                                 sampling=SamplingParams(max_tokens=4, n=2, seed=3)))
     assert {i: "".join(c.text for c in cs) for i, cs in again.items()} == texts
 
 
@@ -136,7 +138,8 @@ async def test_structured_outputs_get_a_valid_answer_or_a_clear_refusal(engine):
     [d] = await run(engine, messages=CHAT, sampling=SamplingParams(structured=StructuredOutput(json_schema=schema)))
     jsonschema.validate(json.loads(d.text), schema)
     assert d.finish_reason == "stop" and d.completion_tokens > 0
-    [d] = await run(engine, messages=CHAT, sampling=SamplingParams(n=2, structured=StructuredOutput(choice=["yes", "no"])))
+    [d] = await run(engine, messages=CHAT,
+                    sampling=SamplingParams(n=2, structured=StructuredOutput(choice=["yes", "no"])))
     assert [(c.index, c.text) for c in d.choices] == [(0, "yes"), (1, "yes")]
     [d] = await run(engine, prompt="x", sampling=SamplingParams(structured=StructuredOutput(json_object=True)))
     assert isinstance(json.loads(d.text), dict)

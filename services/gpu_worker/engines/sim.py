@@ -373,5 +373,6 @@ def _smallest(schema: dict):
               "number": schema.get("minimum", 0), "boolean": False, "null": None}
     if kind in simple:
         return simple[kind]
-    raise EngineError("unsupported", f"the sim engine cannot make an instance of the JSON schema {json.dumps(schema)[:200]} "
-                                     f"(it knows types, enum, const, required properties); use the vllm engine")
+    raise EngineError("unsupported", f"the sim engine cannot make an instance of the JSON schema "
+                                     f"{json.dumps(schema)[:200]} (it knows types, enum, const, required "
+                                     f"properties); use the vllm engine")

@@ -489,7 +489,8 @@ class _Outputs:
                     piece = (msg.content or "") if msg is not None else ""
                     if msg is not None and msg.tool_calls:
                         self.tools_streamed[idx] = True
-                        calls = [c for c in map(_tool_call_piece, msg.tool_calls) if c.id or c.name or c.arguments]
+                        calls = [c for c in map(_tool_call_piece, msg.tool_calls)
+                                 if c.id or c.name or c.arguments] or None
                     if reason == "stop" and self.tools_streamed[idx] and not self.tools.named:
                         reason = last_reason = "tool_calls"  # as OpenAI reports calls ("stop" for a named one)
                 if piece or logprobs or calls or reason:
@@ -585,7 +586,8 @@ def _json_tool_call_parser():
 
 def _tool_call_piece(tc) -> ToolCallDelta:
     fn = tc.function
-    return ToolCallDelta(index=tc.index, id=tc.id, name=fn.name if fn else None, arguments=(fn.arguments or "") if fn else "")
+    return ToolCallDelta(index=tc.index, id=tc.id, name=fn.name if fn else None,
+                         arguments=(fn.arguments or "") if fn else "")
 
 
 def _chat_message(m: ChatMessage) -> dict:
