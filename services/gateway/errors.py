@@ -34,7 +34,18 @@ WORKER_ERRORS: dict[str, tuple[int, str]] = {
     "no_responders": (503, "No instance of the model answered; retry the request"),
     "responder_lost": (504, "The worker serving the request stopped; retry the request"),
     "timeout": (504, "The worker serving the request stopped answering in time; retry the request"),
+    "invalid_request": (400, "The model server refused the request as invalid"),
+    "unsupported": (400, "The model server cannot serve this request"),
+    "no_chat_template": (400, "The model has no chat template; send the prompt to /v1/completions"),
+    "tool_parser_unavailable": (500, "The model's tool-call parser could not be loaded; an operator must correct "
+                                     "the model's tool parser (warmserve model update --tool-parser)"),
 }
+# Refusals of the request's own parameters (vLLM's validation: "top_p must be in (0, 1], got 2.0"): the client
+# needs the engine's words to correct its request, as vLLM's server gives them, so they are passed on (cut to
+# CLIENT_DETAIL_CHARS), with the parameter vLLM names as ``param``.
+CLIENT_VISIBLE = frozenset({"invalid_request", "unsupported"})
+CLIENT_DETAIL_CHARS = 500
+_PARAM = re.compile(r"parameter=([A-Za-z_][A-Za-z0-9_.]*)")
 INTERNAL = (500, "internal", "The request failed inside the service; retry it, and report it if it persists")
 
 
@@ -78,6 +89,10 @@ def from_worker(code: str, message: str, prompt_param: str | None = None) -> Api
         status, client_code, text = INTERNAL
     headers = {"Retry-After": "1"} if status == 503 else None
     param = prompt_param if code == "context_length_exceeded" else None
+    if code in CLIENT_VISIBLE and message.strip():
+        text = message.strip()[:CLIENT_DETAIL_CHARS]
+        named = _PARAM.search(message)
+        param = named.group(1) if named else None
     return ApiError(status, text, code=client_code, param=param, headers=headers, detail=f"{code}: {message}")
 
 

@@ -64,6 +64,19 @@ def test_worker_error_codes_map_to_statuses():
     assert errors.from_worker("something_new", "m").status == 500
 
 
+def test_an_engines_refusal_of_a_parameter_reaches_the_client_naming_it():
+    refused = errors.from_worker("invalid_request", "top_p must be in (0, 1], got 2.0. (parameter=top_p, value=2.0)")
+    assert (refused.status, refused.code, refused.param) == (400, "invalid_request", "top_p")
+    assert "top_p must be in (0, 1]" in refused.message
+    long = errors.from_worker("invalid_request", "x" * 5000)
+    assert len(long.message) == errors.CLIENT_DETAIL_CHARS and long.param is None
+    # other codes keep the worker's words out of the answer
+    hidden = errors.from_worker("engine_dead", "the vLLM engine of m died at /srv/worker-3")
+    assert "/srv" not in hidden.message and "/srv" in hidden.detail
+    assert errors.from_worker("tool_parser_unavailable", "no parser 'x'").status == 500
+    assert errors.from_worker("no_chat_template", "m has none").status == 400
+
+
 # ------------------------------------------------------------ bad input on the real gateway app
 # The app from create_app without its lifespan (no NATS): a stub catalog holds one model, so every
 # request below is refused before routing.
