@@ -68,6 +68,19 @@ def finite_logprob(value: float) -> float:
     return max(value, -9999.0) if value == value else -9999.0
 
 
+def answer_budget(request: InferRequest, longest_prompt: int, context: int) -> SamplingParams:
+    """The request's sampling with the answer's length settled against the model's context: a chat request
+    without max_tokens (``fill_context``) may generate up to the context's end, as vLLM's server allows;
+    otherwise prompt plus max_tokens must fit."""
+    s = request.sampling
+    if s.fill_context and longest_prompt < context:
+        return s.model_copy(update={"max_tokens": context - longest_prompt})
+    if longest_prompt + s.max_tokens > context:
+        raise EngineError("context_length_exceeded", f"prompt ({longest_prompt} tokens) plus max_tokens "
+                                                     f"({s.max_tokens}) exceeds the model's context of {context} tokens")
+    return s
+
+
 class EngineError(Exception):
     """A request or command the engine cannot serve; ``code`` is reported to the caller."""
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from services.gpu_worker.engines import (
-    Delta, EngineError, KvUsage, is_plain, off_loop, prompt_chars, prompt_inputs, top_logprobs_shown,
+    Delta, EngineError, KvUsage, answer_budget, is_plain, off_loop, prompt_chars, prompt_inputs, top_logprobs_shown,
 )
 from shared.messages import ChoiceDelta, InferRequest, ModelSpec, TokenLogprob, ToolCallDelta, TopLogprob
 from shared.perfmodel import GPU_A100_PCIE, PerfModel
@@ -164,15 +164,8 @@ class SimEngine:
         if loaded is None or request.model not in self._active:
             raise EngineError("not_active", f"{request.model} is not active on this worker")
         prompts, echo = await off_loop(prompt_chars(request), loaded.prompts, request)
-        s = request.sampling
-        limit = loaded.spec.max_context_tokens
-        longest = max(map(len, prompts))
-        if longest + s.max_tokens > limit:
-            raise EngineError(
-                "context_length_exceeded",
-                f"prompt ({longest} tokens) plus max_tokens ({s.max_tokens}) exceeds "
-                f"the model's context of {limit} tokens",
-            )
+        s = answer_budget(request, max(map(len, prompts)), loaded.spec.max_context_tokens)
+        request = request.model_copy(update={"sampling": s})
         _check_sampling(request)
         answer = _answer(request, loaded.spec)
         prompt_tokens = sum(map(len, prompts))

@@ -39,7 +39,7 @@ from pathlib import Path
 import psutil
 
 from services.gpu_worker.engines import (
-    Delta, EngineError, finite_logprob, is_plain, off_loop, prompt_chars, prompt_inputs, top_logprobs_shown,
+    Delta, EngineError, answer_budget, finite_logprob, is_plain, off_loop, prompt_chars, prompt_inputs, top_logprobs_shown,
 )
 from shared.messages import (
     ChatMessage, ChoiceDelta, InferRequest, ModelSpec, SamplingParams, StructuredOutput, TokenLogprob, ToolCallDelta,
@@ -372,13 +372,7 @@ class VllmEngine:
 
         run = self._running(request.model)
         prep = await off_loop(prompt_chars(request), self._prepare, run, request)
-        s = request.sampling
-        limit = run.spec.max_context_tokens
-        longest = max(map(len, prep.prompts))
-        if longest + s.max_tokens > limit:
-            raise EngineError("context_length_exceeded",
-                              f"prompt ({longest} tokens) plus max_tokens ({s.max_tokens}) exceeds "
-                              f"the model's context of {limit} tokens")
+        s = answer_budget(request, max(map(len, prep.prompts)), run.spec.max_context_tokens)
         # completions echo with max_tokens 0 returns the prompt alone: vLLM generates one token and drops it
         hide = prep.echo_texts is not None and s.max_tokens == 0
         try:
