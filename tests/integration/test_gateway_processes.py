@@ -52,7 +52,7 @@ class HoldingWorker:
 
 
 @pytest.fixture
-async def gateway(nats_urls, nc):
+async def gateway(nats_urls, nc, tmp_path):
     buckets = await bus.ensure_all(nc.jetstream())
     catalog, workers, keys = (buckets[b.name] for b in (CATALOG_BUCKET, WORKERS_BUCKET, APIKEYS_BUCKET))
     await catalog.put(MODEL, ModelSpec(slug=MODEL, path="/m", parameter_bytes=1, max_context_tokens=512).encode())
@@ -73,8 +73,10 @@ async def gateway(nats_urls, nc):
     env = dict(os.environ, WARMSERVE_NATS_URL=nats_urls["gateway"], WARMSERVE_PORT=str(port),
                WARMSERVE_HOST="127.0.0.1", WARMSERVE_GATEWAY_PROCESSES="2", WARMSERVE_GATEWAY_ID="gw-procs",
                WARMSERVE_HEARTBEAT_TIMEOUT_S="3600", WARMSERVE_QUEUE_WAIT_S="2", WARMSERVE_SHUTDOWN_GRACE_S="2")
-    proc = subprocess.Popen([sys.executable, "-m", "services.gateway"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = tmp_path / "gateway.log"
+    with open(log, "wb") as out:  # a file, not a pipe nobody reads: a full pipe would block the logging
+        proc = subprocess.Popen([sys.executable, "-m", "services.gateway"], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         await eventually(lambda: _ready(url), what="the gateway's processes to be ready")
@@ -117,17 +119,19 @@ async def hold(url: str, key: str, clients: list[httpx.AsyncClient], opened: lis
     clients.append(http)
     stream = http.stream("POST", "/v1/chat/completions", json=chat("hold"))
     resp = await stream.__aenter__()
-    opened.append(stream)
+    lines = resp.aiter_lines()
+    opened.append((stream, lines))  # kept: a line iterator garbage-collected closes its connection
     if resp.status_code == 200:
-        async for line in resp.aiter_lines():
+        async for line in lines:
             if line.startswith("data: "):
                 break
     return resp.status_code
 
 
 async def close_all(clients, opened) -> None:
-    for s in opened:
-        await s.__aexit__(None, None, None)
+    for stream, lines in opened:
+        await lines.aclose()
+        await stream.__aexit__(None, None, None)
     for c in clients:
         await c.aclose()
 
@@ -144,7 +148,7 @@ async def test_both_processes_serve_on_one_port(gateway):
         # 24 connections spread by the kernel: each process holds some (all on one: 2 in 2^23)
         per_process = [sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
                            for c in child.net_connections("tcp")) for child in children]
-        assert all(n > 0 for n in per_process) and sum(per_process) == 24, per_process
+        assert all(n > 0 for n in per_process) and sum(per_process) == 24, (per_process, children)
     finally:
         worker.release.set()
         await close_all(clients, opened)
