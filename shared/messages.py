@@ -140,6 +140,9 @@ class Tools(BusMessage):
     definitions: list[dict[str, Any]]  # [{"type": "function", "function": {...}}], as the client sent them
     choice: str = "auto"
     named: bool = False  # ``choice`` is a function's name
+    parser: str | None = None  # the catalog's tool parser as the gateway sees it now (an instance's spec is
+    # the one it was activated with, so an operator's `model update --tool-parser` reaches running instances
+    # this way); None: the instance's own
 
 
 class InferRequest(BusMessage):

@@ -195,6 +195,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         log_ignored(infer.request_id, body.ignored_fields())
         spec = gw.table.model(body.model)  # 404 before anything else
         check_request(body, spec, gw.settings)  # 400 for what no worker would accept
+        if infer.tools is not None and spec.tool_parser:  # the catalog's, newer than a running instance's spec
+            infer = infer.model_copy(update={"tools": infer.tools.model_copy(update={"parser": spec.tool_parser})})
         pparam = prompt_param(body)
         built = ResponseBuilder(body, infer.request_id, body.model, int(time.time()))
         span = gw.tracer.start_span("gateway.request", attributes={

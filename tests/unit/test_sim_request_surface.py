@@ -171,6 +171,10 @@ async def test_forced_tool_calls_and_auto_without_a_parser(engine, spec):
         max_tokens=3), tools=Tools(definitions=[WEATHER], choice="auto")))]
     assert len(deltas) == 3 and all(not c.tool_calls for d in deltas for c in d.choices)  # the model chose to answer
     assert deltas[-1].choices[-1].finish_reason == "length"
+    # a parser the operator set after the instance started comes with the request from the gateway's catalog
+    later = [d async for d in engine.generate(InferRequest(model="tiny", messages=CHAT, sampling=SamplingParams(
+        max_tokens=2), tools=Tools(definitions=[WEATHER], choice="auto", parser="hermes")))]
+    assert later[-1].choices[-1].finish_reason == "length"
 
 
 # ---------------------------------------------------------------- the worker's chunks

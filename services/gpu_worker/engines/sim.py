@@ -319,7 +319,7 @@ def _answer(request: InferRequest, spec: ModelSpec) -> str | ToolCallDelta | Non
     tools = request.tools
     if tools is not None and tools.choice != "none":
         if tools.choice == "auto" and not tools.named:
-            if not spec.tool_parser:
+            if not (tools.parser or spec.tool_parser):
                 raise EngineError("invalid_request", f'tool_choice: "auto" needs a tool parser, and the catalog '
                                                      f"names none for {request.model} (ModelSpec.tool_parser)")
         else:

@@ -33,7 +33,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -48,8 +48,6 @@ from shared.messages import (
 
 log = logging.getLogger(__name__)
 
-_UNSET = object()
-
 
 @dataclass
 class _Running:
@@ -62,7 +60,7 @@ class _Running:
     resident_bytes: int
     kv_blocks: int = 0
     block_tokens: int = 0
-    parser_cls: object = _UNSET  # vLLM's tool-call parser class for the catalog's tool_parser (found once)
+    parsers: dict = field(default_factory=dict)  # tool parser name -> vLLM's parser class (found once)
 
 
 class VllmEngine:
@@ -328,7 +326,7 @@ class VllmEngine:
         tools = request.tools
         if tools is None or tools.choice == "none":
             return None
-        parser_cls = self._parser_class(run)
+        parser_cls = self._parser_class(run, tools.parser or run.spec.tool_parser)
         if parser_cls is None:
             if not tools.named and tools.choice == "auto":
                 raise EngineError("invalid_request", f'tool_choice: "auto" needs a tool parser, and the catalog '
@@ -350,22 +348,20 @@ class VllmEngine:
             raise EngineError("invalid_request", _first_line(exc)) from exc
         return _ToolCalls(parser_cls, vreq, tools.named, model_config, run.tokenizer)
 
-    def _parser_class(self, run: _Running):
-        """vLLM's parser for the model's catalog ``tool_parser`` (None: the catalog names none)."""
-        if run.parser_cls is _UNSET:
-            name = run.spec.tool_parser
-            run.parser_cls = None
-            if name:
-                from vllm.parser import ParserManager
+    def _parser_class(self, run: _Running, name: str | None):
+        """vLLM's tool-call parser called ``name`` (None: the catalog names none)."""
+        if not name:
+            return None
+        if name not in run.parsers:
+            from vllm.parser import ParserManager
 
-                try:
-                    run.parser_cls = ParserManager.get_parser(tool_parser_name=name, enable_auto_tools=True,
-                                                              model_name=run.spec.path, tokenizer=run.tokenizer)
-                except Exception as exc:
-                    run.parser_cls = _UNSET  # asked again (and refused again) on the next request
-                    raise EngineError("tool_parser_unavailable", f"tool parser {name!r} of {run.spec.slug} "
-                                                                 f"cannot be used: {_first_line(exc)}") from exc
-        return run.parser_cls
+            try:
+                run.parsers[name] = ParserManager.get_parser(tool_parser_name=name, enable_auto_tools=True,
+                                                             model_name=run.spec.path, tokenizer=run.tokenizer)
+            except Exception as exc:  # not cached: asked again (and refused again) on the next request
+                raise EngineError("tool_parser_unavailable", f"tool parser {name!r} of {run.spec.slug} "
+                                                             f"cannot be used: {_first_line(exc)}") from exc
+        return run.parsers[name]
 
     async def generate(self, request: InferRequest) -> AsyncIterator[Delta]:
         from vllm.exceptions import VLLMClientError
