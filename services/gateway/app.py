@@ -25,13 +25,13 @@ from services.gateway.limits import Guard, KeySlots, body_limit, check_request, 
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.responses import ResponseBuilder
 from services.gateway.routing import RoutingTable
+from services.gateway.shared_limits import LocalRates
 from services.gateway.shutdown import Drain
 from shared import bus
 from shared.apikeys import hash_key
 from shared.messages import (
     ApiKeyRecord, CancelRequest, InferChunk, InferRequest, ModelSpec, Outcome, ScaleReply, ScaleRequest, WorkerState, new_id,
 )
-from shared.policy.ratelimit import TokenBucket
 from shared.policy.routing import Route
 from shared.settings import GatewaySettings
 from shared.subjects import APIKEYS_BUCKET, CANCEL, CATALOG_BUCKET, INFER, SCALE, WORKERS_BUCKET
@@ -53,7 +53,8 @@ class Gateway:
                                       buffer_max=settings.demand_buffer_samples, on_drop=self.metrics.demand_dropped.inc)
         self.metrics.demand_buffered.set_function(lambda: len(self.demand.pending))
         self.tracer = trace.get_tracer("warmserve.gateway")
-        self.buckets: dict[str, TokenBucket] = {}
+        # per key; with several gateway processes main.py puts host-wide ones here (shared_limits.py)
+        self.rates = LocalRates()
         self.key_slots = KeySlots(settings.key_max_concurrency)
         self.drain = Drain()
 
@@ -113,10 +114,7 @@ class Gateway:
             log.debug("request with the disabled API key '%s' refused", record.name)
             raise ApiError(401, f"API key '{record.name}' is disabled", code="api_key_disabled")
         rate = record.rate_limit_rps or self.settings.rate_limit_rps
-        bucket = self.buckets.get(record.id)
-        if bucket is None or bucket.rate != rate:
-            bucket = self.buckets[record.id] = TokenBucket(rate=rate, burst=max(1.0, 2 * rate))
-        wait = bucket.take(time.monotonic())
+        wait = self.rates.take(record.id, rate, max(1.0, 2 * rate), time.monotonic())
         if wait > 0:
             raise ApiError(429, f"Rate limit of {rate:g} requests/s reached for key '{record.name}'",
                            code="rate_limit_exceeded", headers={"Retry-After": str(max(1, math.ceil(wait)))})
@@ -250,34 +248,36 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             return JSONResponse(built.response(), headers=headers)
 
         async def sse() -> AsyncIterator[str]:
+            # the events of one bus chunk go out in one write (the role event with the first token's, the
+            # end's with the last): a write per event cost about 25 us each
             status, last, chunk = 200, first, first
+            events = [_sse(event) for event in built.start_events()]
             try:
-                for event in built.start_events():
-                    yield _sse(event)
                 while True:
                     if chunk.error:
                         err = errors.from_worker(chunk.error.code, chunk.error.message, pparam)
                         status = err.status
                         served.failed(err)
-                        yield _sse(err.body())
+                        events.append(_sse(err.body()))
                         break
-                    for event in built.events(chunk):
-                        yield _sse(event)
+                    events.extend(_sse(event) for event in built.events(chunk))
                     last = chunk
                     if chunk.last:
-                        for event in built.end_events():
-                            yield _sse(event)
+                        events.extend(_sse(event) for event in built.end_events())
                         break
+                    if events:
+                        yield "".join(events)
+                        events = []
                     chunk = await gw.drain.unless_cut(_next(stream))
             except bus.BusError as exc:
                 err = errors.from_bus(exc)
                 status = err.status
                 served.failed(err)
-                yield _sse(err.body())
+                events.append(_sse(err.body()))
             except ApiError as exc:  # the gateway is shutting down
                 status = exc.status
                 served.failed(exc)
-                yield _sse(exc.body())
+                events.append(_sse(exc.body()))
             except (GeneratorExit, asyncio.CancelledError):
                 status = CLIENT_CLOSED
                 raise
@@ -286,11 +286,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 log.exception("stream %s failed", infer.request_id)
                 err = errors.internal(repr(exc))
                 served.failed(err, logged=True)
-                yield _sse(err.body())
+                events.append(_sse(err.body()))
             finally:
                 served.done(status, last if status == 200 else None)
                 await stream.aclose()
-            yield "data: [DONE]\n\n"
+            yield "".join(events) + "data: [DONE]\n\n"
 
         async def closed() -> None:  # also when the client left before the first byte was sent
             served.done(CLIENT_CLOSED)
@@ -305,7 +305,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
 
 class _ClosingStream(StreamingResponse):
-    """A streaming response that runs ``on_close`` however the response ends."""
+    """A streaming response that runs ``on_close`` however the response ends.
+
+    It streams in the request's own task: Guard (limits.py) cancels that task when the client disconnects,
+    so starlette's listener for the disconnect (a task group and a task per response) is not needed."""
 
     def __init__(self, content, on_close, **kwargs):
         super().__init__(content, **kwargs)
@@ -313,7 +316,7 @@ class _ClosingStream(StreamingResponse):
 
     async def __call__(self, scope, receive, send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            await self.stream_response(send)
         finally:
             await self._on_close()
 
