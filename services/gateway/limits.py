@@ -196,11 +196,12 @@ class Guard:
 
 
 async def _run_until_disconnect(app: ASGIApp, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
-    """Run the app on the body already read. The client's next message (only a disconnect can follow a
-    whole body) is awaited alongside: the app receives it when it asks (a stream stops itself), and it
-    cancels the app if it comes before the response started."""
+    """Run the app, in this task, on the body already read. The client's next message (only a disconnect
+    can follow a whole body) is awaited alongside: the app receives it when it asks, and a disconnect cancels
+    the app, before the response started or during a stream (which then ends as "client closed")."""
     nxt = asyncio.ensure_future(receive())
-    body_sent = started = False
+    me = asyncio.current_task()
+    body_sent = gone = ended = False
 
     async def app_receive() -> Message:
         nonlocal body_sent
@@ -210,21 +211,25 @@ async def _run_until_disconnect(app: ASGIApp, scope: Scope, body: bytes, receive
         return await asyncio.shield(nxt)
 
     async def app_send(message: Message) -> None:
-        nonlocal started
-        started = started or message["type"] == "http.response.start"
+        nonlocal ended
+        ended = message["type"] == "http.response.body" and not message.get("more_body", False)
         await send(message)
 
-    task = asyncio.ensure_future(app(scope, app_receive, app_send))
+    def on_message(fut: asyncio.Future) -> None:
+        # uvicorn answers a disconnect also once the response is complete: the app is only finishing then
+        nonlocal gone
+        if not ended and not fut.cancelled() and fut.exception() is None \
+                and fut.result()["type"] == "http.disconnect":
+            gone = True
+            me.cancel()  # the handler sees CancelledError: the request ends as "client closed"
+
+    nxt.add_done_callback(on_message)
     try:
-        await asyncio.wait([task, nxt], return_when=asyncio.FIRST_COMPLETED)
-        if not task.done() and not started and not nxt.cancelled() and nxt.exception() is None \
-                and nxt.result()["type"] == "http.disconnect":
-            task.cancel()  # the handler sees CancelledError: the request ends as "client closed"
-        await asyncio.wait([task])
-        if not task.cancelled():
-            task.result()  # the app's own exception, if any, goes on to the server's handler
+        await app(scope, app_receive, app_send)
+    except asyncio.CancelledError:
+        if not gone or me.uncancel() > 0:  # cancelled by someone else too: the server is stopping
+            raise
     finally:
-        for t in (task, nxt):
-            if not t.done():
-                t.cancel()
-        await asyncio.gather(task, nxt, return_exceptions=True)
+        nxt.remove_done_callback(on_message)
+        if not nxt.done():
+            nxt.cancel()

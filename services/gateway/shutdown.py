@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from contextlib import suppress
 from typing import TypeVar
 
 from services.gateway.errors import ApiError
@@ -18,41 +17,54 @@ T = TypeVar("T")
 
 
 class Drain:
+    """The cut is a cancellation of the tasks waiting in ``unless_cut`` at that moment, told apart from any
+    other (a client that left) by ``_cutting``: no task nor wait per call, which is once per streamed chunk."""
+
     def __init__(self) -> None:
         self.draining = False
-        self._cut: asyncio.Future[None] | None = None
-
-    def _future(self) -> asyncio.Future[None]:
-        if self._cut is None:
-            self._cut = asyncio.get_running_loop().create_future()
-        return self._cut
+        self._cut = False
+        self._waiting: dict[asyncio.Task, int] = {}  # tasks inside unless_cut (nested calls counted)
+        self._cutting: set[asyncio.Task] = set()
 
     def begin(self, cut_after_s: float) -> None:
         """Shutdown has begun: requests still running after ``cut_after_s`` are ended."""
         if self.draining:
             return
         self.draining = True
-        cut = self._future()
-        asyncio.get_running_loop().call_later(max(cut_after_s, 0.0), lambda: cut.done() or cut.set_result(None))
+        asyncio.get_running_loop().call_later(max(cut_after_s, 0.0), self._cut_now)
+
+    def _cut_now(self) -> None:
+        self._cut = True
+        for task in self._waiting:
+            if task not in self._cutting:
+                self._cutting.add(task)
+                task.cancel()
 
     async def unless_cut(self, aw: Awaitable[T]) -> T:
         """``aw``, unless the cut comes first: then it is cancelled and a 503 ``gateway_shutdown`` raised."""
-        if self._future().done():  # nothing new starts after the cut
+        if self._cut:  # nothing new starts after the cut
             if asyncio.iscoroutine(aw):
                 aw.close()
             raise _shutting_down()
-        task = asyncio.ensure_future(aw)
+        task = asyncio.current_task()
+        self._waiting[task] = self._waiting.get(task, 0) + 1
         try:
-            await asyncio.wait((task, self._future()), return_when=asyncio.FIRST_COMPLETED)
+            result = await aw
+        except asyncio.CancelledError:
+            if task in self._cutting and task.uncancel() == 0:  # our cut, and nobody else's cancel
+                raise _shutting_down() from None
+            raise
+        else:
+            if task in self._cutting:  # the work swallowed the cut's cancellation: still a cut
+                task.uncancel()
+                raise _shutting_down()
+            return result
         finally:
-            cut = not task.done()  # the cut came (or our caller was cancelled: the client left)
-            if cut:
-                task.cancel()
-                with suppress(BaseException):
-                    await task
-        if cut:
-            raise _shutting_down()
-        return task.result()
+            left = self._waiting.pop(task) - 1
+            if left:
+                self._waiting[task] = left
+            else:
+                self._cutting.discard(task)
 
 
 def _shutting_down() -> ApiError:
