@@ -26,8 +26,16 @@ _LONG = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize-long")
 _SHORT = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
 
 
+# A prompt this short is tokenised on the loop: about 35 us for a short chat turn (its template included),
+# where the hop to a thread and back cost 100 us of CPU, a tenth of what a sim worker spent per request.
+INLINE_PROMPT_CHARS = 256
+
+
 async def off_loop(chars: int, fn: Callable[..., T], *args) -> T:
-    """``fn(*args)`` (a tokenizer call on ``chars`` characters) in a tokenising thread."""
+    """``fn(*args)`` (a tokenizer call on ``chars`` characters) in a tokenising thread, or at once when it is
+    shorter than the hop to a thread would cost."""
+    if chars <= INLINE_PROMPT_CHARS:
+        return fn(*args)
     pool = _SHORT if chars <= SHORT_PROMPT_CHARS else _LONG
     return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
 
