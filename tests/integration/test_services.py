@@ -160,7 +160,7 @@ async def test_gateway_errors_are_openai_shaped(spans, gateway, nc, worker, spec
             assert err["message"] and err["type"], name
             if code:
                 assert err["code"] == code, (name, err)
-        assert "logprobs" in cases["unsupported"][0].json()["error"]["message"]
+        assert "use_beam_search" in cases["unsupported"][0].json()["error"]["message"]
         no_instance = cases["no instance"][0]  # no orchestrator here: the wait budget runs out
         assert no_instance.headers["retry-after"] == "5" and "within 2 s" in no_instance.json()["error"]["message"]
 
