@@ -336,6 +336,7 @@ def _receiver(sub) -> Callable[..., Awaitable[Msg]]:
                         raise nats.errors.ConnectionClosedError from None
                     _check_silence(waited, timeout, alive, subject)
         sub._pending_size -= len(reply.data)  # nats-py counts it against the slow-consumer limit until taken
+        queue.task_done()  # as next_msg does: a drain of the subscription waits on the queue's join()
         return reply
 
     return receive

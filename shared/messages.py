@@ -7,6 +7,7 @@ know), units are in field names (``_s``, ``_ms``, ``_bytes``), and nothing here 
 from __future__ import annotations
 
 import enum
+import math
 import uuid
 from typing import Any, Literal, TypeVar
 
@@ -172,6 +173,11 @@ class Usage(BusMessage):
         return self.prompt_tokens + self.completion_tokens
 
 
+def finite_logprob(value: float) -> float:
+    """A logprob JSON can carry: -inf (and NaN) become -9999.0, as vLLM's server reports them."""
+    return max(value, -9999.0) if math.isfinite(value) else -9999.0
+
+
 class TopLogprob(BusMessage):
     token: str
     logprob: float
@@ -228,10 +234,11 @@ class InferChunk(BusMessage):
         return self.finish_reason is not None or self.error is not None
 
     def choice_deltas(self) -> list[ChoiceDelta]:
-        """Every choice's deltas, the plain case included."""
+        """Every choice's deltas, the plain case included (there a chunk is one step, even one whose token made
+        no text yet)."""
         if self.deltas:
             return self.deltas
-        if self.text or self.finish_reason:
+        if self.error is None and (self.text or self.finish_reason or self.prompt_texts is None):
             return [ChoiceDelta(text=self.text, finish_reason=self.finish_reason)]
         return []
 

@@ -24,6 +24,11 @@ MAX_PROMPTS = 64  # prompts in one completions request (vLLM: 1024)
 MAX_CHOICES = 128  # prompts x n
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 LOGIT_BIAS_BOUND = 100.0  # vLLM clamps biases to [-100, 100]
+# Lists vLLM bounds only by the body size. Each entry costs the engine work on every step (a bias, a stop id,
+# an alternative of a grammar) or the template and tokenizer work on every request (a tool), so a 1 MiB body
+# of them would slow every request in the batch: bounded here (docs/api.md, "Differences from vLLM").
+MAX_LIST_ITEMS = 1024  # logit_bias entries, stop_token_ids, structured choice alternatives
+MAX_TOOLS = 128
 CHAT_FALLBACK_MAX_TOKENS = 256  # chat without max_tokens: the cap a worker that cannot fill the context uses
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # vLLM's (and OpenAI's) completions default
 GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: a lower temperature is greedy decoding
@@ -32,6 +37,11 @@ TOKEN_ID_LIMIT = 2**31  # token ids are vocabulary indices
 # vLLM 0.32 removed these (its server ignores them with a warning: the output is not constrained)
 REMOVED_GUIDED_FIELDS = frozenset({"guided_json", "guided_regex", "guided_choice", "guided_grammar",
                                    "guided_decoding_backend", "guided_whitespace_pattern"})
+
+
+def tools_chars(tools) -> int:
+    """Characters the tools' definitions add to a chat prompt (their JSON, as the template gets them)."""
+    return sum(len(json.dumps(t.as_sent())) for t in tools or ())
 
 
 class ParamError(ValueError):
@@ -222,7 +232,7 @@ class StructuredOutputs(_Model):
 
     json_: JsonObject | Text | None = Field(None, alias="json")
     regex: Text | None = None
-    choice: list[Text] | None = Field(None, min_length=1)
+    choice: list[Text] | None = Field(None, min_length=1, max_length=MAX_LIST_ITEMS)
     grammar: Text | None = None
     json_object: bool | None = None
     disable_any_whitespace: bool = False
@@ -286,7 +296,7 @@ class _Request(_Model):
     user: Text | None = Field(None, max_length=256)
     presence_penalty: Finite | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: Finite | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, Finite] | None = None
+    logit_bias: dict[str, Finite] | None = Field(None, max_length=MAX_LIST_ITEMS)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     # vLLM's sampling extensions
@@ -295,7 +305,7 @@ class _Request(_Model):
     repetition_penalty: Finite | None = Field(None, gt=0.0)
     min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_CAP)
     ignore_eos: bool = False
-    stop_token_ids: list[TokenId] | None = Field(default_factory=list)
+    stop_token_ids: list[TokenId] | None = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -463,7 +473,7 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(0, ge=0, le=MAX_LOGPROBS)
-    tools: list[ToolDefinition] | None = None
+    tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = True
     echo: bool = False  # the answer starts with the last message's content when it is the assistant's
@@ -533,7 +543,8 @@ class ChatCompletionRequest(_Request):
         return self.n or 1
 
     def prompt_chars(self) -> int:
-        return sum(len(m.content or "") for m in self.messages)
+        """Every message's content and the tools' definitions: the chat template renders both into the prompt."""
+        return sum(len(m.content or "") for m in self.messages) + tools_chars(self.tools)
 
     def bus_tools(self) -> Tools | None:
         if not self.tools:
@@ -601,7 +612,7 @@ PromptParam = Annotated[
 
 class CompletionRequest(_Request):
     prompt: PromptParam
-    max_tokens: int | None = Field(COMPLETION_DEFAULT_MAX_TOKENS, ge=1, le=MAX_TOKENS_CAP)
+    max_tokens: int | None = Field(COMPLETION_DEFAULT_MAX_TOKENS, ge=0, le=MAX_TOKENS_CAP)  # 0: echo alone
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     # accepted by vLLM, refused here when set
@@ -620,13 +631,15 @@ class CompletionRequest(_Request):
         if len(self.prompt_list) * (self.n or 1) > MAX_CHOICES:
             raise ParamError(f"prompts x n is {len(self.prompt_list) * (self.n or 1)}; at most {MAX_CHOICES} "
                              "choices in one request", "n")
+        if self.max_tokens == 0 and not self.echo:  # vLLM: 0 only returns the echoed prompt
+            raise ParamError("max_tokens must be at least 1 (0 only with echo)", "max_tokens")
         if self.echo and self.logprobs is not None:
             raise ParamError("echo with logprobs needs the prompt's logprobs, which are not returned here",
                              "echo", code="unsupported_parameter")
 
     @property
     def max_tokens_value(self) -> tuple[str, int]:
-        return "max_tokens", self.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
+        return "max_tokens", COMPLETION_DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
 
     @property
     def requested_max_tokens(self) -> tuple[str, int] | None:
@@ -653,7 +666,8 @@ class CompletionRequest(_Request):
     def infer(self, request_id: str) -> InferRequest:
         prompts = self.prompt_list
         one = prompts[0] if len(prompts) == 1 and isinstance(prompts[0], str) else None  # the plain case
-        sampling = self._sampling(self.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS, self.logprobs)
+        sampling = self._sampling(COMPLETION_DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens,
+                                  self.logprobs)
         return InferRequest(request_id=request_id, model=self.model, prompt=one,
                             prompts=None if one is not None else prompts, echo=bool(self.echo), sampling=sampling,
                             usage_every_chunk=self.continuous_usage)

@@ -199,7 +199,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         built = ResponseBuilder(body, infer.request_id, body.model, int(time.time()))
         span = gw.tracer.start_span("gateway.request", attributes={
             "warmserve.model": body.model, "warmserve.request_id": infer.request_id, "warmserve.stream": body.stream})
-        served = Served(gw, body.model, infer.request_id, span)
+        served = Served(gw, body.model, infer.request_id, span, choices=body.choices)
         tried: set[str] = set()
         try:
             for _attempt in range(MAX_ROUTES):
@@ -332,8 +332,9 @@ def shorten(text: str, limit: int = LOGGED_DETAIL_CHARS) -> str:
 class Served:
     """Bookkeeping of one request, closed exactly once whatever way it ends."""
 
-    def __init__(self, gw: Gateway, model: str, request_id: str, span):
+    def __init__(self, gw: Gateway, model: str, request_id: str, span, choices: int = 1):
         self.gw, self.model, self.request_id, self.span = gw, model, request_id, span
+        self.choices = choices
         self.route_: Route | None = None
         self.outcome = "none"
         self.started = time.perf_counter()
@@ -380,7 +381,9 @@ class Served:
         gw.demand.complete(self.model)
         gw.metrics.in_flight.labels(self.model).dec()
         gw.metrics.requests.labels(self.model, self.outcome, str(status)).inc()
-        if last is not None and last.usage and last.usage.completion_tokens > 1 and self.ttft is not None:
+        # time per output token of one sequence: several choices' tokens come in parallel, so not counted then
+        if last is not None and last.usage and last.usage.completion_tokens > 1 and self.ttft is not None \
+                and self.choices == 1:
             decode_s = time.perf_counter() - self.started - self.ttft
             gw.metrics.tpot.labels(self.model).observe(decode_s / (last.usage.completion_tokens - 1))
         _end_span(self.span, status)

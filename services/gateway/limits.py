@@ -164,9 +164,9 @@ class Guard:
 
     Pure ASGI rather than ``@app.middleware``: the key's slot is held until the app has sent the whole
     response, a stream included, and given back however the request ends (answer, error, client gone,
-    stream failure, cancellation). A client that leaves before the response starts (a non-streamed
-    request still generating, or one waiting in the queue) cancels the request, so its slot and the
-    worker's capacity are not held for nobody."""
+    stream failure, cancellation). A client that leaves (waiting in the queue, while a non-streamed answer is
+    generated, or mid-stream) cancels the request, so its slot and the worker's capacity are not held for
+    nobody."""
 
     def __init__(self, app: ASGIApp, gateway) -> None:
         self.app = app
@@ -201,7 +201,7 @@ async def _run_until_disconnect(app: ASGIApp, scope: Scope, body: bytes, receive
     the app, before the response started or during a stream (which then ends as "client closed")."""
     nxt = asyncio.ensure_future(receive())
     me = asyncio.current_task()
-    body_sent = gone = ended = False
+    body_sent = gone = ended = finished = False
 
     async def app_receive() -> Message:
         nonlocal body_sent
@@ -218,7 +218,9 @@ async def _run_until_disconnect(app: ASGIApp, scope: Scope, body: bytes, receive
     def on_message(fut: asyncio.Future) -> None:
         # uvicorn answers a disconnect also once the response is complete: the app is only finishing then
         nonlocal gone
-        if not ended and not fut.cancelled() and fut.exception() is None \
+        # ``finished``: the callback was already scheduled when the app returned; cancelling now would hit the
+        # server's code after the app
+        if not ended and not finished and not fut.cancelled() and fut.exception() is None \
                 and fut.result()["type"] == "http.disconnect":
             gone = True
             me.cancel()  # the handler sees CancelledError: the request ends as "client closed"
@@ -230,6 +232,7 @@ async def _run_until_disconnect(app: ASGIApp, scope: Scope, body: bytes, receive
         if not gone or me.uncancel() > 0:  # cancelled by someone else too: the server is stopping
             raise
     finally:
+        finished = True
         nxt.remove_done_callback(on_message)
         if not nxt.done():
             nxt.cancel()

@@ -8,16 +8,10 @@ endpoint's format, tool calls and echo; ``usage`` counts every choice. Pure: no 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from services.gateway.api_types import ChatCompletionRequest, CompletionRequest
-from shared.messages import ChoiceDelta, InferChunk, TokenLogprob, Usage, new_id
-
-
-def finite_logprob(value: float) -> float:
-    """A logprob JSON can carry: -inf (and NaN) become -9999.0, as vLLM's server reports them."""
-    return max(value, -9999.0) if math.isfinite(value) else -9999.0
+from shared.messages import ChoiceDelta, InferChunk, TokenLogprob, Usage, finite_logprob, new_id
 
 
 def token_bytes(token: str, given: list[int] | None) -> list[int]:
@@ -179,11 +173,12 @@ class ResponseBuilder:
         return events
 
     def events(self, chunk: InferChunk) -> list[dict[str, Any]]:
-        """One event per choice delta of the chunk (a delta that carries nothing sends none)."""
+        """One event per choice delta of the chunk. A plain chunk is one engine step: an event even when its
+        token made no text yet, as vLLM's server streams it; an explicit delta that carries nothing sends none."""
         self.take(chunk)
         events = []
         for d in chunk.choice_deltas():
-            if not (d.text or d.logprobs or d.tool_calls or d.finish_reason):
+            if chunk.deltas and not (d.text or d.logprobs or d.tool_calls or d.finish_reason):
                 continue
             c = self._choice(d.index)
             if c.finish_reason is not None:  # a choice ends once

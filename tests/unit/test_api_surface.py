@@ -147,6 +147,32 @@ def test_completion_echo_and_its_texts():
     body = CompletionRequest.model_validate(completion(prompt=["a", [5, 6]], echo=True))
     assert body.infer("r").echo and body.echo_texts == ["a", None]  # token ids: the worker's text
     assert CompletionRequest.model_validate(completion()).echo_texts == []
+    alone = CompletionRequest.model_validate(completion(echo=True, max_tokens=0)).infer("r")
+    assert alone.sampling.max_tokens == 0  # vLLM: the prompt alone
+
+
+def test_max_tokens_zero_needs_echo(gateway):
+    refused(gateway.post("/v1/completions", json=completion(max_tokens=0)), "max_tokens")
+
+
+def test_tool_definitions_count_as_prompt_characters():
+    tool = {"type": "function", "function": {"name": "f", "description": "d" * 1000, "parameters": {"type": "object"}}}
+    body = ChatCompletionRequest.model_validate(chat(tools=[tool], tool_choice="none"))
+    assert body.prompt_chars() > 1000  # the template renders them into the prompt
+
+
+@pytest.mark.parametrize("over, param", [
+    ({"logit_bias": {str(i): 1.0 for i in range(1025)}}, "logit_bias"),
+    ({"stop_token_ids": list(range(1025))}, "stop_token_ids"),
+    ({"structured_outputs": {"choice": [str(i) for i in range(1025)]}}, "structured_outputs.choice"),
+])
+def test_lists_the_engine_works_through_every_step_are_bounded(gateway, over, param):
+    refused(gateway.post("/v1/chat/completions", json=chat(**over)), param)
+
+
+def test_tools_are_bounded(gateway):
+    tool = {"type": "function", "function": {"name": "f"}}
+    refused(gateway.post("/v1/chat/completions", json=chat(tools=[tool] * 129, tool_choice="none")), "tools")
 
 
 @pytest.mark.parametrize("over, expected", [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,8 +43,9 @@ async def off_loop(chars: int, fn: Callable[..., T], *args) -> T:
 
 def prompt_chars(request: InferRequest) -> int:
     """About how many characters tokenising the request's prompts takes (token ids count one each)."""
-    if request.messages is not None:
-        return sum(len(m.content or "") for m in request.messages)
+    if request.messages is not None:  # the template renders the tools' definitions into the prompt too
+        tools = sum(len(json.dumps(d)) for d in request.tools.definitions) if request.tools else 0
+        return sum(len(m.content or "") for m in request.messages) + tools
     if request.prompts is not None:
         return sum(len(p) for p in request.prompts)
     return len(request.prompt or "")
@@ -71,18 +73,16 @@ def top_logprobs_shown(request: InferRequest) -> int | None:
     return k if request.messages is not None else k + 1
 
 
-def finite_logprob(value: float) -> float:
-    """vLLM's server turns -inf (and NaN) into -9999.0, a number JSON can carry."""
-    return max(value, -9999.0) if value == value else -9999.0
-
-
 def answer_budget(request: InferRequest, longest_prompt: int, context: int) -> SamplingParams:
     """The request's sampling with the answer's length settled against the model's context: a chat request
     without max_tokens (``fill_context``) may generate up to the context's end, as vLLM's server allows;
     otherwise prompt plus max_tokens must fit."""
     s = request.sampling
-    if s.fill_context and longest_prompt < context:
-        return s.model_copy(update={"max_tokens": context - longest_prompt})
+    if s.fill_context:
+        if longest_prompt < context:
+            return s.model_copy(update={"max_tokens": context - longest_prompt})
+        raise EngineError("context_length_exceeded", f"the prompt ({longest_prompt} tokens) leaves no room for an "
+                                                     f"answer in the model's context of {context} tokens")
     if longest_prompt + s.max_tokens > context:
         raise EngineError("context_length_exceeded", f"prompt ({longest_prompt} tokens) plus max_tokens "
                                                      f"({s.max_tokens}) exceeds the model's context of {context} tokens")

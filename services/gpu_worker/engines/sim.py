@@ -346,10 +346,25 @@ def _answer(request: InferRequest, spec: ModelSpec) -> str | ToolCallDelta | Non
                                      "simple JSON schemas; regexes and grammars need the vllm engine")
 
 
-def _smallest(schema: dict):
+SIM_SCHEMA_SIZE = 4096  # most characters or items the sim engine makes for one minLength or minItems
+SIM_SCHEMA_DEPTH = 32
+
+
+def _size(schema: dict, key: str) -> int:
+    """A schema's minLength or minItems, bounded: a client's schema must not make the worker build a huge answer."""
+    value = schema.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SIM_SCHEMA_SIZE:
+        raise EngineError("unsupported", f"the sim engine makes answers of at most {SIM_SCHEMA_SIZE} characters "
+                                         f"or items per value ({key} {str(value)[:40]})")
+    return value
+
+
+def _smallest(schema: dict, depth: int = 0):
     """The smallest instance of a simple JSON schema (types, enum/const, required properties, minItems)."""
     if not isinstance(schema, dict):
         raise EngineError("unsupported", "the sim engine reads only JSON schemas that are objects")
+    if depth > SIM_SCHEMA_DEPTH:
+        raise EngineError("unsupported", f"the sim engine reads JSON schemas nested at most {SIM_SCHEMA_DEPTH} deep")
     if "const" in schema:
         return schema["const"]
     if schema.get("enum"):
@@ -359,10 +374,11 @@ def _smallest(schema: dict):
         kind = kind[0] if kind else None
     if kind == "object":
         props = schema.get("properties") or {}
-        return {name: _smallest(props.get(name, {"type": "string"})) for name in schema.get("required", [])}
+        return {name: _smallest(props.get(name, {"type": "string"}), depth + 1) for name in schema.get("required", [])}
     if kind == "array":
-        return [_smallest(schema.get("items") or {"type": "string"}) for _ in range(schema.get("minItems", 0))]
-    simple = {"string": "x" * schema.get("minLength", 0), "integer": schema.get("minimum", 0),
+        item = _smallest(schema.get("items") or {"type": "string"}, depth + 1)
+        return [item] * _size(schema, "minItems")
+    simple = {"string": "x" * _size(schema, "minLength") if kind == "string" else "", "integer": schema.get("minimum", 0),
               "number": schema.get("minimum", 0), "boolean": False, "null": None}
     if kind in simple:
         return simple[kind]

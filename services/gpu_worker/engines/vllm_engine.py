@@ -39,11 +39,11 @@ from pathlib import Path
 import psutil
 
 from services.gpu_worker.engines import (
-    Delta, EngineError, answer_budget, finite_logprob, is_plain, off_loop, prompt_chars, prompt_inputs, top_logprobs_shown,
+    Delta, EngineError, answer_budget, is_plain, off_loop, prompt_chars, prompt_inputs, top_logprobs_shown,
 )
 from shared.messages import (
     ChatMessage, ChoiceDelta, InferRequest, ModelSpec, SamplingParams, StructuredOutput, TokenLogprob, ToolCallDelta,
-    TopLogprob,
+    TopLogprob, finite_logprob,
 )
 
 log = logging.getLogger(__name__)
@@ -317,9 +317,10 @@ class VllmEngine:
 
     def _tool_calls(self, run: _Running, request: InferRequest) -> _ToolCalls | None:
         """How the answer's tool calls are constrained and read, as vLLM's server does it: the catalog's
-        tool parser (``ModelSpec.tool_parser``) where there is one; without one, "required" and a named
-        function still work (the output is constrained to vLLM's JSON form of the calls and read back from
-        it), "auto" does not."""
+        tool parser (the request's ``Tools.parser``, else ``ModelSpec.tool_parser``) where there is one;
+        without one, "required" and a named function are constrained to vLLM's JSON form of the calls and read
+        back from it, "auto" is refused. (The gateway refuses every choice but "none" without a parser, as
+        vLLM's server does, so through it the JSON form serves only direct bus clients.)"""
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.exceptions import VLLMClientError
 
@@ -403,8 +404,8 @@ class VllmEngine:
             if left:  # the caller went away (or one prompt failed): free the engine's slots now
                 try:
                     await run.engine.abort(left)
-                except Exception:
-                    pass
+                except Exception as exc:  # the engine may be gone; if not, its sequences run on to max_tokens
+                    log.warning("could not abort %s on the %s engine: %r", left, request.model, exc)
 
 
 @dataclass
