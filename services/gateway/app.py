@@ -33,6 +33,7 @@ from shared.messages import (
     ApiKeyRecord, CancelRequest, InferChunk, InferRequest, ModelSpec, Outcome, ScaleReply, ScaleRequest, WorkerState, new_id,
 )
 from shared.policy.routing import Route
+from shared.service import freeze_gc_heap
 from shared.settings import GatewaySettings
 from shared.subjects import APIKEYS_BUCKET, CANCEL, CATALOG_BUCKET, INFER, SCALE, WORKERS_BUCKET
 
@@ -74,6 +75,7 @@ class Gateway:
         self.admission = Admission(self.table, self._scale, core, wait_s=s.queue_wait_s,
                                    on_queue_change=lambda m, n: self.metrics.queue_depth.labels(m).set(n))
         self._demand_task = asyncio.create_task(self.demand.run(self.js, lambda: self.nc.is_connected))
+        freeze_gc_heap()  # started: what exists now is not garbage, and collections need not walk it
 
     @property
     def body_limit(self) -> int:

@@ -22,7 +22,7 @@ from shared.messages import (
 )
 from shared.settings import WorkerSettings, load_settings
 from shared.subjects import CANCEL, INFER, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET
-from shared.service import brief, run_service
+from shared.service import brief, freeze_gc_heap, run_service
 from shared.telemetry import extract_context, tracer
 
 log = logging.getLogger("warmserve.gpu_worker")
@@ -239,6 +239,7 @@ class WorkerService:
                 await self.nc.subscribe(INFER.format(worker=s.worker_id), cb=on_infer),
                 await self.nc.subscribe(CANCEL.format(worker=s.worker_id), cb=self.on_cancel),
                 await self.nc.subscribe(f"{self.requesters.prefix}.*", cb=self.on_probe_answer)]
+        freeze_gc_heap()  # started: what exists now is not garbage, and collections need not walk it
         log.info("worker %s up: engine=%s device=%s budget=%d bytes", s.worker_id, s.engine, s.device,
                  self.worker.memory.budget_bytes)
         await stop.wait()

@@ -45,6 +45,7 @@ from shared.messages import (
     ChatMessage, ChoiceDelta, InferRequest, ModelSpec, SamplingParams, StructuredOutput, TokenLogprob, ToolCallDelta,
     TopLogprob, finite_logprob,
 )
+from shared.service import freeze_gc_heap
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ class VllmEngine:
                 self._cores.pop(spec.slug, None)
                 raise
             self._engines[spec.slug] = run
+            freeze_gc_heap()
         log.info("vLLM engine for %s up: %d processes, %.0f MiB resident, %d KV blocks of %d tokens",
                  spec.slug, len(run.processes), run.resident_bytes / 2**20, run.kv_blocks, run.block_tokens)
         return run.resident_bytes
@@ -220,6 +222,7 @@ class VllmEngine:
                 self._stuck[model].remove(run)
             if not self._stuck.get(model):
                 self._stuck.pop(model, None)
+            freeze_gc_heap(thaw=True)  # the stopped engine's objects may be collected now
             if failure is not None:
                 raise failure
             return freed
