@@ -106,6 +106,14 @@ class LimitTable:
         full = tokens < 0 or tokens + (now - last) * rate >= burst
         return full and self._in_flight(row) == 0
 
+    def _existing_row(self, h: int) -> int | None:
+        """The row of key hash ``h`` if it has one (lock held)."""
+        for i in range(PROBE):
+            row = (h + i) % self.rows
+            if self._keys[row] == h:
+                return row
+        return None
+
     def _row(self, h: int, now: float) -> int | None:
         """The row of key hash ``h``, claiming an empty or idle one if it has none (lock held)."""
         keys, rows = self._keys, self.rows
@@ -176,13 +184,11 @@ class LimitTable:
         h = self.key_hash(key_id)
         self._lock()
         try:
-            for i in range(PROBE):
-                row = (h + i) % self.rows
-                if self._keys[row] == h:
-                    cell = row * self.processes + self.index
-                    if self._held[cell] > 0:
-                        self._held[cell] -= 1
-                    return
+            row = self._existing_row(h)
+            if row is not None:
+                cell = row * self.processes + self.index
+                if self._held[cell] > 0:
+                    self._held[cell] -= 1
         finally:
             self._unlock()
 
@@ -191,11 +197,8 @@ class LimitTable:
         h = self.key_hash(key_id)
         self._lock()
         try:
-            for i in range(PROBE):
-                row = (h + i) % self.rows
-                if self._keys[row] == h:
-                    return self._in_flight(row)
-            return 0
+            row = self._existing_row(h)
+            return 0 if row is None else self._in_flight(row)
         finally:
             self._unlock()
 
