@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from loadtest import vs_vllm as V
-from loadtest.vs_vllm import Rec, across_seeds, arrivals, markdown, ratios, request_metrics, run_summary, table
+from loadtest import vs_vllm_stats as S
+from loadtest.vs_vllm_stats import Rec, across_seeds, arrivals, markdown, ratios, request_metrics, run_summary, table
 
 
 def test_arrivals_are_poisson_at_the_rate_and_the_same_for_every_system():
@@ -25,8 +26,8 @@ def test_arrivals_are_poisson_at_the_rate_and_the_same_for_every_system():
 
 
 def test_prompts_differ_per_request_and_repeat_per_seed():
-    a, b = V.prompts(3, 32, seed=0), V.prompts(3, 32, seed=1)
-    assert len(set(a)) == 3 and a == V.prompts(3, 32, seed=0) and a != b
+    a, b = S.prompts(3, 32, seed=0), S.prompts(3, 32, seed=1)
+    assert len(set(a)) == 3 and a == S.prompts(3, 32, seed=0) and a != b
     assert all(len(p.split()) == 32 for p in a)
 
 
@@ -106,7 +107,7 @@ def test_the_ratio_is_warmserve_over_vllm_judged_against_1_2x():
     vllm = [summary(0.010, 0.002), summary(0.010, 0.002)]
     ws = [summary(0.011, 0.003), summary(0.013, 0.003)]
     r = ratios(ws, vllm)
-    assert set(r) == set(V.TARGETS)
+    assert set(r) == set(S.TARGETS)
     assert r["ttft_mean_s"]["ratio"] == pytest.approx(1.2) and r["ttft_mean_s"]["pass"]
     assert r["ttft_mean_s"]["per_seed"]["seeds"] == pytest.approx([1.1, 1.3])
     assert r["tpot_p99_s"]["ratio"] == pytest.approx(1.5) and not r["tpot_p99_s"]["pass"]
