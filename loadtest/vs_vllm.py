@@ -166,7 +166,7 @@ class VllmServer:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     return url, "none"
             except httpx.HTTPError:
-                pass
+                pass  # not listening yet: asked again below until the deadline
             time.sleep(0.5)
         self.stop()
         raise StartError(f"vLLM's server not healthy after {self.start_timeout_s:.0f} s (log: {self.log_path})")
@@ -437,9 +437,9 @@ class CpuMeter:
                     c = p.cpu_times()
                     tree[p.pid] = c.user + c.system
                 except ps.Error:
-                    pass
+                    pass  # exited between listing and reading: its time is gone with it
         except ps.Error:
-            pass
+            pass  # the system under test is not running: nothing of it to count
         me = ps.Process().cpu_times()
         return time.monotonic(), busy, tree, me.user + me.system
 

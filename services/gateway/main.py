@@ -207,7 +207,7 @@ class Supervisor:
             try:
                 os.kill(p.pid, signal.SIGTERM)
             except ProcessLookupError:
-                pass
+                pass  # already gone: run() reaps it
 
 
 def _die_with_parent() -> None:
@@ -215,7 +215,7 @@ def _die_with_parent() -> None:
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
-        pass
+        pass  # not Linux: the supervisor's own SIGTERM handling still stops the children
 
 
 if __name__ == "__main__":

@@ -635,7 +635,7 @@ def _first_line(exc: BaseException) -> str:
             first = errors()[0]
             return f"{'.'.join(map(str, first['loc']))}: {first['msg']}"[:500]
         except Exception:
-            pass
+            pass  # not pydantic's shape after all: its text below
     text = str(exc).strip()
     return (text.splitlines()[0] if text else repr(exc))[:500]
 
