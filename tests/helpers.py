@@ -50,3 +50,23 @@ async def flushed(nc) -> None:
     responders", about once in 30 to 300 tries)."""
     await nc._flush_pending(force_flush=True)  # waits until the flusher has written the queue
     await nc.flush()
+
+
+async def seed_serving(js, model: str, worker: str, instance_id: str, *, batch_capacity: int = 32,
+                       max_context_tokens: int = 512):
+    """A gateway's view of a cluster with no cluster behind it: ``model`` in the catalog and one live ``worker``
+    with an active instance of it (the test answers that worker's inference subject itself). Returns the
+    catalog, workers and API keys buckets (for the test's keys, and to clean up)."""
+    from shared import bus
+    from shared.messages import CopyState, ModelCopy, ModelSpec, WorkerState
+    from shared.subjects import APIKEYS_BUCKET, CATALOG_BUCKET, WORKERS_BUCKET
+
+    buckets = await bus.ensure_all(js)
+    await buckets[CATALOG_BUCKET.name].put(model, ModelSpec(slug=model, path="/nowhere", parameter_bytes=1,
+                                                            max_context_tokens=max_context_tokens).encode())
+    now = time.time()
+    await buckets[WORKERS_BUCKET.name].put(worker, WorkerState(
+        worker_id=worker, node="n", device="cpu:0", engine="sim", memory_budget_bytes=1, heartbeat_at_s=now,
+        started_at_s=now, batch_capacity=batch_capacity,
+        copies=[ModelCopy(model=model, state=CopyState.ACTIVE, weight_bytes=1, instance_id=instance_id)]).encode())
+    return tuple(buckets[b.name] for b in (CATALOG_BUCKET, WORKERS_BUCKET, APIKEYS_BUCKET))

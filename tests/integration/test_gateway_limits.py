@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 
 import httpx
 import pytest
@@ -15,16 +14,15 @@ import uvicorn
 
 from services.gateway import limits
 from services.gateway.app import create_app
-from shared import bus
 from shared.apikeys import hash_key, new_key
 from tooling.localcluster.processes import free_port
 from shared.messages import (
-    ApiKeyRecord, CancelRequest, CopyState, ErrorInfo, InferChunk, InferRequest, ModelCopy, ModelSpec, Usage, WorkerState,
+    ApiKeyRecord, CancelRequest, ErrorInfo, InferChunk, InferRequest, Usage,
 )
 from shared.settings import GatewaySettings
-from shared.subjects import APIKEYS_BUCKET, CANCEL, CATALOG_BUCKET, INFER, WORKERS_BUCKET
+from shared.subjects import CANCEL, INFER
 
-from tests.helpers import eventually
+from tests.helpers import eventually, seed_serving
 
 pytestmark = pytest.mark.integration
 
@@ -84,14 +82,7 @@ class Worker:
 
 @pytest.fixture
 async def gateway(nats_urls, nc):
-    buckets = await bus.ensure_all(nc.jetstream())
-    catalog, workers, keys = (buckets[b.name] for b in (CATALOG_BUCKET, WORKERS_BUCKET, APIKEYS_BUCKET))
-    await catalog.put(MODEL, ModelSpec(slug=MODEL, path="/m", parameter_bytes=1, max_context_tokens=512).encode())
-    now = time.time()
-    await workers.put(WORKER, WorkerState(
-        worker_id=WORKER, node="n", device="cpu:0", engine="sim", memory_budget_bytes=1, heartbeat_at_s=now,
-        started_at_s=now, copies=[ModelCopy(model=MODEL, state=CopyState.ACTIVE, weight_bytes=1,
-                                            instance_id="lim-instance")]).encode())
+    catalog, workers, keys = await seed_serving(nc.jetstream(), MODEL, WORKER, "lim-instance")
     await keys.put(hash_key(LIMITED), ApiKeyRecord(id="lim-a", name="limited", max_concurrency=2).encode())
     await keys.put(hash_key(DEFAULT), ApiKeyRecord(id="lim-b", name="default").encode())
     await keys.put(hash_key(OFF), ApiKeyRecord(id="lim-c", name="off", disabled=True).encode())
@@ -272,15 +263,8 @@ BIG_MODEL, BIG_WORKER = "pay-m", "pay-worker"
 async def big_gateway(nats_url, nc, **settings):
     """A gateway (no API keys) whose one worker answers "ab" to any prompt, for a model with a context large
     enough that only the body and message sizes limit a prompt."""
-    buckets = await bus.ensure_all(nc.jetstream())
-    catalog, workers = buckets[CATALOG_BUCKET.name], buckets[WORKERS_BUCKET.name]
-    await catalog.put(BIG_MODEL, ModelSpec(slug=BIG_MODEL, path="/m", parameter_bytes=1,
-                                           max_context_tokens=2**21).encode())
-    now = time.time()
-    await workers.put(BIG_WORKER, WorkerState(
-        worker_id=BIG_WORKER, node="n", device="cpu:0", engine="sim", memory_budget_bytes=1, heartbeat_at_s=now,
-        started_at_s=now, copies=[ModelCopy(model=BIG_MODEL, state=CopyState.ACTIVE, weight_bytes=1,
-                                            instance_id="pay-instance")]).encode())
+    catalog, workers, _ = await seed_serving(nc.jetstream(), BIG_MODEL, BIG_WORKER, "pay-instance",
+                                             max_context_tokens=2**21)
     worker = Worker(nc)
     sub = await nc.subscribe(INFER.format(worker=BIG_WORKER), cb=worker.on_infer)
     port = free_port()

@@ -9,18 +9,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
-from shared import bus
 from shared.apikeys import hash_key, new_key
-from shared.messages import ApiKeyRecord, CopyState, InferChunk, InferRequest, ModelCopy, ModelSpec, Usage, WorkerState
-from shared.subjects import APIKEYS_BUCKET, CATALOG_BUCKET, INFER, WORKERS_BUCKET
-from tests.helpers import eventually
+from shared.messages import ApiKeyRecord, InferChunk, InferRequest, Usage
+from shared.subjects import INFER
+from tests.helpers import eventually, seed_serving
 from tooling.localcluster.processes import free_port
 
 pytestmark = pytest.mark.integration
@@ -53,14 +51,7 @@ class HoldingWorker:
 
 @pytest.fixture
 async def gateway(nats_urls, nc, tmp_path):
-    buckets = await bus.ensure_all(nc.jetstream())
-    catalog, workers, keys = (buckets[b.name] for b in (CATALOG_BUCKET, WORKERS_BUCKET, APIKEYS_BUCKET))
-    await catalog.put(MODEL, ModelSpec(slug=MODEL, path="/m", parameter_bytes=1, max_context_tokens=512).encode())
-    now = time.time()
-    await workers.put(WORKER, WorkerState(
-        worker_id=WORKER, node="n", device="cpu:0", engine="sim", memory_budget_bytes=1, heartbeat_at_s=now,
-        started_at_s=now, batch_capacity=64,
-        copies=[ModelCopy(model=MODEL, state=CopyState.ACTIVE, weight_bytes=1, instance_id="procs-i")]).encode())
+    catalog, workers, keys = await seed_serving(nc.jetstream(), MODEL, WORKER, "procs-i", batch_capacity=64)
     await keys.put(hash_key(WIDE), ApiKeyRecord(id="procs-wide", name="wide", max_concurrency=64,
                                                  rate_limit_rps=1000).encode())
     await keys.put(hash_key(TWO), ApiKeyRecord(id="procs-two", name="two", max_concurrency=2,
