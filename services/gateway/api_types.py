@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, WithJsonSchema, model_validator,
+)
 
 from shared.messages import ChatMessage, FunctionCall, InferRequest, SamplingParams, StructuredOutput, ToolCall, Tools
 
@@ -283,6 +285,7 @@ class _Request(_Model):
     """What both endpoints take. Fields not defined here are ignored (``ignored_fields`` names them)."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
+    _structured: StructuredOutput | None = PrivateAttr(None)  # set when the request is validated
 
     model: Text = Field(min_length=1, max_length=64)
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
@@ -370,7 +373,7 @@ class _Request(_Model):
             raise ParamError(f"min_tokens ({self.min_tokens}) must be at most {limit[0]} ({limit[1]})", "min_tokens")
         if (self.n or 1) > 1 and self.temperature is not None and self.temperature < GREEDY_BELOW:
             raise ParamError("n must be 1 when using greedy sampling (temperature 0)", "n")
-        self._structured()
+        self._structured = self._build_structured()  # checked once here, used by infer and the tool checks
 
     # ------------------------------------------------------------ derived values
 
@@ -410,7 +413,7 @@ class _Request(_Model):
         its own (chat: every message's content; completions: the prompts' text)."""
         raise NotImplementedError
 
-    def _structured(self) -> StructuredOutput | None:
+    def _build_structured(self) -> StructuredOutput | None:
         """The constraint on the answer: response_format overrides structured_outputs' same kind, as in vLLM."""
         constraints, where = {}, "structured_outputs"
         so = self.structured_outputs
@@ -464,7 +467,7 @@ class _Request(_Model):
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=bias, logprobs=logprobs,
-            structured=self._structured(), **extra)
+            structured=self._structured, **extra)
         return SamplingParams(**{k: v for k, v in values.items() if v is not None})  # None: vLLM's default
 
 
@@ -510,7 +513,7 @@ class ChatCompletionRequest(_Request):
             raise ParamError("tool_choice needs tools", "tool_choice")
         if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in self.tools}:
             raise ParamError(f"the function {_quoted(choice.function.name)} is not among the tools", "tool_choice")
-        if (choice == "required" or isinstance(choice, NamedToolChoice)) and self._structured() is not None:
+        if (choice == "required" or isinstance(choice, NamedToolChoice)) and self._structured is not None:
             raise ParamError("structured output and a required tool call cannot be combined",
                              "response_format" if self.response_format else "structured_outputs")
 
