@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import re
@@ -273,13 +274,14 @@ async def _request_resending(nc: NATS, subject: str, msg: BusMessage, reply_type
 async def request_stream(
     nc: NATS, subject: str, msg: BusMessage, chunk_type: type[M], *,
     first_timeout: float, idle_timeout: float, is_last: Callable[[M], bool],
-    alive: Callable[[], bool] | None = None, check_every_s: float = 0.5,
+    alive: Callable[[], bool | Awaitable[bool]] | None = None, check_every_s: float = 0.5,
 ) -> AsyncIterator[M]:
     """Send ``msg`` with a private inbox and yield the replies until ``is_last`` says so.
 
     The inbox is subscribed before publishing, so no chunk can be missed. Raises
     BusError('no_responders') if nobody serves ``subject``, BusError('responder_lost') as soon as
-    ``alive()`` turns false (checked every ``check_every_s`` while waiting), BusError('timeout')
+    ``alive()`` (a function or a coroutine function) turns false (asked every ``check_every_s`` while
+    waiting, never while replies flow), BusError('timeout')
     when the responder goes silent for longer than the current timeout, and BusError('too_large'), before
     sending anything, for a message larger than the server's max_payload.
 
@@ -334,7 +336,7 @@ def _receiver(sub) -> Callable[..., Awaitable[Msg]]:
                     waited += step
                     if sub._conn.is_closed:  # as next_msg says it
                         raise nats.errors.ConnectionClosedError from None
-                    _check_silence(waited, timeout, alive, subject)
+                    await _check_silence(waited, timeout, alive, subject)
         sub._pending_size -= len(reply.data)  # nats-py counts it against the slow-consumer limit until taken
         queue.task_done()  # as next_msg does: a drain of the subscription waits on the queue's join()
         return reply
@@ -350,12 +352,17 @@ async def _receive_polling(sub, timeout: float, alive, check_every_s: float, sub
             return await sub.next_msg(timeout=max(step, 0.001))
         except nats.errors.TimeoutError:
             waited += step
-            _check_silence(waited, timeout, alive, subject)
+            await _check_silence(waited, timeout, alive, subject)
 
 
-def _check_silence(waited: float, timeout: float, alive: Callable[[], bool] | None, subject: str) -> None:
-    if alive is not None and not alive():
-        raise BusError("responder_lost", f"the worker behind {subject} is gone") from None
+async def _check_silence(waited: float, timeout: float, alive: Callable[[], bool | Awaitable[bool]] | None,
+                         subject: str) -> None:
+    if alive is not None:
+        answer = alive()
+        if inspect.isawaitable(answer):
+            answer = await answer
+        if not answer:
+            raise BusError("responder_lost", f"the worker behind {subject} is gone") from None
     if waited >= timeout:
         raise BusError("timeout", f"{subject} went silent for {timeout:.1f} s") from None
 

@@ -384,6 +384,18 @@ class CancelRequest(BusMessage):
     request_id: str
 
 
+class Ping(BusMessage):
+    """Is this worker process still there? Asked by a gateway whose stream went quiet while the worker's
+    heartbeat looks stale (a lagging heartbeat path is not a dead worker)."""
+
+
+class Pong(BusMessage):
+    """A worker's answer to ``Ping``: which process answered (``started_at_s`` is its incarnation)."""
+
+    worker_id: str
+    started_at_s: float
+
+
 # ---------------------------------------------------------------- demand, forecasts, placement
 
 

@@ -117,6 +117,12 @@ CANCEL = Subject(
     "The client of a request went away; the worker aborts its generation.",
     publishers=(GATEWAY,), subscribers=(WORKER,),
 )
+PING = Subject(
+    "warmserve.ping.{worker}", m.Ping, Durability.CORE,
+    "Is the worker process there? Answered at once with its incarnation; NATS's no-responders status "
+    "says it is gone (its connection closed). Asked only when a stream is silent and the heartbeat stale.",
+    reply=m.Pong, publishers=(GATEWAY, OPERATOR), subscribers=(WORKER,),
+)
 SCALE = Subject(
     "warmserve.scale.{model}", m.ScaleRequest, Durability.CORE,
     "A gateway needs an instance of a model; the orchestrator activates one and replies how.",
@@ -163,7 +169,7 @@ DEAD_LETTER = Subject(
 )
 
 SUBJECTS: tuple[Subject, ...] = (
-    INFER, CANCEL, SCALE, WORKER_CMD, WORKER_EVENT, DEMAND, FORECAST, PLACEMENT_PLAN, ADMIN, FORECAST_ADMIN,
+    INFER, CANCEL, PING, SCALE, WORKER_CMD, WORKER_EVENT, DEMAND, FORECAST, PLACEMENT_PLAN, ADMIN, FORECAST_ADMIN,
     DEAD_LETTER,
 )
 

@@ -30,12 +30,13 @@ from services.gateway.shutdown import Drain
 from shared import bus
 from shared.apikeys import hash_key
 from shared.messages import (
-    ApiKeyRecord, CancelRequest, InferChunk, InferRequest, ModelSpec, Outcome, ScaleReply, ScaleRequest, WorkerState, new_id,
+    ApiKeyRecord, CancelRequest, InferChunk, InferRequest, ModelSpec, Outcome, Ping, Pong, ScaleReply, ScaleRequest,
+    WorkerState, new_id,
 )
 from shared.policy.routing import Route
 from shared.service import freeze_gc_heap
 from shared.settings import GatewaySettings
-from shared.subjects import APIKEYS_BUCKET, CANCEL, CATALOG_BUCKET, INFER, SCALE, WORKERS_BUCKET
+from shared.subjects import APIKEYS_BUCKET, CANCEL, CATALOG_BUCKET, INFER, PING, SCALE, WORKERS_BUCKET
 
 log = logging.getLogger("warmserve.gateway")
 OUTCOME_HEADER = "x-warmserve-outcome"
@@ -58,6 +59,7 @@ class Gateway:
         self.rates = LocalRates()
         self.key_slots = KeySlots(settings.key_max_concurrency)
         self.drain = Drain()
+        self._pinged: dict[str, tuple[float, float]] = {}  # worker -> (incarnation, confirmed until)
 
     async def start(self) -> None:
         s = self.settings
@@ -143,8 +145,35 @@ class Gateway:
         return bus.request_stream(
             self.nc, INFER.format(worker=route.worker_id), infer, InferChunk,
             first_timeout=self.settings.first_token_timeout_s, idle_timeout=self.settings.inter_token_timeout_s,
-            is_last=lambda c: c.last, alive=lambda: self.table.alive(route),
+            is_last=lambda c: c.last, alive=lambda: self.still_serving(route),
         )
+
+    async def still_serving(self, route: Route) -> bool:
+        """Whether the worker process behind a silent stream is still there. A stale heartbeat alone does not
+        end the stream: the heartbeat path (the worker's KV writes, JetStream, this gateway's mirror) can lag
+        on a loaded host while the worker generates. The worker is asked directly: a reply within a heartbeat
+        interval names the process that answers; NATS's no-responders status says its connection closed; no
+        answer either means its loop is stuck (a stopped process), and the stream ends as lost."""
+        if self.table.alive(route):
+            return True
+        if self.table.replaced(route):
+            return False
+        now = time.monotonic()
+        incarnation, until = self._pinged.get(route.worker_id, (None, 0.0))
+        if incarnation == route.incarnation and now < until:  # answered a moment ago
+            return True
+        try:
+            pong = await bus.request(self.nc, PING.format(worker=route.worker_id), Ping(), Pong,
+                                     timeout=self.settings.heartbeat_interval_s)
+        except bus.BusError as exc:
+            log.warning("worker %s is lost: its heartbeat is stale and a ping found %s", route.worker_id,
+                        "nobody listening" if exc.code == "no_responders" else "no answer")
+            return False
+        if pong.started_at_s != route.incarnation:
+            return False
+        log.info("worker %s answers a ping, though its heartbeat is stale here", route.worker_id)
+        self._pinged[route.worker_id] = (route.incarnation, now + self.settings.heartbeat_timeout_s)
+        return True
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:

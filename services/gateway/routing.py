@@ -50,6 +50,10 @@ class RoutingTable:
         """Whether the worker process that holds ``route`` still heart-beats (a restart is a new one)."""
         return any(w.worker_id == route.worker_id and w.started_at_s == route.incarnation for w in self.live())
 
+    def replaced(self, route: Route) -> bool:
+        """Whether another process of ``route``'s worker heart-beats: the one that held it is gone for sure."""
+        return any(w.worker_id == route.worker_id and w.started_at_s != route.incarnation for w in self.live())
+
     def started(self, route: Route) -> None:
         self.core.started(route)
 

@@ -17,11 +17,11 @@ from services.gpu_worker.streaming import ChunkCoalescer, RequesterWatch, merge_
 from services.gpu_worker.worker import Worker
 from shared import bus
 from shared.messages import (
-    CancelRequest, ChoiceDelta, CommandResult, ErrorInfo, InferChunk, InferRequest, Usage, WorkerCommand, WorkerEvent,
-    WorkerState,
+    CancelRequest, ChoiceDelta, CommandResult, ErrorInfo, InferChunk, InferRequest, Pong, Usage, WorkerCommand,
+    WorkerEvent, WorkerState,
 )
 from shared.settings import WorkerSettings, load_settings
-from shared.subjects import CANCEL, INFER, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET
+from shared.subjects import CANCEL, INFER, PING, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET
 from shared.service import brief, freeze_gc_heap, run_service
 from shared.telemetry import extract_context, tracer
 
@@ -109,6 +109,11 @@ class WorkerService:
         if task is not None:
             log.info("cancelling %s: its client went away", req.request_id)
             task.cancel()
+
+    async def on_ping(self, msg: Msg) -> None:
+        """Answered in the subscription's callback, before any work: a reply proves this process is connected
+        and its loop runs, whatever the heartbeat path says."""
+        await bus.reply(self.nc, msg, Pong(worker_id=self.settings.worker_id, started_at_s=self.started_at))
 
     async def on_probe_answer(self, msg: Msg) -> None:
         """NATS's no-responders answer to a probing chunk: nobody listens for that stream any more."""
@@ -204,9 +209,14 @@ class WorkerService:
             log.warning("heartbeat failed: %s", brief(exc))
 
     async def heartbeat(self) -> None:
+        interval = self.settings.heartbeat_interval_s
         while True:
+            started = time.monotonic()
             await self.publish_state()
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            await asyncio.sleep(interval)
+            late = time.monotonic() - started - interval
+            if late > interval:  # readers call a worker gone after heartbeat_timeout_s of this
+                log.warning("heartbeat %.1f s late: this worker's event loop or its NATS writes were held up", late)
 
     async def forward_events(self) -> None:
         subject = WORKER_EVENT.format(worker=self.settings.worker_id)
@@ -238,6 +248,7 @@ class WorkerService:
         subs = [await self.nc.subscribe(WORKER_CMD.format(worker=s.worker_id), cb=on_command),
                 await self.nc.subscribe(INFER.format(worker=s.worker_id), cb=on_infer),
                 await self.nc.subscribe(CANCEL.format(worker=s.worker_id), cb=self.on_cancel),
+                await self.nc.subscribe(PING.format(worker=s.worker_id), cb=self.on_ping),
                 await self.nc.subscribe(f"{self.requesters.prefix}.*", cb=self.on_probe_answer)]
         freeze_gc_heap()  # started: what exists now is not garbage, and collections need not walk it
         log.info("worker %s up: engine=%s device=%s budget=%d bytes", s.worker_id, s.engine, s.device,

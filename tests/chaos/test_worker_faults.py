@@ -1,6 +1,7 @@
 """A worker that dies mid-stream, and one that hangs: what clients, placement and the orchestrator do."""
 
 import asyncio
+import concurrent.futures
 import json
 import signal
 import threading
@@ -29,8 +30,10 @@ def plain(url: str, key: str, out: list) -> None:
         out.append((None, repr(exc)))
 
 
-async def commands_to(nats_url: str, worker_id: str, seconds: float) -> list[bytes]:
-    """Every command published to one worker's command subject during ``seconds``."""
+async def commands_to(nats_url: str, worker_id: str, seconds: float,
+                      listening: threading.Event | None = None) -> list[bytes]:
+    """Every command published to one worker's command subject during ``seconds`` (``listening`` is set once
+    the subscription is in place)."""
     nc = await bus.connect(nats_url, "chaos-observer", deadline_s=5)
     seen = []
     try:
@@ -38,6 +41,9 @@ async def commands_to(nats_url: str, worker_id: str, seconds: float) -> list[byt
             seen.append(msg.data)
 
         sub = await nc.subscribe(f"warmserve.worker.{worker_id}.cmd", cb=record)
+        await nc.flush()
+        if listening is not None:
+            listening.set()
         await asyncio.sleep(seconds)
         await sub.unsubscribe()
     finally:
@@ -80,11 +86,16 @@ def test_worker_killed_mid_stream(cluster):
             t.start()
         until(lambda: gateway_gauge(url, "warmserve_queue_depth") >= 2, timeout=30, every=0.1,
               what="both requests queued at the gateway")
-        for w in ("worker-0", "worker-1"):
-            assert cli(env, "worker", "undrain", w).returncode == 0
-        lost.kill()
-        killed = time.monotonic()
-        observed = asyncio.run(commands_to(cluster["nats_url"], "worker-x", HEARTBEAT_TIMEOUT_S + 2.0))
+        listening = threading.Event()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            observing = pool.submit(lambda: asyncio.run(commands_to(
+                cluster["nats_url"], "worker-x", HEARTBEAT_TIMEOUT_S + 2.0, listening)))
+            assert listening.wait(10), observing.exception(0) if observing.done() else "no observer"
+            lost.kill()  # at once: the stream lasts seconds only (sim steps of about a millisecond)
+            killed = time.monotonic()
+            for w in ("worker-0", "worker-1"):  # the queued requests may now be served there
+                assert cli(env, "worker", "undrain", w).returncode == 0
+            observed = observing.result()
 
         streamer.join(30)
         err = ended_with_error(out)

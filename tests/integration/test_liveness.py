@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 
 from services.gateway.admission_core import AdmissionCore
+from services.gateway.app import Gateway
 from services.gateway.routing import RoutingTable
 from services.gpu_worker.main import WorkerService
 from shared import bus
@@ -18,8 +19,9 @@ from shared.messages import (
 )
 from shared.model_folder import max_context, weight_bytes
 from shared.service import seen_workers
-from shared.settings import WorkerSettings
-from shared.subjects import CATALOG_BUCKET, INFER, WORKER_CMD, WORKERS_BUCKET
+from shared.policy.routing import Route
+from shared.settings import GatewaySettings, WorkerSettings
+from shared.subjects import CATALOG_BUCKET, INFER, PING, WORKER_CMD, WORKERS_BUCKET
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
@@ -179,3 +181,43 @@ async def test_mirrors_forget_the_entries_of_workers_that_went_away(nc):
         beating.cancel()
         await mirror.stop()
         await js.delete_key_value("test-ephemeral-workers")
+
+
+async def test_a_worker_whose_heartbeat_lags_keeps_its_streams_while_it_answers_pings(nats_url, nc):
+    """The heartbeat path can lag behind a worker that runs (its KV writes held up on a loaded host): a
+    gateway waiting on a silent stream then asks the worker itself, and ends the stream only when no process
+    answers, or another process of that worker does (a restart)."""
+    js = nc.jetstream()
+    buckets = await bus.ensure_all(js)
+    workers = bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState).start()
+    catalog = bus.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
+    gw = Gateway(GatewaySettings(nats_url=nats_url, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.0))
+    gw.nc, gw.table = nc, RoutingTable(catalog, workers, 1.0, AdmissionCore(queue_size=4))
+    try:
+        async with running_worker(nats_url, "lagging") as lagging:
+            route = Route("lagging", "i-1", 0, incarnation=lagging.started_at)
+            await eventually(lambda: gw.table.alive(route), timeout=10, what="the worker's heartbeat seen")
+
+            async def held_up():  # its writes to the workers bucket stop arriving; the worker itself runs
+                pass
+            lagging.publish_state = held_up
+            await eventually(lambda: not gw.table.alive(route), timeout=10, what="its heartbeat stale")
+            assert await gw.still_serving(route)  # it answers: the stream waits on
+            assert not await gw.still_serving(replace(route, incarnation=lagging.started_at - 1))  # another process
+
+        async def gone():  # stopped: nobody listens any more (once its last answer is a heartbeat timeout old)
+            return not await gw.still_serving(route)
+        await eventually(gone, timeout=5, what="the stopped worker called lost")
+
+        async def never_answer(msg):
+            pass
+        stuck = await nc.subscribe(PING.format(worker="lagging"), cb=never_answer)
+        try:
+            started = time.monotonic()
+            assert not await gw.still_serving(replace(route, incarnation=route.incarnation + 1))
+            assert time.monotonic() - started < 2.0  # within about a heartbeat interval
+        finally:
+            await stuck.unsubscribe()
+    finally:
+        for mirror in (workers, catalog):
+            await mirror.stop()

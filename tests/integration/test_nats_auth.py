@@ -36,7 +36,7 @@ from shared.messages import (
     WorkerState,
 )
 from shared.subjects import (
-    ADMIN, APIKEYS_BUCKET, CANCEL, CATALOG_BUCKET, DEMAND, FORECAST, FORECAST_ADMIN, INFER, OPERATOR_BUCKET,
+    ADMIN, APIKEYS_BUCKET, CANCEL, CATALOG_BUCKET, DEMAND, FORECAST, FORECAST_ADMIN, INFER, OPERATOR_BUCKET, PING,
     PLACEMENT_BUCKET, PLACEMENT_KEY, PLACEMENT_PLAN, SCALE, WORKER, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET,
     subject_matches, worker_user,
 )
@@ -156,6 +156,8 @@ def who_may(direction: str, subject: str) -> set[str]:
     ("subscribe", INFER.format(worker="w2"), {W2, OPERATOR}),
     ("publish", CANCEL.format(worker="w1"), {"gateway", OPERATOR}),
     ("subscribe", CANCEL.format(worker="w2"), {W2, OPERATOR}),
+    ("publish", PING.format(worker="w1"), {"gateway", OPERATOR}),
+    ("subscribe", PING.format(worker="w2"), {W2, OPERATOR}),
     ("publish", SCALE.format(model="m"), {"gateway", OPERATOR}),
     ("subscribe", SCALE.format(model="m"), {"orchestrator", OPERATOR}),
     ("publish", DEMAND.format(model="m"), {"gateway", OPERATOR}),

@@ -2,7 +2,7 @@ import pytest
 
 from shared import messages as m
 from shared.subjects import (
-    ADMIN, BUCKETS, CANCEL, DEMAND, INFER, SLUG_RE, STREAMS, SUBJECTS, WORKER_CMD, Durability, check_token,
+    ADMIN, BUCKETS, CANCEL, DEMAND, INFER, PING, SLUG_RE, STREAMS, SUBJECTS, WORKER_CMD, Durability, check_token,
 )
 
 
@@ -72,8 +72,9 @@ def test_permissions_are_generated_from_the_subject_table():
 
     gw, worker, orch = PERMISSIONS["gateway"], worker_permissions("w1"), PERMISSIONS["orchestrator"]
     assert "worker" not in PERMISSIONS  # no user shared by the workers: each has its own
-    assert INFER.wildcard in gw["publish"]["allow"] and worker["subscribe"]["allow"][:3] == [
-        INFER.format(worker="w1"), CANCEL.format(worker="w1"), WORKER_CMD.format(worker="w1")]
+    assert INFER.wildcard in gw["publish"]["allow"] and worker["subscribe"]["allow"][:4] == [
+        INFER.format(worker="w1"), CANCEL.format(worker="w1"), PING.format(worker="w1"), WORKER_CMD.format(worker="w1")]
+    assert PING.wildcard in gw["publish"]["allow"]  # a gateway asks a worker behind a silent stream
     assert WORKER_CMD.wildcard in orch["publish"]["allow"] and WORKER_CMD.wildcard not in gw["publish"]["allow"]
     # a responder may answer into the inboxes of the users that ask it, and only those; a worker only into
     # inboxes addressed to it (shared.bus.reply_inbox), where no other service may publish

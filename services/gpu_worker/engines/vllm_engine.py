@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import shutil
@@ -123,6 +124,7 @@ class VllmEngine:
         return stats.memory_used_bytes if stats else 0
 
     async def load(self, spec: ModelSpec) -> int:
+        await asyncio.to_thread(_import_vllm)
         async with self._lock:
             core = self._reserve_core(spec.slug)
             try:
@@ -662,3 +664,15 @@ def _rss(procs: list[psutil.Process]) -> int:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return total
+
+
+_VLLM_MODULES = ("vllm.engine.arg_utils", "vllm.v1.engine.async_llm", "vllm.sampling_params",
+                 "vllm.renderers.chat_utils", "vllm.entrypoints.openai.chat_completion.protocol", "vllm.parser",
+                 "vllm.tool_parsers")
+
+
+def _import_vllm() -> None:
+    """Import what this engine uses of vLLM, off the event loop: the first import takes about 10 s of CPU,
+    which on the loop stopped the worker's heartbeats (readers then called it gone in the middle of a load)."""
+    for name in _VLLM_MODULES:
+        importlib.import_module(name)
