@@ -11,7 +11,10 @@ load at each rate and stops it; the order of the systems alternates from seed to
   (``VLLM_CPU_OMP_THREADS_BIND``) and ``VLLM_CPU_KVCACHE_SPACE`` unset, as the worker does.
 - WarmServe: ``warmserve up --engine vllm --workers 1 --no-smoke`` in a state folder of its own, the model
   made active by the warm-up requests, the load sent through the HTTP gateway. The key's rate and
-  concurrency limits are raised out of the way (vLLM's server has none); everything else is the default.
+  concurrency limits are raised out of the way (vLLM's server has none), and its batch capacity B is
+  vLLM's server default batch (``max_num_seqs`` 128 on a CPU), which the worker passes to its engine, so both
+  engines batch alike (WarmServe's own default B of 32 would queue at its gateway what vLLM batches); everything
+  else is the default.
 - Load: Poisson arrivals at each rate for ``--seconds``, open loop (a request is sent at its time whatever
   happened to earlier ones), the same prompts on both (``--input-tokens`` plain words, different per request;
   the tokens each system counted are reported) and exactly ``--output-tokens`` tokens out (``ignore_eos``),
@@ -53,6 +56,7 @@ from loadtest.vs_vllm_stats import (
 ROOT = Path(__file__).parents[1]
 MODEL = "tiny-llama"  # the local cluster's demo model (tooling.localcluster.up.DEMO_MODEL), random weights
 WARMUP_PROMPTS = 10**12  # prompt ids of the warm-up requests, apart from every seed's
+VLLM_CPU_SERVER_MAX_NUM_SEQS = 128  # vLLM's default max_num_seqs for its OpenAI server on a CPU (arg_utils)
 
 
 # ---- vLLM's server with the worker's engine settings -----------------------------------------------------
@@ -65,14 +69,14 @@ def _flag(name: str, value) -> list[str]:
     return [opt, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
 
 
-def worker_engine(model_path: Path, kv_cache_bytes: int):
+def worker_engine(model_path: Path, kv_cache_bytes: int, batch_capacity: int | None = None):
     """What WarmServe's worker 0 gives its engine for this model: the engine arguments (the worker's own
     code builds them) and the core its engine is pinned to."""
     from services.gpu_worker.engines.vllm_engine import VllmEngine
     from shared.messages import ModelSpec
     from shared.model_folder import max_context, weight_bytes
 
-    engine = VllmEngine("cpu:0", kv_cache_bytes)  # worker-0 of `warmserve up` is cpu:0
+    engine = VllmEngine("cpu:0", kv_cache_bytes, batch_capacity=batch_capacity)  # worker-0 of `warmserve up`: cpu:0
     spec = ModelSpec(slug=MODEL, path=str(model_path), parameter_bytes=weight_bytes(model_path),
                      max_context_tokens=max_context(model_path))  # as ensure_demo_model registers it
     return engine._engine_args(spec), engine._reserve_core(MODEL)
@@ -516,12 +520,12 @@ def main(argv: list[str] | None = None) -> int:
     state = Path(a.state_dir).resolve()
     model_path = create_tiny_llama(state / "warmserve" / "models" / MODEL)  # where `warmserve up` makes it
     kv = a.kv_cache_bytes or WorkerSettings.model_fields["kv_cache_bytes"].default
-    engine_args, core = worker_engine(model_path, kv)
+    engine_args, core = worker_engine(model_path, kv, a.batch_capacity)
     flags = server_flags(engine_args)
     check_same_engine(flags, engine_args)
     vllm = VllmServer(flags, server_env(core), state / "vllm-server.log", a.start_timeout)
-    ws_env = {"WARMSERVE_KV_CACHE_BYTES": str(kv), "WARMSERVE_RATE_LIMIT_RPS": "100000",
-              "WARMSERVE_KEY_MAX_CONCURRENCY": "100000"}
+    ws_env = {"WARMSERVE_KV_CACHE_BYTES": str(kv), "WARMSERVE_BATCH_CAPACITY": str(a.batch_capacity),
+              "WARMSERVE_RATE_LIMIT_RPS": "100000", "WARMSERVE_KEY_MAX_CONCURRENCY": "100000"}
     ws = WarmServeCluster(state / "warmserve", ws_env, a.start_timeout)
     systems = {"vllm": vllm, "warmserve": ws}
     client_priority = boost_client() if a.client_priority else "not raised (--no-client-priority)"
@@ -542,15 +546,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     results, by_rate = aggregate(runs, a.rates, a.systems)
     regime = (f"one model ({MODEL}: 5M-parameter Llama, random weights, bf16) served warm by one vLLM CPU engine "
-              f"(vllm {_vllm_version()}, eager, {kv / 2**30:g} GiB KV cache, pinned to core {core}) on a "
+              f"(vllm {_vllm_version()}, eager, {kv / 2**30:g} GiB KV cache, batches of up to {a.batch_capacity} "
+              f"requests (max_num_seqs; WarmServe's B), pinned to core {core}) on a "
               f"{os.cpu_count()}-core machine with the client beside it (its priority: {client_priority}); "
               f"open-loop Poisson arrivals at "
               f"{', '.join(f'{r:g}' for r in a.rates)} req/s for {a.seconds:g} s per run, prompts of "
               f"{a.input_tokens} words, {a.output_tokens} output tokens (ignore_eos), greedy, streamed; "
               f"{len(a.seeds)} seed{'s' if len(a.seeds) != 1 else ''}, the systems one at a time in alternating "
               "order")
-    params = {k: getattr(a, k) for k in ("rates", "seconds", "input_tokens", "output_tokens", "warmup", "settle",
-                                         "systems", "request_timeout", "drain")}
+    params = {k: getattr(a, k) for k in ("batch_capacity", "rates", "seconds", "input_tokens", "output_tokens",
+                                         "warmup", "settle", "systems", "request_timeout", "drain")}
     report = header("vs_vllm", params | {"seeds": len(a.seeds), "seed_list": a.seeds, "kv_cache_bytes": kv,
                                          "unserved_counted_as_s": UNSERVED_S, "target_ratio": TARGET_RATIO,
                                          "client_priority": client_priority})
@@ -585,6 +590,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-tokens", type=int, default=64, help="tokens per answer, ignore_eos (default 64)")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     p.add_argument("--warmup", type=int, default=8, help="unmeasured requests per start, sequential then at once")
+    p.add_argument("--batch-capacity", type=int, default=VLLM_CPU_SERVER_MAX_NUM_SEQS,
+                   help="requests one engine runs at once, on both: WarmServe's B, which its worker also gives "
+                        "its engine as max_num_seqs (default %(default)s, vLLM's own for its server on a CPU)")
     p.add_argument("--kv-cache-bytes", type=int, help="KV cache of both engines (default: the worker's, "
                                                       "WARMSERVE_KV_CACHE_BYTES's default)")
     p.add_argument("--no-client-priority", dest="client_priority", action="store_false",

@@ -151,7 +151,8 @@ class WorkerSettings(CommonSettings):
         4 * 1024**3, gt=0, description="device memory the worker may use (a GPU's is read by pynvml)"
     )
     batch_capacity: int = Field(32, gt=0, description="requests one instance serves at once (B); "
-                                                   "gateways send an instance no more than this")
+                                                   "gateways send an instance no more than this, and a vLLM "
+                                                   "engine batches as many (max_num_seqs)")
     chunk_interval_s: float = Field(0.0, ge=0, description="0: every engine step is its own chunk and SSE "
                                     "event, as vLLM's server streams (clients measure inter-token latency "
                                     "right). Above 0: steps produced faster than this are merged into one "

@@ -39,7 +39,7 @@ class WorkerService:
         self.events: asyncio.Queue[WorkerEvent] = asyncio.Queue()
         engine = make_engine(settings.engine, device=settings.device, kv_cache_bytes=settings.kv_cache_bytes,
                              sim_profile=settings.sim_profile, sim_engine_start_s=settings.sim_engine_start_s,
-                             gpu=self.gpu)
+                             gpu=self.gpu, batch_capacity=settings.batch_capacity)
         self.worker = Worker(settings.worker_id, engine, MemoryPool(budget),
                              batch_capacity=settings.batch_capacity,
                              kv_bytes_per_instance=settings.kv_cache_bytes, emit=self.events.put_nowait, clock=clock,

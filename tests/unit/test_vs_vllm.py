@@ -197,9 +197,10 @@ def test_vllms_server_gets_exactly_the_workers_engine_settings(tmp_path):
     from tooling.modelgen import create_tiny_llama
 
     path = create_tiny_llama(tmp_path / "tiny-llama")
-    args, core = V.worker_engine(path, 2**30)
+    args, core = V.worker_engine(path, 2**30, batch_capacity=128)
     flags = V.server_flags(args)
     for expected in (["--kv-cache-memory-bytes", str(2**30)], ["--max-model-len", "2048"], ["--enforce-eager"],
+                     ["--max-num-seqs", "128"],  # the worker's B is its engine's batch limit
                      ["--no-enable-chunked-prefill"], ["--max-num-batched-tokens", "2048"], ["--seed", "0"]):
         i = flags.index(expected[0])
         assert flags[i:i + len(expected)] == expected
@@ -208,6 +209,18 @@ def test_vllms_server_gets_exactly_the_workers_engine_settings(tmp_path):
         V.check_same_engine([f if f != str(2**30) else str(2**29) for f in flags], args)
     env = V.server_env(core)
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == str(core) and "VLLM_CPU_KVCACHE_SPACE" not in env
+
+
+def test_a_vllm_workers_engine_batches_as_many_requests_as_the_worker_admits(tmp_path):
+    pytest.importorskip("vllm")
+    from services.gpu_worker.engines import make_engine
+    from shared.messages import ModelSpec
+    from tooling.modelgen import create_tiny_llama
+
+    path = create_tiny_llama(tmp_path / "tiny-llama")
+    spec = ModelSpec(slug="tiny", path=str(path), parameter_bytes=1, max_context_tokens=2048)
+    assert make_engine("vllm", batch_capacity=7)._engine_args(spec).max_num_seqs == 7
+    assert make_engine("vllm")._engine_args(spec).max_num_seqs is None  # vLLM's own default
 
 
 def test_the_cpu_meter_tells_the_system_under_test_from_the_client():

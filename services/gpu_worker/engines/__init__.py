@@ -149,7 +149,8 @@ class Engine(Protocol):
 
 
 def make_engine(name: str, *, device: str = "cpu:0", kv_cache_bytes: int = 1024**3, gpu=None,
-                sim_profile: str = "fast", sim_engine_start_s: float | None = None) -> Engine:
+                sim_profile: str = "fast", sim_engine_start_s: float | None = None,
+                batch_capacity: int | None = None) -> Engine:
     if name == "sim":
         from dataclasses import replace
 
@@ -167,5 +168,5 @@ def make_engine(name: str, *, device: str = "cpu:0", kv_cache_bytes: int = 1024*
                                                 "machine, vllm on CUDA): ./dev installs the right one") from exc
         from services.gpu_worker.engines.vllm_engine import VllmEngine
 
-        return VllmEngine(device, kv_cache_bytes, gpu)
+        return VllmEngine(device, kv_cache_bytes, gpu, batch_capacity=batch_capacity)
     raise EngineError("unknown_engine", f"unknown engine {name!r} (use 'sim' or 'vllm')")

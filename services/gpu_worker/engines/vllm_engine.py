@@ -68,8 +68,11 @@ class _Running:
 class VllmEngine:
     name = "vllm"
 
-    def __init__(self, device: str, kv_cache_bytes: int, gpu=None):
+    def __init__(self, device: str, kv_cache_bytes: int, gpu=None, batch_capacity: int | None = None):
         self.cuda = device.startswith("cuda")
+        # the worker's B, which gateways admit per instance, is also the engine's batch limit: one larger
+        # would never fill (vLLM's CPU server default is 128 against B's 32), one smaller would queue in vLLM
+        self.batch_capacity = batch_capacity
         self.device = device
         self.device_index = int(device.split(":", 1)[1]) if ":" in device and device.split(":", 1)[1].isdigit() else 0
         self.kv_cache_bytes = kv_cache_bytes
@@ -105,6 +108,8 @@ class VllmEngine:
         kwargs = dict(model=spec.path, tokenizer=spec.path, max_model_len=spec.max_context_tokens,
                       enforce_eager=not self.cuda, disable_log_stats=True, seed=0,
                       tensor_parallel_size=spec.tensor_parallel_size, kv_cache_memory_bytes=self.kv_cache_bytes)
+        if self.batch_capacity is not None:
+            kwargs["max_num_seqs"] = self.batch_capacity
         if self.cuda:
             # vLLM refuses to start unless gpu_memory_utilization x total is free; other engines on this
             # GPU hold memory, so ask for what is free now (the KV size itself is kv_cache_memory_bytes)
