@@ -22,7 +22,7 @@ from shared.messages import (
 )
 from shared.settings import WorkerSettings, load_settings
 from shared.subjects import CANCEL, INFER, PING, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET
-from shared.service import brief, freeze_gc_heap, run_service
+from shared.service import brief, cancel_and_wait, freeze_gc_heap, run_service
 from shared.telemetry import extract_context, tracer
 
 log = logging.getLogger("warmserve.gpu_worker")
@@ -48,6 +48,7 @@ class WorkerService:
         self.tracer = tracer("warmserve.gpu_worker")
         self._tasks: set[asyncio.Task] = set()
         self._requests: dict[str, asyncio.Task] = {}  # request id -> the task generating it
+        self._stopping = False  # the loops end at their next turn even if a cancellation was swallowed
 
     def state(self) -> WorkerState:
         w, mem = self.worker, self.worker.memory
@@ -210,7 +211,7 @@ class WorkerService:
 
     async def heartbeat(self) -> None:
         interval = self.settings.heartbeat_interval_s
-        while True:
+        while not self._stopping:
             started = time.monotonic()
             await self.publish_state()
             await asyncio.sleep(interval)
@@ -220,13 +221,15 @@ class WorkerService:
 
     async def forward_events(self) -> None:
         subject = WORKER_EVENT.format(worker=self.settings.worker_id)
-        while True:
+        while not self._stopping:
             event = await self.events.get()
             while True:
                 try:
                     await bus.js_publish(self.js, subject, event, msg_id=event.event_id)
                     break
-                except Exception as exc:  # NATS restarting: keep the event and retry
+                except Exception as exc:  # NATS restarting (or a cancel nats-py turned into an error): retry
+                    if self._stopping:
+                        return
                     log.warning("event publish failed (%s); retrying", brief(exc))
                     await asyncio.sleep(1.0)
 
@@ -260,12 +263,12 @@ class WorkerService:
         deadline = time.monotonic() + 10
         while self._tasks and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for task in list(self._tasks):  # requests that outlived the grace period end with 'aborted'
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for task in loops:
-            task.cancel()
-        await asyncio.gather(*loops, return_exceptions=True)
+        # requests that outlived the grace period end with 'aborted'; then the heartbeat and event loops
+        stuck = await cancel_and_wait(list(self._tasks), every_s=1.0)  # room for each one's abort reply
+        self._stopping = True
+        stuck += await cancel_and_wait(loops, timeout_s=5.0)
+        if stuck:
+            log.warning("%d tasks did not stop when cancelled; stopping without them", len(stuck))
         try:
             await self.kv.delete(s.worker_id)
         except Exception as exc:  # readers drop it once its heartbeat is stale

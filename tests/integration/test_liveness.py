@@ -221,3 +221,20 @@ async def test_a_worker_whose_heartbeat_lags_keeps_its_streams_while_it_answers_
     finally:
         for mirror in (workers, catalog):
             await mirror.stop()
+
+
+async def test_a_worker_stops_though_its_heartbeat_swallows_a_cancellation(nats_url):
+    """nats-py's flush swallows a CancelledError: a heartbeat cancelled inside it ran on, and the worker's
+    shutdown waited for it forever (until its supervisor killed it)."""
+    inside = asyncio.Event()
+    async with running_worker(nats_url, "stubborn") as worker:
+        async def publish_in_flush():
+            inside.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                pass  # as nats-py's _flush_pending does
+        worker.publish_state = publish_in_flush
+        await asyncio.wait_for(inside.wait(), 10)
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 15  # running_worker's exit waited for the whole shutdown
