@@ -96,7 +96,7 @@ class Admission:
 
     async def _wait(self, model: str, exclude: Collection[str], reason: str, deadline: float) -> tuple[Route, Outcome]:
         """Ask for an instance and wait until one has room or the deadline passes."""
-        existing = {r.instance_id for r in self.table.routes(model)}  # slots freeing up here are `warm`
+        existing = self.table.known_instances(model)  # slots freeing up there are `warm`
         last_error = "no instance became ready"
         while True:
             changed = self._changed

@@ -39,6 +39,12 @@ class RoutingTable:
     def routes(self, slug: str) -> list[Route]:
         return active_routes(slug, self.live())
 
+    def known_instances(self, slug: str) -> set[str]:
+        """Every active instance of ``slug`` this gateway knows of, on live workers and on workers whose
+        heartbeat is stale here: a request that waits while a worker's heartbeat lags and is then served by
+        the same instance found it warm, not made for it."""
+        return {r.instance_id for r in active_routes(slug, self.workers.items.values())}
+
     def has_instance(self, slug: str) -> bool:
         return bool(self.routes(slug))
 

@@ -210,7 +210,7 @@ async def test_a_worker_whose_heartbeat_lags_keeps_its_streams_while_it_answers_
         await eventually(gone, timeout=5, what="the stopped worker called lost")
 
         async def never_answer(msg):
-            pass
+            pass  # a stopped process: subscribed, silent
         stuck = await nc.subscribe(PING.format(worker="lagging"), cb=never_answer)
         try:
             started = time.monotonic()

@@ -15,11 +15,16 @@ from tests.helpers import eventually
 
 class FakeTable:
     def __init__(self):
-        self.instances: list[Route] = []
+        self.instances: list[Route] = []  # on live workers
+        self.stale: set[str] = set()  # instances on workers whose heartbeat is stale here
         self.pending: dict[str, int] = {}
 
     def routes(self, model):
         return list(self.instances)
+
+    def known_instances(self, model):
+        return {r.instance_id for r in self.instances} | self.stale
+
 
     def has_instance(self, model):
         return bool(self.instances)
@@ -90,6 +95,25 @@ async def test_a_slot_freed_on_an_old_instance_is_warm_and_the_queue_is_bounded(
     adm.notify()
     route, outcome, waited = await asyncio.wait_for(waiter, 9.0)  # not the scale-up's 10 s
     assert route.instance_id == "old" and outcome is Outcome.WARM and waited < 9.0
+
+
+async def test_an_instance_hidden_by_a_lagging_heartbeat_is_warm_when_it_reappears():
+    """A worker's heartbeat went stale here while it served: requests wait (its instances are not routed to),
+    and when the heartbeat is back the same instance serves them. It was not made for them: warm."""
+    table, never = FakeTable(), asyncio.Event()
+    table.stale = {"lagging"}
+
+    async def scaler(req):
+        await never.wait()
+        return ScaleReply(ok=False)
+
+    adm = Admission(table, scaler, AdmissionCore(8), wait_s=30.0)
+    waiter = asyncio.create_task(adm.admit("m"))
+    await queued(adm, "m", 1)
+    table.stale, table.instances = set(), [Route("w1", "lagging", 0, capacity=4, made=Outcome.PREWARM_HIT)]
+    adm.notify()
+    route, outcome, _ = await asyncio.wait_for(waiter, 10)
+    assert route.instance_id == "lagging" and outcome is Outcome.WARM
 
 
 async def test_an_instance_someone_else_started_is_labelled_by_how_its_worker_made_it():
