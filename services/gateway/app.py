@@ -172,6 +172,7 @@ class Gateway:
         if pong.started_at_s != route.incarnation:
             return False
         log.info("worker %s answers a ping, though its heartbeat is stale here", route.worker_id)
+        self._pinged = {w: v for w, v in self._pinged.items() if v[1] > now}  # workers come and go: no pile-up
         self._pinged[route.worker_id] = (route.incarnation, now + self.settings.heartbeat_timeout_s)
         return True
 

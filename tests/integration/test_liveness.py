@@ -198,8 +198,8 @@ async def test_a_worker_whose_heartbeat_lags_keeps_its_streams_while_it_answers_
             route = Route("lagging", "i-1", 0, incarnation=lagging.started_at)
             await eventually(lambda: gw.table.alive(route), timeout=10, what="the worker's heartbeat seen")
 
-            async def held_up():  # its writes to the workers bucket stop arriving; the worker itself runs
-                pass
+            async def held_up():
+                pass  # its writes to the workers bucket stop arriving; the worker itself runs on
             lagging.publish_state = held_up
             await eventually(lambda: not gw.table.alive(route), timeout=10, what="its heartbeat stale")
             assert await gw.still_serving(route)  # it answers: the stream waits on
