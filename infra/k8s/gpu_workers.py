@@ -37,7 +37,7 @@ def container(slot: int) -> dict:
             {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
             {"name": "WARMSERVE_GPU_SLOT", "value": str(slot)},
             {"name": "WARMSERVE_NATS_URL", "value": ",".join(NATS_SERVERS)},  # the entrypoint adds the user
-            {"name": "WARMSERVE_NATS_WORKER_SECRETS", "value": "/etc/warmserve/nats-workers"},
+            {"name": "NATS_WORKER_AUTH_DIR", "value": "/etc/warmserve/nats-workers"},
             {"name": "WARMSERVE_ENGINE", "value": "vllm"},
             {"name": "WARMSERVE_DEVICE", "value": "cuda:0"},  # the one GPU this container is given
             {"name": "HOME", "value": "/home/warmserve"},

@@ -9,7 +9,7 @@ SHA-256, so two nodes whose names sanitize alike (``a.b`` and ``a-b``) never sha
 ``infra/k8s/secrets.py`` imports ``worker_id`` from this file, so the passwords it makes match.
 
 Environment: NODE_NAME (downward API ``spec.nodeName``), WARMSERVE_GPU_SLOT (the container's slot, 0..N-1),
-WARMSERVE_NATS_URL (the servers, without credentials), WARMSERVE_NATS_WORKER_SECRETS (a folder holding one
+WARMSERVE_NATS_URL (the servers, without credentials), NATS_WORKER_AUTH_DIR (a folder holding one
 file per worker id with that worker's password: the ``warmserve-nats-workers`` Secret).
 
 ``worker_entrypoint.py probe`` is the container's liveness and readiness check: the worker serves no HTTP,
@@ -86,7 +86,7 @@ def main() -> None:
     if not node:
         sys.exit("worker_entrypoint: NODE_NAME is unset (the pod spec passes spec.nodeName through the downward API)")
     wid = worker_id(node, int(os.environ.get("WARMSERVE_GPU_SLOT", "0")))
-    secrets = Path(os.environ.get("WARMSERVE_NATS_WORKER_SECRETS", "/etc/warmserve/nats-workers"))
+    secrets = Path(os.environ.get("NATS_WORKER_AUTH_DIR", "/etc/warmserve/nats-workers"))
     try:
         password = (secrets / wid).read_text().strip()
     except FileNotFoundError:
