@@ -377,14 +377,24 @@ async def reply(nc: NATS, msg: Msg, answer: BusMessage, reply_to: str = "") -> N
         await nc.publish(msg.reply, answer.encode(), reply=reply_to)
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
-    """Create or update every stream in the subject table (idempotent, safe to race).
+def replicas_setting() -> int:
+    """``WARMSERVE_NATS_REPLICAS``: copies of each stream and bucket (1 on one server, 3 in a cluster)."""
+    try:
+        return NatsSettings().nats_replicas
+    except ValidationError as exc:
+        raise BusError("nats_config", f"invalid NATS settings: {exc.errors()[0]['msg']}") from None
+
+
+async def ensure_streams(js: JetStreamContext, replicas: int | None = None) -> None:
+    """Create or update every stream in the subject table (idempotent, safe to race), with ``replicas``
+    copies each (default: ``WARMSERVE_NATS_REPLICAS``).
 
     A stream that exists with another configuration is updated; a service whose NATS user may not
     update streams (only placement may) logs that and uses the stream as it is."""
+    replicas = replicas or replicas_setting()
     for spec in STREAMS:
         config = StreamConfig(name=spec.name, subjects=list(spec.subjects), max_age=spec.max_age_s,
-                              description=spec.doc)
+                              description=spec.doc, num_replicas=replicas)
         try:
             await js.add_stream(config)
         except nats.js.errors.BadRequestError:
@@ -474,18 +484,20 @@ async def _pull_from(js: JetStreamContext, subject: str, durable: str, start_s: 
     return await js.pull_subscribe_bind(durable=durable, stream=stream)
 
 
-async def ensure_bucket(js: JetStreamContext, spec: BucketSpec) -> KeyValue:
+async def ensure_bucket(js: JetStreamContext, spec: BucketSpec, replicas: int | None = None) -> KeyValue:
+    """The bucket, created with ``replicas`` copies (default: ``WARMSERVE_NATS_REPLICAS``) if it is missing."""
     try:
         return await js.key_value(spec.name)
     except nats.js.errors.BucketNotFoundError:
-        return await js.create_key_value(bucket=spec.name, history=1, ttl=spec.ttl_s,
-                                         description=spec.doc)
+        return await js.create_key_value(bucket=spec.name, history=1, ttl=spec.ttl_s, description=spec.doc,
+                                         replicas=replicas or replicas_setting())
 
 
-async def ensure_all(js: JetStreamContext) -> dict[str, KeyValue]:
+async def ensure_all(js: JetStreamContext, replicas: int | None = None) -> dict[str, KeyValue]:
     """Streams and buckets every service expects; returns the buckets by name."""
-    await ensure_streams(js)
-    return {spec.name: await ensure_bucket(js, spec) for spec in BUCKETS}
+    replicas = replicas or replicas_setting()
+    await ensure_streams(js, replicas)
+    return {spec.name: await ensure_bucket(js, spec, replicas) for spec in BUCKETS}
 
 
 class KvMirror(Generic[M]):

@@ -328,6 +328,11 @@ class WorkerCommand(BusMessage):
     replace_active: bool = False  # activate: drain the worker's current instance first instead of refusing
     share: bool = False  # activate: serve next to the worker's current instance (the shared tier)
     kv_free_blocks: int | None = Field(None, ge=0)  # set_kv_target: free KV blocks to keep
+    epoch: int | None = Field(None, ge=0)  # the orchestrator leader's term: a worker refuses one below the
+    # highest it has seen (a deposed leader); None: unfenced (the operator, a single orchestrator's tests)
+
+
+FENCED = "fenced"  # a command's error code: it carried an orchestrator term older than one the worker has seen
 
 
 class CommandResult(BusMessage):
@@ -467,9 +472,19 @@ class PlannedCopy(BusMessage):
         return tuple(self.devices) or (self.worker_id,)
 
 
+class LeaderLease(BusMessage):
+    """The lease of one control-plane role (key = role, shared/leader.py): who leads and since which epoch.
+    ``epoch`` 0: just acquired, the epoch is the entry's revision (written into the value at the first renewal)."""
+
+    holder: str
+    epoch: int = Field(0, ge=0)
+    at_s: float = 0.0  # the holder's clock when it wrote this: for people reading it, never for decisions
+
+
 class PlacementPlan(BusMessage):
     plan_id: str = Field(default_factory=new_id)
     created_at_s: float
+    epoch: int | None = Field(None, ge=0)  # the placement leader's term (None: unfenced, a single placement)
     copies: list[PlannedCopy] = Field(default_factory=list)
     inputs: dict[str, Any] = Field(default_factory=dict)
 

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from shared import metrics
 from shared.bus import BusError, KvMirror
+from shared.leader import readiness
 from shared.messages import WorkerState
 from shared.policy.cluster import live_workers
 from shared.settings import CommonSettings, ControlPlaneSettings
@@ -25,7 +26,7 @@ def run_service(run: Callable[[asyncio.Event], Awaitable[None]], service: str, s
     configure_logging(settings.log_level)
     setup_tracing(service, settings.otlp_endpoint)
     if isinstance(settings, ControlPlaneSettings):
-        metrics.serve(settings.metrics_host, settings.metrics_port)
+        metrics.serve(settings.metrics_host, settings.metrics_port, lambda: readiness(settings.leader_lease_s))
 
     async def _main() -> None:
         stop = asyncio.Event()

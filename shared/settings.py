@@ -5,6 +5,7 @@ Each service reads its own class; every field has a default that works for the l
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from pathlib import Path
@@ -33,7 +34,11 @@ class NatsSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="WARMSERVE_", extra="ignore")
 
-    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated")
+    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated: a client "
+                          "connects to one and fails over to the others (list every server of a cluster)")
+    nats_replicas: int = Field(1, ge=1, le=5, description="copies of every JetStream stream and KV bucket a service "
+                               "creates: 1 on one server, 3 in a cluster of 3 or more (a stream then survives one "
+                               "server's loss). Applies when a stream or bucket is created or, for streams, updated")
     nats_tls_ca: FilePath | None = Field(
         None, description="CA certificate (PEM) that signed the NATS server's certificate. Set, or a tls:// URL: "
                           "the client starts TLS before anything else and never falls back to plain text")
@@ -87,6 +92,12 @@ class ControlPlaneSettings(DatabaseSettings):
                               "`warmserve up` see its own WARMSERVE_METRICS_PORT. The gateway serves its /metrics "
                               "on its HTTP port; the workers serve none")
     metrics_host: str = Field("127.0.0.1", description="listen address of WARMSERVE_METRICS_PORT (0.0.0.0 in containers)")
+    leader_lease_s: float = Field(5.0, ge=1, le=120, description="run several replicas of a control-plane service "
+                                  "and one leads: it renews a lease in NATS KV every third of this; a standby takes "
+                                  "over once the lease has gone unrenewed this long (docs/deploy.md, High "
+                                  "availability). Shorter: faster failover, more false ones under load")
+    replica_id: str = Field(default_factory=lambda: f"{socket.gethostname().lower()}-{os.getpid()}"[:64],
+                            description="names this replica in the leader lease (default: <hostname>-<pid>)")
 
 
 class GatewaySettings(CommonSettings):

@@ -217,6 +217,7 @@ class BucketSpec:
     writers: tuple[str, ...] = ()
     readers: tuple[str, ...] = ()
     keyed_by_worker: bool = False  # key = worker id: each worker may write its own key only
+    keyed_by_writer: bool = False  # key = the writer's user: each service may write its own key only
 
 
 WORKERS_BUCKET = BucketSpec(
@@ -245,5 +246,13 @@ OPERATOR_BUCKET = BucketSpec(
     writers=(PLACEMENT,), readers=(PLACEMENT, ORCHESTRATOR),
 )
 
-BUCKETS: tuple[BucketSpec, ...] = (WORKERS_BUCKET, CATALOG_BUCKET, PLACEMENT_BUCKET, APIKEYS_BUCKET, OPERATOR_BUCKET)
+LEASES_BUCKET = BucketSpec(
+    "warmserve-leases", m.LeaderLease, None,
+    "key = control-plane role (placement, orchestrator, forecaster); its leader and epoch (shared/leader.py).",
+    writers=(PLACEMENT, ORCHESTRATOR, FORECASTER), readers=(PLACEMENT, ORCHESTRATOR, FORECASTER),
+    keyed_by_writer=True,
+)
+
+BUCKETS: tuple[BucketSpec, ...] = (WORKERS_BUCKET, CATALOG_BUCKET, PLACEMENT_BUCKET, APIKEYS_BUCKET, OPERATOR_BUCKET,
+                                   LEASES_BUCKET)
 PLACEMENT_KEY = "current"

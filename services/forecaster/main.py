@@ -23,6 +23,7 @@ from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
 from shared.messages import DemandSample, Forecast, ModelSpec
 from shared.policy.forecast import ForecastConfig, WindowObservation
+from shared.leader import Term, elected
 from shared.service import brief, pause, run_service
 from shared.settings import ForecasterSettings, load_settings
 from shared.subjects import CATALOG_BUCKET, DEMAND, FORECAST, FORECAST_ADMIN
@@ -39,8 +40,9 @@ def forecast_config(s: ForecasterSettings) -> ForecastConfig:
 class Forecaster:
     """The shell: demand from JetStream into the core, its rounds' forecasts to NATS and history to Postgres."""
 
-    def __init__(self, settings: ForecasterSettings):
+    def __init__(self, settings: ForecasterSettings, term: Term | None = None):
         self.settings = settings
+        self.term = term  # this replica's term as the forecaster leader (None: no election)
         self.config = forecast_config(settings)
         self.core = ForecastCore(ForecastRoundConfig(
             forecast=self.config, window_s=settings.window_s, close_grace_s=settings.close_grace_s,
@@ -189,4 +191,4 @@ class Forecaster:
 
 def main() -> None:
     settings = load_settings(ForecasterSettings)
-    run_service(Forecaster(settings).run, "forecaster", settings)
+    run_service(elected("forecaster", settings, lambda term: Forecaster(settings, term).run), "forecaster", settings)

@@ -19,6 +19,7 @@ from services.gpu_worker.memory import PAGE_BYTES, MemoryPool, pages
 from shared.policy.keepalive import IdleCopy, IdleCopyPolicy, victims
 from shared.policy.kv import kv_bytes_to_keep, reclaimable_bytes
 from shared.messages import (
+    FENCED,
     CommandKind, CommandResult, CopyState, ErrorInfo, InferRequest, ModelCopy, ModelSpec, Outcome, WorkerCommand,
     WorkerEvent,
 )
@@ -57,6 +58,7 @@ class Worker:
         self._clock = clock
         self.idle_copy_policy = idle_copy_policy  # which prewarmed copies make room first (shared.policy.keepalive)
         self._results: OrderedDict[str, asyncio.Future[CommandResult]] = OrderedDict()
+        self.fence_epoch = 0  # the highest orchestrator term seen on a command: lower ones come from a deposed leader
         self._lock = asyncio.Lock()  # one memory-changing command at a time
         # what a loaded copy measured beyond its catalog bytes (engine process, runtime, CPU KV space): the
         # largest seen, so the next load reserves its likely footprint instead of finding out afterwards
@@ -106,7 +108,14 @@ class Worker:
     # ------------------------------------------------------------------ commands
 
     async def handle(self, cmd: WorkerCommand) -> CommandResult:
-        """Run a command once per command_id; a repeat gets the first result."""
+        """Run a command once per command_id; a repeat gets the first result. A command stamped with an
+        orchestrator term below the highest seen is refused (``fenced``): its sender was deposed."""
+        if cmd.epoch is not None:
+            if cmd.epoch < self.fence_epoch:
+                return CommandResult(command_id=cmd.command_id, ok=False, error=ErrorInfo(
+                    code=FENCED, message=f"{self.worker_id} takes commands of orchestrator term {self.fence_epoch} "
+                                         f"or later, not {cmd.epoch}: a newer orchestrator leads"))
+            self.fence_epoch = cmd.epoch
         fut = self._results.get(cmd.command_id)
         if fut is None:
             fut = asyncio.get_running_loop().create_future()

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 
+import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
@@ -17,6 +18,7 @@ from shared.db.engine import create_engine, sessionmaker
 from shared.messages import ApiKeyRecord, Forecast, ModelSpec, OperatorHold, PlacementPlan, WorkerState
 from shared.policy.cluster import ClusterView
 from shared.policy.prewarm_placement import PlacementConfig
+from shared.leader import Term, elected
 from shared.service import brief, run_service, seen_workers
 from shared.settings import PlacementSettings, load_settings
 from shared.subjects import (
@@ -27,8 +29,10 @@ log = logging.getLogger("warmserve.placement")
 
 
 class Placement:
-    def __init__(self, settings: PlacementSettings):
+    def __init__(self, settings: PlacementSettings, term: Term | None = None):
         self.settings = settings
+        self.term = term or Term("placement", settings.replica_id, None)
+        self.plan_revision = 0  # the plan key's revision as this leader last wrote or read it
         self.forecasts: dict[str, Forecast] = {}
         self.core = PlacementCore(PlacementCoreConfig(
             placement=PlacementConfig(batch_capacity=settings.batch_capacity, h2d_bytes_per_s=settings.h2d_gbps * 1e9,
@@ -97,12 +101,47 @@ class Placement:
         plan = self.core.plan(view, self.catalog.items, self.forecasts, list(self.operator.items.values()), time.time())
         if not self.core.changed(plan):
             return
-        await self.plan_kv.put(PLACEMENT_KEY, plan.encode())
+        plan = plan.model_copy(update={"epoch": self.term.epoch})
+        if not await self.write_plan(plan):
+            return
         await bus.js_publish(self.js, PLACEMENT_PLAN.pattern, plan, msg_id=plan.plan_id)
         self.core.adopt(plan)
         log.info("new plan %s: %s%s", plan.plan_id[:8],
                  ", ".join(f"{c.model}@{c.worker_id}" for c in plan.copies) or "nothing",
                  f" (skipped: {plan.inputs['skipped']})" if plan.inputs.get("skipped") else "")
+
+    async def write_plan(self, plan: PlacementPlan) -> bool:
+        """Make ``plan`` the one in force. A leader writes only over the revision it knows (compare and set):
+        a plan a later term wrote makes this one step down, unwritten (False), so a deposed leader that has not
+        noticed yet cannot overwrite its successor's plan. Without an election, a plain put."""
+        if self.term.epoch is None:
+            await self.plan_kv.put(PLACEMENT_KEY, plan.encode())
+            return True
+        for _ in range(2):
+            try:
+                self.plan_revision = await self.plan_kv.update(PLACEMENT_KEY, plan.encode(), last=self.plan_revision)
+                return True
+            except nats.js.errors.KeyWrongLastSequenceError:
+                revision, current = await self.read_plan()
+                if current is not None and not self.term.check(current.epoch):
+                    log.warning("plan %s is from a later placement term (%s > %s): this replica was deposed",
+                                current.plan_id[:8], current.epoch, self.term.epoch)
+                    self.term.ended.set()
+                    return False
+                self.plan_revision = revision  # an earlier term's plan, written late: replace it
+        return False
+
+    async def read_plan(self) -> tuple[int, PlacementPlan | None]:
+        """The plan key's revision (0: never written) and plan (None: none or unreadable)."""
+        try:
+            entry = await self.plan_kv.get(PLACEMENT_KEY)
+        except nats.js.errors.KeyNotFoundError as exc:
+            entry = getattr(exc, "entry", None)
+            return (entry.revision if entry is not None else 0), None
+        try:
+            return entry.revision, PlacementPlan.decode(entry.value) if entry.value else None
+        except ValueError:
+            return entry.revision, None
 
     async def history_start(self) -> float | None:
         """Where plan history resumes: the newest stored plan (now, for an empty history). Postgres away:
@@ -155,9 +194,9 @@ class Placement:
         await self.workers.ready.wait()
         await self.keys.ready.wait()
         await self.operator.ready.wait()
-        try:  # the plan in force survives a restart: an unchanged replan writes no history
-            entry = await self.plan_kv.get(PLACEMENT_KEY)
-            self.core.adopt(PlacementPlan.decode(entry.value) if entry and entry.value else None)
+        try:  # the plan in force survives a restart (and a takeover): an unchanged replan writes no history
+            self.plan_revision, current = await self.read_plan()
+            self.core.adopt(current)
         except Exception as exc:
             log.info("no current plan in KV (%s)", brief(exc))
         engine = create_engine(s.database_url)
@@ -215,4 +254,4 @@ class Placement:
 
 def main() -> None:
     settings = load_settings(PlacementSettings)
-    run_service(Placement(settings).run, "placement", settings)
+    run_service(elected("placement", settings, lambda term: Placement(settings, term).run), "placement", settings)

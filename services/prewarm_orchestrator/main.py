@@ -15,11 +15,12 @@ from shared import bus
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
 from shared.messages import (
-    CommandResult, DemandSample, ErrorInfo, Forecast, ModelSpec, OperatorHold, PlacementPlan, ScaleReply, ScaleRequest, WorkerCommand,
+    FENCED, CommandResult, DemandSample, ErrorInfo, Forecast, ModelSpec, OperatorHold, PlacementPlan, ScaleReply, ScaleRequest, WorkerCommand,
     WorkerEvent, WorkerState,
 )
 from shared.policy.autoscale import AutoscaleConfig
 from shared.policy.cluster import ClusterView
+from shared.leader import Term, elected
 from shared.service import brief, pause, run_service, seen_workers
 from shared.settings import OrchestratorSettings, load_settings
 from shared.subjects import (
@@ -35,8 +36,9 @@ MAX_PLACEMENTS = 3  # a scale-up whose worker dies is placed again, at most this
 class Orchestrator:
     """The shell: reads the cluster, plan and demand from NATS, asks the core, sends its commands."""
 
-    def __init__(self, settings: OrchestratorSettings):
+    def __init__(self, settings: OrchestratorSettings, term: Term | None = None):
         self.settings = settings
+        self.term = term or Term("orchestrator", settings.replica_id, None)
         self.core = OrchestratorCore(OrchestratorConfig(
             autoscale=AutoscaleConfig(
                 window_s=settings.autoscale_window_s, up=settings.scale_up_threshold,
@@ -86,7 +88,7 @@ class Orchestrator:
             msg = WorkerCommand(kind=cmd.kind, model=cmd.model, spec=self.catalog.items.get(cmd.model),
                                 reason=cmd.reason, instance_id=cmd.instance_id, drain=cmd.drain,
                                 kv_free_blocks=cmd.kv_free_blocks, replace_active=cmd.replace_active,
-                                share=cmd.share)
+                                share=cmd.share, epoch=self.term.epoch)
             result = await self._unless_lost(cmd.worker_id, bus.request(
                 self.nc, WORKER_CMD.format(worker=cmd.worker_id), msg, CommandResult,
                 timeout=self.settings.command_timeout_s, resend_on_reconnect=True))
@@ -94,6 +96,10 @@ class Orchestrator:
             code = exc.code if isinstance(exc, bus.BusError) else "bad_reply"
             result = CommandResult(command_id=msg.command_id if msg else "", ok=False,
                                    error=ErrorInfo(code=code, message=brief(exc)))
+        if result.error is not None and result.error.code == FENCED:  # a later term leads: stop sending at once
+            log.warning("%s refused a command: %s; this replica steps down", cmd.worker_id, result.error.message)
+            self.term.ended.set()
+            return result
         self.core.on_result(cmd, result.ok, time.time(), error_code=result.error.code if result.error else None)
         if result.ok:
             log.info("%s %s on %s: done (%s)", cmd.kind.value, cmd.model, cmd.worker_id, cmd.reason)
@@ -270,4 +276,5 @@ class Orchestrator:
 
 def main() -> None:
     settings = load_settings(OrchestratorSettings)
-    run_service(Orchestrator(settings).run, "prewarm-orchestrator", settings)
+    run_service(elected("orchestrator", settings, lambda term: Orchestrator(settings, term).run),
+                "prewarm-orchestrator", settings)

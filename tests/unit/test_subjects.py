@@ -64,7 +64,21 @@ def test_every_subject_and_bucket_says_who_uses_it():
         assert (s.durability is Durability.CORE) == (not s.readers and not s.durables), s.pattern
         assert OPERATOR not in s.subscribers  # the operator is everywhere; listed only where services answer it
     for b in BUCKETS:
-        assert len(b.writers) == 1 and b.readers, f"{b.name}: one owner writes it, someone reads it"
+        assert b.readers, f"{b.name}: someone reads it"
+        # one owner writes it, or each writer only its own key (a worker's state, a role's lease)
+        assert len(b.writers) == 1 or b.keyed_by_writer, f"{b.name}: one owner writes it"
+
+
+def test_a_lease_key_is_writable_by_its_own_role_only():
+    from tooling.localcluster.nats_auth import permissions_of
+
+    from shared.subjects import FORECASTER, GATEWAY, LEASES_BUCKET, ORCHESTRATOR, PLACEMENT
+
+    for user in (PLACEMENT, ORCHESTRATOR, FORECASTER):
+        allowed = permissions_of(user)["publish"]["allow"]
+        lease_writes = [p for p in allowed if p.startswith(f"$KV.{LEASES_BUCKET.name}.")]
+        assert lease_writes == [f"$KV.{LEASES_BUCKET.name}.{user}"], user
+    assert not [p for p in permissions_of(GATEWAY)["publish"]["allow"] if p.startswith(f"$KV.{LEASES_BUCKET.name}")]
 
 
 def test_permissions_are_generated_from_the_subject_table():

@@ -152,7 +152,8 @@ def permissions_of(user: str, worker_id: str | None = None) -> dict:
             publish += _read_stream(stream_of(s))
     publish += [p for b in BUCKETS if user in b.readers for p in _read_kv(b)]
     publish += [p for b in BUCKETS if user in b.writers
-                for p in _write_kv(b, worker_id if b.keyed_by_worker and worker_id else ">")]
+                for p in _write_kv(b, worker_id if b.keyed_by_worker and worker_id
+                                   else user if b.keyed_by_writer else ">")]
     publish += EXTRA_PUBLISH.get(user, [])
     deny = NOT_ADMIN + ([] if user == WORKER else [ANY_WORKER_INBOX])
     return _perms(publish, subscribe + [inbox(me)], deny)
