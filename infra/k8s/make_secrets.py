@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the project's pa
 import yaml  # noqa: E402
 
 from shared.subjects import worker_user  # noqa: E402
-from tooling.cli.compose_secrets import _values, ensure_env_file  # noqa: E402
+from tooling.cli.compose_secrets import ensure_env_file  # noqa: E402
 from tooling.localcluster.nats_auth import NatsUsers, authorization_block  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("worker_entrypoint", HERE / "base" / "worker_entrypoint.py")
@@ -94,7 +94,7 @@ def render(state_dir: Path, nodes: list[str], *, prune: bool = False, namespace:
     users = NatsUsers.load_or_create(state_dir / "nats-users.json", node_workers(nodes), keep_workers=not prune)
     env_file = state_dir / "secrets.env"
     ensure_env_file(env_file, ENV_NAMES)
-    env = _values(env_file.read_text())
+    env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line and line[0] != "#")
     workers = users.workers
     return [
         _secret("warmserve-nats", {u: users.password(u) for u in SERVICE_NATS_USERS}, namespace),
