@@ -35,12 +35,23 @@ POLL_S = 0.5  # how often a replica reads the lease key (a standby sees a releas
 
 @dataclass
 class Term:
-    """One leader's term: its epoch, and an event set when it ends (the lease is lost or the replica stops)."""
+    """One leader's term: its epoch, ``ended`` (set when the lease is lost to another replica or the replica
+    stops: the service returns) and ``active`` (cleared while the term is suspended: the renewals went
+    unanswered, so the service keeps its state but sends nothing until the lease is back)."""
 
     role: str
     holder: str
     epoch: int | None  # None: no election (a single replica run directly, as the tests do)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    active: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self):
+        self.active.set()
+
+    @property
+    def acting(self) -> bool:
+        """Whether the service may send now: its term is neither ended nor suspended."""
+        return self.active.is_set() and not self.ended.is_set()
 
     def check(self, epoch_seen: int | None) -> bool:
         """Whether a record stamped ``epoch_seen`` allows this term to go on: a later term's record means
@@ -142,6 +153,8 @@ class Elector:
             action = self.core.observe(revision, value, self.clock())
             if isinstance(action, StepDown):
                 await self._step_down(action)
+            elif self.term is not None and not self.core.leading and not self.core.may_resume():
+                await self._step_down(StepDown("another replica wrote the lease while this one was suspended"))
         action = self.core.decide(self.clock())
         if isinstance(action, StepDown):
             await self._step_down(action)
@@ -167,8 +180,12 @@ class Elector:
             self.core.write_failed(self.clock(), conflict=False)
             return
         if isinstance(action, Acquire):
-            self.core.acquired(revision, sent)
-            self._start_term(revision)
+            resumed = self.core.acquired(revision, sent)
+            if resumed and self.term is not None:
+                self._resume_term(revision)
+            else:
+                await self._end_term()
+                self._start_term(revision)
         else:
             self.core.renewed(revision, sent)
 
@@ -179,9 +196,22 @@ class Elector:
         self.term = Term(self.role, self.me, epoch)
         self.task = asyncio.create_task(self.body(self.term.ended, self.term))
 
+    def _resume_term(self, epoch: int) -> None:
+        log.info("%s: %s leads again, resuming its term (epoch %d): nobody led meanwhile", self.role, self.me, epoch)
+        self.status.leading, self.status.epoch = True, epoch
+        metrics.LEADER.labels(self.role).set(1)
+        self.term.epoch = epoch
+        self.term.active.set()
+
     async def _step_down(self, action: StepDown) -> None:
         if self.term is not None:
-            log.warning("%s: %s steps down: %s", self.role, self.me, action.reason)
+            log.warning("%s: %s %s: %s", self.role, self.me,
+                        "suspends its term" if action.resumable else "steps down", action.reason)
+        if action.resumable and self.term is not None:
+            self.status.leading = False
+            metrics.LEADER.labels(self.role).set(0)
+            self.term.active.clear()  # the service sends nothing until the lease is back or another leads
+            return
         await self._end_term()
 
     async def _end_term(self) -> None:
@@ -220,7 +250,7 @@ def elected(role: str, settings: ControlPlaneSettings,
 
 async def run_elected(role: str, settings: ControlPlaneSettings, body: Body, stop: asyncio.Event) -> None:
     """Run ``body`` whenever this replica leads ``role``, until ``stop``."""
-    nc = await bus.connect(settings.nats_url, f"{role}-lease")
+    nc = await bus.connect(settings.nats_url, f"{role}-lease-{settings.replica_id}")
     try:
         kv = await bus.ensure_bucket(nc.jetstream(), LEASES_BUCKET)
         elector = Elector(role, settings.replica_id, LeaseConfig(settings.leader_lease_s), body)

@@ -102,6 +102,10 @@ class Forecaster:
         await self.flush()
 
     async def publish(self, forecasts: list[Forecast]) -> None:
+        if self.term is not None and not self.term.acting:  # suspended: they are stored, the next round publishes
+            self.outbox.forecasts.extend(forecasts)
+            self.outbox.bound()
+            return
         for fc in forecasts:
             try:
                 await bus.js_publish(self.js, FORECAST.format(model=fc.model), fc,
@@ -170,6 +174,9 @@ class Forecaster:
         while not stop.is_set() and not self.caught_up.is_set():
             await pause(stop, 0.2)
         while not stop.is_set():  # the first round (windows closed while we were away), then one per boundary
+            if self.term is not None and not self.term.acting:  # suspended: close nothing, publish nothing
+                await pause(stop, 0.2)  # until the lease is back (the windows close then) or the term ends
+                continue
             try:
                 if self.core.due(time.time(), self.blind()):
                     await self.round(time.time())

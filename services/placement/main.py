@@ -95,6 +95,8 @@ class Placement:
                 del self.forecasts[slug]
 
     async def replan(self) -> None:
+        if not self.term.acting:  # suspended: the lease went unrenewed; another replica may be planning
+            return
         self.prune_forecasts(time.time())
         view = ClusterView.from_workers(
             seen_workers(self.workers, self.settings.heartbeat_timeout_s))

@@ -29,6 +29,7 @@ from shared.subjects import (
 from shared.telemetry import extract_context, tracer
 
 log = logging.getLogger("warmserve.orchestrator")
+NOT_LEADER = "not_leader"  # a command or scale-up refused here: this replica's term is suspended
 LIVENESS_CHECK_S = 0.5  # how often a command's worker is checked while its answer is awaited
 MAX_PLACEMENTS = 3  # a scale-up whose worker dies is placed again, at most this many times in all
 
@@ -68,6 +69,8 @@ class Orchestrator:
 
     async def round_once(self) -> None:
         """One round of the core: reconcile, autoscale, KV targets; commands run in their own tasks."""
+        if not self.term.acting:  # suspended: the lease went unrenewed; another replica may be commanding
+            return
         plan = self.plan.items.get(PLACEMENT_KEY)
         r = self.core.step(self.view(), plan.copies if plan else [], time.time(), drained=self.drained())
         for cmd in r.commands:
@@ -85,6 +88,8 @@ class Orchestrator:
         that got no answer ends as a failed result carrying the bus error."""
         msg = None
         try:
+            if not self.term.acting:  # checked at the last moment: a command of a suspended term never leaves
+                raise bus.BusError(NOT_LEADER, "this orchestrator replica does not hold the lease now")
             msg = WorkerCommand(kind=cmd.kind, model=cmd.model, spec=self.catalog.items.get(cmd.model),
                                 reason=cmd.reason, instance_id=cmd.instance_id, drain=cmd.drain,
                                 kv_free_blocks=cmd.kv_free_blocks, replace_active=cmd.replace_active,
@@ -182,6 +187,9 @@ class Orchestrator:
 
     async def _scale_up(self, req: ScaleRequest) -> ScaleReply:
         started = time.monotonic()
+        if not self.term.acting:
+            return ScaleReply(ok=False, error=ErrorInfo(code=NOT_LEADER, message="the orchestrator that got this "
+                                                        "request does not hold the lease now; ask again"))
         spec = self.catalog.items.get(req.model)
         if spec is None:
             return ScaleReply(ok=False, error=ErrorInfo(code="not_found", message=f"no model {req.model!r}"))

@@ -12,6 +12,11 @@ Times are the replica's own clock; no replica trusts a time written by another. 
 - A leader renews every ``renew_s`` and steps down once ``lease_s - margin_s`` has passed since it *sent*
   the last renewal that was acknowledged. A follower counts from when it saw that renewal, which was later,
   so the old leader has stopped before anyone else may start (clock rates permitting; the epoch fences the rest).
+- A leader that steps down only because its renewals went unanswered (NATS away, or a partition that left it
+  on the minority side) is *suspended*, not deposed: it sends nothing, but keeps what it knows. If the key is
+  still at its own last write when it can read it again, nobody else has led meanwhile, so it takes the
+  lease back at once and *resumes* (a single replica rides out a NATS restart with its state). If anyone else
+  wrote the key, its term is over.
 - The epoch is the KV revision of the write that acquired the lease. Revisions only grow, so every new term
   has a higher epoch than every earlier one; workers and the plan refuse a lower epoch than they have seen,
   which fences a deposed leader that has not noticed yet (a long pause, a partition).
@@ -54,9 +59,11 @@ class Renew:
 
 @dataclass(frozen=True)
 class StepDown:
-    """Stop leading at once (the work of the term stops before anything else is sent)."""
+    """Stop leading at once: nothing more is sent. ``resumable``: only suspended (the renewals went
+    unanswered); the term may resume if this replica gets the lease back before anyone else writes it."""
 
     reason: str
+    resumable: bool = False
 
 
 Action = Acquire | Renew | StepDown | None
@@ -96,6 +103,8 @@ class LeaseCore:
         self.value: LeaseValue | None = None  # None: the key is absent or deleted
         self.changed_at: float | None = None  # when I saw the key change last (my clock)
         self.renewed_at: float | None = None  # when I sent the last renewal that was acknowledged
+        self.last_written: int | None = None  # the revision of my last acknowledged write
+        self._acquiring_from: int | None = None  # the revision my pending Acquire names
 
     # ---- what the shell saw --------------------------------------------------------------------
 
@@ -113,18 +122,28 @@ class LeaseCore:
             return self._step_down(f"a later term holds the lease (epoch {value.epoch})")
         return None
 
-    def acquired(self, revision: int, sent_at: float) -> None:
-        """My Acquire landed at ``revision``: I lead from now, with that revision as my epoch."""
+    def may_resume(self) -> bool:
+        """Whether a suspended term of mine could still resume: the key is as I last wrote it."""
+        return (self.last_written is not None and self.revision == self.last_written
+                and self.value is not None and self.value.holder == self.me)
+
+    def acquired(self, revision: int, sent_at: float) -> bool:
+        """My Acquire landed at ``revision``: I lead from now, with that revision as my epoch. True when it
+        took the key over from my own last write: nobody led in between, a suspended term resumes."""
+        resumed = self.last_written is not None and self._acquiring_from == self.last_written
+        self.last_written = revision
         self.role, self.epoch = Role.LEADER, revision
         self.revision, self.value = revision, LeaseValue(self.me, 0)
         self.renewed_at = sent_at
         self.changed_at = sent_at
+        return resumed
 
     def renewed(self, revision: int, sent_at: float) -> None:
         """My Renew landed at ``revision``."""
         if self.role is not Role.LEADER:
             return
         self.revision, self.value = revision, LeaseValue(self.me, self.epoch or revision)
+        self.last_written = revision
         self.renewed_at = sent_at
         self.changed_at = sent_at
 
@@ -144,7 +163,7 @@ class LeaseCore:
         c = self.config
         if self.role is Role.LEADER:
             if self.renewed_at is None or now - self.renewed_at >= c.lease_s - c.margin:
-                return self._step_down(f"no renewal acknowledged for {c.lease_s - c.margin:g} s")
+                return self._step_down(f"no renewal acknowledged for {c.lease_s - c.margin:g} s", resumable=True)
             if (now - self.renewed_at >= c.renew_every_s or self.value is None  # deleted under me: write it back
                     or self.value.epoch == 0):  # just acquired: record the epoch in the value
                 assert self.revision is not None and self.epoch is not None
@@ -152,9 +171,10 @@ class LeaseCore:
             return None
         if self.changed_at is None:  # the key was never read: read it first
             return None
-        if self.value is None:  # absent, or released by a leader that stopped: take it now
-            return Acquire(self.revision)
-        if now - self.changed_at >= c.lease_s:  # unchanged for a whole lease: its holder is gone
+        if (self.value is None  # absent, or released by a leader that stopped: take it now
+                or self.may_resume()  # still as I left it: nobody led since, take it back at once
+                or now - self.changed_at >= c.lease_s):  # unchanged for a whole lease: its holder is gone
+            self._acquiring_from = self.revision
             return Acquire(self.revision)
         return None
 
@@ -176,6 +196,6 @@ class LeaseCore:
     def leading(self) -> bool:
         return self.role is Role.LEADER
 
-    def _step_down(self, reason: str) -> StepDown:
+    def _step_down(self, reason: str, resumable: bool = False) -> StepDown:
         self.role, self.epoch, self.renewed_at = Role.FOLLOWER, None, None
-        return StepDown(reason)
+        return StepDown(reason, resumable)

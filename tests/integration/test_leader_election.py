@@ -150,3 +150,38 @@ async def test_a_deposed_placement_cannot_overwrite_its_successors_plan(nats_url
     assert await later.write_plan(PlacementPlan(created_at_s=4.0, epoch=8))
     assert (await later.read_plan())[1].epoch == 8
     await kv.purge(PLACEMENT_KEY)
+
+
+async def test_a_lone_leader_suspends_while_nats_is_away_and_resumes_its_term(tmp_path):
+    """NATS restarts for longer than a lease: the leader stops acting but keeps its term (and the service its
+    state), and takes the lease back as soon as NATS returns, since nobody else wrote it."""
+    from tests.conftest import NatsServer
+
+    server = NatsServer(tmp_path)
+    server.start()
+    terms: list = []
+    seen: dict = {}
+
+    async def body(ended: asyncio.Event, term: Term) -> None:
+        terms.append(term)
+        await ended.wait()
+
+    settings = PlacementSettings(nats_url=server[PLACEMENT], leader_lease_s=LEASE_S, replica_id="lone")
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_elected(PLACEMENT, settings, body, stop))
+    try:
+        await eventually(lambda: terms and terms[0].acting, timeout=10, what="the lone replica leading")
+        term, epoch = terms[0], terms[0].epoch
+        server.stop()
+        await eventually(lambda: not term.active.is_set(), timeout=3 * LEASE_S, what="the term suspended")
+        seen["suspended_ended"] = term.ended.is_set()
+        await asyncio.sleep(LEASE_S)  # away for longer than a lease
+        server.start()
+        await eventually(lambda: term.acting, timeout=20, what="the term resumed")
+        assert not seen["suspended_ended"], "a suspended term is not over"
+        assert len(terms) == 1, "the same term resumed: no fresh start"
+        assert term.epoch > epoch
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        server.stop()

@@ -135,3 +135,44 @@ def test_a_conflicting_renewal_deposes_the_leader():
 def test_renewals_must_come_well_within_the_lease():
     with pytest.raises(ValueError):
         LeaseConfig(lease_s=5.0, renew_s=4.5)
+
+
+def test_a_leader_whose_renewals_go_unanswered_is_suspended_and_resumes_if_nobody_else_wrote():
+    """NATS away for longer than the lease: the leader stops sending, then takes its own lease back at once."""
+    key, a = Key(), LeaseCore("a", CFG)
+    run([a], key, 0.0, 3.0)
+    epoch = a.epoch
+    t, suspended = 3.5, None
+    while suspended is None:  # reads and writes fail: only decide
+        got = a.decide(t)
+        if isinstance(got, StepDown):
+            suspended = got
+        t += 0.5
+    assert suspended.resumable and not a.leading
+    assert a.may_resume(), "the key is as a left it"
+    step(a, key, 30.0)  # NATS is back 30 s later: no waiting out another lease
+    assert a.leading and a.epoch > epoch
+
+
+def test_a_suspended_leader_cannot_resume_once_another_replica_wrote():
+    key, a, b = Key(), LeaseCore("a", CFG), LeaseCore("b", CFG)
+    run([a, b], key, 0.0, 3.0)
+    run([b], key, 3.5, 12.0)  # a is cut off; b takes over
+    assert b.leading
+    assert isinstance(a.decide(12.0), StepDown)
+    a.observe(key.revision, key.value, 12.5)  # a sees the key again
+    assert not a.may_resume()
+    assert a.decide(12.5) is None, "a waits: b holds a lease it renews"
+
+
+def test_a_renewal_that_lost_its_answer_is_not_taken_for_someone_elses_write():
+    """A write that landed but whose acknowledgement was lost moves the key past my last known write: I may
+    not resume (I cannot tell it from another replica's write) but I take the lease after a lease like anyone."""
+    key, a = Key(), LeaseCore("a", CFG)
+    run([a], key, 0.0, 3.0)
+    key.write(key.revision, LeaseValue("a", a.epoch))  # landed, unacknowledged
+    assert isinstance(a.decide(10.0), StepDown)
+    a.observe(key.revision, key.value, 10.5)
+    assert not a.may_resume() and a.decide(10.5) is None
+    step(a, key, 16.0)
+    assert a.leading
