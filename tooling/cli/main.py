@@ -35,6 +35,7 @@ def cmd_up(a) -> int:
 def cmd_service(a) -> int:
     import importlib
 
+    sys.argv = [f"warmserve service {a.name}"]  # a service's main parses its own options, not this CLI's
     importlib.import_module(SERVICE_MODULES[a.name]).main()
     return 0
 
