@@ -2,8 +2,8 @@
 no secret has a default (compose refuses to start without them; ``warmserve compose-secrets`` writes
 them), only the gateway is published beyond this host, and infra/compose.tls.yml switches NATS to TLS.
 
-The containers are not started here (no Docker engine in CI); `warmserve up` is what CI runs. Where the
-docker CLI has compose, ``docker compose config`` checks the interpolation too.
+The containers are not started here: tests/containers/test_compose_podman.py runs them with podman. Where
+docker compose or podman-compose (a test dependency) can run, its ``config`` checks the interpolation too.
 """
 
 import os
@@ -184,7 +184,7 @@ def test_a_generated_env_file_is_all_compose_needs(tmp_path):
 
 
 def _docker_compose() -> list[str] | None:
-    for cmd in (["docker", "compose"], ["docker-compose"]):
+    for cmd in (["docker", "compose"], ["docker-compose"], [sys.executable, "-m", "podman_compose"]):
         try:
             if subprocess.run([*cmd, "version"], capture_output=True, timeout=30).returncode == 0:
                 return cmd
