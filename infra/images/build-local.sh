@@ -49,7 +49,7 @@ if [ "$REBUILD_BASE" = 1 ] || ! "$CE" image inspect "$BASE" >/dev/null 2>&1; the
         hooks+=(--customize-hook='copy-in /usr/local/share/ca-certificates /usr/local/share'
                 --customize-hook='chroot "$1" update-ca-certificates >/dev/null')
     fi
-    mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+    mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates,libnuma1 \
         --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*' "${hooks[@]}" \
         "$SUITE" - | "$CE" import \
             --change 'ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt' \
