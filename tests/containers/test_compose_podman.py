@@ -232,6 +232,14 @@ def test_only_the_gateway_is_published_and_only_on_loopback(stack):
     assert published == {("gateway", "127.0.0.1", stack.port)}
 
 
+def test_admin_commands_need_the_operator_and_errors_show_no_password(stack):
+    # the gateway's container has only the gateway's NATS user, which may not send admin requests
+    out = stack.podman("exec", stack.container("gateway"), "warmserve", "key", "list", check=False)
+    assert out.returncode != 0 and "error:" in out.stderr, out.stdout + out.stderr
+    leaked = sum(s in out.stdout + out.stderr for s in stack.secrets)
+    assert leaked == 0, f"{leaked} password(s) in the CLI's error: {stack.redact(out.stderr)}"
+
+
 def _crash(stack: Stack, service: str) -> None:
     """Kill the container's process as a crash or an OOM kill would (not an operator's stop), then wait for
     its restart policy (restart: unless-stopped) to start it again."""

@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Run a command; failures to reach the cluster become one clear line, not a traceback."""
-    from shared.bus import BusError
+    from shared.bus import BusError, redact
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[3:] if argv is None else argv[2:])
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
                 "nats_unreachable": "is the cluster running (warmserve up), or is WARMSERVE_NATS_URL right?",
                 "nats_unauthorized": "admin commands need operator credentials: WARMSERVE_NATS_URL="
                                      "nats://operator:<password>@host:port, or the local cluster's cluster.json"}
-        sys.exit(f"error: {exc} (NATS {_nats_url()}): {hint.get(exc.code, exc.code)}")
+        sys.exit(f"error: {exc} (NATS {redact(_nats_url())}): {hint.get(exc.code, exc.code)}")  # no password
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:
