@@ -173,7 +173,7 @@ def stack(tmp_path_factory):
         _wait(lambda: s.podman("healthcheck", "run", s.container("postgres"), check=False).returncode == 0,
               90, "Postgres healthy", s.logs)
         s.compose("up", "--detach", "--no-build", "--no-deps", "migrate")
-        _wait(lambda: not s.inspect("migrate")["State"]["Running"], 180, "the migration ends", s.logs)
+        _wait(lambda: s.inspect("migrate")["State"]["Status"] == "exited", 180, "the migration ends", s.logs)
         assert s.inspect("migrate")["State"]["ExitCode"] == 0, s.logs()
         s.compose("up", "--detach", "--no-build", "--no-deps", *SERVICES)
         _wait(s.ready, 120, "the gateway is ready", s.logs)
