@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BusMessage)
 STATUS_HEADER = "Status"
 INBOX_PREFIX = "_INBOX"
+# A server that vanishes without closing the connection (its node died, or a partition) is noticed only by
+# unanswered pings: nats-py's defaults (120 s, 2 outstanding) kept a standby on a dead server for minutes.
+# With these a client moves to another server of the cluster within about 4 to 6 s.
+PING_INTERVAL_S = 2
+MAX_OUTSTANDING_PINGS = 2
 _USER_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")  # \Z, not $ (which also matches before a final newline)
 
 
@@ -176,7 +181,8 @@ async def connect(url: str, name: str, *, deadline_s: float = 30.0, tls: NatsSet
     while True:
         attempt = asyncio.ensure_future(nats.connect(
             servers=servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-            connect_timeout=2, disconnected_cb=_disconnected, reconnected_cb=_reconnected,
+            connect_timeout=2, ping_interval=PING_INTERVAL_S, max_outstanding_pings=MAX_OUTSTANDING_PINGS,
+            disconnected_cb=_disconnected, reconnected_cb=_reconnected,
             error_cb=_error, inbox_prefix=inbox_prefix, tls=ssl_ctx, tls_handshake_first=ssl_ctx is not None,
         ))
         # nats.connect retries on its own (max_reconnect_attempts=-1) and would never give up: the deadline is ours
@@ -274,14 +280,14 @@ async def _request_resending(nc: NATS, subject: str, msg: BusMessage, reply_type
 async def request_stream(
     nc: NATS, subject: str, msg: BusMessage, chunk_type: type[M], *,
     first_timeout: float, idle_timeout: float, is_last: Callable[[M], bool],
-    alive: Callable[[], bool | Awaitable[bool]] | None = None, check_every_s: float = 0.5,
+    alive: Callable[[float], bool | Awaitable[bool]] | None = None, check_every_s: float = 0.5,
 ) -> AsyncIterator[M]:
     """Send ``msg`` with a private inbox and yield the replies until ``is_last`` says so.
 
     The inbox is subscribed before publishing, so no chunk can be missed. Raises
     BusError('no_responders') if nobody serves ``subject``, BusError('responder_lost') as soon as
-    ``alive()`` (a function or a coroutine function) turns false (asked every ``check_every_s`` while
-    waiting, never while replies flow), BusError('timeout')
+    ``alive(silent_s)`` (a function or a coroutine function, given how long the stream has been silent) turns
+    false (asked every ``check_every_s`` while waiting, never while replies flow), BusError('timeout')
     when the responder goes silent for longer than the current timeout, and BusError('too_large'), before
     sending anything, for a message larger than the server's max_payload.
 
@@ -336,7 +342,15 @@ def _receiver(sub) -> Callable[..., Awaitable[Msg]]:
                     waited += step
                     if sub._conn.is_closed:  # as next_msg says it
                         raise nats.errors.ConnectionClosedError from None
-                    await _check_silence(waited, timeout, alive, subject)
+                    try:
+                        await _check_silence(waited, timeout, alive, subject)
+                    except BusError:
+                        if queue.empty():
+                            raise
+                        # a reply came while alive() asked (a last chunk sent just before the worker said
+                        # it was done with the request): the stream was not lost
+                        reply = queue.get_nowait()
+                        break
         sub._pending_size -= len(reply.data)  # nats-py counts it against the slow-consumer limit until taken
         queue.task_done()  # as next_msg does: a drain of the subscription waits on the queue's join()
         return reply
@@ -355,10 +369,10 @@ async def _receive_polling(sub, timeout: float, alive, check_every_s: float, sub
             await _check_silence(waited, timeout, alive, subject)
 
 
-async def _check_silence(waited: float, timeout: float, alive: Callable[[], bool | Awaitable[bool]] | None,
+async def _check_silence(waited: float, timeout: float, alive: Callable[[float], bool | Awaitable[bool]] | None,
                          subject: str) -> None:
     if alive is not None:
-        answer = alive()
+        answer = alive(waited)
         if inspect.isawaitable(answer):
             answer = await answer
         if not answer:
@@ -493,11 +507,24 @@ async def ensure_bucket(js: JetStreamContext, spec: BucketSpec, replicas: int | 
                                          replicas=replicas or replicas_setting())
 
 
-async def ensure_all(js: JetStreamContext, replicas: int | None = None) -> dict[str, KeyValue]:
-    """Streams and buckets every service expects; returns the buckets by name."""
+async def ensure_all(js: JetStreamContext, replicas: int | None = None,
+                     deadline_s: float = 60.0) -> dict[str, KeyValue]:
+    """Streams and buckets every service expects; returns the buckets by name. A JetStream that does not
+    answer yet (a cluster still electing its leaders, or a server that just restarted) is asked again until
+    ``deadline_s``."""
     replicas = replicas or replicas_setting()
-    await ensure_streams(js, replicas)
-    return {spec.name: await ensure_bucket(js, spec, replicas) for spec in BUCKETS}
+    give_up = time.monotonic() + deadline_s
+    while True:
+        try:
+            await ensure_streams(js, replicas)
+            return {spec.name: await ensure_bucket(js, spec, replicas) for spec in BUCKETS}
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+            if time.monotonic() > give_up:
+                raise BusError("jetstream_unavailable", f"JetStream did not answer within {deadline_s:g} s "
+                                                        f"({exc.__class__.__name__}): is a majority of the NATS "
+                                                        "cluster up?") from exc
+            log.warning("JetStream is not answering yet (%s); asking again", exc.__class__.__name__)
+            await asyncio.sleep(1.0)
 
 
 class KvMirror(Generic[M]):
@@ -522,6 +549,7 @@ class KvMirror(Generic[M]):
     """
 
     MAX_BLIND_INTERVALS = 64  # older outages no longer matter to anyone's heartbeat
+    STALL_CHECK_S = 1.0  # how often a watch is checked against the bucket's last revision
 
     def __init__(self, kv: KeyValue, value_type: type[M],
                  on_change: Callable[[], Awaitable[None] | None] | None = None,
@@ -542,6 +570,7 @@ class KvMirror(Generic[M]):
         self._blind_since: float | None = None  # the watch is down since then (None: watching)
         self._resumed_at = float("inf")  # when the current watch's snapshot was read
         self._heard_at: dict[str, float] = {}  # key -> when its latest live update arrived
+        self._delivered = 0  # the highest bucket revision the watch has delivered (or the snapshot covered)
 
     def blind(self, now: float | None = None) -> list[tuple[float, float]]:
         """The intervals this mirror could not see, the one under way (ending ``now``) included."""
@@ -579,9 +608,9 @@ class KvMirror(Generic[M]):
             except Exception as exc:
                 log.warning("KV expiry on %s failed (%s); retrying in %.1f s", self._type.__name__, exc, every)
 
-    def _went_blind(self) -> None:
+    def _went_blind(self, since: float | None = None) -> None:
         if self._blind_since is None and self.ready.is_set():
-            self._blind_since = self._clock()
+            self._blind_since = self._clock() if since is None else since
 
     def _resumed(self) -> None:
         now = self._clock()
@@ -611,14 +640,15 @@ class KvMirror(Generic[M]):
             try:
                 watcher = await self._kv.watchall()
                 if nc is not None:
-                    watchdog = asyncio.create_task(_stop_on_reconnect(watcher, nc, self._went_blind))
+                    watchdog = asyncio.create_task(self._watch_the_watch(watcher, nc))
                 fresh: dict[str, M] = {}
                 fresh_seen: dict[str, float | None] = {}  # the server's timestamps until the snapshot ends
                 initial = True
                 async for entry in watcher:
                     if entry is None:  # end of the initial snapshot
                         initial = False
-                        server_now = await self._server_now()
+                        server_now, last_seq = await self._stream_state()
+                        self._delivered = max(self._delivered, last_seq or 0)  # expired entries included
                         self.items, self.seen_at = fresh, snapshot_seen_at(fresh_seen, self._clock(), server_now)
                         self._heard_at = {k: t for k, t in self._heard_at.items() if k in fresh}
                         self._resumed()
@@ -626,6 +656,7 @@ class KvMirror(Generic[M]):
                         await self._changed()
                         continue
                     now = self._clock()
+                    self._delivered = max(self._delivered, entry.revision or 0)
                     if not initial:
                         self._heard_at[entry.key] = now
                     target, seen = (fresh, fresh_seen) if initial else (self.items, self.seen_at)
@@ -659,20 +690,47 @@ class KvMirror(Generic[M]):
                     except (Exception, asyncio.CancelledError):
                         pass
 
-    async def _server_now(self) -> float | None:
-        """The server's clock now: the ``ts`` of the bucket's stream info (nats-server 2.10 and later), or
-        None where it cannot be had (an older server, a timeout)."""
+    async def _stream_state(self) -> tuple[float | None, int | None]:
+        """The server's clock now (the ``ts`` of the bucket's stream info, nats-server 2.10 and later) and the
+        stream's last sequence; None for what cannot be had (an older server, a timeout)."""
         js = getattr(self._kv, "_js", None)
         nc, stream = getattr(js, "_nc", None), getattr(self._kv, "_stream", None)
         if nc is None or stream is None:
-            return None
+            return None, None
         try:
             reply = await nc.request(f"{js._prefix}.STREAM.INFO.{stream}", b"", timeout=2.0)
-            ts = json.loads(reply.data).get("ts")
-            return datetime.fromisoformat(ts).timestamp() if ts else None
+            info = json.loads(reply.data)
+            ts = info.get("ts")
+            last_seq = (info.get("state") or {}).get("last_seq")
+            return (datetime.fromisoformat(ts).timestamp() if ts else None), last_seq
         except Exception as exc:
-            log.debug("no server time from %s: %s", stream, exc)
-            return None
+            log.debug("no stream state of %s: %s", stream, exc)
+            return None, None
+
+    async def _watch_the_watch(self, watcher, nc: NATS) -> None:
+        """End the watch (the mirror then watches afresh) when its connection reconnects, or when the bucket
+        has a revision the watch has not delivered a check (``STALL_CHECK_S``) later: in a NATS cluster
+        a watch's consumer can be lost with the server that held it while the connection stays up, and the
+        watch then goes quiet for good (a known failure of ordered consumers in every client). The mirror
+        counts itself blind from when the lag was first seen."""
+        reconnected = asyncio.ensure_future(_stop_on_reconnect(watcher, nc, self._went_blind))
+        try:
+            owed: tuple[int, float] | None = None  # a revision the bucket had and the watch had not, since when
+            while not reconnected.done():
+                await asyncio.wait([reconnected], timeout=self.STALL_CHECK_S)
+                if reconnected.done():
+                    break
+                if owed is not None and self._delivered < owed[0]:  # still not delivered a check later: stalled
+                    log.warning("KV watch on %s stalled (revision %d is in the bucket, the watch delivered %d); "
+                                "rewatching", self._type.__name__, owed[0], self._delivered)
+                    self._went_blind(since=owed[1])
+                    await watcher.stop()
+                    return
+                _, last_seq = await self._stream_state()
+                owed = (last_seq, self._clock() - self.STALL_CHECK_S) if last_seq and last_seq > self._delivered else None
+        finally:
+            reconnected.cancel()
+            await asyncio.gather(reconnected, return_exceptions=True)
 
     async def _changed(self) -> None:
         if self._on_change is not None:

@@ -390,15 +390,20 @@ class CancelRequest(BusMessage):
 
 
 class Ping(BusMessage):
-    """Is this worker process still there? Asked by a gateway whose stream went quiet while the worker's
-    heartbeat looks stale (a lagging heartbeat path is not a dead worker)."""
+    """Is this worker process still there, and does it have request ``request_id``? Asked by a gateway whose
+    stream went quiet while the worker's heartbeat looks stale (a lagging heartbeat path is not a dead
+    worker), or that has been quiet for a while (a request or its last chunk lost with a NATS server)."""
+
+    request_id: str | None = None
 
 
 class Pong(BusMessage):
-    """A worker's answer to ``Ping``: which process answered (``started_at_s`` is its incarnation)."""
+    """A worker's answer to ``Ping``: which process answered (``started_at_s`` is its incarnation) and, when
+    asked about a request, whether it is serving it (False: it never got it, or finished it)."""
 
     worker_id: str
     started_at_s: float
+    serving: bool | None = None
 
 
 # ---------------------------------------------------------------- demand, forecasts, placement

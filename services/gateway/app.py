@@ -42,6 +42,7 @@ log = logging.getLogger("warmserve.gateway")
 OUTCOME_HEADER = "x-warmserve-outcome"
 MAX_ROUTES = 3  # a request that no worker started is routed again, at most this often
 CLIENT_CLOSED = 499  # nginx's "client closed request"
+LOST_CHECK_S = 2.0  # a stream quiet this long asks its worker whether it has the request at all
 CUT_BEFORE_END_S = 1.0  # of the shutdown grace: time to send the errors and close before uvicorn cancels
 
 
@@ -57,7 +58,7 @@ class Gateway:
         self.tracer = trace.get_tracer("warmserve.gateway")
         # per key; with several gateway processes main.py puts host-wide ones here (shared_limits.py)
         self.rates = LocalRates()
-        self.key_slots = KeySlots(settings.key_max_concurrency)
+        self.key_slots = KeySlots(settings.key_max_concurrency, settings.gateways)
         self.drain = Drain()
         self._pinged: dict[str, tuple[float, float]] = {}  # worker -> (incarnation, confirmed until)
 
@@ -117,7 +118,7 @@ class Gateway:
         if record.disabled:
             log.debug("request with the disabled API key '%s' refused", record.name)
             raise ApiError(401, f"API key '{record.name}' is disabled", code="api_key_disabled")
-        rate = record.rate_limit_rps or self.settings.rate_limit_rps
+        rate = (record.rate_limit_rps or self.settings.rate_limit_rps) / self.settings.gateways  # this one's share
         wait = self.rates.take(record.id, rate, max(1.0, 2 * rate), time.monotonic())
         if wait > 0:
             raise ApiError(429, f"Rate limit of {rate:g} requests/s reached for key '{record.name}'",
@@ -142,35 +143,58 @@ class Gateway:
         asyncio.ensure_future(send())
 
     def chunks(self, route: Route, infer: InferRequest) -> AsyncIterator[InferChunk]:
+        next_ask = [LOST_CHECK_S]
+
+        async def alive(silent_s: float) -> bool:
+            if silent_s < next_ask[0]:
+                return await self.still_serving(route)
+            next_ask[0] = silent_s + LOST_CHECK_S  # quiet this long: does the worker have the request at all?
+            return await self.still_serving(route, infer.request_id)
+
         return bus.request_stream(
             self.nc, INFER.format(worker=route.worker_id), infer, InferChunk,
             first_timeout=self.settings.first_token_timeout_s, idle_timeout=self.settings.inter_token_timeout_s,
-            is_last=lambda c: c.last, alive=lambda: self.still_serving(route),
+            is_last=lambda c: c.last, alive=alive,
         )
 
-    async def still_serving(self, route: Route) -> bool:
+    async def still_serving(self, route: Route, request_id: str | None = None) -> bool:
         """Whether the worker process behind a silent stream is still there. A stale heartbeat alone does not
         end the stream: the heartbeat path (the worker's KV writes, JetStream, this gateway's mirror) can lag
         on a loaded host while the worker generates. The worker is asked directly: a reply within a heartbeat
         interval names the process that answers; NATS's no-responders status says its connection closed; no
-        answer either means its loop is stuck (a stopped process), and the stream ends as lost."""
-        if self.table.alive(route):
-            return True
+        answer either means its loop is stuck (a stopped process), and the stream ends as lost.
+
+        With ``request_id`` (a stream quiet for ``LOST_CHECK_S``) the worker is asked whatever its heartbeat
+        says, and must also be serving that request: a request, or its last chunk, lost on the way (core NATS
+        delivers at most once, and a NATS server that dies loses what it held) ends the stream as lost, so
+        the gateway serves it elsewhere (nothing sent yet) or ends it with a clear error, instead of waiting
+        out the token timeout."""
         if self.table.replaced(route):
             return False
+        if request_id is None:
+            if self.table.alive(route):
+                return True
+            now = time.monotonic()
+            incarnation, until = self._pinged.get(route.worker_id, (None, 0.0))
+            if incarnation == route.incarnation and now < until:  # answered a moment ago
+                return True
         now = time.monotonic()
-        incarnation, until = self._pinged.get(route.worker_id, (None, 0.0))
-        if incarnation == route.incarnation and now < until:  # answered a moment ago
-            return True
         try:
-            pong = await bus.request(self.nc, PING.format(worker=route.worker_id), Ping(), Pong,
-                                     timeout=self.settings.heartbeat_interval_s)
+            pong = await bus.request(self.nc, PING.format(worker=route.worker_id), Ping(request_id=request_id),
+                                     Pong, timeout=self.settings.heartbeat_interval_s)
         except bus.BusError as exc:
-            log.warning("worker %s is lost: its heartbeat is stale and a ping found %s", route.worker_id,
+            log.warning("worker %s is lost: a ping %s found %s", route.worker_id,
+                        f"about request {request_id}" if request_id else "after its heartbeat went stale",
                         "nobody listening" if exc.code == "no_responders" else "no answer")
             return False
         if pong.started_at_s != route.incarnation:
             return False
+        if request_id is not None:
+            if pong.serving is False:
+                log.warning("request %s is not on worker %s: it, or its end, was lost on the way", request_id,
+                            route.worker_id)
+                return False
+            return True
         log.info("worker %s answers a ping, though its heartbeat is stale here", route.worker_id)
         self._pinged = {w: v for w, v in self._pinged.items() if v[1] > now}  # workers come and go: no pile-up
         self._pinged[route.worker_id] = (route.incarnation, now + self.settings.heartbeat_timeout_s)

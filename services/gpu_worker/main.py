@@ -17,7 +17,7 @@ from services.gpu_worker.streaming import ChunkCoalescer, RequesterWatch, merge_
 from services.gpu_worker.worker import Worker
 from shared import bus
 from shared.messages import (
-    CancelRequest, ChoiceDelta, CommandResult, ErrorInfo, InferChunk, InferRequest, Pong, Usage, WorkerCommand,
+    CancelRequest, ChoiceDelta, CommandResult, ErrorInfo, InferChunk, InferRequest, Ping, Pong, Usage, WorkerCommand,
     WorkerEvent, WorkerState,
 )
 from shared.settings import WorkerSettings, load_settings
@@ -114,7 +114,12 @@ class WorkerService:
     async def on_ping(self, msg: Msg) -> None:
         """Answered in the subscription's callback, before any work: a reply proves this process is connected
         and its loop runs, whatever the heartbeat path says."""
-        await bus.reply(self.nc, msg, Pong(worker_id=self.settings.worker_id, started_at_s=self.started_at))
+        try:
+            asked = Ping.decode(msg.data).request_id if msg.data else None
+        except ValueError:
+            asked = None
+        await bus.reply(self.nc, msg, Pong(worker_id=self.settings.worker_id, started_at_s=self.started_at,
+                                           serving=(asked in self._requests) if asked else None))
 
     async def on_probe_answer(self, msg: Msg) -> None:
         """NATS's no-responders answer to a probing chunk: nobody listens for that stream any more."""

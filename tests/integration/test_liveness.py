@@ -238,3 +238,59 @@ async def test_a_worker_stops_though_its_heartbeat_swallows_a_cancellation(nats_
         await asyncio.wait_for(inside.wait(), 10)
         stopping = time.monotonic()
     assert time.monotonic() - stopping < 15  # running_worker's exit waited for the whole shutdown
+
+
+async def test_a_request_the_worker_does_not_have_is_called_lost_even_with_a_fresh_heartbeat(nats_url, nc):
+    """A request (or its last chunk) lost on the way, as with a NATS server that dies holding it: the worker
+    heartbeats, but asked about that request it says it has none, and the stream ends instead of waiting out
+    the token timeout. A request it has keeps its stream."""
+    js = nc.jetstream()
+    buckets = await bus.ensure_all(js)
+    workers = bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState).start()
+    catalog = bus.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
+    gw = Gateway(GatewaySettings(nats_url=nats_url, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.0))
+    gw.nc, gw.table = nc, RoutingTable(catalog, workers, 1.0, AdmissionCore(queue_size=4))
+    try:
+        async with running_worker(nats_url, "forgetful") as worker:
+            route = Route("forgetful", "i-1", 0, incarnation=worker.started_at)
+            await eventually(lambda: gw.table.alive(route), timeout=10, what="the worker's heartbeat seen")
+            assert not await gw.still_serving(route, "never-sent"), "a request the worker never got is lost"
+            held = asyncio.Event()
+            worker._requests["in-flight"] = asyncio.ensure_future(held.wait())  # one it is serving
+            try:
+                assert await gw.still_serving(route, "in-flight")
+            finally:
+                held.set()
+                worker._requests.pop("in-flight")
+            assert gw.table.alive(route), "the heartbeat was fresh throughout"
+    finally:
+        for mirror in (workers, catalog):
+            await mirror.stop()
+
+
+async def test_a_watch_whose_consumer_is_lost_is_noticed_and_renewed(nc, caplog):
+    """A KV watch's consumer lost on the server while the connection stays up (it lived on a NATS server that
+    died) delivers nothing more, silently: the mirror sees the bucket move past what it delivered and watches
+    afresh, counting the gap as blind (not as its writers' silence)."""
+    js = nc.jetstream()
+    kv = await js.create_key_value(bucket="test-stalled-watch", history=1)
+    mirror = bus.KvMirror(kv, WorkerState, expire_after_s=0).start()
+
+    def state(wid, at):
+        return WorkerState(worker_id=wid, node="n", device="cpu:0", engine="sim", memory_budget_bytes=1,
+                           heartbeat_at_s=at).encode()
+    try:
+        await kv.put("w", state("w", 1.0))
+        await eventually(lambda: "w" in mirror.items, timeout=5, what="the first value")
+        for consumer in await js.consumers_info("KV_test-stalled-watch"):  # the watch's consumer is gone
+            await js.delete_consumer("KV_test-stalled-watch", consumer.name)
+        lost_at = time.time()
+        await kv.put("w", state("w", 2.0))
+        await eventually(lambda: mirror.items["w"].heartbeat_at_s == 2.0, timeout=10, every=0.1,
+                         what="the value written after the consumer was lost")
+        assert time.time() - lost_at < 5, "noticed within a few stall checks, not after heartbeats time out"
+        assert any("stalled" in r.message for r in caplog.records)
+        assert any(start <= lost_at + bus.KvMirror.STALL_CHECK_S for start, _ in mirror.blind())
+    finally:
+        await mirror.stop()
+        await js.delete_key_value("test-stalled-watch")

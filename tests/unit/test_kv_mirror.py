@@ -51,8 +51,8 @@ def bucket(*entries, server_now_s: float | None = None):
     return SimpleNamespace(_name=WORKERS_BUCKET.name, _stream=f"KV_{WORKERS_BUCKET.name}", _js=js, watchall=watchall)
 
 
-def entry(key: str, server_time_s: float):
-    return SimpleNamespace(key=key, value=state(key).encode(), operation=None,
+def entry(key: str, server_time_s: float, revision: int = 1):
+    return SimpleNamespace(key=key, value=state(key).encode(), operation=None, revision=revision,
                            created=datetime.fromtimestamp(server_time_s, timezone.utc))
 
 
