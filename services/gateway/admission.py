@@ -23,6 +23,7 @@ from shared.policy.routing import Route
 
 log = logging.getLogger("warmserve.gateway")
 _tracer = trace.get_tracer("warmserve.gateway")
+RETRY_EXCLUDED_S = 2.0  # an instance a request could not start on is avoided this long while it waits
 Scaler = Callable[[ScaleRequest], Awaitable[ScaleReply]]
 
 
@@ -98,9 +99,14 @@ class Admission:
         """Ask for an instance and wait until one has room or the deadline passes."""
         existing = self.table.known_instances(model)  # slots freeing up there are `warm`
         last_error = "no instance became ready"
+        began = time.monotonic()
         while True:
             changed = self._changed
-            route = self.table.try_route(model, exclude)
+            # an instance that could not start the request is avoided, but not for good: when it is the only
+            # one (a reroute after a NATS failover cut the gateway or the worker off for a moment), it is
+            # tried again after RETRY_EXCLUDED_S rather than waiting for a scale-up its load does not justify
+            avoid = exclude if time.monotonic() - began < RETRY_EXCLUDED_S else ()
+            route = self.table.try_route(model, avoid)
             if route is not None:
                 self.table.started(route)  # reserve the slot before anything else can take it
                 outcome = self.core.label(model, route.instance_id, existing, route.made)

@@ -159,3 +159,26 @@ async def test_a_request_cancelled_while_its_scale_up_reply_is_awaited_gives_its
         await waiter
     assert table.pending == {}
     replied.set()
+
+
+async def test_a_request_rerouted_from_the_only_instance_goes_back_to_it_instead_of_waiting_out_its_budget():
+    """A request that could not start on an instance (the gateway or the worker was cut off from NATS for a
+    moment) avoids it while it waits; when it is the only one and no other comes, it is tried again after
+    RETRY_EXCLUDED_S, not after the whole queue wait (the orchestrator makes no new instance for a load the
+    old one has room for)."""
+    from services.gateway.admission import RETRY_EXCLUDED_S
+
+    table = FakeTable()
+    table.instances = [Route("w1", "only", 0, capacity=4, made=Outcome.PREWARM_HIT)]
+
+    async def scaler(req):  # the orchestrator: the existing instance has room
+        return ScaleReply(ok=True, outcome=Outcome.WARM, worker_id="w1", instance_id="only")
+
+    adm = Admission(table, scaler, AdmissionCore(8), wait_s=60.0)
+    started = asyncio.get_running_loop().time()
+    route, _, waited = await asyncio.wait_for(adm.admit("m", exclude={"only"}), 10)
+    assert route.instance_id == "only"
+    assert RETRY_EXCLUDED_S <= asyncio.get_running_loop().time() - started < RETRY_EXCLUDED_S + 2.0
+    table.instances.append(Route("w2", "other", 0, capacity=4, made=Outcome.PREWARM_HIT))
+    route, _, _ = await asyncio.wait_for(adm.admit("m", exclude={"only"}), 10)
+    assert route.instance_id == "other", "another instance is preferred at once"
