@@ -30,6 +30,7 @@ from shared.settings import ControlPlaneSettings
 from shared.subjects import LEASES_BUCKET
 
 log = logging.getLogger(__name__)
+RETRY_AFTER_FAILURE_S = 5.0  # a replica whose service failed waits this long before it may lead again
 POLL_S = 0.5  # how often a replica reads the lease key (a standby sees a release this late at most)
 
 
@@ -102,13 +103,16 @@ def _decode(entry_value: bytes | None) -> LeaseValue | None:
 
 async def read_lease(kv, role: str) -> tuple[int | None, LeaseValue | None]:
     """The lease key's revision and value; (revision of the delete marker, None) after a release;
-    (None, None) if it was never written."""
+    (None, None) if it was never written. Read from the stream's leader, never a replica's direct answer:
+    a replica that lags (a NATS server catching up after a restart) would show an old revision, and every
+    compare-and-set written over it would fail."""
     try:
-        entry = await kv.get(role)
-    except nats.js.errors.KeyNotFoundError as exc:
-        entry = getattr(exc, "entry", None)
-        return (entry.revision if entry is not None else None), None
-    return entry.revision, _decode(entry.value)
+        msg = await kv._js.get_last_msg(kv._stream, f"$KV.{LEASES_BUCKET.name}.{role}", direct=False)
+    except nats.js.errors.NotFoundError:
+        return None, None
+    if msg.headers and msg.headers.get("KV-Operation") in ("DEL", "PURGE"):
+        return msg.seq, None
+    return msg.seq, _decode(msg.data)
 
 
 class Elector:
@@ -121,18 +125,27 @@ class Elector:
         self.status = STATUS.setdefault(role, LeaderStatus(role, me))
         self.term: Term | None = None
         self.task: asyncio.Task | None = None
+        self.failing_since: float | None = None  # lease reads or writes fail since then
+        self.warned_at: float | None = None
 
     async def run(self, kv, stop: asyncio.Event) -> None:
         try:
             while not stop.is_set():
                 await self._turn(kv)
                 if self.task is not None and self.task.done():
-                    self.task.result()  # a body that crashed takes the process down (its supervisor restarts it)
-                    # it returned by itself (it learned it was deposed): hand the lease on
+                    # it returned by itself (it learned it was deposed) or failed: hand the lease on
+                    failed = not self.task.cancelled() and self.task.exception() is not None
+                    if failed:
+                        log.error("%s: the service failed; handing the lease on", self.role,
+                                  exc_info=self.task.exception())
                     self.task = None
                     revision = self.core.revision
-                    await self._step_down(self.core.resign("the service ended its term"))
+                    await self._step_down(self.core.resign("the service failed" if failed else
+                                                           "the service ended its term"))
                     await self._release(kv, revision)
+                    if failed:  # not at once again: a standby may do better, and a crash loop stays slow
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(stop.wait(), RETRY_AFTER_FAILURE_S)
                 wake = min(self.core.next_wake(self.clock()) - self.clock(), POLL_S)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), max(0.05, wake))
@@ -147,8 +160,9 @@ class Elector:
         try:
             revision, value = await read_lease(kv, self.role)
         except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError, OSError) as exc:
-            log.debug("%s lease: read failed (%s)", self.role, exc)
+            self._failed(exc)
         else:
+            self.failing_since = None
             self.status.read_at, self.status.holder = time.monotonic(), value.holder if value else None
             action = self.core.observe(revision, value, self.clock())
             if isinstance(action, StepDown):
@@ -176,7 +190,7 @@ class Elector:
                 await self._step_down(step)
             return
         except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError, OSError) as exc:
-            log.debug("%s lease: write failed (%s)", self.role, exc)
+            self._failed(exc)
             self.core.write_failed(self.clock(), conflict=False)
             return
         if isinstance(action, Acquire):
@@ -188,6 +202,17 @@ class Elector:
                 self._start_term(revision)
         else:
             self.core.renewed(revision, sent)
+
+    def _failed(self, exc: Exception) -> None:
+        """A read or write of the lease that NATS did not answer: logged once it has gone on for a lease."""
+        now = self.clock()
+        if self.failing_since is None:
+            self.failing_since, self.warned_at = now, None
+        lease_s = self.core.config.lease_s
+        if now - self.failing_since >= lease_s and (self.warned_at is None or now - self.warned_at >= 6 * lease_s):
+            self.warned_at = now
+            log.warning("%s: %s cannot read or write its lease in NATS for %.0f s (%s: %s)", self.role, self.me,
+                        now - self.failing_since, exc.__class__.__name__, exc)
 
     def _start_term(self, epoch: int) -> None:
         log.info("%s: %s leads (epoch %d)", self.role, self.me, epoch)

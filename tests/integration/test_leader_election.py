@@ -185,3 +185,21 @@ async def test_a_lone_leader_suspends_while_nats_is_away_and_resumes_its_term(tm
         stop.set()
         await asyncio.wait_for(task, 15)
         server.stop()
+
+
+async def test_a_replica_whose_service_fails_hands_the_lease_on_and_stays_up(nats_urls, fresh_lease):
+    terms: list = []
+
+    class Failing(Replica):
+        async def body(self, ended, term):
+            terms.append((self.name, term.epoch, time.monotonic()))
+            raise RuntimeError("the service could not start")
+
+    a = Failing("a", nats_urls[PLACEMENT], terms).start()
+    await eventually(lambda: terms, timeout=10, what="a leading")
+    b = Replica("b", nats_urls[PLACEMENT], terms).start()
+    await eventually(lambda: any(name == "b" for name, _, _ in terms), timeout=3 * LEASE_S,
+                     what="b taking over from a failed service")
+    assert not a.task.done(), "the failing replica stays up, standing by"
+    await b.stop_gracefully()
+    await a.stop_gracefully()
