@@ -120,6 +120,10 @@ class GatewaySettings(CommonSettings):
                                                          "has its own limit; bursts of twice that pass (more: 429)")
     key_max_concurrency: int = Field(64, ge=1, description="requests in flight per API key, unless the key has "
                                                            "its own limit; more get a 429 until one finishes")
+    gateways: int = Field(1, ge=1, le=1024, description="gateways behind one load balancer that spreads requests "
+                          "evenly: each enforces 1/N of every key's rate limit and of its concurrency limit (rounded "
+                          "up, at least 1), so a key's limits hold across them (docs/deploy.md, Gateways). Set the "
+                          "same on every gateway; 1: this gateway alone enforces the whole limit")
     max_body_bytes: int = Field(1024**2 - 8 * 1024, ge=1024,
                                 description="largest request body, chunked bodies included; larger ones get a 413 "
                                             "before any parsing. At most NATS's max_payload less 8 KiB for what the "

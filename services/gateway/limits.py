@@ -67,16 +67,23 @@ def prompt_param(body) -> str:
     return "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
 
 
+def share_of(limit: int, gateways: int) -> int:
+    """One gateway's share of a key's concurrency limit among ``gateways`` behind one load balancer; at
+    least 1, so a key limited below the number of gateways may have one request on each."""
+    return max(1, -(-limit // gateways))
+
+
 class KeySlots:
     """Requests in flight per API key. ``acquire`` takes a slot or raises 429; the function it returns
     gives the slot back (once, however often it is called)."""
 
-    def __init__(self, default_limit: int):
+    def __init__(self, default_limit: int, gateways: int = 1):
         self.default_limit = default_limit
+        self.gateways = gateways  # gateways sharing the keys' limits: this one enforces its share
         self.in_flight: dict[str, int] = {}
 
     def limit(self, record: ApiKeyRecord) -> int:
-        return record.max_concurrency or self.default_limit
+        return share_of(record.max_concurrency or self.default_limit, self.gateways)
 
     def acquire(self, record: ApiKeyRecord | None) -> Callable[[], None]:
         if record is None:  # keys are not required: nothing to count against

@@ -78,7 +78,8 @@ def share_limits(gateway, fd: int, index: int) -> None:
 
     table = LimitTable(fd, index)
     table.reset_process()  # whatever a predecessor in this column held died with it
-    gateway.key_slots = SharedKeySlots(gateway.settings.key_max_concurrency, table, time.monotonic)
+    gateway.key_slots = SharedKeySlots(gateway.settings.key_max_concurrency, table, time.monotonic,
+                                       gateway.settings.gateways)
     gateway.rates = SharedRates(table)
 
 

@@ -216,10 +216,10 @@ class SharedKeySlots:
     """``KeySlots`` (services/gateway/limits.py) counted across the host's gateway processes: the same
     ``acquire`` and the same 429. A key the table has no row for is counted by this process alone."""
 
-    def __init__(self, default_limit: int, table: LimitTable, clock: Callable[[], float]):
+    def __init__(self, default_limit: int, table: LimitTable, clock: Callable[[], float], gateways: int = 1):
         from services.gateway.limits import KeySlots  # imported here: the supervisor needs only the table
 
-        self.local = KeySlots(default_limit)
+        self.local = KeySlots(default_limit, gateways)
         self.default_limit = default_limit
         self.table = table
         self._clock = clock

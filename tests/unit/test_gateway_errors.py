@@ -361,3 +361,30 @@ def test_a_failed_requests_logged_detail_is_shortened(caplog):
     [line] = [r.getMessage() for r in caplog.records if "req-1" in r.getMessage()]
     assert line.count("secret") < 60 and len(line) < LOGGED_DETAIL_CHARS + 120
     assert line.endswith(f"({len(detail) - LOGGED_DETAIL_CHARS} more characters)")
+
+
+def test_gateways_behind_one_balancer_each_enforce_their_share_of_a_keys_limits():
+    """With N gateways (WARMSERVE_GATEWAYS) each admits 1/N of a key's concurrency and rate, so the key's
+    limits hold across all of them; never less than one request each."""
+    from services.gateway.app import Gateway
+    from services.gateway.limits import KeySlots
+    from shared.apikeys import hash_key
+    from shared.messages import ApiKeyRecord
+    from shared.settings import GatewaySettings
+
+    assert KeySlots(default_limit=10, gateways=3).limit(ApiKeyRecord(id="a", name="a")) == 4
+    assert KeySlots(default_limit=10, gateways=3).limit(ApiKeyRecord(id="b", name="b", max_concurrency=1)) == 1
+    assert KeySlots(default_limit=10).limit(ApiKeyRecord(id="a", name="a")) == 10
+
+    def admitted(gateways: int) -> int:  # requests of one key admitted at once by one gateway, rate 10/s
+        gw = Gateway(GatewaySettings(rate_limit_rps=10.0, gateways=gateways))
+        gw.keys = type("Keys", (), {"items": {hash_key("k"): ApiKeyRecord(id="k", name="k")}})()
+        n = 0
+        try:
+            while n < 100:
+                gw.authorize("Bearer k")
+                n += 1
+        except errors.ApiError as exc:
+            assert exc.status == 429
+        return n
+    assert admitted(1) == 20 and admitted(2) == 10, "a burst of twice the rate, of this gateway's share"

@@ -542,3 +542,11 @@ def test_the_worker_probe_sees_its_own_nats_connection_only():
                                     f"import os; sys.exit(1 if m.connected_to_nats(os.getpid(), {port}) else 0)"],
                                    timeout=60)
             assert other.returncode == 0  # same network namespace, not its connection
+
+
+def test_every_gateway_enforces_its_share_of_the_keys_limits(objects):
+    """WARMSERVE_GATEWAYS equals the gateway's replicas in every rendering, so an API key's rate and
+    concurrency limits hold across the replicas instead of growing with them."""
+    gateway = one(objects, "Deployment", "gateway")
+    env = {e["name"]: e.get("value") for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env.get("WARMSERVE_GATEWAYS") == str(gateway["spec"]["replicas"])
