@@ -39,6 +39,22 @@ async def command(nc, wid, kind, model, spec=None):
 
 
 @contextlib.asynccontextmanager
+async def gateway_watching(nats_url, nc):
+    """A gateway shell with live mirrors of the workers and the catalog (no HTTP server): what a stream's
+    liveness checks use. Heartbeats every 0.2 s, stale after 1 s."""
+    buckets = await bus.ensure_all(nc.jetstream())
+    workers = bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState).start()
+    catalog = bus.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
+    gw = Gateway(GatewaySettings(nats_url=nats_url, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.0))
+    gw.nc, gw.table = nc, RoutingTable(catalog, workers, 1.0, AdmissionCore(queue_size=4))
+    try:
+        yield gw
+    finally:
+        for mirror in (workers, catalog):
+            await mirror.stop()
+
+
+@contextlib.asynccontextmanager
 async def running_worker(nats_url, wid, clock=time.time, **settings):
     """A sim worker service in this process, answering commands, with its own wall clock."""
     service = WorkerService(WorkerSettings(**{"nats_url": nats_url, "worker_id": wid, "engine": "sim",
@@ -187,13 +203,7 @@ async def test_a_worker_whose_heartbeat_lags_keeps_its_streams_while_it_answers_
     """The heartbeat path can lag behind a worker that runs (its KV writes held up on a loaded host): a
     gateway waiting on a silent stream then asks the worker itself, and ends the stream only when no process
     answers, or another process of that worker does (a restart)."""
-    js = nc.jetstream()
-    buckets = await bus.ensure_all(js)
-    workers = bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState).start()
-    catalog = bus.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
-    gw = Gateway(GatewaySettings(nats_url=nats_url, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.0))
-    gw.nc, gw.table = nc, RoutingTable(catalog, workers, 1.0, AdmissionCore(queue_size=4))
-    try:
+    async with gateway_watching(nats_url, nc) as gw:
         async with running_worker(nats_url, "lagging") as lagging:
             route = Route("lagging", "i-1", 0, incarnation=lagging.started_at)
             await eventually(lambda: gw.table.alive(route), timeout=10, what="the worker's heartbeat seen")
@@ -218,9 +228,6 @@ async def test_a_worker_whose_heartbeat_lags_keeps_its_streams_while_it_answers_
             assert time.monotonic() - started < 2.0  # within about a heartbeat interval
         finally:
             await stuck.unsubscribe()
-    finally:
-        for mirror in (workers, catalog):
-            await mirror.stop()
 
 
 async def test_a_worker_stops_though_its_heartbeat_swallows_a_cancellation(nats_url):
@@ -244,13 +251,7 @@ async def test_a_request_the_worker_does_not_have_is_called_lost_even_with_a_fre
     """A request (or its last chunk) lost on the way, as with a NATS server that dies holding it: the worker
     heartbeats, but asked about that request it says it has none, and the stream ends instead of waiting out
     the token timeout. A request it has keeps its stream."""
-    js = nc.jetstream()
-    buckets = await bus.ensure_all(js)
-    workers = bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState).start()
-    catalog = bus.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
-    gw = Gateway(GatewaySettings(nats_url=nats_url, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.0))
-    gw.nc, gw.table = nc, RoutingTable(catalog, workers, 1.0, AdmissionCore(queue_size=4))
-    try:
+    async with gateway_watching(nats_url, nc) as gw:
         async with running_worker(nats_url, "forgetful") as worker:
             route = Route("forgetful", "i-1", 0, incarnation=worker.started_at)
             await eventually(lambda: gw.table.alive(route), timeout=10, what="the worker's heartbeat seen")
@@ -263,9 +264,6 @@ async def test_a_request_the_worker_does_not_have_is_called_lost_even_with_a_fre
                 held.set()
                 worker._requests.pop("in-flight")
             assert gw.table.alive(route), "the heartbeat was fresh throughout"
-    finally:
-        for mirror in (workers, catalog):
-            await mirror.stop()
 
 
 async def test_a_watch_whose_consumer_is_lost_is_noticed_and_renewed(nc, caplog):
