@@ -43,6 +43,7 @@ OUTCOME_HEADER = "x-warmserve-outcome"
 MAX_ROUTES = 3  # a request that no worker started is routed again, at most this often
 CLIENT_CLOSED = 499  # nginx's "client closed request"
 LOST_CHECK_S = 2.0  # a stream quiet this long asks its worker whether it has the request at all
+SCALE_ASK_S = 5.0  # an unanswered ask for an instance is asked again after this (the wait goes on)
 CUT_BEFORE_END_S = 1.0  # of the shutdown grace: time to send the errors and close before uvicorn cancels
 
 
@@ -130,8 +131,12 @@ class Gateway:
             self.admission.notify()
 
     async def _scale(self, req: ScaleRequest) -> ScaleReply:
+        """Ask the orchestrator for an instance. The answer comes when the instance serves (a cold load takes
+        a while), but an ask is given up after SCALE_ASK_S and asked again: an ask lost with the orchestrator
+        leader that got it (its node died) would otherwise hold every waiting request for the whole queue
+        wait. Asking again costs nothing: the orchestrator shares one scale-up per model among all asks."""
         return await bus.request(self.nc, SCALE.format(model=req.model), req, ScaleReply,
-                                 timeout=self.settings.queue_wait_s)
+                                 timeout=min(self.settings.queue_wait_s, SCALE_ASK_S))
 
     def cancel(self, worker_id: str, request_id: str) -> None:
         async def send() -> None:

@@ -292,3 +292,30 @@ async def test_a_watch_whose_consumer_is_lost_is_noticed_and_renewed(nc, caplog)
     finally:
         await mirror.stop()
         await js.delete_key_value("test-stalled-watch")
+
+
+async def test_an_ask_for_an_instance_lost_with_its_orchestrator_is_given_up_and_asked_again(nats_url, nc):
+    """The orchestrator leader that took an ask died with it (its node went): the gateway's ask gives up after
+    SCALE_ASK_S, not the whole queue wait, and the next ask reaches the new leader."""
+    from services.gateway.app import SCALE_ASK_S
+    from shared.messages import ScaleReply, ScaleRequest
+    from shared.subjects import SCALE
+
+    gw = Gateway(GatewaySettings(nats_url=nats_url, queue_wait_s=60.0))
+    gw.nc = nc
+    asks: list[float] = []
+
+    async def orchestrators(msg):  # the first ask is lost; the next leader answers
+        asks.append(time.monotonic())
+        if len(asks) > 1:
+            await bus.reply(nc, msg, ScaleReply(ok=True, worker_id="w", instance_id="i"))
+    sub = await nc.subscribe(SCALE.wildcard, queue="orchestrator", cb=orchestrators)
+    try:
+        req = ScaleRequest(model="m", reason="no_instance", waiting=1)
+        started = time.monotonic()
+        with pytest.raises(bus.BusError):
+            await gw._scale(req)
+        assert SCALE_ASK_S - 0.5 <= time.monotonic() - started < SCALE_ASK_S + 2
+        assert (await gw._scale(req)).ok
+    finally:
+        await sub.unsubscribe()
