@@ -419,6 +419,81 @@ async def ensure_streams(js: JetStreamContext, replicas: int | None = None) -> N
                             "using it as it is", spec.name, exc.__class__.__name__)
 
 
+class Follower:
+    """A subscription to a stream's messages (an ordered consumer) that renews itself when it stops
+    delivering: its consumer lost with the NATS server that held it, or after a reconnect, while the stream
+    has messages for it (``num_pending``) and nothing arrives for a check (``STALL_CHECK_S``). nats-py only
+    notices a lost ordered consumer after missed heartbeats, if at all; meanwhile a reader sees silence
+    (the orchestrator took an absent demand stream for zero load and stopped the instance serving it).
+    Renewing starts again with ``deliver_policy`` (new messages, or the last per subject)."""
+
+    STALL_CHECK_S = 1.0
+
+    def __init__(self, js: JetStreamContext, subject: str, cb: Callable[[Msg], Awaitable[None]],
+                 deliver_policy: DeliverPolicy):
+        self.js, self.subject, self.cb, self.deliver_policy = js, subject, cb, deliver_policy
+        self.delivered = 0  # messages delivered since the current subscription began
+        self.renewals = 0
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> Follower:
+        sub = await self._subscribe()
+        self._task = asyncio.create_task(self._watch(sub), name=f"follow-{self.subject}")
+        return self
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _subscribe(self):
+        self.delivered = 0
+
+        async def on_msg(msg: Msg) -> None:
+            self.delivered += 1
+            await self.cb(msg)
+        return await self.js.subscribe(self.subject, ordered_consumer=True, deliver_policy=self.deliver_policy,
+                                       cb=on_msg)
+
+    async def _watch(self, sub) -> None:
+        owed_at: int | None = None  # deliveries counted when pending messages were first seen undelivered
+        try:
+            while True:
+                await asyncio.sleep(self.STALL_CHECK_S)
+                try:
+                    info = await sub.consumer_info()
+                    pending, lost = info.num_pending, False
+                except nats.js.errors.NotFoundError:
+                    pending, lost = 0, True
+                except Exception:  # NATS away or electing: the next check decides
+                    continue
+                if not lost and (not pending or owed_at is None or self.delivered > owed_at):
+                    owed_at = self.delivered if pending else None
+                    continue
+                log.warning("subscription to %s stalled (%s); subscribing again", self.subject,
+                            "its consumer is gone" if lost else f"{pending} messages not delivered")
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+                while True:
+                    try:
+                        sub = await self._subscribe()
+                        break
+                    except Exception as exc:
+                        log.debug("renewing the subscription to %s failed (%s)", self.subject, exc)
+                        await asyncio.sleep(self.STALL_CHECK_S)
+                self.renewals += 1
+                owed_at = None
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+
+async def follow(js: JetStreamContext, subject: str, cb: Callable[[Msg], Awaitable[None]],
+                 deliver_policy: DeliverPolicy) -> Follower:
+    """Deliver ``subject``'s stream messages to ``cb``, renewing the subscription when it stalls (``Follower``)."""
+    return await Follower(js, subject, cb, deliver_policy).start()
+
+
 async def js_publish(js: JetStreamContext, subject: str, msg: BusMessage, msg_id: str) -> None:
     """Publish to JetStream with a message id, so a retried publish is stored once."""
     headers = inject_headers({"Nats-Msg-Id": msg_id})

@@ -203,11 +203,8 @@ class Placement:
             log.info("no current plan in KV (%s)", brief(exc))
         engine = create_engine(s.database_url)
         self.sessions = sessionmaker(engine)
-        subs = [
-            await self.js.subscribe(FORECAST.wildcard, ordered_consumer=True,
-                                    deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, cb=self.on_forecast),
-            await self.nc.subscribe(ADMIN.wildcard, queue="placement", cb=self.on_admin),
-        ]
+        forecasts = await bus.follow(self.js, FORECAST.wildcard, self.on_forecast, DeliverPolicy.LAST_PER_SUBJECT)
+        subs = [await self.nc.subscribe(ADMIN.wildcard, queue="placement", cb=self.on_admin)]
         history = asyncio.create_task(bus.consume(self.js, PLACEMENT_PLAN.pattern, "placement-history", PlacementPlan,
                                                   self.store_plan, start_s=await self.history_start()))
         log.info("placement up")
@@ -237,6 +234,7 @@ class Placement:
         await asyncio.gather(history, return_exceptions=True)  # a plan being stored finishes first
         for sub in subs:
             await sub.unsubscribe()
+        await forecasts.stop()
         await self.workers.stop()
         await self.catalog.stop()
         await self.keys.stop()

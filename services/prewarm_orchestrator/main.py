@@ -258,10 +258,8 @@ class Orchestrator:
             self._spawn(self.on_scale(msg))
 
         scale_sub = await self.nc.subscribe(SCALE.wildcard, queue="orchestrator", cb=on_scale)
-        demand_sub = await self.js.subscribe(DEMAND.wildcard, ordered_consumer=True,
-                                             deliver_policy=DeliverPolicy.NEW, cb=self.on_demand)
-        forecast_sub = await self.js.subscribe(FORECAST.wildcard, ordered_consumer=True,
-                                               deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, cb=self.on_forecast)
+        demand_sub = await bus.follow(self.js, DEMAND.wildcard, self.on_demand, DeliverPolicy.NEW)
+        forecast_sub = await bus.follow(self.js, FORECAST.wildcard, self.on_forecast, DeliverPolicy.LAST_PER_SUBJECT)
         log.info("orchestrator up: reconciling every %.1f s", s.reconcile_interval_s)
         while not stop.is_set():
             if all(m.ready.is_set() for m in (self.workers, self.plan, self.catalog, self.operator)):
@@ -271,8 +269,8 @@ class Orchestrator:
                     log.warning("reconcile round failed: %s", brief(exc))
             await pause(stop, s.reconcile_interval_s)
         await scale_sub.unsubscribe()
-        await demand_sub.unsubscribe()
-        await forecast_sub.unsubscribe()
+        await demand_sub.stop()
+        await forecast_sub.stop()
         for t in loops + list(self._tasks):
             t.cancel()
         await asyncio.gather(*loops, *self._tasks, return_exceptions=True)

@@ -319,3 +319,32 @@ async def test_an_ask_for_an_instance_lost_with_its_orchestrator_is_given_up_and
         assert (await gw._scale(req)).ok
     finally:
         await sub.unsubscribe()
+
+
+async def test_a_stream_subscription_whose_consumer_is_lost_is_renewed(nc, caplog):
+    """The orchestrator's demand subscription lost its consumer with a NATS server while its connection stayed
+    up: it delivered nothing more, and the autoscaler took the silence for zero load. A Follower notices the
+    consumer is gone and subscribes again."""
+    from nats.js.api import DeliverPolicy
+
+    js = nc.jetstream()
+    await js.add_stream(name="TEST_FOLLOW", subjects=["test.follow.*"])
+    got: list[bytes] = []
+
+    async def on_msg(msg):
+        got.append(msg.data)
+    follower = await bus.follow(js, "test.follow.*", on_msg, DeliverPolicy.NEW)
+    try:
+        await js.publish("test.follow.a", b"1")
+        await eventually(lambda: got == [b"1"], timeout=5, what="the first message")
+        for consumer in await js.consumers_info("TEST_FOLLOW"):  # its consumer is gone, the connection stays
+            await js.delete_consumer("TEST_FOLLOW", consumer.name)
+
+        async def delivered_again():
+            await js.publish("test.follow.a", b"2")
+            return b"2" in got
+        await eventually(delivered_again, timeout=10, every=1.0, what="messages delivered after the loss")
+        assert follower.renewals >= 1 and any("stalled" in r.message for r in caplog.records)
+    finally:
+        await follower.stop()
+        await js.delete_stream("TEST_FOLLOW")
