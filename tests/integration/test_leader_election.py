@@ -59,7 +59,7 @@ async def fresh_lease(nc):
     try:
         await kv.purge(PLACEMENT)
     except Exception:
-        pass
+        pass  # no such key yet: nothing left over
     yield kv
     await kv.purge(PLACEMENT)
 

@@ -149,7 +149,7 @@ class Bed:
                         if r.status == 200:
                             break
                 except OSError:
-                    pass
+                    pass  # not listening yet: asked again below
                 if time.monotonic() > deadline:
                     raise AssertionError(f"{name} not ready:\n{tail(self.procs[name].log, 20)}")
                 time.sleep(0.3)

@@ -38,7 +38,7 @@ def available() -> str | None:
     try:
         _ip("netns", "del", name)
     except subprocess.CalledProcessError:
-        pass
+        pass  # the probe namespace is gone already: creating one worked, which is what was asked
     return None
 
 

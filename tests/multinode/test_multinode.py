@@ -42,7 +42,7 @@ def read_keys(bed, bucket: str, keys, value_type, only=None) -> dict:
             try:
                 out[key] = value_type.decode((await kv.get(key)).value)
             except Exception:
-                pass
+                pass  # not readable during a failover: left out, and the caller asks again
         return out
     return run(_with_nats(bed, read, only=only))
 
