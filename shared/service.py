@@ -10,7 +10,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 from shared import metrics
-from shared.bus import BusError, KvMirror
+from shared.bus import BusError
+from shared.watch import KvMirror
 from shared.leader import readiness
 from shared.messages import WorkerState
 from shared.policy.cluster import live_workers

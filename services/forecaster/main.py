@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 from services.forecaster.admin import ForecasterAdmin
 from services.forecaster.core import ForecastCore, ForecastRoundConfig
 from services.forecaster.outbox import Outbox
-from shared import bus
+from shared import bus, watch
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
 from shared.messages import DemandSample, Forecast, ModelSpec
@@ -154,7 +154,7 @@ class Forecaster:
         self.nc = await bus.connect(s.nats_url, "forecaster")
         self.js = self.nc.jetstream()
         buckets = await bus.ensure_all(self.js)
-        self.catalog = bus.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
+        self.catalog = watch.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
         engine = create_engine(s.database_url)
         self.sessions = sessionmaker(engine)
         await self.catalog.ready.wait()

@@ -27,7 +27,7 @@ from services.gateway.responses import ResponseBuilder
 from services.gateway.routing import RoutingTable
 from services.gateway.shared_limits import LocalRates
 from services.gateway.shutdown import Drain
-from shared import bus
+from shared import bus, watch
 from shared.apikeys import hash_key
 from shared.messages import (
     ApiKeyRecord, CancelRequest, InferChunk, InferRequest, ModelSpec, Outcome, Ping, Pong, ScaleReply, ScaleRequest,
@@ -71,9 +71,9 @@ class Gateway:
                         "bodies are limited to %d bytes", s.max_body_bytes, self.nc.max_payload, self.body_limit)
         self.js = self.nc.jetstream()
         buckets = await bus.ensure_all(self.js)
-        self.catalog = bus.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
-        self.workers = bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState, on_change=self._workers_changed).start()
-        self.keys = bus.KvMirror(buckets[APIKEYS_BUCKET.name], ApiKeyRecord).start()
+        self.catalog = watch.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
+        self.workers = watch.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState, on_change=self._workers_changed).start()
+        self.keys = watch.KvMirror(buckets[APIKEYS_BUCKET.name], ApiKeyRecord).start()
         core = AdmissionCore(s.queue_size)
         self.table = RoutingTable(self.catalog, self.workers, s.heartbeat_timeout_s, core)
         self.admission = Admission(self.table, self._scale, core, wait_s=s.queue_wait_s,

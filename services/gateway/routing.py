@@ -7,7 +7,7 @@ from collections.abc import Collection
 
 from services.gateway.admission_core import AdmissionCore
 from services.gateway.errors import ApiError
-from shared.bus import KvMirror
+from shared.watch import KvMirror
 from shared.messages import CopyState, ModelSpec, ModelStatus, WorkerState
 from shared.policy.cluster import live_workers
 from shared.policy.routing import Route, active_routes

@@ -12,7 +12,7 @@ from nats.js.api import DeliverPolicy
 
 from services.placement.admin import Admin
 from services.placement.core import PlacementCore, PlacementCoreConfig
-from shared import bus, metrics
+from shared import bus, metrics, watch
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
 from shared.messages import ApiKeyRecord, Forecast, ModelSpec, OperatorHold, PlacementPlan, WorkerState
@@ -186,12 +186,12 @@ class Placement:
         buckets = await bus.ensure_all(self.js)
         self.catalog_kv = buckets[CATALOG_BUCKET.name]
         self.plan_kv = buckets[PLACEMENT_BUCKET.name]
-        self.catalog = bus.KvMirror(self.catalog_kv, ModelSpec, on_change=self.changed.set).start()
-        self.workers = bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState, on_change=self.changed.set).start()
+        self.catalog = watch.KvMirror(self.catalog_kv, ModelSpec, on_change=self.changed.set).start()
+        self.workers = watch.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState, on_change=self.changed.set).start()
         self.keys_kv = buckets[APIKEYS_BUCKET.name]
-        self.keys = bus.KvMirror(self.keys_kv, ApiKeyRecord).start()
+        self.keys = watch.KvMirror(self.keys_kv, ApiKeyRecord).start()
         self.operator_kv = buckets[OPERATOR_BUCKET.name]
-        self.operator = bus.KvMirror(self.operator_kv, OperatorHold, on_change=self.changed.set).start()
+        self.operator = watch.KvMirror(self.operator_kv, OperatorHold, on_change=self.changed.set).start()
         await self.catalog.ready.wait()
         await self.workers.ready.wait()
         await self.keys.ready.wait()
@@ -203,7 +203,7 @@ class Placement:
             log.info("no current plan in KV (%s)", brief(exc))
         engine = create_engine(s.database_url)
         self.sessions = sessionmaker(engine)
-        forecasts = await bus.follow(self.js, FORECAST.wildcard, self.on_forecast, DeliverPolicy.LAST_PER_SUBJECT)
+        forecasts = await watch.follow(self.js, FORECAST.wildcard, self.on_forecast, DeliverPolicy.LAST_PER_SUBJECT)
         subs = [await self.nc.subscribe(ADMIN.wildcard, queue="placement", cb=self.on_admin)]
         history = asyncio.create_task(bus.consume(self.js, PLACEMENT_PLAN.pattern, "placement-history", PlacementPlan,
                                                   self.store_plan, start_s=await self.history_start()))

@@ -11,7 +11,7 @@ from psycopg.errors import ForeignKeyViolation
 from sqlalchemy.exc import IntegrityError
 
 from services.prewarm_orchestrator.core import WORKER_LOST, Command, OrchestratorConfig, OrchestratorCore
-from shared import bus
+from shared import bus, watch
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
 from shared.messages import (
@@ -245,10 +245,10 @@ class Orchestrator:
         self.nc = await bus.connect(s.nats_url, "prewarm-orchestrator")
         self.js = self.nc.jetstream()
         buckets = await bus.ensure_all(self.js)
-        self.workers = bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState).start()
-        self.plan = bus.KvMirror(buckets[PLACEMENT_BUCKET.name], PlacementPlan).start()
-        self.catalog = bus.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
-        self.operator = bus.KvMirror(buckets[OPERATOR_BUCKET.name], OperatorHold).start()
+        self.workers = watch.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState).start()
+        self.plan = watch.KvMirror(buckets[PLACEMENT_BUCKET.name], PlacementPlan).start()
+        self.catalog = watch.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
+        self.operator = watch.KvMirror(buckets[OPERATOR_BUCKET.name], OperatorHold).start()
         engine = create_engine(s.database_url)
         self.sessions = sessionmaker(engine)
         loops = [asyncio.create_task(bus.consume(self.js, WORKER_EVENT.wildcard, "orchestrator-events", WorkerEvent,
@@ -258,8 +258,8 @@ class Orchestrator:
             self._spawn(self.on_scale(msg))
 
         scale_sub = await self.nc.subscribe(SCALE.wildcard, queue="orchestrator", cb=on_scale)
-        demand_sub = await bus.follow(self.js, DEMAND.wildcard, self.on_demand, DeliverPolicy.NEW)
-        forecast_sub = await bus.follow(self.js, FORECAST.wildcard, self.on_forecast, DeliverPolicy.LAST_PER_SUBJECT)
+        demand_sub = await watch.follow(self.js, DEMAND.wildcard, self.on_demand, DeliverPolicy.NEW)
+        forecast_sub = await watch.follow(self.js, FORECAST.wildcard, self.on_forecast, DeliverPolicy.LAST_PER_SUBJECT)
         log.info("orchestrator up: reconciling every %.1f s", s.reconcile_interval_s)
         while not stop.is_set():
             if all(m.ready.is_set() for m in (self.workers, self.plan, self.catalog, self.operator)):

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from shared import bus
+from shared import bus, watch
 from shared.messages import AdminReply, AdminRequest, InferChunk, InferRequest, ModelSpec
 from shared.subjects import CATALOG_BUCKET, DEMAND, STREAMS
 from tests.helpers import eventually
@@ -74,7 +74,7 @@ async def test_kv_mirror_follows_puts_and_deletes_and_skips_garbage(nc):
     spec = ModelSpec(slug="mirror-a", path="/x", parameter_bytes=1)
     await kv.put("mirror-a", spec.encode())
     changes = []
-    mirror = bus.KvMirror(kv, ModelSpec, on_change=lambda: changes.append(1)).start()
+    mirror = watch.KvMirror(kv, ModelSpec, on_change=lambda: changes.append(1)).start()
     await asyncio.wait_for(mirror.ready.wait(), 5)
     assert mirror.items["mirror-a"] == spec
     after_snapshot = len(changes)
@@ -103,7 +103,7 @@ async def test_kv_mirror_follows_the_bucket_at_once_after_a_server_restart(tmp_p
         nc = await bus.connect(server.url, "mirror-restart")
         kv = (await bus.ensure_all(nc.jetstream()))[CATALOG_BUCKET.name]
         await kv.put("before-restart", ModelSpec(slug="before-restart", path="/x", parameter_bytes=1).encode())
-        mirror = bus.KvMirror(kv, ModelSpec).start()
+        mirror = watch.KvMirror(kv, ModelSpec).start()
         await asyncio.wait_for(mirror.ready.wait(), 5)
         assert mirror.blind() == []
         stopped_at = time.time()

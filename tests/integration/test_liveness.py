@@ -13,7 +13,7 @@ from services.gateway.admission_core import AdmissionCore
 from services.gateway.app import Gateway
 from services.gateway.routing import RoutingTable
 from services.gpu_worker.main import WorkerService
-from shared import bus
+from shared import bus, watch
 from shared.messages import (
     CommandKind, CommandResult, InferChunk, InferRequest, ModelSpec, SamplingParams, WorkerCommand, WorkerState,
 )
@@ -43,8 +43,8 @@ async def gateway_watching(nats_url, nc):
     """A gateway shell with live mirrors of the workers and the catalog (no HTTP server): what a stream's
     liveness checks use. Heartbeats every 0.2 s, stale after 1 s."""
     buckets = await bus.ensure_all(nc.jetstream())
-    workers = bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState).start()
-    catalog = bus.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
+    workers = watch.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState).start()
+    catalog = watch.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
     gw = Gateway(GatewaySettings(nats_url=nats_url, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.0))
     gw.nc, gw.table = nc, RoutingTable(catalog, workers, 1.0, AdmissionCore(queue_size=4))
     try:
@@ -88,8 +88,8 @@ async def test_liveness_is_judged_on_the_readers_clock_not_the_workers(nats_url,
     js = nc.jetstream()
     buckets = await bus.ensure_all(js)
     await buckets[CATALOG_BUCKET.name].put("tiny", spec.encode())
-    workers = bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState).start()
-    catalog = bus.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
+    workers = watch.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState).start()
+    catalog = watch.KvMirror(buckets[CATALOG_BUCKET.name], ModelSpec).start()
     table = RoutingTable(catalog, workers, 2.0, AdmissionCore(queue_size=4))
     later = None
     try:
@@ -114,7 +114,7 @@ async def test_liveness_is_judged_on_the_readers_clock_not_the_workers(nats_url,
                 return "skew-ahead" not in live and "skew-behind" in live and not table.alive(
                     replace(route, worker_id="skew-ahead", incarnation=ahead.started_at))
             await eventually(ahead_gone, timeout=15, what="the worker with a clock ahead declared dead")
-            later = bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState).start()
+            later = watch.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState).start()
             await asyncio.wait_for(later.ready.wait(), 10)
             assert "skew-ahead" in later.items  # its last state is still stored
             assert [w.worker_id for w in seen_workers(later, 2.0)] == ["skew-behind"]
@@ -166,9 +166,9 @@ async def test_mirrors_forget_the_entries_of_workers_that_went_away(nc):
     bucket's TTL, when the server has dropped it too), so what every request scans stays bounded."""
     js = nc.jetstream()
     buckets = await bus.ensure_all(js)
-    assert bus.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState).expire_after_s == WORKERS_BUCKET.ttl_s
+    assert watch.KvMirror(buckets[WORKERS_BUCKET.name], WorkerState).expire_after_s == WORKERS_BUCKET.ttl_s
     kv = await js.create_key_value(bucket="test-ephemeral-workers", history=1)
-    mirror = bus.KvMirror(kv, WorkerState, expire_after_s=1.0).start()
+    mirror = watch.KvMirror(kv, WorkerState, expire_after_s=1.0).start()
 
     def state(wid):
         return WorkerState(worker_id=wid, node="n", device="cpu:0", engine="sim", memory_budget_bytes=1,
@@ -272,7 +272,7 @@ async def test_a_watch_whose_consumer_is_lost_is_noticed_and_renewed(nc, caplog)
     afresh, counting the gap as blind (not as its writers' silence)."""
     js = nc.jetstream()
     kv = await js.create_key_value(bucket="test-stalled-watch", history=1)
-    mirror = bus.KvMirror(kv, WorkerState, expire_after_s=0).start()
+    mirror = watch.KvMirror(kv, WorkerState, expire_after_s=0).start()
 
     def state(wid, at):
         return WorkerState(worker_id=wid, node="n", device="cpu:0", engine="sim", memory_budget_bytes=1,
@@ -288,7 +288,7 @@ async def test_a_watch_whose_consumer_is_lost_is_noticed_and_renewed(nc, caplog)
                          what="the value written after the consumer was lost")
         assert time.time() - lost_at < 5, "noticed within a few stall checks, not after heartbeats time out"
         assert any("stalled" in r.message for r in caplog.records)
-        assert any(start <= lost_at + bus.KvMirror.STALL_CHECK_S for start, _ in mirror.blind())
+        assert any(start <= lost_at + watch.KvMirror.STALL_CHECK_S for start, _ in mirror.blind())
     finally:
         await mirror.stop()
         await js.delete_key_value("test-stalled-watch")
@@ -333,7 +333,7 @@ async def test_a_stream_subscription_whose_consumer_is_lost_is_renewed(nc, caplo
 
     async def on_msg(msg):
         got.append(msg.data)
-    follower = await bus.follow(js, "test.follow.*", on_msg, DeliverPolicy.NEW)
+    follower = await watch.follow(js, "test.follow.*", on_msg, DeliverPolicy.NEW)
     try:
         await js.publish("test.follow.a", b"1")
         await eventually(lambda: got == [b"1"], timeout=5, what="the first message")

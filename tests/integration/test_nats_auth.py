@@ -23,7 +23,7 @@ import nats.js.errors
 import pytest
 from nats.js.api import DeliverPolicy
 
-from shared import bus
+from shared import bus, watch
 from tooling.localcluster.infra import nats_server_binary
 from tooling.localcluster.nats_auth import (
     OPERATOR, PERMISSIONS, NatsUsers, compose_config, env_password, server_config, users_for, with_user,
@@ -227,7 +227,7 @@ async def test_each_service_can_do_its_job_with_its_own_user(secured):
     gw, wk, orch, pl, fc, op = [await secured.connect(u) for u in
                                 ("gateway", W1, "orchestrator", "placement", "forecaster", OPERATOR)]
     assert bytes(gw._inbox_prefix) == b"_INBOX.gateway"  # replies come back to the user's own inboxes
-    mirrors: list[bus.KvMirror] = []
+    mirrors: list[watch.KvMirror] = []
     tasks: list[asyncio.Task] = []
     try:
         buckets = {}
@@ -264,7 +264,7 @@ async def test_each_service_can_do_its_job_with_its_own_user(secured):
                    ("orchestrator", CATALOG_BUCKET, ModelSpec), ("orchestrator", OPERATOR_BUCKET, OperatorHold),
                    ("forecaster", CATALOG_BUCKET, ModelSpec)]
         for name, bucket, kind in watched:  # each service's KvMirrors, as its main.py starts them
-            mirrors.append(bus.KvMirror(buckets[name][bucket.name], kind).start())
+            mirrors.append(watch.KvMirror(buckets[name][bucket.name], kind).start())
         gw_catalog, gw_workers, gw_keys = mirrors[4], mirrors[5], mirrors[6]
         orch_plan, fc_catalog = mirrors[8], mirrors[11]
 

@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.subjects import SERVICE_USERS, worker_user
+from shared.subjects import SERVICE_USERS
 from tests.multinode.netns import Network, Node
 from tooling.localcluster.db_users import ROLE_OF, service_urls
 from tooling.localcluster.nats_cluster import NatsCluster

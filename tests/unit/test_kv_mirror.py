@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from shared.bus import KvMirror, snapshot_seen_at
+from shared.watch import KvMirror, snapshot_seen_at
 from shared.messages import WorkerState
 from shared.subjects import WORKERS_BUCKET
 from tests.helpers import eventually

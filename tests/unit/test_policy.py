@@ -181,7 +181,7 @@ def test_live_workers_count_silence_from_when_the_reader_saw_each_state_not_the_
 def test_a_kv_mirror_forgets_entries_silent_past_its_expiry_but_not_for_its_own_outages():
     from types import SimpleNamespace
 
-    from shared.bus import KvMirror
+    from shared.watch import KvMirror
     from shared.subjects import WORKERS_BUCKET
 
     now = [100.0]
