@@ -176,14 +176,13 @@ class Gateway:
         out the token timeout."""
         if self.table.replaced(route):
             return False
+        now = time.monotonic()
         if request_id is None:
             if self.table.alive(route):
                 return True
-            now = time.monotonic()
             incarnation, until = self._pinged.get(route.worker_id, (None, 0.0))
             if incarnation == route.incarnation and now < until:  # answered a moment ago
                 return True
-        now = time.monotonic()
         try:
             pong = await bus.request(self.nc, PING.format(worker=route.worker_id), Ping(request_id=request_id),
                                      Pong, timeout=self.settings.heartbeat_interval_s)
