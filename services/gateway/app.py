@@ -187,6 +187,8 @@ class Gateway:
             pong = await bus.request(self.nc, PING.format(worker=route.worker_id), Ping(request_id=request_id),
                                      Pong, timeout=self.settings.heartbeat_interval_s)
         except bus.BusError as exc:
+            if request_id is not None and exc.code != "no_responders" and self.table.alive(route):
+                return True  # a busy worker slow to answer, its heartbeat fresh: only a definite "no" ends it
             log.warning("worker %s is lost: a ping %s found %s", route.worker_id,
                         f"about request {request_id}" if request_id else "after its heartbeat went stale",
                         "nobody listening" if exc.code == "no_responders" else "no answer")
