@@ -15,17 +15,17 @@ import numpy as np
 
 from shared.policy.concurrency import concurrency_windows
 from shared.policy.forecast import WindowObservation
-from tooling.workload import traces
+from tooling.workload import traces, weeks
 from tooling.workload.synth import ServiceModel, gamma_arrivals, sampled_requests
 
-SOURCES = ("servegen", "azure-conv", "azure-code")
+SOURCES = ("servegen", "azure-conv", "azure-code", *weeks.WEEKS)
 
 
 @dataclass(frozen=True)
 class SeriesSpec:
     """Everything that determines a series, recorded next to every result."""
 
-    source: str  # servegen | azure-conv | azure-code | rates:<path> | requests:<path>
+    source: str  # servegen | azure-conv | azure-code | azure-{conv,code}-week | rates:<path> | requests:<path>
     window_s: float = 300.0
     seed: int = 0
     rate_scale: float = 1.0
@@ -49,6 +49,10 @@ def build_series(spec: SeriesSpec) -> dict[str, list[WindowObservation]]:
             reqs = sampled_requests(arrivals, hists[(model, "input_tokens")], hists[(model, "output_tokens")], rng)
             out[model] = _windows(reqs, service, spec.window_s, max(c.duration_s for c in clients))
         return out
+    if spec.source in weeks.WEEKS:
+        week = weeks.WeekSpec(weeks.WEEKS[spec.source])
+        reqs = weeks.week_requests(week, rng)
+        return {spec.source: _windows(reqs, service, spec.window_s, week.days * weeks.DAY_S)}
     if spec.source in traces.AZURE or spec.source.startswith("requests:"):
         path = traces.AZURE.get(spec.source) or Path(spec.source.split(":", 1)[1])
         reqs = traces.read_requests(path)
