@@ -191,7 +191,8 @@ class WorkerSettings(CommonSettings):
 class ForecasterSettings(ControlPlaneSettings):
     window_s: float = Field(300.0, gt=0, description="forecast window (docs/design.md, 'Forecasting': 300 s)")
     horizon_windows: int = Field(3, ge=1, le=288, description="windows forecast at each window boundary")
-    upper_quantile: float = Field(0.9, gt=0, lt=1, description="quantile of recent errors added for the upper forecast")
+    upper_quantile: float = Field(0.97, gt=0, lt=1, description="quantile of each window's load the upper band covers "
+                                  "(docs/forecasting.md, 'The upper band')")
     min_history_windows: int = Field(12, ge=1, description="history needed before models are fitted (fewer: recent level)")
     score_windows: int = Field(48, ge=2, description="rolling-backtest windows used to select each model's method")
     startup_backtest_windows: int = Field(12, ge=0, description="windows of stored history backtested at start, so selection survives a restart")
@@ -221,6 +222,9 @@ class PlacementSettings(ControlPlaneSettings):
                                        "says will scale down within the next window count as idle (copies go where "
                                        "an activation will soon be possible); off: it bought nothing measurable and "
                                        "its choice of worker moves as loads change, so a pinned copy can be planned twice")
+    copy_start_s: float = Field(20.0, ge=0, description="engine start of a copy being loaded: with its weights' load "
+                                "time, picks the forecast windows a copy planned now must cover")
+    copy_load_gbps: float = Field(2.0, gt=0, description="GB/s from storage to host memory for a copy's weights")
 
 
 class OrchestratorSettings(ControlPlaneSettings):

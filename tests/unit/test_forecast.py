@@ -88,10 +88,21 @@ def test_upper_quantile_covers_about_its_share_of_noisy_windows():
     y = 100 + rng.normal(0, 10, 6 * DAY)
     cfg = ForecastConfig(**{**CFG.__dict__, "score_windows": 48, "upper_quantile": 0.9})
     forecasts = roll(SeriesForecaster(cfg, y[:DAY]), y[DAY:])
-    covered = np.mean([v <= f.upper[0] for v, f in zip(y[DAY:], forecasts)][DAY:])
-    assert 0.8 <= covered <= 0.97
+    observed = y[DAY:]
+    for lead in (1, 3):  # each lead's band is sized on that lead's own errors
+        covered = np.mean([observed[t + lead - 1] <= forecasts[t].upper[lead - 1]
+                           for t in range(DAY, len(forecasts) - lead + 1)])
+        assert 0.8 <= covered <= 0.97, (lead, covered)
     assert all(f.upper[0] >= f.point[0] for f in forecasts)
-    assert all(f.upper[2] - f.point[2] >= f.upper[0] - f.point[0] for f in forecasts[DAY:])  # widens with the lead
+
+
+def test_the_band_widens_with_the_lead_where_errors_grow_with_it():
+    rng = np.random.default_rng(2)
+    y = 200 + np.cumsum(rng.normal(0, 5, 6 * DAY))  # a random walk: a 3-step error is about sqrt(3) one-step errors
+    forecasts = roll(SeriesForecaster(CFG, y[:DAY]), y[DAY:])
+    last = y[DAY - 1:-1]  # the value each forecast was made after
+    width = np.array([[f.upper[k] - v for k in range(3)] for f, v in zip(forecasts, last)])[DAY:]
+    assert np.mean(width[:, 2]) > 1.3 * np.mean(width[:, 0])
 
 
 def test_a_failing_method_is_left_out_and_noted():
