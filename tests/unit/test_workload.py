@@ -93,6 +93,34 @@ def test_servegen_series_and_backtest_on_a_slice():
     assert "naive (last window)" in table(result)
 
 
+def test_a_week_replays_the_real_hour_under_the_real_daily_curve():
+    from tooling.workload import weeks
+
+    spec = weeks.WeekSpec("azure-code", days=3)
+    reqs = weeks.week_requests(spec, np.random.default_rng(4))
+    again = weeks.week_requests(spec, np.random.default_rng(4))
+    assert np.array_equal(reqs.arrival_s, again.arrival_s)  # a seed reproduces the week
+    assert np.all(np.diff(reqs.arrival_s) >= 0) and reqs.arrival_s[-1] < 3 * weeks.DAY_S
+    hour = traces.read_requests(traces.AZURE["azure-code"])
+    # every request is one of the hour's, with its real lengths
+    assert set(zip(reqs.input_tokens[:500], reqs.output_tokens[:500])) <= set(zip(hour.input_tokens, hour.output_tokens))
+    # hourly counts follow the ServeGen curve (10x between its quietest and busiest hours)
+    centres, curve = weeks.daily_curve(spec.daily_curve)
+    counts = np.histogram(reqs.arrival_s, bins=72, range=(0, 3 * weeks.DAY_S))[0]
+    expected = np.interp((np.arange(72) % 24 + 0.5) * 3600, centres, curve, period=weeks.DAY_S)
+    assert np.corrcoef(counts, expected)[0, 1] > 0.8
+    # the code trace's bursts survive thinning: at the busiest hours some minutes still see no request
+    busiest = np.argsort(expected)[-6:]
+    per_minute = np.histogram(reqs.arrival_s, bins=72 * 60, range=(0, 3 * weeks.DAY_S))[0].reshape(72, 60)
+    assert (per_minute[busiest] == 0).sum() > 10 and per_minute[busiest].max() > 5 * per_minute[busiest].mean()
+
+
+def test_week_sources_build_a_week_of_windows():
+    series = build_series(SeriesSpec("azure-conv-week", window_s=3600.0))
+    assert list(series) == ["azure-conv-week"] and len(series["azure-conv-week"]) == 7 * 24
+    assert all(o.arrivals > 0 for o in series["azure-conv-week"])
+
+
 def test_align_before_rotates_a_day_keeping_time_of_day():
     day = [WindowObservation(i * 3600.0, float(i), float(i), i) for i in range(24)]
     end = 10 * 86400 + 14 * 3600  # day 10, 14:00
@@ -125,7 +153,10 @@ def test_backtest_command_on_a_rate_file_and_a_request_file(tmp_path, capsys):
                      "--out", str(tmp_path), "--name", "bt"]) == 0
     out = capsys.readouterr().out
     assert "naive (last window)" in out and "warmserve-upper" in out
+    assert "band over" in out and "margin over" in out  # the coverage-versus-headroom table
     result = __import__("json").loads((tmp_path / "bt.json").read_text())
+    band = result["models"]["a"]["peak"]["band"]
+    assert set(band) == {"1", "3"} and {"miss", "over", "margin", "margin_over", "ratio", "mape", "mape_last"} <= set(band["1"])
     assert set(result["models"]) == {"a", "b"} and (tmp_path / "bt.png").stat().st_size > 10_000
     assert result["series_spec"]["source"] == f"rates:{rates}" and result["command"].startswith("warmserve forecast")
 

@@ -110,7 +110,7 @@ def _pct(x: float) -> str:
 
 def cmd_backtest(a) -> int:
     from shared.policy.forecast import ForecastConfig
-    from tooling.workload.backtest import backtest, plot, table
+    from tooling.workload.backtest import backtest, band_table, plot, table
     from tooling.workload.series import build_series
 
     spec = _spec(a, a.window_s)
@@ -122,6 +122,8 @@ def cmd_backtest(a) -> int:
     result.update(series_spec=spec.as_dict(), window_s=a.window_s, seconds=round(time.perf_counter() - t0, 1),
                   command="warmserve forecast backtest " + " ".join(a.argv))
     print(table(result))
+    print()
+    print(band_table(result))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = a.name or f"forecast_backtest_{Path(spec.source.split(':')[-1]).stem}"
