@@ -19,6 +19,10 @@ are options the service can run too (``PlacementCoreConfig``).
   where an activation will soon be possible.
 - **No prewarming** (``prewarm=False``): forecasts are ignored and no unpinned copy is kept (reactive
   autoscaling: a stopped instance is evicted, the next scale-up loads from scratch).
+- **The lead.** A copy planned now can serve once it is loaded and its engine is up (``copy_ready_s``:
+  engine start plus weight bytes at ``copy_load_bytes_per_s``). Each model's burst replicas are sized for
+  the largest upper peak over the forecast windows from the one running now to the one running when such a
+  copy is ready: the lead its load time matches, the lead the forecaster's band was sized and scored for.
 - **No workers.** While no worker reports (a NATS outage, everything restarting) the plan in force is
   kept: a plan for no workers would forget where the copies are, and the next would move them around.
 """
@@ -44,6 +48,12 @@ class PlacementCoreConfig:
     peak: Literal["upper", "point"] = "upper"  # which forecast of the peak sizes the burst replicas
     max_tp: int = 1  # the largest tensor-parallel group the workers can run (each service worker drives one device)
     forecast_freed_first: bool = False  # idle first counts devices whose instances the forecast will stop as idle
+    copy_start_s: float = 20.0  # engine start of a copy being loaded (vLLM on a GPU: measured 10-30 s)
+    copy_load_bytes_per_s: float = 2e9  # storage to host memory, for a copy's weights
+
+    def copy_ready_s(self, weight_bytes: int) -> float:
+        """Seconds from planning a copy to its being able to serve."""
+        return self.copy_start_s + weight_bytes / self.copy_load_bytes_per_s
 
 
 @dataclass(frozen=True)
@@ -85,7 +95,9 @@ class PlacementCore:
         return out
 
     def inputs(self, view: ClusterView, catalog: Mapping[str, ModelSpec], forecasts: Mapping[str, Forecast],
-               holds: Collection[OperatorHold]) -> PlanInputs:
+               holds: Collection[OperatorHold], now_s: float | None = None) -> PlanInputs:
+        """What the policy is given. ``now_s`` picks the forecast windows a copy planned now serves (None:
+        the forecast's first window)."""
         drained = {h.target for h in holds if h.kind == "drain"}
         pinned = {h.target: h.copies for h in holds if h.kind == "pin"}
         gpus = self.gpus(view, drained)
@@ -100,9 +112,10 @@ class PlacementCore:
                                  "multi-device groups are not supported by the worker")
                 continue
             fc = forecasts.get(slug) if self.config.prewarm else None
-            peak = (fc.predicted_peak_upper if self.config.peak == "upper" else fc.predicted_peak) if fc else 0.0
+            size = footprint(spec, view, overhead)
+            peak = peak_to_cover(fc, now_s, self.config.copy_ready_s(size), self.config.peak == "upper") if fc else 0.0
             running = sum(1 for i in view.instances_of(slug) if usable.issuperset(i.devices))
-            demands.append(ModelDemand(model=slug, weight_bytes=footprint(spec, view, overhead),
+            demands.append(ModelDemand(model=slug, weight_bytes=size,
                                        tp=spec.tensor_parallel_size, avg=fc.predicted_avg if fc else 0.0, peak=peak,
                                        running=running, pinned=pinned.get(slug, 0)))
         existing = {(c.model, c.devices) for c in view.copies}
@@ -156,7 +169,7 @@ class PlacementCore:
         if not view.devices and self.current is not None and self.current.copies:
             self.latest = self.current
             return self.current
-        inputs = self.inputs(view, catalog, forecasts, holds)
+        inputs = self.inputs(view, catalog, forecasts, holds, now_s)
         decision = self.decide(view, inputs, forecasts)
         self.latest = to_plan(decision, inputs, forecasts if self.config.prewarm else {}, self.config, now_s)
         return self.latest
@@ -166,6 +179,18 @@ class PlacementCore:
 
     def adopt(self, plan: PlacementPlan) -> None:
         self.current = plan
+
+
+def peak_to_cover(fc: Forecast, now_s: float | None, ready_s: float, upper: bool) -> float:
+    """The largest peak (upper or point) over the forecast's windows from the one running at ``now_s`` to
+    the one running when a copy planned now is ready. Outside the horizon: its nearest window."""
+    points = fc.points
+    if not points or now_s is None:
+        return fc.predicted_peak_upper if upper else fc.predicted_peak
+    served = [p for p in points if p.window_start_s + fc.window_s > now_s and p.window_start_s <= now_s + ready_s]
+    if not served:
+        served = [points[0] if now_s + ready_s < points[0].window_start_s else points[-1]]
+    return max(p.peak_upper if upper else p.peak for p in served)
 
 
 def to_plan(decision: PlacementDecision, inputs: PlanInputs, forecasts: Mapping[str, Forecast],

@@ -38,7 +38,8 @@ class Placement:
             placement=PlacementConfig(batch_capacity=settings.batch_capacity, h2d_bytes_per_s=settings.h2d_gbps * 1e9,
                                       strategy=settings.placement_strategy, evict=settings.evict),
             kv_reservation=settings.kv_reservation, prewarm=settings.prewarm, idle_first=settings.idle_first,
-            forecast_freed_first=settings.forecast_freed_first))
+            forecast_freed_first=settings.forecast_freed_first, copy_start_s=settings.copy_start_s,
+            copy_load_bytes_per_s=settings.copy_load_gbps * 1e9))
         self.changed = asyncio.Event()
         self.admin = Admin(self)
         self.skipped: dict[str, dict[str, str]] = {}  # table -> rows the last sync could not publish, and why
@@ -173,7 +174,7 @@ class Placement:
             return
         old = self.forecasts.get(fc.model)
         self.forecasts[fc.model] = fc
-        if old is None or old.predicted_peak_upper != fc.predicted_peak_upper:
+        if old is None or (old.predicted_peak_upper, old.points) != (fc.predicted_peak_upper, fc.points):
             self.changed.set()
 
     async def on_admin(self, msg: Msg) -> None:

@@ -2,7 +2,7 @@
 (pins, prewarming off, idle-first, no workers), on hand-built cluster views."""
 
 from services.placement.core import PlacementCore, PlacementCoreConfig
-from shared.messages import CopyState, OperatorHold, PlacementPlan, PlannedCopy
+from shared.messages import CopyState, ForecastPoint, OperatorHold, PlacementPlan, PlannedCopy
 from shared.policy.prewarm_placement import PlacementConfig
 from tests.factories import GB, copy, forecast, model, view, worker
 
@@ -37,6 +37,26 @@ def test_the_peak_option_chooses_the_upper_quantile_or_the_point_forecast():
     upper = PlacementCore().inputs(view(worker("w0")), catalog, fc, [])
     point = PlacementCore(PlacementCoreConfig(peak="point")).inputs(view(worker("w0")), catalog, fc, [])
     assert (upper.demands[0].peak, point.demands[0].peak) == (20.0, 9.0)
+
+
+def test_burst_replicas_cover_the_forecast_windows_from_now_until_a_copy_planned_now_is_ready():
+    fc = forecast("a", 3.0, 9.0, upper=10.0).model_copy(update={"points": [
+        ForecastPoint(window_start_s=300.0 * i, avg=3.0, avg_upper=4.0, peak=p, peak_upper=u)
+        for i, (p, u) in enumerate(((9.0, 10.0), (40.0, 50.0), (80.0, 90.0)))]})
+    catalog, v = {"a": model("a", size=GB)}, view(worker("w0"))
+
+    def peak(now_s: float, start_s: float = 20.0, peak: str = "upper") -> float:
+        core = PlacementCore(PlacementCoreConfig(copy_start_s=start_s, peak=peak))
+        return core.inputs(v, catalog, {"a": fc}, [], now_s=now_s).demands[0].peak
+
+    ready = PlacementCoreConfig().copy_ready_s(catalog["a"].parameter_bytes)
+    assert 20.0 < ready < 21.0  # engine start plus 1 GiB at 2 GB/s
+    assert peak(100.0) == 10.0  # ready well inside the running window: lead 1
+    assert peak(290.0) == 50.0  # ready in the next window: the larger of lead 1 and lead 2
+    assert peak(290.0, peak="point") == 40.0
+    assert peak(250.0, start_s=400.0) == 90.0  # a slow engine start reaches lead 3
+    assert peak(2000.0) == 90.0  # past the horizon: its last window
+    assert PlacementCore().inputs(v, catalog, {"a": fc}, []).demands[0].peak == 10.0  # no clock: the first window
 
 
 def test_a_forecast_rise_puts_copies_in_the_plan_and_a_pin_keeps_one_without_forecast():
