@@ -101,7 +101,7 @@ def plot(summary: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{e['model']}\n{e['series']} lead {e['lead']}" for e in summary]
+    labels = [f"{e['model'].removeprefix('azure-')}\n{e['series']} lead {e['lead']}" for e in summary]
     fig, axes = plt.subplots(2, 1, figsize=(max(10, 0.7 * len(summary)), 8))
     for ax, field, target, title in ((axes[0], "ratio", RATIO_TARGET, "over-provisioning: band / matched fixed margin"),
                                      (axes[1], "miss", COVERAGE_TARGET, "share of windows over the band by >20%")):
@@ -110,7 +110,7 @@ def plot(summary: list[dict], path: Path) -> None:
         colors = ["tab:green" if e["meets"] else "tab:red" for e in summary]
         ax.bar(range(len(summary)), means, yerr=errs, color=colors, capsize=3)
         ax.axhline(target, color="black", ls="--", lw=1, label=f"target {target}")
-        ax.set_xticks(range(len(summary)), labels, fontsize=6)
+        ax.set_xticks(range(len(summary)), labels, fontsize=6, rotation=30, ha="right")
         ax.set_title(title + " (green: meets on every seed)")
         ax.legend(fontsize=8)
     fig.tight_layout()
