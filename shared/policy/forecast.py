@@ -144,8 +144,9 @@ class SeriesForecaster:
         selection compares. Loads span an order of magnitude over a day: an absolute error would let the
         busiest hours alone pick the method. Where the windows with load are too few to say, the mean
         absolute error over every window."""
-        relative = {name: r for name, r in self.relative.items() if np.count_nonzero(~np.isnan(r)) >= self.config.min_scored}
-        scored = {name: r for name, r in self.residuals.items() if len(r) >= self.config.min_scored}
+        enough = self.config.min_scored
+        relative = {name: r for name, r in self.relative.items() if np.count_nonzero(~np.isnan(r)) >= enough}
+        scored = {name: r for name, r in self.residuals.items() if len(r) >= enough}
         if scored and set(scored) <= set(relative):
             return {name: float(np.nanmean(np.array(relative[name]))) for name in scored}
         return {name: float(np.mean(np.abs(r))) for name, r in scored.items()}
@@ -162,7 +163,7 @@ class SeriesForecaster:
                                   f"fallback: {n} of {cfg.min_history} windows of history, forecasting the recent level",
                                   n)
         predictions = self.predict_all(h)
-        band = self.band.upper(self._y(), h, {name: predictions[name] for name in BAND_BASES if name in predictions})
+        band = self.band.upper(self._y(), h, {m: predictions[m] for m in BAND_BASES if m in predictions})
         if not predictions:  # every model failed: say so and keep serving a level
             point = RecentLevel().predict(np.array(self.history), h)
             upper = _banded(band, point * (1 + cfg.fallback_margin))
