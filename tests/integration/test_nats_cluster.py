@@ -60,8 +60,14 @@ async def test_streams_and_buckets_survive_a_server_and_clients_fail_over(cluste
         assert time.monotonic() - started < 15
         assert f":{cluster.servers[victim].client_port}" not in str(nc.connected_url)
         assert WorkerState.decode((await kv.get("w-1")).value).heartbeat_at_s == 2.0
-        stream = await js.find_stream_name_by_subject(DEMAND.format(model="m"))
-        assert (await js.stream_info(stream)).state.messages >= 2
+
+        async def demand_messages():  # the stream-names API waits on JetStream's meta leader, elected apart
+            try:
+                stream = await js.find_stream_name_by_subject(DEMAND.format(model="m"))
+                return (await js.stream_info(stream)).state.messages
+            except Exception:
+                return 0
+        assert await eventually(demand_messages, timeout=30, what="the demand stream's info") >= 2
     finally:
         cluster.start(victim)  # it rejoins and catches up (its /healthz waits for that)
     await bus.close(nc)

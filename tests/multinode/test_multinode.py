@@ -101,7 +101,10 @@ def stored_exactly_once(bed, events: list[WorkerEvent]) -> None:
 
 
 def leader_node(bed, role: str) -> str:
-    return leases(bed)[role].holder.split("-")[0]
+    """The node of ``role``'s leader, once its lease can be read (a previous test's heal may still have
+    JetStream electing leaders)."""
+    lease = until(lambda: leases(bed).get(role), timeout=60, what=f"{role}'s lease readable")
+    return lease.holder.split("-")[0]
 
 
 def clean_window(load: Load, seconds: float = 5.0, settle_s: float = 45.0) -> float:
