@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing as mp
-import statistics
 import time
 from pathlib import Path
 
 from loadtest.report import header, save
+from loadtest.vs_vllm_stats import interval as seeds_interval
 from shared.policy.forecast import ForecastConfig
 from tooling.workload.backtest import COVERAGE_TARGET, RATIO_TARGET, backtest
 from tooling.workload.series import SeriesSpec, build_series
@@ -46,14 +46,9 @@ def run_one(job: tuple[str, int]) -> dict:
 
 
 def interval(values: list[float]) -> dict:
-    """Mean over seeds and the half-width of its 95% interval (Student's t)."""
-    from scipy.stats import t
-
+    """Mean and 95% interval over the seeds that have a value (a ratio is None where no margin matched)."""
     vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return {"mean": None, "ci95_half": None, "n": 0}
-    half = float(t.ppf(0.975, len(vals) - 1) * statistics.stdev(vals) / len(vals) ** 0.5) if len(vals) > 1 else None
-    return {"mean": statistics.mean(vals), "ci95_half": half, "n": len(vals)}
+    return seeds_interval(vals) if vals else {"mean": None, "ci95_half": None, "seeds": []}
 
 
 def summarise(rows: list[dict]) -> list[dict]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from loadtest.report import header, save
-from shared.policy.band import BandConfig, _ewma, _seasonal_all
+from shared.policy.band import BandConfig, ewma, seasonal_history
 from shared.policy.forecast import (
     ForecastConfig,
     SeriesForecaster,
@@ -28,6 +28,7 @@ from shared.policy.forecast import (
     band_score,
 )
 from shared.policy.forecast_methods import stl_jumps
+from tooling.workload.backtest import lagged
 from tooling.workload.series import SeriesSpec, build_series
 
 OUT = Path("docs/benchmarks/forecast_band_tries.json")
@@ -35,13 +36,6 @@ DAY = 288
 Q = 0.97
 FLOOR = 0.5
 LEADS = (1, 3)
-
-
-def lagged(base_after: np.ndarray, lead: int) -> np.ndarray:
-    """``base_after[t]``: a base made after observing y[:t+1]; returns it aligned to the window it is for."""
-    out = np.full(len(base_after), np.nan)
-    out[lead:] = base_after[:-lead]
-    return out
 
 
 def conformal(y: np.ndarray, base: np.ndarray, lead: int, scale: np.ndarray | None = None,
@@ -134,8 +128,8 @@ def candidates(y: np.ndarray, lead: int, fitted: dict[str, dict[int, np.ndarray]
     last = lagged(y, lead)
     seasonal = np.full(len(y), np.nan)
     made = np.arange(len(y) - lead + 1)
-    seasonal[made + lead - 1] = _seasonal_all(y, BandConfig(), lead)[lead - 1][made]
-    ewma = lagged(_ewma(y, 0.5), lead)
+    seasonal[made + lead - 1] = seasonal_history(y, BandConfig(), lead)[lead - 1][made]
+    moving = lagged(ewma(y, 0.5), lead)
 
     def additive() -> np.ndarray:
         errors = y - seasonal
@@ -150,7 +144,7 @@ def candidates(y: np.ndarray, lead: int, fitted: dict[str, dict[int, np.ndarray]
         "last value, quantile of the same time of day": lambda: slot_conformal(y, last, lead),
         "last value, scaled by recent volatility": lambda: conformal(y, last, lead, volatility(y, lead)),
         "last value, spread a power law of the load": lambda: level_power(y, last, lead),
-        "moving-average base (alpha 0.5)": lambda: conformal(y, ewma, lead),
+        "moving-average base (alpha 0.5)": lambda: conformal(y, moving, lead),
         "seasonal base": lambda: conformal(y, seasonal, lead),
         "seasonal base, additive errors": additive,
         "MSTL's prediction interval": lambda: fitted["mstl"][lead],
@@ -163,7 +157,7 @@ def per_client_try(seed: int) -> dict:
     from statsforecast.models import AutoETS
 
     from tooling.workload import traces
-    from tooling.workload.series import _windows
+    from tooling.workload.series import request_windows
     from tooling.workload.synth import ServiceModel, gamma_arrivals, sampled_requests
 
     def ets(y: np.ndarray) -> np.ndarray:
@@ -185,7 +179,7 @@ def per_client_try(seed: int) -> dict:
         for c in traces.read_servegen_clients(model):
             reqs = sampled_requests(gamma_arrivals(c, rng), hists[(model, "input_tokens")],
                                     hists[(model, "output_tokens")], rng)
-            clients.append(np.array([o.avg for o in _windows(reqs, service, 300.0, 86400.0)]))
+            clients.append(np.array([o.avg for o in request_windows(reqs, service, 300.0, 86400.0)]))
         total = np.sum(clients, axis=0)
         busy = [y for y in clients if (y > 0).sum() > 30]  # a client seen in few windows: its last value
         summed = np.sum([ets(y) for y in busy], axis=0) + np.sum(

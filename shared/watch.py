@@ -265,7 +265,7 @@ class KvMirror(Generic[M]):
                     try:
                         await asyncio.wait_for(watcher.stop(), 2.0)
                     except (Exception, asyncio.CancelledError):
-                        pass
+                        pass  # the abandoned watch's consumer may be gone with its server: nothing to stop
 
     async def _stream_state(self) -> tuple[float | None, int | None]:
         """The server's clock now (the ``ts`` of the bucket's stream info, nats-server 2.10 and later) and the

@@ -106,8 +106,8 @@ class SeriesBand:
         y = np.asarray(history, dtype=float)
         n, cfg = len(y), self.config
         first = max(n - windows, 1)
-        level = _ewma(y, cfg.level_alpha)  # level[t]: the level base made after observing y[:t+1]
-        seasonal = _seasonal_all(y, cfg, h)  # seasonal[k][t]: the base made after y[:t] for window t + k
+        level = ewma(y, cfg.level_alpha)  # level[t]: the level base made after observing y[:t+1]
+        seasonal = seasonal_history(y, cfg, h)  # seasonal[k][t]: the base made after y[:t] for window t + k
         floor = cfg.floor
         logs_obs = np.log(np.maximum(y, floor))
         for k in range(h):
@@ -130,7 +130,7 @@ class SeriesBand:
     def level_bases(self, y: np.ndarray, h: int) -> np.ndarray | None:
         if len(y) == 0:
             return None
-        return np.full(h, _ewma(y[-30:], self.config.level_alpha)[-1])  # (1 - alpha)^30 is negligible
+        return np.full(h, ewma(y[-30:], self.config.level_alpha)[-1])  # (1 - alpha)^30 is negligible
 
     def seasonal_bases(self, y: np.ndarray, h: int) -> np.ndarray | None:
         cfg = self.config
@@ -165,7 +165,7 @@ def _profile(y: np.ndarray, logs: np.ndarray, cfg: BandConfig, at: np.ndarray) -
         return total / count, busy
 
 
-def _seasonal_all(y: np.ndarray, cfg: BandConfig, h: int) -> list[np.ndarray]:
+def seasonal_history(y: np.ndarray, cfg: BandConfig, h: int) -> list[np.ndarray]:
     """``out[k][t]``: the seasonal base a forecast made after observing ``y[:t]`` gave window ``t + k``
     (NaN where it had too little history). Causal for ``k + neighbours < season_length``: a window's
     profile then only reads windows observed before the forecast was made; later leads are left out."""
@@ -190,7 +190,8 @@ def _seasonal_all(y: np.ndarray, cfg: BandConfig, h: int) -> list[np.ndarray]:
     return out
 
 
-def _ewma(y: np.ndarray, alpha: float) -> np.ndarray:
+def ewma(y: np.ndarray, alpha: float) -> np.ndarray:
+    """``out[i]``: the exponential moving average after observing ``y[:i + 1]``."""
     out = np.empty(len(y))
     s = float(y[0]) if len(y) else 0.0
     for i, v in enumerate(y):

@@ -28,18 +28,25 @@ COVERAGE_TARGET = 0.02  # at most this share of windows may exceed the upper by 
 RATIO_TARGET = 0.6  # the band's over-provisioning against the matched fixed margin's
 
 
+def lagged(y, lead: int) -> np.ndarray:
+    """``out[t]`` = ``y[t - lead]``: the last value known when a forecast ``lead`` windows ahead of ``t`` was made."""
+    y = np.asarray(y, dtype=float)
+    out = np.full(len(y), np.nan)
+    out[lead:] = y[:-lead]
+    return out
+
+
 def run_series(y: list[float], config: ForecastConfig) -> dict[str, np.ndarray]:
     """Predictions per row for each window (NaN where a row had nothing to say), plus the method chosen.
     ``point@L`` and ``upper@L`` are what the forecast made L windows before said of the window."""
     fc = SeriesForecaster(config)
     n = len(y)
-    rows = {name: np.full(n, np.nan) for name in (SELECTED, UPPER, *config.methods)}
+    rows = {name: np.full(n, np.nan) for name in config.methods}
     for lead in LEADS:
         rows[f"point@{lead}"], rows[f"upper@{lead}"] = np.full(n, np.nan), np.full(n, np.nan)
     chosen = []
     for t, value in enumerate(y):
         f = fc.forecast()
-        rows[SELECTED][t], rows[UPPER][t] = f.point[0], f.upper[0]
         for lead in LEADS:
             if lead <= len(f.point) and t + lead - 1 < n:
                 rows[f"point@{lead}"][t + lead - 1] = f.point[lead - 1]
@@ -48,6 +55,7 @@ def run_series(y: list[float], config: ForecastConfig) -> dict[str, np.ndarray]:
             rows[name][t] = p
         chosen.append(f.method)
         fc.observe(value)
+    rows[SELECTED], rows[UPPER] = rows["point@1"], rows["upper@1"]  # what the next window was told
     rows["chosen"] = np.array(chosen)
     rows[HEADROOM] = rows["naive"] * 1.2  # what an operator does without a forecaster: last value plus margin
     return rows
@@ -60,8 +68,7 @@ def lead_scores(y: list[float], rows: dict[str, np.ndarray], start: int) -> dict
     for lead in LEADS:
         if f"upper@{lead}" not in rows:
             continue
-        last = np.full(len(obs), np.nan)
-        last[lead:] = obs[:-lead]  # the last value known when the forecast for the window was made
+        last = lagged(obs, lead)
         lo = max(start, lead)
         score = band_score(obs[lo:], rows[f"upper@{lead}"][lo:], last[lo:])
         out[str(lead)] = {**asdict(score),

@@ -47,18 +47,18 @@ def build_series(spec: SeriesSpec) -> dict[str, list[WindowObservation]]:
             clients = traces.read_servegen_clients(model)
             arrivals = np.sort(np.concatenate([gamma_arrivals(c, rng, spec.rate_scale) for c in clients]))
             reqs = sampled_requests(arrivals, hists[(model, "input_tokens")], hists[(model, "output_tokens")], rng)
-            out[model] = _windows(reqs, service, spec.window_s, max(c.duration_s for c in clients))
+            out[model] = request_windows(reqs, service, spec.window_s, max(c.duration_s for c in clients))
         return out
     if spec.source in weeks.WEEKS:
         week = weeks.WeekSpec(weeks.WEEKS[spec.source])
         reqs = weeks.week_requests(week, rng)
-        return {spec.source: _windows(reqs, service, spec.window_s, week.days * weeks.DAY_S)}
+        return {spec.source: request_windows(reqs, service, spec.window_s, week.days * weeks.DAY_S)}
     if spec.source in traces.AZURE or spec.source.startswith("requests:"):
         path = traces.AZURE.get(spec.source) or Path(spec.source.split(":", 1)[1])
         reqs = traces.read_requests(path)
         duration = float(reqs.arrival_s[-1]) + 1e-6
         name = spec.source if spec.source in traces.AZURE else Path(path).stem
-        return {name: _windows(reqs, service, spec.window_s, duration)}
+        return {name: request_windows(reqs, service, spec.window_s, duration)}
     if spec.source.startswith("rates:"):
         series = traces.read_rates(Path(spec.source.split(":", 1)[1]))
         hists = traces.read_token_histograms()
@@ -71,13 +71,14 @@ def build_series(spec: SeriesSpec) -> dict[str, list[WindowObservation]]:
             else:  # real (input, output) pairs of a conversation service
                 idx = rng.integers(0, len(pairs.arrival_s), size=len(arrivals))
                 reqs = traces.Requests(arrivals, pairs.input_tokens[idx], pairs.output_tokens[idx])
-            out[model] = _windows(reqs, service, spec.window_s, rates.duration_s)
+            out[model] = request_windows(reqs, service, spec.window_s, rates.duration_s)
         return out
     raise ValueError(f"unknown series source {spec.source!r}: use one of {', '.join(SOURCES)}, "
                      "rates:<file> (ServeGen rate format) or requests:<file> (Azure request format)")
 
 
-def _windows(reqs: traces.Requests, service: ServiceModel, window_s: float, duration_s: float) -> list[WindowObservation]:
+def request_windows(reqs: traces.Requests, service: ServiceModel, window_s: float, duration_s: float) -> list[WindowObservation]:
+    """Average and peak concurrency and arrivals per window of a request trace."""
     n = max(1, math.ceil(duration_s / window_s - 1e-9))
     durations = service.durations(reqs.input_tokens, reqs.output_tokens)
     avg, peak = concurrency_windows(reqs.arrival_s, durations, 0.0, window_s, n)
