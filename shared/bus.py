@@ -36,6 +36,7 @@ from shared.telemetry import inject_headers
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BusMessage)
+T = TypeVar("T")
 STATUS_HEADER = "Status"
 INBOX_PREFIX = "_INBOX"
 # A server that vanishes without closing the connection (its node died, or a partition) is noticed only by
@@ -507,15 +508,24 @@ async def ensure_bucket(js: JetStreamContext, spec: BucketSpec, replicas: int | 
 
 async def ensure_all(js: JetStreamContext, replicas: int | None = None,
                      deadline_s: float = 60.0) -> dict[str, KeyValue]:
-    """Streams and buckets every service expects; returns the buckets by name. A JetStream that does not
-    answer yet (a cluster still electing its leaders, or a server that just restarted) is asked again until
-    ``deadline_s``."""
+    """Streams and buckets every service expects; returns the buckets by name, asking again while JetStream
+    does not answer (``when_jetstream_answers``)."""
     replicas = replicas or replicas_setting()
+
+    async def ensure() -> dict[str, KeyValue]:
+        await ensure_streams(js, replicas)
+        return {spec.name: await ensure_bucket(js, spec, replicas) for spec in BUCKETS}
+    return await when_jetstream_answers(ensure, deadline_s)
+
+
+async def when_jetstream_answers(op: Callable[[], Awaitable[T]], deadline_s: float = 60.0) -> T:
+    """``op()``, asked again each second while JetStream does not answer (a cluster still electing its leaders,
+    or a server that just restarted: its stream API times out or says unavailable) until ``deadline_s``;
+    then ``BusError('jetstream_unavailable')``."""
     give_up = time.monotonic() + deadline_s
     while True:
         try:
-            await ensure_streams(js, replicas)
-            return {spec.name: await ensure_bucket(js, spec, replicas) for spec in BUCKETS}
+            return await op()
         except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
             if time.monotonic() > give_up:
                 raise BusError("jetstream_unavailable", f"JetStream did not answer within {deadline_s:g} s "

@@ -277,7 +277,8 @@ async def run_elected(role: str, settings: ControlPlaneSettings, body: Body, sto
     """Run ``body`` whenever this replica leads ``role``, until ``stop``."""
     nc = await bus.connect(settings.nats_url, f"{role}-lease-{settings.replica_id}")
     try:
-        kv = await bus.ensure_bucket(nc.jetstream(), LEASES_BUCKET)
+        # a replica started while the NATS cluster elects its leaders waits for it instead of failing
+        kv = await bus.when_jetstream_answers(lambda: bus.ensure_bucket(nc.jetstream(), LEASES_BUCKET))
         elector = Elector(role, settings.replica_id, LeaseConfig(settings.leader_lease_s), body)
         log.info("%s: replica %s standing by for the lease (%.0f s)", role, settings.replica_id,
                  settings.leader_lease_s)

@@ -25,6 +25,7 @@ from nats.js.kv import KeyValue
 from shared.bus import M
 from shared.policy.cluster import silence
 from shared.subjects import BUCKETS
+from shared.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +46,20 @@ class Follower:
         self.delivered = 0  # messages delivered since the current subscription began
         self.renewals = 0
         self._task: asyncio.Task | None = None
+        self._stopping = False
 
     async def start(self) -> Follower:
         sub = await self._subscribe()
         self._task = asyncio.create_task(self._watch(sub), name=f"follow-{self.subject}")
         return self
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float = 3.0) -> None:
+        """Stop following; cancels again while the watch runs on (nats-py can swallow a cancellation that
+        lands in a consumer request, and the loop then ran on with its task stuck "cancelling"), and gives up
+        after ``timeout_s`` so a shutdown cannot hang on it."""
+        self._stopping = True  # ends the loop at its next check even where every cancellation is swallowed
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait([self._task], timeout_s)
 
     async def _subscribe(self):
         self.delivered = 0
@@ -68,7 +73,7 @@ class Follower:
     async def _watch(self, sub) -> None:
         owed_at: int | None = None  # deliveries counted when pending messages were first seen undelivered
         try:
-            while True:
+            while not self._stopping:
                 await asyncio.sleep(self.STALL_CHECK_S)
                 try:
                     info = await sub.consumer_info()
@@ -84,7 +89,7 @@ class Follower:
                             "its consumer is gone" if lost else f"{pending} messages not delivered")
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
-                while True:
+                while not self._stopping:
                     try:
                         sub = await self._subscribe()
                         break
@@ -204,11 +209,7 @@ class KvMirror(Generic[M]):
 
     async def stop(self, timeout_s: float = 3.0) -> None:
         """Stop watching; bounded, so a slow or absent server cannot stall a service's shutdown."""
-        tasks = [t for t in (self._task, self._expiry) if t is not None]
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout_s)
+        await cancel_and_wait([t for t in (self._task, self._expiry) if t is not None], timeout_s)
 
     async def _run(self) -> None:
         nc = getattr(getattr(self._kv, "_js", None), "_nc", None)  # the connection the bucket was opened on

@@ -22,7 +22,8 @@ from shared.messages import (
 )
 from shared.settings import WorkerSettings, load_settings
 from shared.subjects import CANCEL, INFER, PING, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET
-from shared.service import brief, cancel_and_wait, freeze_gc_heap, run_service
+from shared.service import brief, freeze_gc_heap, run_service
+from shared.tasks import cancel_and_wait
 from shared.telemetry import extract_context, tracer
 
 log = logging.getLogger("warmserve.gpu_worker")

@@ -23,6 +23,7 @@ from shared.policy.cluster import ClusterView
 from shared.leader import Term, elected
 from shared.service import brief, pause, run_service, seen_workers
 from shared.settings import OrchestratorSettings, load_settings
+from shared.tasks import cancel_and_wait
 from shared.subjects import (
     CATALOG_BUCKET, DEMAND, FORECAST, OPERATOR_BUCKET, PLACEMENT_BUCKET, PLACEMENT_KEY, SCALE, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET,
 )
@@ -135,9 +136,7 @@ class Orchestrator:
                                        f"{'restarted' if current is not None else 'stopped heartbeating'} "
                                        "while the command was out")
         finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait([task])
 
     async def on_demand(self, msg) -> None:
         """Gateways' per-second demand (in flight and queued): the autoscaler's view of waiting requests."""
@@ -271,9 +270,9 @@ class Orchestrator:
         await scale_sub.unsubscribe()
         await demand_sub.stop()
         await forecast_sub.stop()
-        for t in loops + list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*loops, *self._tasks, return_exceptions=True)
+        stuck = await cancel_and_wait(loops + list(self._tasks))
+        if stuck:
+            log.warning("%d task(s) did not stop on cancellation: %s", len(stuck), [t.get_name() for t in stuck])
         for mirror in (self.workers, self.plan, self.catalog, self.operator):
             await mirror.stop()
         await engine.dispose()

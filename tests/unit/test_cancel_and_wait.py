@@ -3,7 +3,7 @@ can (its flush swallows a CancelledError)."""
 
 import asyncio
 
-from shared.service import cancel_and_wait
+from shared.tasks import cancel_and_wait
 
 
 async def test_a_loop_that_swallows_one_cancellation_still_stops():
@@ -40,3 +40,35 @@ async def test_a_loop_that_swallows_one_cancellation_still_stops():
     task.cancel()
     await asyncio.wait([task], timeout=5)
     assert task.done()
+
+
+async def test_a_follower_stops_when_its_consumer_request_swallows_the_cancel():
+    """A Follower's stop hung a test for 300 s: the cancel landed in nats-py's consumer-info request, which
+    swallowed it, and the watch loop slept on with its task 'cancelling'."""
+    from nats.js.api import DeliverPolicy
+
+    from shared.watch import Follower
+
+    swallowed = asyncio.Event()
+
+    class Sub:
+        async def consumer_info(self):
+            try:
+                await asyncio.sleep(3600)  # the request in flight when the cancel lands
+            except asyncio.CancelledError:
+                swallowed.set()
+                raise TimeoutError("nats: timeout") from None  # nats-py's answer instead of the cancel
+
+        async def unsubscribe(self):
+            pass
+
+    class JetStream:
+        async def subscribe(self, *args, **kwargs):
+            return Sub()
+
+    follower = Follower(JetStream(), "s.*", lambda msg: None, DeliverPolicy.NEW)
+    follower.STALL_CHECK_S = 0.01
+    await follower.start()
+    await asyncio.sleep(0.1)  # in consumer_info
+    await asyncio.wait_for(follower.stop(timeout_s=5), 10)
+    assert swallowed.is_set() and follower._task.done()
