@@ -1,8 +1,9 @@
 """The admin protocol: every operator verb with its typed arguments, one dispatcher for the services that
 answer them, and one client for everyone who asks (the CLI, ``warmserve up``, the load tests, the tests).
 
-A verb is a request on ``warmserve.admin.<verb>`` (placement answers) or ``warmserve.admin.forecast.<verb>``
-(the forecaster answers) carrying an ``AdminRequest`` whose ``args`` are validated against the verb's model on
+A verb is a request on ``warmserve.admin.<verb>`` (placement answers), ``warmserve.admin.forecast.<verb>``
+(the forecaster answers) or ``warmserve.admin.gateway.<verb>`` (every gateway process answers: ``ask_all``
+gathers their answers) carrying an ``AdminRequest`` whose ``args`` are validated against the verb's model on
 both ends: the client refuses bad arguments before sending, the service again on receipt (a client may be
 anything that speaks NATS). The reply is an ``AdminReply``: ``ok`` with a result, or an error with a code
 (``bad_request``, ``not_found``, ``conflict``, ``unknown_verb``, ``internal``, ...).
@@ -10,6 +11,7 @@ anything that speaks NATS). The reply is an ``AdminReply``: ``ok`` with a result
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 from collections.abc import Awaitable, Callable
@@ -20,7 +22,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from shared import bus
 from shared.messages import AdminReply, AdminRequest, ErrorInfo, ModelStatus
-from shared.subjects import ADMIN, FORECAST_ADMIN, Subject, check_token
+from shared.subjects import ADMIN, FORECAST_ADMIN, GATEWAY_ADMIN, Subject, check_token
 
 # identifiers that end up in NATS subjects and KV keys: validated once, here
 Slug = Annotated[str, AfterValidator(lambda v: check_token(v, "model slug"))]
@@ -121,6 +123,12 @@ class ImportArgs(Args):
         return v
 
 
+class RequestIdArgs(Args):
+    """``request``: one request by the id the gateway returned (the body's ``id``, the ``x-request-id`` header)."""
+
+    request_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+
+
 @dataclass(frozen=True)
 class Verb:
     name: str
@@ -158,8 +166,12 @@ FORECASTER_VERBS = _verbs(
     ("reload", NoArgs, "rebuild every forecaster from stored history"),
     ("import", ImportArgs, "seed a model's history from a trace"),
 )
-VERBS: dict[tuple[str, str], Verb] = {(v.subject.pattern, v.name): v
-                                      for v in (*PLACEMENT_VERBS.values(), *FORECASTER_VERBS.values())}
+GATEWAY_VERBS = _verbs(
+    GATEWAY_ADMIN,
+    ("request", RequestIdArgs, "one recent request's spans, from the gateway's bounded buffer"),
+)
+VERBS: dict[tuple[str, str], Verb] = {(v.subject.pattern, v.name): v for v in (
+    *PLACEMENT_VERBS.values(), *FORECASTER_VERBS.values(), *GATEWAY_VERBS.values())}
 
 
 class AdminError(Exception):
@@ -241,3 +253,49 @@ class AdminClient:
             raise AdminError(reply.error.code if reply.error else "failed",
                              reply.error.message if reply.error else f"{verb} failed")
         return reply.result
+
+    async def ask_all(self, verb: str, args: Args | dict | None = None, *, timeout: float = 3.0, settle_s: float = 0.5,
+                      enough: Callable[[AdminReply], bool] = lambda r: False) -> list[AdminReply]:
+        """A gateway verb, asked of every gateway process at once (they subscribe without a queue group, so
+        each answers): their replies, gathered until one is ``enough``, until ``settle_s`` after the first
+        reply (gateways on one NATS answer within milliseconds of each other), or until ``timeout``. No
+        gateway listening: an empty list."""
+        from nats.errors import TimeoutError as NatsTimeout
+
+        from shared.telemetry import inject_headers
+
+        spec = GATEWAY_VERBS.get(verb)
+        if spec is None:
+            raise AdminError("unknown_verb", f"unknown admin verb {verb!r}; known: {', '.join(sorted(GATEWAY_VERBS))}")
+        try:
+            typed = args if isinstance(args, spec.args) else spec.args.model_validate(args or {})
+        except ValidationError as exc:
+            raise AdminError("bad_request", _validation_message(verb, exc)) from None
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        replies: list[AdminReply] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            await self.nc.publish(GATEWAY_ADMIN.format(verb=verb),
+                                  AdminRequest(args=typed.model_dump(mode="json", exclude_unset=True)).encode(),
+                                  reply=inbox, headers=inject_headers())
+            while (left := deadline - loop.time()) > 0:
+                try:
+                    msg = await sub.next_msg(timeout=left)
+                except NatsTimeout:
+                    break
+                if msg.headers and msg.headers.get(bus.STATUS_HEADER) == "503":  # nobody subscribes
+                    break
+                try:
+                    reply = AdminReply.decode(msg.data)
+                except ValueError:
+                    continue
+                replies.append(reply)
+                if enough(reply):
+                    break
+                if len(replies) == 1:  # the others, if any, are close behind
+                    deadline = min(deadline, loop.time() + settle_s)
+        finally:
+            await sub.unsubscribe()
+        return replies

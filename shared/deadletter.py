@@ -14,7 +14,7 @@ A failure is one of three kinds (``classify``):
 The limit is kept here, not as the consumer's ``max_deliver`` on the server: the server cannot tell a
 Postgres outage from a poison message, and a message past its limit there is silently never delivered again.
 Giving up publishes a ``DeadLetter`` (the original payload, the error, the consumer, stream and delivery
-count) to ``warmserve.deadletter.<service>``, counts it in ``warmserve_dead_letters_total`` and terminates
+count) to ``warmserve.deadletter.<service>``, counts it in ``warmserve:dead_letters_total`` and terminates
 the message; if that publish fails, the message is redelivered instead, so nothing is dropped. A payload that
 would not fit in a dead letter under NATS's max_payload (less ``HEADROOM`` for headers) is cut to fit and
 flagged; should the dead letter still be too large, the message is terminated with an error logged: a

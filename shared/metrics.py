@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import ThreadingWSGIServer
 
 log = logging.getLogger(__name__)
@@ -22,23 +22,26 @@ log = logging.getLogger(__name__)
 REGISTRY = CollectorRegistry()
 
 DEAD_LETTERS = Counter(
-    "warmserve_dead_letters", "Messages a durable consumer gave up on and moved to WARMSERVE_DEADLETTER "
+    "warmserve:dead_letters", "Messages a durable consumer gave up on and moved to WARMSERVE_DEADLETTER "
     "(alert on any increase: history is missing until an operator publishes them again)",
     ["service", "stream"], registry=REGISTRY)
 
 SKIPPED_ROWS = Gauge(
-    "warmserve_sync_skipped_rows", "Rows of a Postgres table (models, api_keys) placement's last sync could not "
+    "warmserve:sync_skipped_rows", "Rows of a Postgres table (models, api_keys) placement's last sync could not "
     "publish to the gateways (alert on any above 0: the log names each row and why)", ["table"], registry=REGISTRY)
 
 
-LEADER = Gauge("warmserve_leader", "1 while this replica leads its control-plane role, 0 while it stands by",
+LEADER = Gauge("warmserve:leader", "1 while this replica leads its control-plane role, 0 while it stands by",
                ["role"], registry=REGISTRY)
 
 
 def health_app(ready: Callable[[], tuple[bool, dict]]):
     """A WSGI app: ``/metrics`` from ``REGISTRY``; ``/healthz`` always 200 while the process serves;
-    ``/readyz`` 200 or 503 with ``ready()``'s details as JSON."""
-    metrics_app = make_wsgi_app(REGISTRY)
+    ``/readyz`` 200 or 503 with ``ready()``'s details as JSON.
+
+    ``/metrics`` is always Prometheus's text format, whatever the scraper accepts: prometheus_client writes
+    OpenMetrics with the names' colons escaped to underscores, and Prometheus asks for OpenMetrics first, so
+    ``warmserve:leader`` was stored as ``warmserve_leader`` and no dashboard query found it."""
 
     def app(environ, start_response):
         path = environ.get("PATH_INFO", "")
@@ -48,7 +51,12 @@ def health_app(ready: Callable[[], tuple[bool, dict]]):
             start_response("200 OK" if ok else "503 Service Unavailable",
                            [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
             return [body]
-        return metrics_app(environ, start_response)
+        if path != "/metrics":
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"/metrics, /healthz or /readyz\n"]
+        body = generate_latest(REGISTRY)
+        start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))])
+        return [body]
     return app
 
 

@@ -15,19 +15,21 @@ from shared.watch import KvMirror
 from shared.leader import readiness
 from shared.messages import WorkerState
 from shared.policy.cluster import live_workers
-from shared.settings import CommonSettings, ControlPlaneSettings
+from shared.settings import CommonSettings, ControlPlaneSettings, MetricsSettings
 from shared.telemetry import configure_logging, setup_tracing
 
 log = logging.getLogger(__name__)
 
 
 def run_service(run: Callable[[asyncio.Event], Awaitable[None]], service: str, settings: CommonSettings) -> None:
-    """Run ``run(stop)`` until it returns; ``stop`` is set by SIGINT or SIGTERM. Only the control-plane
-    services serve ``WARMSERVE_METRICS_PORT`` (a worker on the same host would find it taken)."""
+    """Run ``run(stop)`` until it returns; ``stop`` is set by SIGINT or SIGTERM. Serves
+    ``WARMSERVE_METRICS_PORT`` where the settings have one (the control plane's readiness is its lease's)."""
     configure_logging(settings.log_level)
     setup_tracing(service, settings.otlp_endpoint)
     if isinstance(settings, ControlPlaneSettings):
         metrics.serve(settings.metrics_host, settings.metrics_port, lambda: readiness(settings.leader_lease_s))
+    elif isinstance(settings, MetricsSettings):
+        metrics.serve(settings.metrics_host, settings.metrics_port)
 
     async def _main() -> None:
         stop = asyncio.Event()

@@ -83,15 +83,19 @@ class DatabaseSettings(CommonSettings):
     )
 
 
-class ControlPlaneSettings(DatabaseSettings):
-    """Placement, the orchestrator and the forecaster: they have no HTTP server, so their Prometheus metrics
-    get a port of their own (one per process: two processes on one host need two ports)."""
+class MetricsSettings(CommonSettings):
+    """The services without an HTTP server of their own (placement, orchestrator, forecaster, workers) serve
+    their Prometheus metrics on a port of their own (one per process: two processes on one host need two)."""
 
-    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics (warmserve_dead_letters_total, "
-                              "warmserve_sync_skipped_rows) on this port; 0: none. One port per process: under "
-                              "`warmserve up` see its own WARMSERVE_METRICS_PORT. The gateway serves its /metrics "
-                              "on its HTTP port; the workers serve none")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics (and /healthz, /readyz) of "
+                              "this process on this port; 0: none. One port per process: `warmserve up` gives each "
+                              "service and worker its own. The gateway serves its /metrics on its HTTP port")
     metrics_host: str = Field("127.0.0.1", description="listen address of WARMSERVE_METRICS_PORT (0.0.0.0 in containers)")
+
+
+class ControlPlaneSettings(DatabaseSettings, MetricsSettings):
+    """Placement, the orchestrator and the forecaster: a database, metrics on a port, a leader lease."""
+
     leader_lease_s: float = Field(5.0, ge=1, le=120, description="run several replicas of a control-plane service "
                                   "and one leads: it renews a lease in NATS KV every third of this; a standby takes "
                                   "over once the lease has gone unrenewed this long (docs/deploy.md, High "
@@ -110,7 +114,7 @@ class GatewaySettings(CommonSettings):
     demand_interval_s: float = Field(1.0, gt=0, description="how often arrivals are published")
     demand_buffer_samples: int = Field(36_000, ge=0, description="demand samples (one per model and interval) kept "
                                        "while NATS is away and published once it is back; beyond this the oldest "
-                                       "are dropped (warmserve_demand_samples_dropped_total) and forecasts "
+                                       "are dropped (warmserve:demand_samples_dropped_total) and forecasts "
                                        "undercount that demand")
     queue_wait_s: float = Field(60.0, gt=0, description="longest a request waits for an instance "
                                                         "(a cold start included) before a 503")
@@ -154,9 +158,13 @@ class GatewaySettings(CommonSettings):
                                                            "tokenizer covers: a prompt longer than this many times "
                                                            "the context left after max_tokens cannot fit and gets a "
                                                            "400 (context_length_exceeded) without reaching a worker")
+    recent_requests: int = Field(1000, ge=0, le=100_000, description="requests whose spans this gateway process "
+                                 "keeps in memory, newest first, for `warmserve request ID` (at most 64 spans "
+                                 "each; the oldest request is forgotten first); 0: none kept. Kept whether or "
+                                 "not WARMSERVE_OTLP_ENDPOINT exports traces")
 
 
-class WorkerSettings(CommonSettings):
+class WorkerSettings(MetricsSettings):
     worker_id: str = Field("worker-0", description="unique per worker; used in subjects")
     node: str = Field(default_factory=lambda: socket.gethostname().lower(), description="node name (default: hostname)")
     device: str = Field("cpu:0", description="cuda:<index> on a GPU node, cpu:<n> on a CPU machine")
@@ -272,9 +280,10 @@ class LocalClusterSettings(DatabaseSettings):
     engine: str = Field("auto", pattern="^(auto|sim|vllm)$",
                         description="engine of the local workers; auto: vllm when installed, else sim")
     worker_memory_budget_bytes: int = Field(6 * 1024**3, gt=0, description="memory budget of each local worker")
-    metrics_port: int = Field(0, ge=0, le=65533, description="control-plane /metrics: placement on this port, the "
-                              "orchestrator on the next, the forecaster on the one after; 0: none. The gateway "
-                              "serves its own on WARMSERVE_GATEWAY_PORT, the workers none")
+    metrics_port: int = Field(0, ge=0, le=65000, description="/metrics of placement on this port, the "
+                              "orchestrator on the next, the forecaster, then each worker; 0: free ports. Either "
+                              "way they are listed in the state folder's cluster.json and prometheus-targets.json. "
+                              "The gateway serves its own on WARMSERVE_GATEWAY_PORT")
 
 
     @property
@@ -292,6 +301,18 @@ class LocalClusterSettings(DatabaseSettings):
     @property
     def external_database(self) -> bool:
         return "database_url" in self.model_fields_set
+
+
+class CliSettings(BaseSettings):
+    """What the ``warmserve`` command line reads beyond where the cluster is (``WARMSERVE_OPERATOR_NATS_URL``,
+    ``WARMSERVE_NATS_URL``, ``WARMSERVE_GATEWAY_URL`` or the local cluster's cluster.json)."""
+
+    model_config = SettingsConfigDict(env_prefix="WARMSERVE_", extra="ignore")
+
+    traces_url: str | None = Field(None, description="base URL of a Jaeger query API (e.g. http://127.0.0.1:16686, "
+                                   "the compose stack's Jaeger with the tracing profile): `warmserve request ID` "
+                                   "then shows the request's whole trace across services, and finds requests the "
+                                   "gateways no longer keep; unset: the gateways' own spans of their recent requests")
 
 
 class MigrateSettings(DatabaseSettings):

@@ -11,7 +11,7 @@ SECTIONS = (
     (S.GatewaySettings, "gateway"), (S.WorkerSettings, "gpu-worker"),
     (S.ForecasterSettings, "forecaster"), (S.PlacementSettings, "placement"),
     (S.OrchestratorSettings, "prewarm-orchestrator"), (S.LocalClusterSettings, "`warmserve up` (local cluster)"),
-    (S.MigrateSettings, "`warmserve migrate`"),
+    (S.MigrateSettings, "`warmserve migrate`"), (S.CliSettings, "`warmserve` command line"),
 )
 
 HEADER = """# Configuration

@@ -161,6 +161,13 @@ FORECAST_ADMIN = Subject(
     reply=m.AdminReply, publishers=(OPERATOR,), subscribers=(FORECASTER,),
 )
 
+GATEWAY_ADMIN = Subject(
+    "warmserve.admin.gateway.{verb}", m.AdminRequest, Durability.CORE,
+    "Operator questions every gateway process answers (no queue group: the asker gathers the answers), such as "
+    "one recent request's spans from the gateway's bounded buffer (`warmserve request ID`); request-reply.",
+    reply=m.AdminReply, publishers=(OPERATOR,), subscribers=(GATEWAY,),
+)
+
 DEAD_LETTER = Subject(
     "warmserve.deadletter.{service}", m.DeadLetter, Durability.STREAM,
     "A message a service's durable consumer gave up on (data it can never store, or failing past its delivery "
@@ -170,7 +177,7 @@ DEAD_LETTER = Subject(
 
 SUBJECTS: tuple[Subject, ...] = (
     INFER, CANCEL, PING, SCALE, WORKER_CMD, WORKER_EVENT, DEMAND, FORECAST, PLACEMENT_PLAN, ADMIN, FORECAST_ADMIN,
-    DEAD_LETTER,
+    GATEWAY_ADMIN, DEAD_LETTER,
 )
 
 

@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 
 def setup_tracing(service: str, otlp_endpoint: str | None = None,
                   extra_processor: SpanProcessor | None = None) -> TracerProvider:
-    """Install a tracer provider for ``service``; export over OTLP/HTTP when an endpoint is set."""
+    """Install a tracer provider for ``service``; export over OTLP/HTTP when an endpoint is set. Without one,
+    spans are still recorded (the SDK's provider, with no exporter), so in-process processors see them: the
+    gateway keeps its recent requests' spans that way (services/gateway/recent.py)."""
     provider = TracerProvider(resource=Resource.create({"service.name": f"warmserve-{service}"}))
     if otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter

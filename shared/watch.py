@@ -19,7 +19,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 
 from shared.bus import M
@@ -41,8 +41,9 @@ class Follower:
     STALL_CHECK_S = 1.0
 
     def __init__(self, js: JetStreamContext, subject: str, cb: Callable[[Msg], Awaitable[None]],
-                 deliver_policy: DeliverPolicy):
+                 deliver_policy: DeliverPolicy, config: Callable[[], ConsumerConfig] | None = None):
         self.js, self.subject, self.cb, self.deliver_policy = js, subject, cb, deliver_policy
+        self.config = config  # each subscription's consumer config, made afresh (a start time that moves on)
         self.delivered = 0  # messages delivered since the current subscription began
         self.renewals = 0
         self._task: asyncio.Task | None = None
@@ -67,6 +68,8 @@ class Follower:
         async def on_msg(msg: Msg) -> None:
             self.delivered += 1
             await self.cb(msg)
+        if self.config is not None:
+            return await self.js.subscribe(self.subject, ordered_consumer=True, cb=on_msg, config=self.config())
         return await self.js.subscribe(self.subject, ordered_consumer=True, deliver_policy=self.deliver_policy,
                                        cb=on_msg)
 

@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 from services.forecaster.admin import ForecasterAdmin
 from services.forecaster.core import ForecastCore, ForecastRoundConfig
 from services.forecaster.outbox import Outbox
+from services.forecaster import metrics as forecaster_metrics
 from shared import bus, watch
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
@@ -49,6 +50,7 @@ class Forecaster:
             retry_interval_s=settings.retry_interval_s, startup_backtest_windows=settings.startup_backtest_windows,
             outage_grace_s=settings.outage_grace_s))
         self.outbox = Outbox.empty()
+        self.band = forecaster_metrics.BandMeter()  # the forecast for each next window, scored when it closes
         self.caught_up = asyncio.Event()
         self.busy = asyncio.Lock()  # rounds, imports and reloads take turns with the forecasters
         self.rounds = {"count": 0, "last_s": None, "first_s": None, "last_at_s": None}
@@ -93,8 +95,10 @@ class Forecaster:
         closed = self.core.close_windows(now, models)
         for model, obs in closed:
             self.outbox.observations[model].append(obs)
+            self.band.observed(model, obs)
         await self.publish(await asyncio.to_thread(self.core.forecast, models, now))
         elapsed = time.perf_counter() - started
+        forecaster_metrics.ROUND_SECONDS.observe(elapsed)
         self.rounds.update(count=self.rounds["count"] + 1, last_s=round(elapsed, 3), last_at_s=now)
         if self.rounds["first_s"] is None:
             self.rounds["first_s"] = round(elapsed, 3)
@@ -107,6 +111,7 @@ class Forecaster:
             self.outbox.bound()
             return
         for fc in forecasts:
+            self.band.forecast(fc)
             try:
                 await bus.js_publish(self.js, FORECAST.format(model=fc.model), fc,
                                      msg_id=f"{fc.model}:{fc.window_start_s:.0f}:{fc.made_at_s:.3f}")

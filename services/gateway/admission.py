@@ -48,8 +48,9 @@ class Admission:
     def _scale(self, model: str, reason: str) -> asyncio.Task[ScaleReply] | None:
         """The ask for ``model`` that is out, a new one if the core says so, or the last (finished) one."""
         if self.core.should_ask(model, time.monotonic()):
-            task = asyncio.ensure_future(self._ask(ScaleRequest(
-                model=model, reason=reason, waiting=self.core.waiting.get(model, 1))))
+            waiting = self.core.waiting.get(model, 1)
+            trace.get_current_span().add_event("scale_up.asked", {"reason": reason, "waiting": waiting})
+            task = asyncio.ensure_future(self._ask(ScaleRequest(model=model, reason=reason, waiting=waiting)))
             # an ask cancelled before it ran never reaches its ``finally``: the model may ask again
             task.add_done_callback(lambda t, m=model: self.core.asking.discard(m) if t.cancelled() else None)
             self._scaling[model] = task
@@ -63,6 +64,14 @@ class Admission:
             reply = ScaleReply(ok=False, error={"code": "scale_failed", "message": str(exc)})
         finally:
             self.core.on_reply(req.model, reply.ok, reply.instance_id, reply.outcome)
+        span = trace.get_current_span()  # the queue span of the request that asked, unless it is over
+        if span.is_recording():
+            # scale_up_s: the orchestrator's own count, from its receipt of the ask to the instance serving
+            span.add_event("scale_up.answered", {"ok": reply.ok, "worker": reply.worker_id or "",
+                                                  "instance": reply.instance_id or "",
+                                                  "outcome": reply.outcome.value if reply.outcome else "",
+                                                  "scale_up_s": reply.seconds,
+                                                  "error": reply.error.code if reply.error else ""})
         if reply.ok and reply.instance_id and reply.outcome:
             self.notify()
         return reply

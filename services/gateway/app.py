@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
@@ -23,11 +23,13 @@ from services.gateway.demand import DemandPublisher
 from services.gateway.errors import ApiError
 from services.gateway.limits import Guard, KeySlots, body_limit, check_request, prompt_param, too_large_for_bus
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.recent import RecentRequests
 from services.gateway.responses import ResponseBuilder
 from services.gateway.routing import RoutingTable
 from services.gateway.shared_limits import LocalRates
 from services.gateway.shutdown import Drain
 from shared import bus, watch
+from shared.admin import GATEWAY_VERBS, Dispatcher, RequestIdArgs
 from shared.apikeys import hash_key
 from shared.messages import (
     ApiKeyRecord, CancelRequest, InferChunk, InferRequest, ModelSpec, Outcome, Ping, Pong, ScaleReply, ScaleRequest,
@@ -36,10 +38,11 @@ from shared.messages import (
 from shared.policy.routing import Route
 from shared.service import freeze_gc_heap
 from shared.settings import GatewaySettings
-from shared.subjects import APIKEYS_BUCKET, CANCEL, CATALOG_BUCKET, INFER, PING, SCALE, WORKERS_BUCKET
+from shared.subjects import APIKEYS_BUCKET, CANCEL, CATALOG_BUCKET, GATEWAY_ADMIN, INFER, PING, SCALE, WORKERS_BUCKET
 
 log = logging.getLogger("warmserve.gateway")
 OUTCOME_HEADER = "x-warmserve-outcome"
+REQUEST_ID_HEADER = "x-request-id"  # the response body's id: a client can quote it (`warmserve request ID`)
 MAX_ROUTES = 3  # a request that no worker started is routed again, at most this often
 CLIENT_CLOSED = 499  # nginx's "client closed request"
 LOST_CHECK_S = 2.0  # a stream quiet this long asks its worker whether it has the request at all
@@ -57,6 +60,8 @@ class Gateway:
                                       buffer_max=settings.demand_buffer_samples, on_drop=self.metrics.demand_dropped.inc)
         self.metrics.demand_buffered.set_function(lambda: len(self.demand.pending))
         self.tracer = trace.get_tracer("warmserve.gateway")
+        self.recent = RecentRequests(settings.recent_requests, settings.gateway_id)  # attached in start()
+        self._admin = Dispatcher(GATEWAY_VERBS, {"request": self._request_story})  # warmserve.admin.gateway.*
         # per key; with several gateway processes main.py puts host-wide ones here (shared_limits.py)
         self.rates = LocalRates()
         self.key_slots = KeySlots(settings.key_max_concurrency, settings.gateways)
@@ -79,6 +84,9 @@ class Gateway:
         self.admission = Admission(self.table, self._scale, core, wait_s=s.queue_wait_s,
                                    on_queue_change=lambda m, n: self.metrics.queue_depth.labels(m).set(n))
         self._demand_task = asyncio.create_task(self.demand.run(self.js, lambda: self.nc.is_connected))
+        self.recent.attach()  # the process's tracer provider (main.py set it up) keeps recent requests' spans
+        # no queue group: every gateway process answers, `warmserve request` gathers their answers
+        await self.nc.subscribe(GATEWAY_ADMIN.wildcard, cb=self._on_admin)
         freeze_gc_heap()  # started: what exists now is not garbage, and collections need not walk it
 
     @property
@@ -94,6 +102,24 @@ class Gateway:
         await self.workers.stop()
         await self.keys.stop()
         await bus.close(self.nc)
+        self.recent.close()
+
+    async def _on_admin(self, msg) -> None:
+        await self._admin.on_message(self.nc, msg)
+
+    async def _request_story(self, args: RequestIdArgs) -> dict:
+        """``warmserve.admin.gateway.request``: the request's spans as this process recorded them, or where
+        it is not kept, how many are (the asker tells the operator how far back the gateways remember)."""
+        kept = {"gateway": self.settings.gateway_id, "capacity": self.recent.capacity if self.recent.enabled else 0,
+                "kept": len(self.recent)}
+        story = self.recent.story(args.request_id)
+        if story is None:
+            return {"found": False, **kept}
+        answer = {"found": True, **kept, **story}
+        if len(json.dumps(answer, default=str)) > self.nc.max_payload - 4096:  # cannot travel: the request's own
+            answer = {**answer, "spans": story["spans"][:1], "dropped_spans": story["dropped_spans"]
+                      + len(story["spans"]) - 1}
+        return answer
 
     def begin_drain(self) -> None:
         """Shutdown has begun: stop being ready, and end whatever is still running with a clear error
@@ -244,12 +270,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         request_id = f"chatcmpl-{new_id()}"
-        return await serve(body, body.infer(request_id))
+        return await _quoting(request_id, serve(body, body.infer(request_id)))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         request_id = f"cmpl-{new_id()}"
-        return await serve(body, body.infer(request_id))
+        return await _quoting(request_id, serve(body, body.infer(request_id)))
 
     async def serve(body: ChatCompletionRequest | CompletionRequest, infer: InferRequest):
         log_ignored(infer.request_id, body.ignored_fields())
@@ -260,7 +286,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         pparam = prompt_param(body)
         built = ResponseBuilder(body, infer.request_id, body.model, int(time.time()))
         span = gw.tracer.start_span("gateway.request", attributes={
-            "warmserve.model": body.model, "warmserve.request_id": infer.request_id, "warmserve.stream": body.stream})
+            "warmserve.model": body.model, "warmserve.request_id": infer.request_id, "warmserve.stream": body.stream,
+            "warmserve.gateway": gw.settings.gateway_id})
         served = Served(gw, body.model, infer.request_id, span, choices=body.choices)
         tried: set[str] = set()
         try:
@@ -294,7 +321,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             raise
         infer = routed
         served.first_token()
-        headers = {OUTCOME_HEADER: served.outcome}
+        headers = {OUTCOME_HEADER: served.outcome, REQUEST_ID_HEADER: infer.request_id}
         built.take(first)
 
         if not body.stream:
@@ -366,6 +393,19 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 # ---------------------------------------------------------------------- helpers
 
 
+async def _quoting(request_id: str, answer: Awaitable[Response]) -> Response:
+    """``answer``, or the error response it ends in, with the request's id in ``x-request-id`` (the answer's own
+    headers have it already): whatever the client got, it can quote the id to an operator."""
+    try:
+        return await answer
+    except ApiError as exc:
+        exc.headers = {**exc.headers, REQUEST_ID_HEADER: request_id}
+        raise
+    except Exception as exc:  # answered with errors.install's 500, which adds these
+        errors.quote_in_response(exc, {REQUEST_ID_HEADER: request_id})
+        raise
+
+
 class _ClosingStream(StreamingResponse):
     """A streaming response that runs ``on_close`` however the response ends.
 
@@ -410,7 +450,9 @@ class Served:
         self.route_, self.outcome = route, outcome.value
         self.span.set_attribute("warmserve.outcome", outcome.value)
         self.span.set_attribute("warmserve.worker", route.worker_id)
+        self.span.set_attribute("warmserve.instance", route.instance_id)
         self.span.set_attribute("warmserve.queue_wait_s", waited_s)
+        self.gw.metrics.queue_wait.labels(self.model, self.outcome).observe(waited_s)
 
     def unroute(self) -> None:
         if self.route_ is not None:
@@ -448,6 +490,7 @@ class Served:
                 and self.choices == 1:
             decode_s = time.perf_counter() - self.started - self.ttft
             gw.metrics.tpot.labels(self.model).observe(decode_s / (last.usage.completion_tokens - 1))
+        _record_usage(self.span, last)
         _end_span(self.span, status)
 
 
@@ -460,6 +503,13 @@ def _status_of(exc: BaseException) -> int:
     if isinstance(exc, ApiError):
         return exc.status
     return CLIENT_CLOSED if isinstance(exc, asyncio.CancelledError) else 500
+
+
+def _record_usage(span, last: InferChunk | None) -> None:
+    """The tokens the worker reported on its last chunk (the gateway knows no timings of the worker's own)."""
+    if last is not None and last.usage is not None:
+        span.set_attribute("warmserve.prompt_tokens", last.usage.prompt_tokens)
+        span.set_attribute("warmserve.completion_tokens", last.usage.completion_tokens)
 
 
 def _end_span(span, status: int) -> None:

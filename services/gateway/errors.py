@@ -117,6 +117,18 @@ def record(span: trace.Span, err: ApiError) -> None:
         span.add_event("warmserve.error", {"code": err.code or "", "detail": err.detail})
 
 
+_RESPONSE_HEADERS = "_warmserve_response_headers"
+
+
+def quote_in_response(exc: BaseException, headers: dict[str, str]) -> None:
+    """Headers the 500 answering an unexpected ``exc`` carries (the request's id): set where it is raised
+    through, read by ``install``'s handler."""
+    try:
+        setattr(exc, _RESPONSE_HEADERS, {**getattr(exc, _RESPONSE_HEADERS, {}), **headers})
+    except AttributeError:  # an exception that takes no attributes: answered without them
+        pass
+
+
 # pydantic names a union's member in an error's location (``stop.str``, ``tool_choice.literal['none',...]``,
 # ``content.function-after[...]``): not a parameter, so left out of ``param``
 _UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|[a-z-]+\[.*\]|[A-Z]\w*)$")
@@ -162,6 +174,7 @@ def install(app: FastAPI) -> None:
         log.exception("unhandled error on %s %s", request.method, request.url.path)  # the detail, traceback too
         err = internal(repr(exc))
         record(trace.get_current_span(), err)
+        err.headers = dict(getattr(exc, _RESPONSE_HEADERS, {}))
         return err.response()
 
     @app.exception_handler(json.JSONDecodeError)

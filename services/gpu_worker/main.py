@@ -22,6 +22,7 @@ from shared.messages import (
 )
 from shared.settings import WorkerSettings, load_settings
 from shared.subjects import CANCEL, INFER, PING, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET
+from services.gpu_worker import metrics as worker_metrics
 from shared.service import brief, freeze_gc_heap, run_service
 from shared.tasks import cancel_and_wait
 from shared.telemetry import extract_context, tracer
@@ -259,6 +260,7 @@ class WorkerService:
                 await self.nc.subscribe(CANCEL.format(worker=s.worker_id), cb=self.on_cancel),
                 await self.nc.subscribe(PING.format(worker=s.worker_id), cb=self.on_ping),
                 await self.nc.subscribe(f"{self.requesters.prefix}.*", cb=self.on_probe_answer)]
+        worker_metrics.STATE.states[s.worker_id] = self.state
         freeze_gc_heap()  # started: what exists now is not garbage, and collections need not walk it
         log.info("worker %s up: engine=%s device=%s budget=%d bytes", s.worker_id, s.engine, s.device,
                  self.worker.memory.budget_bytes)
@@ -279,6 +281,7 @@ class WorkerService:
             await self.kv.delete(s.worker_id)
         except Exception as exc:  # readers drop it once its heartbeat is stale
             log.warning("could not remove %s from the workers bucket: %s", s.worker_id, brief(exc))
+        worker_metrics.STATE.states.pop(s.worker_id, None)
         await self.worker.engine.close()
         await bus.close(self.nc)
 

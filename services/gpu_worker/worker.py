@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from services.gpu_worker.engines import Delta, Engine, EngineError
+from services.gpu_worker import metrics
 from services.gpu_worker.memory import PAGE_BYTES, MemoryPool, pages
 from shared.policy.keepalive import IdleCopy, IdleCopyPolicy, victims
 from shared.policy.kv import kv_bytes_to_keep, reclaimable_bytes
@@ -132,13 +133,18 @@ class Worker:
                 fut.set_result(result(**await self._dispatch(cmd)))
             except EngineError as exc:
                 fut.set_result(result(code=exc.code, message=str(exc)))
+                metrics.ENGINE_ERRORS.labels(self.worker_id, cmd.kind.value, exc.code).inc()
             except Exception as exc:  # report, never crash the worker on one bad command
                 log.exception("command %s failed", cmd.kind.value)
                 fut.set_result(result(code="internal", message=repr(exc)))
+                metrics.ENGINE_ERRORS.labels(self.worker_id, cmd.kind.value, "internal").inc()
             finally:
                 if not fut.done():  # cancelled: forget it so a retry runs it again
                     self._results.pop(cmd.command_id, None)
                     fut.set_result(result(code="cancelled", message="the worker stopped before finishing"))
+                done = fut.result()
+                metrics.COMMAND_SECONDS.labels(self.worker_id, cmd.kind.value,
+                                               "ok" if done.ok else done.error.code).observe(done.seconds)
         return await asyncio.shield(fut)
 
     async def _dispatch(self, cmd: WorkerCommand) -> dict:

@@ -12,6 +12,7 @@ from nats.js.api import DeliverPolicy
 
 from services.placement.admin import Admin
 from services.placement.core import PlacementCore, PlacementCoreConfig
+from services.placement import metrics as placement_metrics
 from shared import bus, metrics, watch
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
@@ -101,13 +102,18 @@ class Placement:
         self.prune_forecasts(time.time())
         view = ClusterView.from_workers(
             seen_workers(self.workers, self.settings.heartbeat_timeout_s))
-        plan = self.core.plan(view, self.catalog.items, self.forecasts, list(self.operator.items.values()), time.time())
+        with placement_metrics.ROUND_SECONDS.time():
+            plan = self.core.plan(view, self.catalog.items, self.forecasts, list(self.operator.items.values()),
+                                  time.time())
         if not self.core.changed(plan):
+            placement_metrics.ROUNDS.labels("unchanged").inc()
             return
         plan = plan.model_copy(update={"epoch": self.term.epoch})
         if not await self.write_plan(plan):
+            placement_metrics.ROUNDS.labels("not_written").inc()
             return
         await bus.js_publish(self.js, PLACEMENT_PLAN.pattern, plan, msg_id=plan.plan_id)
+        placement_metrics.published(plan, self.current)
         self.core.adopt(plan)
         log.info("new plan %s: %s%s", plan.plan_id[:8],
                  ", ".join(f"{c.model}@{c.worker_id}" for c in plan.copies) or "nothing",

@@ -11,6 +11,7 @@ from psycopg.errors import ForeignKeyViolation
 from sqlalchemy.exc import IntegrityError
 
 from services.prewarm_orchestrator.core import WORKER_LOST, Command, OrchestratorConfig, OrchestratorCore
+from services.prewarm_orchestrator import metrics as orchestrator_metrics
 from shared import bus, watch
 from shared.db import repo
 from shared.db.engine import create_engine, sessionmaker
@@ -107,6 +108,13 @@ class Orchestrator:
             self.term.ended.set()
             return result
         self.core.on_result(cmd, result.ok, time.time(), error_code=result.error.code if result.error else None)
+        orchestrator_metrics.COMMANDS.labels(cmd.kind.value, "ok" if result.ok else result.error.code).inc()
+        if not result.ok:
+            orchestrator_metrics.RETRIES.labels(cmd.kind.value).inc()
+        decided = orchestrator_metrics.decision(cmd.kind, cmd.reason, cmd.scale_up, cmd.replace_active)
+        if decided and result.ok:
+            outcome = cmd.outcome.value if cmd.outcome is not None else ""
+            orchestrator_metrics.DECISIONS.labels(cmd.model, decided, outcome).inc()
         if result.ok:
             log.info("%s %s on %s: done (%s)", cmd.kind.value, cmd.model, cmd.worker_id, cmd.reason)
         else:

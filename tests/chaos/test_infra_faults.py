@@ -258,7 +258,7 @@ def test_gateway_stop_ends_long_requests_with_a_clear_error(cluster):
         t.start()
     until(lambda: streamed.get("lines"), timeout=30, every=0.1, what="the stream's first token")
     # the other request is in flight too (generating, or waiting for an instance)
-    until(lambda: gateway_gauge(url, "warmserve_in_flight_requests") >= 2, timeout=30, every=0.1,
+    until(lambda: gateway_gauge(url, "warmserve:num_requests_running") >= 2, timeout=30, every=0.1,
           what="both requests at the gateway")
     gateway = service_process(up, "gateway")
     gateway.send_signal(signal.SIGTERM)

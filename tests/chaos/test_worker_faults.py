@@ -84,7 +84,7 @@ def test_worker_killed_mid_stream(cluster):
         waiters = [threading.Thread(target=plain, args=(url, key, queued)) for _ in range(2)]
         for t in waiters:  # one request per instance: these wait behind the stream
             t.start()
-        until(lambda: gateway_gauge(url, "warmserve_queue_depth") >= 2, timeout=30, every=0.1,
+        until(lambda: gateway_gauge(url, "warmserve:num_requests_waiting") >= 2, timeout=30, every=0.1,
               what="both requests queued at the gateway")
         listening = threading.Event()
         with concurrent.futures.ThreadPoolExecutor(1) as pool:

@@ -75,7 +75,7 @@ def test_outcomes_prewarm_hit_then_cold_then_warm(cluster):
     assert third.headers["x-warmserve-outcome"] == "warm"
     metrics = httpx.get(f"{cluster['url']}/metrics").text
     for outcome in ("prewarm_hit", "cold", "warm"):
-        assert f'warmserve_requests_total{{model="tiny-llama",outcome="{outcome}",status="200"}}' in metrics
+        assert f'warmserve:requests_total{{model="tiny-llama",outcome="{outcome}",status="200"}}' in metrics
 
 
 def test_client_disconnect_cancels_generation_on_the_worker(cluster):

@@ -28,7 +28,7 @@ TOO_LONG = "x" * 40  # event and plan ids are String(32)
 
 
 def dead_letters_counted(service: str, stream: str) -> float:
-    return REGISTRY.get_sample_value("warmserve_dead_letters_total", {"service": service, "stream": stream}) or 0.0
+    return REGISTRY.get_sample_value("warmserve:dead_letters_total", {"service": service, "stream": stream}) or 0.0
 
 
 async def dead_letters(js, service: str, since_s: float) -> list[DeadLetter]:

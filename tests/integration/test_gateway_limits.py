@@ -205,7 +205,7 @@ async def test_concurrency_limit_per_key_and_slots_given_back_however_requests_e
         await eventually(lambda: _more(worker.cancelled, cancels), timeout=5, what="a cancel sent to the worker")
     worker.release.set()
     metrics = (await http.get("/metrics")).text
-    assert f'warmserve_requests_total{{model="{MODEL}",outcome="warm",status="499"}} 3.0' in metrics
+    assert f'warmserve:requests_total{{model="{MODEL}",outcome="warm",status="499"}} 3.0' in metrics
 
     # after all that the key has its two slots again
     worker.release.clear()

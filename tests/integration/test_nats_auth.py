@@ -36,9 +36,9 @@ from shared.messages import (
     WorkerState,
 )
 from shared.subjects import (
-    ADMIN, APIKEYS_BUCKET, CANCEL, CATALOG_BUCKET, DEMAND, FORECAST, FORECAST_ADMIN, INFER, OPERATOR_BUCKET, PING,
-    PLACEMENT_BUCKET, PLACEMENT_KEY, PLACEMENT_PLAN, SCALE, WORKER, WORKER_CMD, WORKER_EVENT, WORKERS_BUCKET,
-    subject_matches, worker_user,
+    ADMIN, APIKEYS_BUCKET, CANCEL, CATALOG_BUCKET, DEMAND, FORECAST, FORECAST_ADMIN, GATEWAY_ADMIN, INFER,
+    OPERATOR_BUCKET, PING, PLACEMENT_BUCKET, PLACEMENT_KEY, PLACEMENT_PLAN, SCALE, WORKER, WORKER_CMD, WORKER_EVENT,
+    WORKERS_BUCKET, subject_matches, worker_user,
 )
 from tests.helpers import eventually, flushed
 
@@ -168,6 +168,9 @@ def who_may(direction: str, subject: str) -> set[str]:
     ("publish", FORECAST_ADMIN.format(verb="import"), {OPERATOR}),
     ("subscribe", ADMIN.format(verb="key-create"), {"placement", OPERATOR}),
     ("subscribe", FORECAST_ADMIN.format(verb="import"), {"forecaster", OPERATOR}),
+    ("publish", GATEWAY_ADMIN.format(verb="request"), {OPERATOR}),  # only the operator asks for a request's spans
+    ("subscribe", GATEWAY_ADMIN.format(verb="request"), {"gateway", OPERATOR}),
+    ("publish", "_INBOX.operator.x.y", {"placement", "forecaster", "gateway", OPERATOR}),  # admin answers
     ("publish", "$KV.warmserve-workers.w1", {W1, OPERATOR}),  # a worker writes its own key only
     ("publish", "$KV.warmserve-workers.w2", {W2, OPERATOR}),
     ("publish", "$KV.warmserve-catalog.m", {"placement", OPERATOR}),

@@ -372,7 +372,7 @@ async def test_a_bad_catalog_row_holds_back_neither_the_other_models_nor_the_api
         assert svc.skipped == {"models": {"tiny\n": svc.skipped["models"]["tiny\n"]},
                                "api_keys": {"br-bad": "its key_hash is not a SHA-256 hex digest"}}
         for table in ("models", "api_keys"):
-            assert metrics.REGISTRY.get_sample_value("warmserve_sync_skipped_rows", {"table": table}) == 1
+            assert metrics.REGISTRY.get_sample_value("warmserve:sync_skipped_rows", {"table": table}) == 1
         logged = [r.getMessage() for r in caplog.records if r.name == "warmserve.placement" and "skipped" in r.getMessage()]
         assert sum("'tiny\\n'" in m for m in logged) == 1 and sum("'br-bad'" in m for m in logged) == 1, logged
     finally:

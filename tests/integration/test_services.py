@@ -176,9 +176,9 @@ async def test_gateway_errors_are_openai_shaped(spans, gateway, nc, worker, spec
         assert any(e["choices"] and e["choices"][0]["finish_reason"] == "length" for e in events)
 
         metrics = (await http.get("/metrics")).text
-        assert 'warmserve_requests_total{model="tiny",outcome="warm",status="200"}' in metrics
-        assert 'warmserve_requests_total{model="missing"' not in metrics  # unknown models are not labels
-        assert "warmserve_ttft_seconds_bucket" in metrics
+        assert 'warmserve:requests_total{model="tiny",outcome="warm",status="200"}' in metrics
+        assert 'warmserve:requests_total{model="missing"' not in metrics  # unknown models are not labels
+        assert "warmserve:time_to_first_token_seconds_bucket" in metrics
 
 
 async def test_api_keys_and_rate_limits(nats_urls, nc):

@@ -58,7 +58,7 @@ def test_the_dead_letter_counter_is_served_on_the_metrics_port_and_a_taken_port_
     metrics.serve("127.0.0.1", port)
     metrics.DEAD_LETTERS.labels("placement", "WARMSERVE_FORECAST").inc()
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    assert 'warmserve_dead_letters_total{service="placement",stream="WARMSERVE_FORECAST"}' in text
+    assert 'warmserve:dead_letters_total{service="placement",stream="WARMSERVE_FORECAST"}' in text
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

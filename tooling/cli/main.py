@@ -289,6 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     from tooling.cli import deadletters
 
     deadletters.add_parser(sub)
+
+    from tooling.cli import request
+
+    request.add_parser(sub)
+
+    from tooling.cli import top
+
+    top.add_parser(sub)
     return p
 
 

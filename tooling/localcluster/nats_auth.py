@@ -11,8 +11,8 @@ keeps the two equal).
 The rules, in short (docs/architecture.md has the table):
 
 - Core subjects are exact: only the orchestrator publishes worker commands, only the gateway publishes
-  inference, cancel and scale requests, placement and the forecaster subscribe to admin subjects, and only
-  ``operator`` (everything) publishes admin requests.
+  inference, cancel and scale requests, placement, the forecaster and the gateway (``warmserve.admin.gateway.*``)
+  subscribe to admin subjects, and only ``operator`` (everything) publishes admin requests.
 - Workers: each worker ``<id>`` has its own user ``worker-<id>`` (``users_for``), allowed only its own
   subjects (``{worker}`` = its id), its own key in a bucket keyed by worker, and replies into inboxes
   addressed to it (``shared.bus.reply_inbox``), where no service user may publish. Not nats-server's
@@ -175,7 +175,8 @@ def users_for(workers: Iterable[str]) -> dict[str, dict]:
 
 WHY = {
     "gateway": "sends inference (streamed replies), cancel and scale requests and demand samples; mirrors the "
-               "catalog, workers and API keys buckets; writes no bucket",
+               "catalog, workers and API keys buckets; writes no bucket; answers the gateway's admin verbs "
+               "(replies into the operator's inbox)",
     "forecaster": "reads demand through its durable consumer, publishes forecasts, mirrors the catalog; answers "
                   "the forecaster's admin verbs (replies into the operator's inbox)",
     "placement": "reads forecasts, publishes plans and stores them in Postgres from its durable consumer; the only writer of the catalog, API keys, operator (drains, "

@@ -17,14 +17,15 @@ import httpx
 from tooling.localcluster.db_users import ROLE_OF, service_urls
 from tooling.localcluster.infra import EmbeddedPostgres, StartError, start_nats
 from tooling.localcluster.nats_auth import OPERATOR, SERVICE_USERS, USERS, WORKER, without_user, worker_user
-from tooling.localcluster.processes import become_subreaper, env_with, kill_orphans, port_free, spawn, stop_all, tail
+from tooling.localcluster.processes import (become_subreaper, env_with, free_port, kill_orphans, port_free, spawn,
+                                           stop_all, tail)
 from shared.settings import LocalClusterSettings
 
 DEMO_MODEL = "tiny-llama"
 SERVICES = ("forecaster", "placement", "prewarm_orchestrator", "gateway")  # plus one gpu_worker per worker
-# WARMSERVE_METRICS_PORT + this is each control-plane service's metrics port (all run on this one host)
-METRICS_OFFSET = {"placement": 0, "prewarm_orchestrator": 1, "forecaster": 2}
+METRICS_SERVICES = ("placement", "prewarm_orchestrator", "forecaster")  # then each worker (the gateway: its port)
 CLUSTER_FILE = "cluster.json"
+PROMETHEUS_TARGETS = "prometheus-targets.json"  # file_sd_configs for a Prometheus scraping this cluster
 MAX_RESTARTS, RESTART_WINDOW_S = 3, 60.0
 
 
@@ -66,6 +67,7 @@ class Cluster:
     operator_nats_url: str = ""  # what warmserve up and the CLI connect with (operator credentials)
     database_url: str = ""  # the owner's: migrations, the demo model, cluster.json (the operator's CLI)
     database_urls: dict[str, str] = field(default_factory=dict)  # by database role: each service its own
+    metrics_ports: dict[str, int] = field(default_factory=dict)  # by process name: its /metrics port
 
     @property
     def gateway_url(self) -> str:
@@ -83,7 +85,8 @@ class Cluster:
         NATS user's URL (a worker's: that worker's own user)."""
         s = self.settings
         user = worker_user(worker_id) if worker_id else SERVICE_USERS[service]
-        return self._metrics_env(service, self._database_env(service, env_with({
+        name = f"gpu_worker-{self.worker_ids.index(worker_id)}" if worker_id else service
+        return self._metrics_env(name, self._database_env(service, env_with({
             "WARMSERVE_NATS_URL": self.nats_urls[user],
             "WARMSERVE_PORT": str(s.gateway_port), "WARMSERVE_HOST": "127.0.0.1",
             "WARMSERVE_LOG_LEVEL": s.log_level, "WARMSERVE_ENGINE": s.resolved_engine,
@@ -93,14 +96,30 @@ class Cluster:
             "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
         })))
 
-    def _metrics_env(self, service: str, env: dict[str, str]) -> dict[str, str]:
-        """Each control-plane service its own metrics port (``METRICS_OFFSET``), the others none: one
-        WARMSERVE_METRICS_PORT for every process on this host would be taken by the first, and the rest
-        would exit, be restarted, and stop the cluster."""
+    def _metrics_env(self, name: str, env: dict[str, str]) -> dict[str, str]:
+        """Each process but the gateway its own metrics port (``start_services`` picks them: from
+        WARMSERVE_METRICS_PORT on, one after another, or free ports where it is 0). One port for every process
+        on this host would be taken by the first, and the rest would exit, be restarted, and stop the cluster."""
         env.pop("WARMSERVE_METRICS_PORT", None)
-        if self.settings.metrics_port and service in METRICS_OFFSET:
-            env["WARMSERVE_METRICS_PORT"] = str(self.settings.metrics_port + METRICS_OFFSET[service])
+        if name in self.metrics_ports:
+            env["WARMSERVE_METRICS_PORT"] = str(self.metrics_ports[name])
         return env
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Every process's /metrics, the gateway's first."""
+        return {"gateway": f"{self.gateway_url}/metrics",
+                **{name: f"http://127.0.0.1:{port}/metrics" for name, port in self.metrics_ports.items()}}
+
+    def prometheus_targets(self) -> list[dict]:
+        """This cluster's /metrics as Prometheus file_sd targets, labelled by service (and worker)."""
+        out = [{"targets": [f"127.0.0.1:{self.settings.gateway_port}"], "labels": {"service": "gateway"}}]
+        for name, port in self.metrics_ports.items():
+            service, _, index = name.partition("-")
+            labels = {"service": service.replace("_", "-")}
+            if index:
+                labels["worker"] = self.worker_ids[int(index)]
+            out.append({"targets": [f"127.0.0.1:{port}"], "labels": labels})
+        return out
 
     def _database_env(self, service: str, env: dict[str, str]) -> dict[str, str]:
         """Placement, the orchestrator and the forecaster get their own role's URL; the gateway and the workers
@@ -113,6 +132,9 @@ class Cluster:
         return env
 
     def start_services(self) -> None:
+        for name in [*METRICS_SERVICES, *(f"gpu_worker-{i}" for i in range(len(self.worker_ids)))]:
+            base = self.settings.metrics_port
+            self.metrics_ports[name] = base + len(self.metrics_ports) if base else free_port()
         for i, worker_id in enumerate(self.worker_ids):
             name = f"gpu_worker-{i}"
             wenv = dict(self.service_env("gpu_worker", worker_id), WARMSERVE_WORKER_ID=worker_id,
@@ -295,12 +317,6 @@ def smoke_request(gateway_url: str, api_key: str, model: str = DEMO_MODEL) -> st
             f"outcome {outcome}, finish {resp.choices[0].finish_reason})")
 
 
-def _control_plane_metrics(settings: LocalClusterSettings) -> str:
-    if not settings.metrics_port:
-        return ""
-    return "; " + ", ".join(f"{svc} on :{settings.metrics_port + off}" for svc, off in METRICS_OFFSET.items())
-
-
 def up(settings: LocalClusterSettings, smoke: bool = True, ready_timeout_s: float = 180.0,
        exit_after_smoke: bool = False) -> int:
     state_dir = settings.state_dir.resolve()
@@ -346,15 +362,17 @@ def up(settings: LocalClusterSettings, smoke: bool = True, ready_timeout_s: floa
             asyncio.run(_wait_workers(cluster.operator_nats_url, settings.workers, ready_timeout_s))
         (state_dir / CLUSTER_FILE).write_text(json.dumps(
             {"gateway_url": cluster.gateway_url, "nats_url": cluster.operator_nats_url, "database_url": cluster.database_url,
-             "api_key": api_key, "pid": os.getpid()}, indent=2))
+             "api_key": api_key, "pid": os.getpid(), "metrics": cluster.metrics_urls()}, indent=2))
         os.chmod(state_dir / CLUSTER_FILE, 0o600)  # it holds a key and the operator's NATS credentials
+        (state_dir / PROMETHEUS_TARGETS).write_text(json.dumps(cluster.prometheus_targets(), indent=2))
         if smoke:
             with progress.step("smoke request through the gateway (official openai client)"):
                 answer = smoke_request(cluster.gateway_url, api_key)
             print(f"      answer: {answer}")
         print(f"\nWarmServe is up in {time.monotonic() - progress.t0:.1f} s.\n"
               f"  OpenAI API:  {cluster.gateway_url}/v1   (model '{DEMO_MODEL}', API key {api_key})\n"
-              f"  metrics:     {cluster.gateway_url}/metrics{_control_plane_metrics(settings)}\n"
+              f"  metrics:     {cluster.gateway_url}/metrics and each service's (Prometheus targets: "
+              f"{state_dir / PROMETHEUS_TARGETS}; warmserve top shows the cluster live)\n"
               f"  NATS:        {without_user(cluster.operator_nats_url)}   "
               f"(operator credentials in {state_dir / CLUSTER_FILE})\n"
               f"  logs:        {state_dir / 'logs'}\n"
