@@ -21,7 +21,7 @@ import pytest
 from openai import OpenAI
 
 from tooling.localcluster.launch import ROOT, Launched
-from tooling.localcluster.processes import die_with_parent
+from tooling.localcluster.processes import die_with_parent, free_port
 from tests.e2e.conftest import cli, start_cluster, until
 
 __all__ = ["ROOT", "Load", "cli", "ended_with_error", "service_process", "spawn_worker", "stream", "until",
@@ -66,7 +66,8 @@ def spawn_worker(up: Launched, worker_id: str, **env: str) -> subprocess.Popen:
 
     base = service_process(up, "gpu_worker", "worker-0").environ()  # the same settings
     url = add_worker(Path(up.env["WARMSERVE_STATE_DIR"]), worker_id)
-    wenv = dict(base, WARMSERVE_WORKER_ID=worker_id, WARMSERVE_DEVICE="cpu:9", WARMSERVE_NATS_URL=url, **env)
+    wenv = dict(base, WARMSERVE_WORKER_ID=worker_id, WARMSERVE_DEVICE="cpu:9", WARMSERVE_NATS_URL=url,
+                WARMSERVE_METRICS_PORT=str(free_port()), **env)  # worker-0's port is taken: one per process
     with open(Path(up.env["WARMSERVE_STATE_DIR"]) / "logs" / f"{worker_id}.log", "ab") as log:
         return subprocess.Popen([sys.executable, "-m", "services.gpu_worker"], env=wenv, stdout=log,
                                 stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=die_with_parent)

@@ -131,7 +131,7 @@ def gateway_state(load: Load) -> dict[str, list[str]]:
         try:
             text = urllib.request.urlopen(f"{load.bed.gateway_url(g)}/metrics", timeout=3).read().decode()
             out[g] = [line for line in text.splitlines() if not line.startswith("#") and "tiny-llama" in line
-                      and any(k in line for k in ("queue", "in_flight", "instances", "outcome"))]
+                      and any(k in line for k in ("requests_waiting", "requests_running", "instances", "outcome"))]
         except Exception as exc:
             out[g] = [repr(exc)]
     return out
