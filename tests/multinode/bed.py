@@ -30,6 +30,9 @@ from tooling.localcluster.processes import spawn, tail
 
 LEASE_S = 3.0
 HEARTBEAT_TIMEOUT_S = 3.0
+# below the load's client timeout (30 s, conftest.Load): a request queued through a failover must end with the
+# gateway's clear 503 before the client gives up (the default, 60 s, is for cold loads of large models)
+QUEUE_WAIT_S = 20.0
 GATEWAY_PORT = 8080
 WORKERS = {"w1": "n1", "w2": "n2", "w3": "n2"}
 CONTROL = ("placement", "prewarm_orchestrator", "forecaster")
@@ -79,6 +82,7 @@ class Bed:
         env.update({
             "WARMSERVE_NATS_URL": nats_url, "WARMSERVE_NATS_REPLICAS": "3",
             "WARMSERVE_LEADER_LEASE_S": str(LEASE_S), "WARMSERVE_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S),
+            "WARMSERVE_QUEUE_WAIT_S": str(QUEUE_WAIT_S),
             "WARMSERVE_HEARTBEAT_INTERVAL_S": "0.5", "WARMSERVE_LOG_LEVEL": "INFO", "WARMSERVE_WINDOW_S": "10",
             "WARMSERVE_FORECAST_METHODS": "naive", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
             "NO_PROXY": "*",

@@ -116,7 +116,7 @@ def clean_window(load: Load, seconds: float = 5.0, settle_s: float = 45.0) -> fl
     while True:
         time.sleep(seconds)
         ok, errors = load.take()
-        clear_errors(errors)
+        clear_errors(errors, load)
         if ok > 0 and not errors:
             return time.monotonic() - started - seconds
         assert time.monotonic() - started < settle_s, (ok, errors[-5:], gateway_state(load))
@@ -137,10 +137,10 @@ def gateway_state(load: Load) -> dict[str, list[str]]:
     return out
 
 
-def clear_errors(errors: list[str]) -> None:
+def clear_errors(errors: list[str], load: Load | None = None) -> None:
     """A request caught by a failure ends with an error that says so, never a client timeout."""
     unclear = [e for e in errors if "Timeout" in e]
-    assert not unclear, unclear[:5]
+    assert not unclear, (unclear[:5], gateway_state(load) if load is not None else None)
 
 
 def test_the_bed_serves_with_one_leader_per_role(bed):
