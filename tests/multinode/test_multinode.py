@@ -107,6 +107,20 @@ def leader_node(bed, role: str) -> str:
     return lease.holder.split("-")[0]
 
 
+def settled_leader_nodes(bed) -> dict[str, str]:
+    """Each role's leader node, once the leases have kept the same holders and epochs for more than a lease
+    period: a previous test's heal may still be moving a lease, and a test that cuts off "the leader's node"
+    must cut the node that leads when it cuts."""
+    def stable():
+        first = {r: (lease.holder, lease.epoch) for r, lease in leases(bed).items()}
+        time.sleep(LEASE_S + 1)
+        second = {r: (lease.holder, lease.epoch) for r, lease in leases(bed).items()}
+        if first != second or len(first) != len(ROLES):
+            return None
+        return {r: holder.split("-")[0] for r, (holder, _) in first.items()}
+    return until(stable, timeout=60, what="the leases settled (the same holders and epochs for a lease period)")
+
+
 def clean_window(load: Load, seconds: float = 5.0, settle_s: float = 45.0) -> float:
     """Once the disruption has settled, a window of ``seconds`` in which requests are served and none fails.
     Settling (clients moving off a NATS server that vanished, streams electing leaders) may take up to
@@ -196,7 +210,7 @@ def test_the_leaders_node_dies_and_the_standbys_take_over(bed):
     """The node holding the orchestrator's leader (and the placement leader, unless a NATS failover moved it)
     dies: the standbys on the other node lead with higher epochs, the plan goes on, nothing is lost or done
     twice, and the revived replicas stand by."""
-    victim = leader_node(bed, "orchestrator")
+    victim = settled_leader_nodes(bed)["orchestrator"]
     survivor = "n1" if victim == "n0" else "n0"
     before = {r: lease.epoch for r, lease in leases(bed).items()}
     load = Load(bed, [survivor]).start()
@@ -292,7 +306,7 @@ def test_a_worker_nodes_link_is_cut_under_load(bed):
 
 
 def test_a_partitioned_minority_leader_steps_down(bed):
-    role_nodes = {r: leader_node(bed, r) for r in ROLES.values()}
+    role_nodes = settled_leader_nodes(bed)
     node = role_nodes["orchestrator"]
     other = "n0" if node == "n1" else "n1"
     before = leases(bed)
