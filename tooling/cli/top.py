@@ -14,6 +14,7 @@ import sys
 import time
 from contextlib import suppress
 
+from shared.tasks import cancel_and_wait
 from tooling.cli.top_screen import Ui, press, render
 
 POLL_S = 0.05  # how often keys are read: short enough that a key feels instant
@@ -61,8 +62,7 @@ async def _shell(scr, feed, interval_s: float) -> None:
                 raise reader.exception()
             await asyncio.sleep(POLL_S)
     finally:
-        reader.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
+        await cancel_and_wait([reader], timeout_s=3.0)  # nats-py can swallow one cancel: quitting must not hang
 
 
 def cmd_top(a) -> int:

@@ -20,6 +20,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from shared import bus, watch
 from shared.messages import DemandSample, Forecast, WorkerState
 from shared.subjects import DEMAND, FORECAST, WORKERS_BUCKET
+from shared.tasks import cancel_and_wait
 from tooling.cli.top_screen import RATE_WINDOW_S, Snapshot
 
 RETRY_S = 2.0
@@ -83,9 +84,7 @@ class Feed:
         try:
             await asyncio.gather(*tasks)
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks, timeout_s=3.0)
 
     # ---- NATS ------------------------------------------------------------------------------------
 
